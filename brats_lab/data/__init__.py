@@ -1,0 +1,1 @@
+"""The data layer: case discovery, validation, phantoms, preprocessing and the cache."""

@@ -1,0 +1,61 @@
+"""Label conventions per BraTS release, and the tumour regions the network predicts, as data.
+
+Nothing else in the code base should know that ET is label 4 in 2020 and label 3 from 2023 on:
+ask a `LabelConvention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+REGIONS: tuple[str, ...] = ("ET", "TC", "WT")  # channel order of every region tensor
+
+
+@dataclass(frozen=True)
+class LabelConvention:
+    name: str
+    labels: dict[int, str]  # every value a seg file may hold, background included
+    regions: dict[str, tuple[int, ...]]  # region name -> the labels it is made of
+    # Region -> label, painted in this order so inner regions overwrite outer ones.
+    paint: tuple[tuple[str, int], ...]
+
+    @property
+    def allowed(self) -> frozenset[int]:
+        return frozenset(self.labels)
+
+    def to_regions(self, seg: np.ndarray) -> np.ndarray:
+        """Label map (...) -> boolean region channels (3, ...) in `REGIONS` order."""
+        return np.stack([np.isin(seg, self.regions[r]) for r in REGIONS])
+
+    def from_regions(self, regions: np.ndarray) -> np.ndarray:
+        """Boolean region channels (3, ...) -> uint8 label map (...).
+
+        Nested by construction: TC is only painted inside WT and ET only inside TC is *not*
+        assumed; the paint order makes ET win over TC and TC over WT, as the challenge did.
+        """
+        if regions.shape[0] != len(REGIONS):
+            raise ValueError(f"expected {len(REGIONS)} region channels {REGIONS}, got shape {regions.shape}")
+        out = np.zeros(regions.shape[1:], dtype=np.uint8)
+        for region, label in self.paint:
+            out[regions[REGIONS.index(region)].astype(bool)] = label
+        return out
+
+
+BRATS_2020 = LabelConvention(
+    name="brats2020",
+    labels={0: "background", 1: "NCR/NET", 2: "ED", 4: "ET"},
+    regions={"ET": (4,), "TC": (1, 4), "WT": (1, 2, 4)},
+    paint=(("WT", 2), ("TC", 1), ("ET", 4)),
+)
+
+# 2023 GLI relabelled ET to 3; 2024 added 4 = resection cavity, which belongs to no tumour region.
+BRATS_2023 = LabelConvention(
+    name="brats2023",
+    labels={0: "background", 1: "NETC", 2: "SNFH", 3: "ET", 4: "RC (2024+)"},
+    regions={"ET": (3,), "TC": (1, 3), "WT": (1, 2, 3)},
+    paint=(("WT", 2), ("TC", 1), ("ET", 3)),
+)
+
+CONVENTIONS: dict[str, LabelConvention] = {c.name: c for c in (BRATS_2020, BRATS_2023)}

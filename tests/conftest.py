@@ -1,0 +1,63 @@
+"""Shared fixtures: small cases written to disk, never arrays faked in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from brats_lab.data.cases import LAYOUTS
+from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, write_image
+
+TINY_SHAPE = (48, 48, 32)  # (x, y, z) of the phantoms the tests use
+
+
+def write_case(
+    root: Path,
+    case_id: str = "BraTS20_Training_001",
+    size: tuple[int, int, int] = (32, 32, 24),
+    seed: int = 0,
+    layout: str = "brats2020",
+    with_seg: bool = True,
+) -> Path:
+    """A simple, valid case on disk: an ellipsoid 'brain' and a nested tumour. Returns its folder."""
+    lay = next(l for l in LAYOUTS if l.name == layout)
+    rng = np.random.default_rng(seed)
+    geometry = Geometry(size, (1.0, 1.0, 1.0), BRATS_ORIGIN, IDENTITY)
+    z, y, x = np.indices(geometry.shape)
+    c = np.array(geometry.shape) / 2
+    r = ((z - c[0]) / (c[0] * 0.8)) ** 2 + ((y - c[1]) / (c[1] * 0.8)) ** 2 + ((x - c[2]) / (c[2] * 0.8)) ** 2
+    brain = r < 1
+    t = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2] - 2) ** 2) ** 0.5
+    folder = Path(root) / case_id
+    for suffix in lay.suffixes:
+        img = np.where(brain, rng.normal(500, 50, geometry.shape), 0).astype(np.int16)
+        write_image(img, geometry, folder / f"{case_id}{lay.separator}{suffix}.nii.gz")
+    if with_seg:
+        et = lay.convention.regions["ET"][0]
+        seg = np.zeros(geometry.shape, np.uint8)
+        seg[t < 6] = 2
+        seg[t < 4] = et
+        seg[t < 2] = 1
+        write_image(seg, geometry, folder / f"{case_id}{lay.separator}seg.nii.gz")
+    return folder
+
+
+@pytest.fixture
+def simple_dataset(tmp_path: Path) -> Path:
+    """Three valid BraTS 2020 cases in tmp_path/data."""
+    root = tmp_path / "data"
+    for i in range(1, 4):
+        write_case(root, f"BraTS20_Training_{i:03d}", seed=i)
+    return root
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four small phantom cases, generated once per test session. Treat as read-only."""
+    from brats_lab.data.phantom import synthesize
+
+    root = tmp_path_factory.mktemp("phantom")
+    synthesize(root, cases=4, seed=0, shape=TINY_SHAPE, progress=False)
+    return root

@@ -131,6 +131,19 @@ def check_complete(path: Path) -> None:
             raise DataError(f"{path}: truncated NIfTI ({actual} of {expected} bytes)")
 
 
+def count_nonfinite(path: Path) -> int:
+    """NaN and infinite voxels in a floating-point NIfTI file; 0 for integer files.
+
+    ITK's NIfTI reader silently turns NaN into 0, so the raw voxels are read with nibabel here.
+    """
+    import nibabel
+
+    image = nibabel.load(str(path))
+    if not np.issubdtype(image.get_data_dtype(), np.floating):
+        return 0
+    return int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj))))
+
+
 def write_image(array: np.ndarray, geometry: Geometry, path: Path) -> None:
     """Write a (z, y, x) array with the given geometry, atomically (temporary file, then rename)."""
     path = Path(path)

@@ -61,3 +61,9 @@ def phantom_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("phantom")
     synthesize(root, cases=4, seed=0, shape=TINY_SHAPE, progress=False)
     return root
+
+
+@pytest.fixture
+def case_writer():
+    """The `write_case` function, for tests that need cases of their own."""
+    return write_case

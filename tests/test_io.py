@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+from brats_lab import DataError
+from brats_lab.io import IDENTITY, Geometry, read_header, read_image, write_image
+
+GEOMETRY = Geometry((12, 10, 8), (1.0, 2.0, 3.0), (5.0, -239.0, 1.5), IDENTITY)
+
+
+@pytest.mark.parametrize("name", ["x.nii.gz", "x.nii"])
+def test_write_then_read_keeps_voxels_and_geometry(tmp_path, name):
+    array = np.arange(np.prod(GEOMETRY.shape), dtype=np.int16).reshape(GEOMETRY.shape)
+    write_image(array, GEOMETRY, tmp_path / name)
+    back, geometry = read_image(tmp_path / name)
+    np.testing.assert_array_equal(back, array)
+    assert geometry.differences(GEOMETRY) == []
+    assert read_header(tmp_path / name)[0].differences(GEOMETRY) == []
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left behind
+
+
+def test_write_rejects_a_shape_that_does_not_match_the_geometry(tmp_path):
+    with pytest.raises(ValueError, match="does not match geometry"):
+        write_image(np.zeros((8, 10, 13), np.uint8), GEOMETRY, tmp_path / "x.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "x.nii.gz"
+    write_image(np.ones(GEOMETRY.shape, np.uint8), GEOMETRY, path)
+    before = path.read_bytes()
+    import SimpleITK as sitk
+
+    def crash(*args, **kwargs):  # a disk-full error half-way through the write
+        raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr(sitk, "WriteImage", crash)
+    with pytest.raises(RuntimeError):
+        write_image(np.zeros(GEOMETRY.shape, np.uint8), GEOMETRY, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.nii.gz"]
+
+
+@pytest.mark.parametrize("name", ["x.nii.gz", "x.nii"])
+def test_truncated_files_are_refused_by_name(tmp_path, name):
+    path = tmp_path / name
+    write_image(np.random.default_rng(0).integers(0, 999, GEOMETRY.shape).astype(np.int16), GEOMETRY, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 50])
+    with pytest.raises(DataError, match=rf"{name}: truncated"):
+        read_image(path)
+
+
+def test_missing_and_garbage_files_are_refused_by_name(tmp_path):
+    with pytest.raises(DataError, match="nope.nii.gz: file not found"):
+        read_image(tmp_path / "nope.nii.gz")
+    (tmp_path / "junk.nii").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="junk.nii"):
+        read_image(tmp_path / "junk.nii")
+
+
+def test_geometry_differences_name_each_field():
+    other = Geometry((12, 10, 9), (1.0, 2.0, 3.5), (5.0, -239.0, 1.5), IDENTITY)
+    diffs = GEOMETRY.differences(other)
+    assert len(diffs) == 2 and diffs[0].startswith("size") and diffs[1].startswith("spacing")

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from brats_lab.labels import BRATS_2020, BRATS_2023, REGIONS
+
+
+@pytest.mark.parametrize("convention", [BRATS_2020, BRATS_2023])
+def test_labels_to_regions_and_back_is_identity(convention):
+    rng = np.random.default_rng(0)
+    tumour_labels = [v for v in convention.labels if v and any(v in r for r in convention.regions.values())]
+    seg = rng.choice([0, *tumour_labels], size=(9, 10, 11)).astype(np.uint8)
+    regions = convention.to_regions(seg)
+    assert regions.shape == (3, 9, 10, 11) and regions.dtype == bool
+    np.testing.assert_array_equal(convention.from_regions(regions), seg)
+
+
+def test_regions_are_nested_as_brats_defines_them():
+    seg = np.array([0, 1, 2, 4], dtype=np.uint8)
+    et, tc, wt = BRATS_2020.to_regions(seg)
+    assert REGIONS == ("ET", "TC", "WT")
+    assert et.tolist() == [False, False, False, True]
+    assert tc.tolist() == [False, True, False, True]
+    assert wt.tolist() == [False, True, True, True]
+
+
+def test_2023_et_is_label_3_and_resection_cavity_is_no_tumour():
+    et, tc, wt = BRATS_2023.to_regions(np.array([3, 4], dtype=np.uint8))
+    assert et.tolist() == [True, False] and wt.tolist() == [True, False]
+
+
+def test_inner_region_wins_when_painting_labels():
+    regions = np.ones((3, 2), dtype=bool)  # ET, TC and WT all set
+    assert BRATS_2020.from_regions(regions).tolist() == [4, 4]
+    regions[0] = False  # TC and WT only
+    assert BRATS_2020.from_regions(regions).tolist() == [1, 1]
+
+
+def test_from_regions_rejects_wrong_channel_count():
+    with pytest.raises(ValueError, match="3 region channels"):
+        BRATS_2020.from_regions(np.zeros((2, 4, 4), dtype=bool))

@@ -27,17 +27,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, but not the meaningless ones (None, False, or on required options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="brats-lab",
         description="Reproduce and take apart a top-10 BraTS 2020 solution: data, evaluation, "
         "training, ablations and review.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"brats-lab {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    data = commands.add_parser("data", help="make, check and prepare datasets", description="Make, check and prepare BraTS datasets.")
+    data = _command(commands, "data", "make, check and prepare datasets", "Make, check and prepare BraTS datasets.")
     data_commands = data.add_subparsers(title="data commands", metavar="DATA_COMMAND")
     data.set_defaults(run=lambda a: data.print_help() or 2)
 
@@ -89,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", type=Path, default=None, help="cache folder (default: inside the dataset folder)")
     prepare.set_defaults(run=_prepare)
 
+    baseline = _command(
+        commands,
+        "baseline",
+        "segment with intensity thresholds (no training)",
+        "Segment every case with a non-learned intensity-threshold rule (FLAIR-bright -> whole "
+        "tumour, T1ce-bright -> enhancing tumour, what the rim encloses -> tumour core): the floor "
+        "any trained model must beat. Writes <case id>.nii.gz label maps in each case's original "
+        "geometry; a case that fails is reported by name and the others go on.",
+    )
+    baseline.add_argument("--input", type=Path, required=True, help="dataset folder")
+    baseline.add_argument("--output", type=Path, required=True, help="folder for the label maps")
+    baseline.set_defaults(run=_baseline)
+
     evaluate = _command(
         commands,
         "evaluate",
@@ -107,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command(subparsers, name: str, help: str, description: str) -> argparse.ArgumentParser:
     return subparsers.add_parser(
-        name, help=help, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        name, help=help, description=description, formatter_class=_HelpFormatter
     )
 
 
@@ -149,8 +171,20 @@ def _prepare(args: argparse.Namespace) -> int:
 
     method = {"A": "minmax", "B": "zscore"}[args.pipeline]
     cache = prepare(args.dataset, method, cache_dir=args.out)
-    print(cache.describe())
+    print(cache.report.summary())
+    print(f"cache: {cache.dir} (manifest hash {cache.manifest_hash[:12]})")
     return 0
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    from brats_lab.data.cases import discover
+    from brats_lab.inference.baseline import predict_folder
+
+    written, failures = predict_folder(discover(args.input), args.output)
+    for failure in failures:
+        print(f"failed: {failure}", file=sys.stderr)
+    print(f"wrote {len(written)} label maps to {args.output}" + (f"; {len(failures)} cases failed" if failures else ""))
+    return 1 if failures else 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""From images to label maps in the cases' original geometry."""

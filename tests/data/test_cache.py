@@ -1,0 +1,226 @@
+"""The cache: same arrays as preprocess_case, nothing rebuilt twice, stale and corrupt entries caught."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from brats_lab import DataError
+from brats_lab.data.cache import CACHE_DIRNAME, MANIFEST, open_cache, prepare
+from brats_lab.data.cases import discover
+from brats_lab.data.preprocess import preprocess_case
+from brats_lab.io import read_image, write_image
+
+IDS = [f"BraTS20_Training_{i:03d}" for i in range(1, 4)]
+SIZE = (20, 18, 14)  # (x, y, z): tiny, the cache logic does not care
+
+
+@pytest.fixture
+def dataset(tmp_path: Path, case_writer) -> Path:
+    root = tmp_path / "data"
+    for i, case_id in enumerate(IDS):
+        case_writer(root, case_id, size=SIZE, seed=i)
+    return root
+
+
+def images_path(cache, case_id: str) -> Path:
+    return cache.entry(case_id).dir / "images.npy"
+
+
+def test_prepare_then_load_matches_preprocess_case(dataset: Path) -> None:
+    cache = prepare(dataset, "minmax", progress=False)
+    assert cache.dir == dataset / CACHE_DIRNAME / "minmax"
+    assert cache.case_ids == tuple(IDS)
+    assert sorted(cache.report.built) == IDS and cache.report.reused == []
+    for case in discover(dataset):
+        pre = preprocess_case(case, "minmax")
+        images, labels = cache.load(case.id)
+        assert isinstance(images, np.memmap) and not images.flags.writeable
+        assert images.dtype == np.float32 and labels.dtype == np.uint8
+        np.testing.assert_array_equal(images, pre.images)
+        np.testing.assert_array_equal(labels, pre.labels)
+        entry = cache.entry(case.id)
+        assert entry.bbox == pre.bbox and entry.geometry == pre.geometry
+        assert entry.convention is pre.convention and entry.has_labels
+    images, _ = cache.load(IDS[0], mmap=False)
+    assert type(images) is np.ndarray
+    manifest = json.loads((cache.dir / MANIFEST).read_text())
+    assert manifest["manifest_hash"] == cache.manifest_hash and len(cache.manifest_hash) == 64
+    assert set(manifest["cases"][IDS[0]]["inputs"]) == {"t1", "t1ce", "t2", "flair", "seg"}
+
+
+def test_second_prepare_reuses_everything(dataset: Path) -> None:
+    first = prepare(dataset, "minmax", progress=False)
+    mtimes = {p: p.stat().st_mtime_ns for p in first.dir.rglob("*.npy")}
+    second = prepare(dataset, "minmax", progress=False)
+    assert second.report.built == {} and second.report.reused == IDS
+    assert second.manifest_hash == first.manifest_hash
+    assert {p: p.stat().st_mtime_ns for p in second.dir.rglob("*.npy")} == mtimes
+    assert "3 reused, 0 built" in second.report.summary()
+
+
+def test_touched_but_unchanged_input_is_reused(dataset: Path) -> None:
+    prepare(dataset, "minmax", progress=False)
+    t1 = next((dataset / IDS[0]).glob("*_t1.nii.gz"))
+    t1.write_bytes(t1.read_bytes())  # new mtime, same content: the hash decides
+    cache = prepare(dataset, "minmax", progress=False)
+    assert cache.report.built == {}
+    open_cache(dataset, "minmax")  # the new stat was recorded
+
+
+def test_changed_input_rebuilds_exactly_that_case(dataset: Path, case_writer) -> None:
+    first = prepare(dataset, "minmax", progress=False)
+    case_writer(dataset, IDS[1], size=SIZE, seed=99)  # same files, other voxels
+    with pytest.raises(DataError, match=f"{IDS[1]}: input files changed"):
+        open_cache(dataset, "minmax")
+    second = prepare(dataset, "minmax", progress=False)
+    assert second.report.built == {IDS[1]: "input changed"}
+    assert second.report.reused == [IDS[0], IDS[2]]
+    assert second.manifest_hash != first.manifest_hash
+    pre = preprocess_case(discover(dataset)[1], "minmax")
+    np.testing.assert_array_equal(second.load(IDS[1])[0], pre.images)
+    # the old entry's folder is gone, one entry per case remains
+    assert not first.entry(IDS[1]).dir.exists()
+    assert len(list((second.dir / "cases" / IDS[1]).iterdir())) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "flip a byte", "wrong dtype"])
+def test_damaged_array_is_detected_and_rebuilt(dataset: Path, damage: str) -> None:
+    cache = prepare(dataset, "minmax", progress=False)
+    path = images_path(cache, IDS[2])
+    good = np.load(path)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "delete":
+        path.unlink()
+    elif damage == "flip a byte":
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0xFF
+        path.write_bytes(data)  # same size; the new mtime makes prepare hash it
+    else:
+        np.save(path, good.astype(np.float64))
+    if damage != "flip a byte":  # cheap checks see shape, dtype and size only
+        with pytest.raises(DataError, match=IDS[2]):
+            open_cache(dataset, "minmax")
+        with pytest.raises(DataError, match=IDS[2]):
+            cache.load(IDS[2])
+    again = prepare(dataset, "minmax", progress=False)
+    assert list(again.report.built) == [IDS[2]] and again.report.built[IDS[2]].startswith("corrupt")
+    np.testing.assert_array_equal(again.load(IDS[2])[0], good)
+    open_cache(dataset, "minmax")
+
+
+def test_verify_hashes_catches_damage_that_kept_the_stat(dataset: Path) -> None:
+    import os
+
+    cache = prepare(dataset, "minmax", progress=False)
+    path = images_path(cache, IDS[0])
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(data)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # bit rot: content changed, stat did not
+    assert prepare(dataset, "minmax", progress=False).report.built == {}
+    again = prepare(dataset, "minmax", progress=False, verify_hashes=True)
+    assert list(again.report.built) == [IDS[0]]
+
+
+def test_method_changes_the_manifest_hash_and_folder(dataset: Path) -> None:
+    a = prepare(dataset, "minmax", progress=False)
+    b = prepare(dataset, "zscore", progress=False)
+    assert a.dir != b.dir and a.manifest_hash != b.manifest_hash
+    with pytest.raises(DataError, match="other settings"):
+        open_cache(None, "zscore", cache_dir=a.dir)
+    # the same folder with other settings: everything is rebuilt
+    c = prepare(dataset, "zscore", cache_dir=a.dir, progress=False)
+    assert set(c.report.built.values()) == {"settings changed"}
+    assert c.manifest_hash == b.manifest_hash  # inputs + settings, not where the cache lives
+
+
+def test_removed_and_added_cases(dataset: Path, case_writer) -> None:
+    prepare(dataset, "minmax", progress=False)
+    shutil.rmtree(dataset / IDS[0])
+    case_writer(dataset, "BraTS20_Training_009", size=SIZE, seed=9)
+    with pytest.raises(DataError, match="case gone from the dataset"):
+        open_cache(dataset, "minmax")
+    cache = prepare(dataset, "minmax", progress=False)
+    assert cache.case_ids == (IDS[1], IDS[2], "BraTS20_Training_009")
+    assert cache.report.removed == [IDS[0]] and cache.report.built == {"BraTS20_Training_009": "new"}
+    assert not (cache.dir / "cases" / IDS[0]).exists()
+    with pytest.raises(KeyError, match=IDS[0]):
+        cache.load(IDS[0])
+
+
+def test_bad_case_raises_and_keeps_the_previous_manifest(dataset: Path, case_writer) -> None:
+    first = prepare(dataset, "minmax", progress=False)
+    manifest = (first.dir / MANIFEST).read_bytes()
+    case_writer(dataset, IDS[0], size=SIZE, seed=7)  # a change that would be rebuilt...
+    flair = dataset / IDS[1] / f"{IDS[1]}_flair.nii.gz"
+    flair.write_bytes(flair.read_bytes()[:200])  # ...and a broken file
+    with pytest.raises(DataError, match=rf"{IDS[1]}: .*_flair\.nii\.gz: truncated") as info:
+        prepare(dataset, "minmax", progress=False)
+    assert "1 of 3 cases failed" in str(info.value)
+    assert (first.dir / MANIFEST).read_bytes() == manifest
+    # the old manifest still describes intact files
+    old = open_cache(None, "minmax", cache_dir=first.dir)
+    np.testing.assert_array_equal(old.load(IDS[0])[0], first.load(IDS[0])[0])
+    # once fixed, the case rebuilt before the failure is reused, not built again
+    case_writer(dataset, IDS[1], size=SIZE, seed=1)
+    fixed = prepare(dataset, "minmax", progress=False)
+    assert fixed.report.built == {} and fixed.report.reused == IDS
+    assert fixed.manifest_hash != first.manifest_hash
+    np.testing.assert_array_equal(fixed.load(IDS[0])[0], preprocess_case(discover(dataset)[0], "minmax").images)
+
+
+def test_crash_before_the_manifest_leaves_it_valid(dataset: Path, case_writer, monkeypatch) -> None:
+    from brats_lab.data import cache as cache_module
+
+    first = prepare(dataset, "minmax", progress=False)
+    case_writer(dataset, IDS[0], size=SIZE, seed=5)
+    case_writer(dataset, IDS[2], size=SIZE, seed=6)
+    real_build = cache_module._build
+    calls = []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(args[0].id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "_build", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(dataset, "minmax", progress=False)
+    old = open_cache(None, "minmax", cache_dir=first.dir)  # old manifest, old files: intact
+    assert old.manifest_hash == first.manifest_hash
+    monkeypatch.setattr(cache_module, "_build", real_build)
+    done = prepare(dataset, "minmax", progress=False)
+    assert list(done.report.built) == [IDS[2]]  # IDS[0] was finished before the crash
+
+
+def test_case_without_seg(tmp_path: Path, case_writer) -> None:
+    case_writer(tmp_path, "BraTS20_Validation_001", size=SIZE, with_seg=False)
+    cache = prepare(tmp_path, "zscore", progress=False)
+    images, labels = cache.load("BraTS20_Validation_001")
+    assert labels is None and images.shape[0] == 4 and not cache.entry("BraTS20_Validation_001").has_labels
+
+
+def test_progress_bar_goes_to_stderr(dataset: Path, capsys) -> None:
+    prepare(dataset, "minmax", progress=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "prepare minmax" in err
+
+
+def test_phantom_dataset_round_trip(request: pytest.FixtureRequest) -> None:
+    pytest.importorskip("brats_lab.data.phantom")  # written alongside; skip until it exists
+    root = request.getfixturevalue("phantom_dataset")
+    cache_dir = request.getfixturevalue("tmp_path") / "cache"  # the session fixture is read-only
+    cache = prepare(root, "minmax", cache_dir=cache_dir, progress=False)
+    case = discover(root)[0]
+    images, labels = cache.load(case.id)
+    pre = preprocess_case(case, "minmax")
+    np.testing.assert_array_equal(images, pre.images)
+    np.testing.assert_array_equal(labels, pre.labels)

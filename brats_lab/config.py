@@ -1,0 +1,504 @@
+"""Experiment configuration: frozen dataclasses, loaded from TOML in three layers.
+
+    experiments/pipeline_a.toml          the pipeline (its values are the paper's)
+      + experiments/profiles/cpu.toml    an optional profile layered over it (`cpu`, `paper`)
+      + --set optim.lr=3e-4 ...          command-line overrides, dotted keys
+
+Every layer is checked against the dataclasses before it is merged: an unknown section or key is
+rejected with a message naming the key, the file it came from, the allowed keys and the closest
+one; a value of the wrong type is rejected with the expected type. The result is one frozen
+`ExperimentConfig`; `to_dict`/`from_dict`, `flatten` (MLflow params) and `config_hash` (the
+identity of a piece of work, with the fold) are defined on it.
+
+Standard library only: this module sits at the bottom of the import graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+PIPELINES: tuple[str, ...] = ("A", "B")
+MODEL_NAMES: tuple[str, ...] = (  # the registry of brats_lab.models; a test keeps the two equal
+    "unet",
+    "equiunet",
+    "att_equiunet",
+    "unet_tiny",
+    "equiunet_tiny",
+    "att_equiunet_tiny",
+)
+TINY_WIDTH = 4  # the width a `*_tiny` model name pins
+DEFAULT_WIDTH = 48
+# The networks pool three times: every spatial size they see must be a multiple of 2**3.
+MODEL_STRIDE = 8
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used. The message names the key, where it came from, and
+    what was expected."""
+
+
+class _FieldError(ConfigError):
+    """Raised by a dataclass's own checks; `_build` prefixes the section and names the source."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.message = message
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(name, message)
+
+
+# --- the dataclasses -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, how it is normalised and cut into patches, and how it is split into folds."""
+
+    dataset: str = "data/phantom"  # a dataset root in any supported layout
+    normalization: Literal["minmax", "zscore"] = "minmax"  # pipeline A, pipeline B
+    patch_size: tuple[int, int, int] = (128, 128, 128)  # random training crop (z, y, x)
+    pad_multiple: int = 16  # whole-volume validation/inference pads each axis to a multiple of this
+    folds: int = 5
+    seed: int = 16111990  # of the fold split only, so training seeds can vary over the same folds
+    num_workers: int = 2  # data-loader processes
+
+    def __post_init__(self) -> None:
+        _require(
+            all(p > 0 and p % MODEL_STRIDE == 0 for p in self.patch_size),
+            "patch_size",
+            f"every size must be a positive multiple of {MODEL_STRIDE} (the networks pool three "
+            f"times), got {list(self.patch_size)}",
+        )
+        _require(
+            self.pad_multiple > 0 and self.pad_multiple % MODEL_STRIDE == 0,
+            "pad_multiple",
+            f"must be a positive multiple of {MODEL_STRIDE}, got {self.pad_multiple}",
+        )
+        _require(self.folds >= 2, "folds", f"cross-validation needs at least 2 folds, got {self.folds}")
+        _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network, built by name by `brats_lab.models.build_model`.
+
+    A `*_tiny` name pins the width to `TINY_WIDTH` (4): a width left at the default 48 becomes 4,
+    any other width is rejected, so the logged params always say the width that was built.
+    """
+
+    name: Literal[MODEL_NAMES] = "equiunet"  # type: ignore[valid-type]
+    width: int = DEFAULT_WIDTH  # channels of the first stage; stages have [w, 2w, 4w, 8w]
+    norm: Literal["group", "instance"] = "group"  # pipeline A, pipeline B
+    deep_supervision: bool = True
+    dropout: float = 0.0  # after every ReLU of the 3x3x3 convs
+    in_channels: int = 4  # T1, T1ce, T2, FLAIR
+    out_channels: int = 3  # ET, TC, WT
+    # The authors' CBAM puts a ReLU before the sigmoid of the spatial gate, so its weights are never
+    # below 0.5. Off (the CBAM paper's gate) unless set; on reproduces the authors' network.
+    cbam_spatial_relu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name.endswith("_tiny"):
+            _require(
+                self.width in (TINY_WIDTH, DEFAULT_WIDTH),
+                "width",
+                f"model {self.name!r} has width {TINY_WIDTH}, got width={self.width}; "
+                f"use model.name={self.name.removesuffix('_tiny')!r} for another width",
+            )
+            object.__setattr__(self, "width", TINY_WIDTH)
+        _require(self.width >= 1, "width", f"must be >= 1, got {self.width}")
+        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(self.in_channels >= 1, "in_channels", f"must be >= 1, got {self.in_channels}")
+        _require(self.out_channels >= 1, "out_channels", f"must be >= 1, got {self.out_channels}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer of the main training phase (the SWA phase has its own, see `SwaConfig`)."""
+
+    name: Literal["ranger", "adam"] = "ranger"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.95, 0.999)  # Ranger's; Adam's are (0.9, 0.999)
+    eps: float = 1e-5
+    weight_decay: float = 0.0
+    lookahead_k: int = 6  # Ranger only: Lookahead synchronises every k steps ...
+    lookahead_alpha: float = 0.5  # ... moving the slow weights this far towards the fast ones
+    grad_centralization: bool = True  # Ranger only
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(all(0.0 <= b < 1.0 for b in self.betas), "betas", f"must be in [0, 1), got {list(self.betas)}")
+        _require(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.lookahead_k >= 1, "lookahead_k", f"must be >= 1, got {self.lookahead_k}")
+        _require(0.0 < self.lookahead_alpha <= 1.0, "lookahead_alpha", f"must be in (0, 1], got {self.lookahead_alpha}")
+
+
+@dataclass(frozen=True)
+class SwaConfig:
+    """Pipeline A's self-ensembling phase after the main schedule (paper section 3.3).
+
+    `cycles` times: a fresh Adam (no weight decay) at `lr`, cosine decay over `cycle_epochs`
+    epochs, a snapshot of the weights every `snapshot_every` epochs; all snapshots are averaged.
+    """
+
+    enabled: bool = True
+    cycles: int = 5
+    cycle_epochs: int = 30
+    lr: float = 5e-5  # half the main phase's initial lr
+    # Period of each cycle's cosine. The authors' code anneals over 40 epochs but stops after 30,
+    # so the LR ends near 15% of `lr`; set it to `cycle_epochs` to decay to 0.
+    anneal_epochs: int = 40
+    snapshot_every: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("cycles", "cycle_epochs", "anneal_epochs", "snapshot_every"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(
+            self.snapshot_every <= self.cycle_epochs,
+            "snapshot_every",
+            f"must be <= cycle_epochs ({self.cycle_epochs}), got {self.snapshot_every}: no snapshot would be taken",
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: length, batch, precision, loss, augmentation, schedule, model selection."""
+
+    epochs: int = 200
+    batch_size: int = 1
+    seed: int = 16111990  # weights, crops and augmentations
+    # "fp16": autocast + loss scaling (the paper); "bf16": autocast, no scaling; "auto": bf16 where
+    # the device supports it, else fp16 on CUDA and off on CPU; "off": float32.
+    amp: Literal["auto", "fp16", "bf16", "off"] = "auto"
+    loss: Literal["dice_squared", "dice"] = "dice_squared"  # A squares the denominator, B does not
+    dice_eps: float = 1.0
+    # How the main and the auxiliary (deep-supervision) losses combine: the paper sums them, the
+    # authors' code averages them (the same gradients up to a factor of 1/(1 + heads)).
+    deep_supervision_weighting: Literal["sum", "mean"] = "sum"
+    augment: Literal["A", "B", "none"] = "A"  # the augmentation set of pipeline A or B
+    schedule: Literal["cosine", "constant"] = "cosine"
+    # Fraction of `epochs` at constant LR before the cosine decay starts (A: epoch 100 of 200).
+    decay_start: float = 0.5
+    warmup_epochs: int = 0  # linear LR warm-up before the schedule (0: none, as in both pipelines)
+    min_lr: float = 0.0  # where the cosine ends
+    val_every: int = 3  # epochs between validations
+    keep: Literal["last", "best"] = "last"  # final (or SWA) weights, or lowest validation loss (B)
+    checkpoint_every: int = 1  # epochs between resumable checkpoints
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = False  # channels_last_3d memory format
+    swa: SwaConfig = field(default_factory=SwaConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "val_every", "checkpoint_every"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _require(0.0 <= self.decay_start <= 1.0, "decay_start", f"must be in [0, 1], got {self.decay_start}")
+        _require(self.dice_eps > 0, "dice_eps", f"must be > 0, got {self.dice_eps}")
+        _require(self.min_lr >= 0, "min_lr", f"must be >= 0, got {self.min_lr}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines a training run except the fold.
+
+    The dataclass defaults are pipeline A's published values (except `train.amp`, "auto"); the
+    TOML files state every value anyway, so a run never depends on a default silently.
+    """
+
+    pipeline: Literal["A", "B"] = "A"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def pipeline_path(pipeline: str, experiments: Path = EXPERIMENTS_DIR) -> Path:
+    """`A` -> `experiments/pipeline_a.toml`."""
+    if pipeline.upper() not in PIPELINES:
+        raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {', '.join(PIPELINES)}")
+    return Path(experiments) / f"pipeline_{pipeline.lower()}.toml"
+
+
+def profile_path(profile: str | Path, experiments: Path = EXPERIMENTS_DIR) -> Path:
+    """A profile name (`cpu`) -> `experiments/profiles/cpu.toml`; a path is returned as is."""
+    text = str(profile)
+    if text.endswith(".toml") or "/" in text or "\\" in text:
+        return Path(profile)
+    return Path(experiments) / "profiles" / f"{text}.toml"
+
+
+def load_config(
+    path: Path | str,
+    profile: str | Path | None = None,
+    overrides: Iterable[str] = (),
+) -> ExperimentConfig:
+    """Read a pipeline TOML, layer a profile over it, then `key=value` overrides.
+
+    `profile` is a name looked up in `profiles/` next to `path` (`cpu`, `paper`) or a path to a
+    TOML file. Overrides use dotted keys (`optim.lr=3e-4`, `train.swa.cycles=2`); values are TOML
+    literals (`true`, `[64, 64, 64]`, `1e-4`), and text that is not one is taken as a string, so
+    `model.name=att_equiunet` needs no quotes. Raises `ConfigError` on any unknown key, wrong
+    type or invalid value, naming the key and the layer it came from.
+    """
+    path = Path(path)
+    layers: list[tuple[str, dict]] = [(str(path), _read_toml(path))]
+    if profile is not None:
+        ppath = profile_path(profile, path.parent)
+        if not ppath.is_file():
+            known = sorted(p.stem for p in (path.parent / "profiles").glob("*.toml"))
+            raise ConfigError(
+                f"no profile {str(profile)!r}: {ppath} does not exist"
+                + (f"; known profiles: {', '.join(known)}" if known else "")
+            )
+        layers.append((str(ppath), _read_toml(ppath)))
+    for item in overrides:
+        layers.append((f"--set {item}", _parse_override(item)))
+    return _from_layers(layers)
+
+
+def from_dict(data: dict, source: str = "<dict>") -> ExperimentConfig:
+    """The inverse of `to_dict`; the same checks as `load_config` (missing keys take defaults)."""
+    return _from_layers([(source, data)])
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass -> nested dict of JSON/TOML-ready values (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(cfg)
+
+
+def flatten(cfg: ExperimentConfig) -> dict[str, str]:
+    """Dotted key -> text of the value, e.g. `{"optim.lr": "0.0001", "data.patch_size": "[128, 128, 128]"}`.
+
+    For MLflow params. Each text is what `--set key=text` would accept, so `unflatten` is exact.
+    """
+    out: dict[str, str] = {}
+
+    def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = _format(value)
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def unflatten(flat: dict[str, str], source: str = "<flat params>") -> ExperimentConfig:
+    """The inverse of `flatten` (e.g. a run's MLflow params back to its config)."""
+    layer: dict = {}
+    for key, text in flat.items():
+        _merge(layer, _override_layer(key, text, f"{source} {key}"))
+    return _from_layers([(source, layer)])
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """sha256 (hex) of the canonical JSON of the resolved config: independent of key order in
+    the TOML files and of which layer set a value, stable across runs and machines."""
+    text = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --- implementation --------------------------------------------------------------------------
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+
+
+def _from_layers(layers: list[tuple[str, dict]]) -> ExperimentConfig:
+    merged: dict = {}
+    origins: dict[str, str] = {}  # dotted key -> the layer that set it last
+    for source, layer in layers:
+        _check_keys(layer, ExperimentConfig, "", source, origins)
+        _merge(merged, layer)
+    return _build(ExperimentConfig, merged, "", origins)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_keys(layer: dict, cls: type, prefix: str, source: str, origins: dict[str, str]) -> None:
+    """Unknown keys, and sections given as values or values as sections; records origins."""
+    hints = _hints(cls)
+    for key, value in layer.items():
+        dotted = prefix + key
+        if key not in hints:
+            raise ConfigError(_unknown_key(dotted, source, prefix, list(hints)))
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{dotted} in {source} is a section ([{dotted}]), not a value; set its keys "
+                    f"instead ({', '.join(f'{dotted}.{k}' for k in _hints(hints[key]))})"
+                )
+            _check_keys(value, hints[key], dotted + ".", source, origins)
+        else:
+            if isinstance(value, dict):
+                raise ConfigError(f"{dotted} in {source} is a value, not a section; expected {_describe(hints[key])}")
+            origins[dotted] = source
+
+
+def _unknown_key(dotted: str, source: str, prefix: str, allowed: list[str]) -> str:
+    where = f"[{prefix[:-1]}]" if prefix else "the top level"
+    msg = f"unknown key {dotted!r} in {source}"
+    close = difflib.get_close_matches(dotted.rsplit(".", 1)[-1], allowed, n=1)
+    if close:
+        msg += f"; did you mean {prefix + close[0]!r}?"
+    return msg + f" Allowed keys in {where}: {', '.join(allowed)}"
+
+
+def _merge(into: dict, layer: dict) -> None:
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, dict) else value
+
+
+def _build(cls: type, data: dict, prefix: str, origins: dict[str, str]) -> Any:
+    kwargs = {}
+    for name, hint in _hints(cls).items():
+        if name not in data:
+            continue
+        dotted = prefix + name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, data[name], dotted + ".", origins)
+        else:
+            kwargs[name] = _convert(data[name], hint, dotted, origins.get(dotted, "<dict>"))
+    try:
+        return cls(**kwargs)
+    except _FieldError as e:
+        dotted = prefix + e.name
+        source = origins.get(dotted, "the defaults")
+        raise ConfigError(f"{dotted} (from {source}): {e.message}") from None
+
+
+def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check `value` against a field's type; ints are accepted (and converted) for floats."""
+    origin = typing.get_origin(hint)
+    ok = True
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices or isinstance(value, bool):
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint_text = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{key} in {source}: expected one of {', '.join(map(repr, choices))}, got {value!r}{hint_text}"
+            )
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_convert(v, a, key, source) for v, a in zip(value, args))
+        ok = False
+    elif hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - a field type this module does not handle yet
+        raise TypeError(f"unsupported config field type {hint!r} for {key}")
+    if not ok:
+        raise ConfigError(f"{key} in {source}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return f"a list of {len(args)} " + {int: "integers", float: "numbers"}.get(args[0], _describe(args[0]))
+    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _parse_override(item: str) -> dict:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=3e-4")
+    return _override_layer(key.strip(), text.strip(), f"--set {item}")
+
+
+def _override_layer(key: str, text: str, source: str) -> dict:
+    """`a.b.c`, text -> {"a": {"b": {"c": value}}}, the value parsed for the field's type."""
+    parts = key.split(".")
+    cls: Any = ExperimentConfig
+    for i, part in enumerate(parts):
+        hints = _hints(cls) if dataclasses.is_dataclass(cls) else {}
+        prefix = ".".join(parts[:i]) + "." if i else ""
+        if not hints:
+            raise ConfigError(f"{source}: {prefix[:-1]!r} is a value, it has no key {part!r}")
+        if part not in hints:
+            raise ConfigError(_unknown_key(key, source, prefix, list(hints)))
+        cls = hints[part]
+    if dataclasses.is_dataclass(cls):
+        raise ConfigError(
+            f"{source}: {key!r} is a section; set one of its keys ({', '.join(f'{key}.{k}' for k in _hints(cls))})"
+        )
+    value = _parse_value(text, cls)
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def _parse_value(text: str, hint: Any) -> Any:
+    stringly = hint is str or (typing.get_origin(hint) is Literal and all(isinstance(c, str) for c in typing.get_args(hint)))
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # not a TOML literal: a bare string such as att_equiunet or data/x
+    # A string field takes the text as written (`data.dataset=1` is the folder "1"), unless the
+    # text was a quoted TOML string.
+    if stringly and not isinstance(value, str):
+        return text
+    return value
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_format(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)

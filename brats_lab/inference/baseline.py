@@ -22,26 +22,34 @@ from brats_lab.io import write_image
 class Thresholds:
     """In standard deviations of each modality's brain voxels (pipeline B's z-score)."""
 
-    flair_wt: float = 1.5  # edema and tumour are FLAIR-bright
+    flair_wt: float = 1.5  # edema and tumour are FLAIR-bright...
+    flair_seed: float = 2.5  # ...and their brightest part is brighter than any normal tissue
     t1ce_et: float = 2.0  # enhancing tumour is T1ce-bright
 
 
 def segment(images: np.ndarray, thresholds: Thresholds = Thresholds()) -> np.ndarray:
     """Z-scored images (4, z, y, x) -> boolean regions (3, z, y, x): ET, TC, WT."""
     flair, t1ce = images[MODALITIES.index("flair")], images[MODALITIES.index("t1ce")]
-    wt = _largest_component(flair > thresholds.flair_wt)
+    wt = _grow(flair, thresholds.flair_seed, thresholds.flair_wt)
     et = wt & (t1ce > thresholds.t1ce_et)
     # The core is what the enhancing rim encloses (necrosis), so fill the rim's holes slice by slice.
     tc = np.stack([ndimage.binary_fill_holes(s) for s in et]) & wt
     return np.stack([et, tc | et, wt | tc | et])
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labelled, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(labelled.ravel())[1:]
-    return labelled == 1 + int(np.argmax(sizes))
+def _grow(image: np.ndarray, seed_level: float, level: float) -> np.ndarray:
+    """Hysteresis: the region above `level` connected to the brightest blob above `seed_level`.
+
+    Grey matter also crosses the lower level in places; only the tumour has a large blob above
+    the higher one.
+    """
+    seeds, n = ndimage.label(image > seed_level)
+    if n == 0:
+        return np.zeros(image.shape, dtype=bool)
+    weight = ndimage.sum_labels(image, seeds, index=np.arange(1, n + 1))
+    seed = seeds == 1 + int(np.argmax(weight))
+    regions, _ = ndimage.label(image > level)
+    return np.isin(regions, np.unique(regions[seed]))
 
 
 def predict_case(case: Case, out: Path, thresholds: Thresholds = Thresholds()) -> Path:

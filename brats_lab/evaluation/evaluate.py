@@ -1,0 +1,174 @@
+"""Score a folder of predicted label maps against a BraTS dataset: one row per case, and a summary.
+
+Nothing is skipped quietly. A case whose prediction is missing, unreadable, in another geometry
+or holds unknown labels is named in `problems` and still scored, with the worst value of every
+metric, so a mean over the table never looks better for what went wrong.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from brats_lab import DataError
+from brats_lab.data.cases import IMAGE_EXTENSIONS, Case, discover
+from brats_lab.evaluation.metrics import EMPTY_HD95, METRICS, RegionMetrics, case_metrics
+from brats_lab.io import atomic_path, read_image
+from brats_lab.labels import REGIONS
+
+STATUSES: tuple[str, ...] = ("ok", "missing", "unreadable", "geometry", "labels")
+
+# What a case scores when its prediction could not be scored: the worst of each metric.
+WORST = RegionMetrics(dice=0.0, sensitivity=0.0, specificity=0.0, hd95=EMPTY_HD95)
+
+SUMMARY_ROWS: tuple[str, ...] = ("mean", "std", "median", "25%", "75%")
+
+METRIC_NAMES = {"dice": "Dice", "sensitivity": "Sensitivity", "specificity": "Specificity", "hd95": "HD95 (mm)"}
+
+
+def metric_columns() -> list[str]:
+    """`<metric>_<region>` for every metric and region, e.g. `dice_ET`, `hd95_WT`."""
+    return [f"{m}_{r}" for m in METRICS for r in REGIONS]
+
+
+@dataclass
+class EvaluationResult:
+    """Per-case metrics (`table`: columns `case`, `status`, then `metric_columns()`) and every
+    problem met on the way, each a sentence naming the case and the file."""
+
+    table: pd.DataFrame
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> pd.DataFrame:
+        """Mean, std, median, 25% and 75% of every metric column over all cases (rows).
+
+        The std is the population one (ddof=0, numpy's), so a single case gives 0, not NaN.
+        """
+        values = self.table[metric_columns()].astype(float)
+        rows = {
+            "mean": values.mean(),
+            "std": values.std(ddof=0),
+            "median": values.median(),
+            "25%": values.quantile(0.25),
+            "75%": values.quantile(0.75),
+        }
+        return pd.DataFrame(rows).T.loc[list(SUMMARY_ROWS)]
+
+    def write_csv(self, path: Path) -> None:
+        """The per-case table as CSV, written atomically."""
+        with atomic_path(Path(path), suffix=".csv") as tmp:
+            self.table.to_csv(tmp, index=False)
+
+
+def evaluate_folder(pred_dir: Path, gt_dir: Path, progress: bool = True) -> EvaluationResult:
+    """Score `pred_dir/<case id>.nii.gz` (or `.nii`) against every case of the dataset `gt_dir`
+    that has a segmentation, with `case_metrics` and the case's label convention.
+
+    Raises DataError when `pred_dir` is not a folder or `gt_dir` holds no case with a
+    segmentation; every other problem goes to `result.problems` and the case's `status`.
+    """
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    if not pred_dir.is_dir():
+        raise DataError(f"{pred_dir}: prediction folder not found")
+    cases = discover(gt_dir)
+    scored = [c for c in cases if c.seg is not None]
+    if not scored:
+        raise DataError(f"{gt_dir}: no case has a segmentation to evaluate against")
+    problems = [
+        f"{c.id}: no reference segmentation in {c.dir}; case not evaluated" for c in cases if c.seg is None
+    ]
+    known = {c.id for c in cases}
+    for path in sorted(pred_dir.iterdir()):
+        case_id = _case_id(path)
+        if case_id is not None and case_id not in known:
+            problems.append(f"{path}: prediction for '{case_id}', which is not a case of {gt_dir}")
+
+    iterator = scored
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(scored, desc="evaluating", unit="case", file=sys.stderr, leave=False)
+    rows = []
+    for case in iterator:
+        status, metrics, case_problems = _evaluate_case(case, pred_dir)
+        problems.extend(case_problems)
+        row: dict[str, object] = {"case": case.id, "status": status}
+        for region in REGIONS:
+            for metric, value in metrics[region].as_dict().items():
+                row[f"{metric}_{region}"] = value
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["case", "status", *metric_columns()])
+    return EvaluationResult(table=table, problems=problems)
+
+
+def _case_id(path: Path) -> str | None:
+    """The case id a file in the prediction folder stands for; None if it is no prediction."""
+    if path.name.startswith(".") or not path.is_file():
+        return None  # hidden files include half-written atomic temporaries
+    for ext in IMAGE_EXTENSIONS:
+        if path.name.endswith(ext):
+            return path.name[: -len(ext)]
+    return None
+
+
+def _evaluate_case(case: Case, pred_dir: Path) -> tuple[str, dict[str, RegionMetrics], list[str]]:
+    worst = {r: WORST for r in REGIONS}
+    candidates = [pred_dir / f"{case.id}{ext}" for ext in IMAGE_EXTENSIONS]
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        names = " or ".join(p.name for p in candidates)
+        return "missing", worst, [f"{case.id}: prediction missing (expected {names} in {pred_dir})"]
+    problems = []
+    if len(found) > 1:
+        problems.append(f"{case.id}: both {found[0].name} and {found[1].name} in {pred_dir}; scored {found[0].name}")
+    pred_path = found[0]
+    try:
+        ref, ref_geometry = read_image(case.seg)
+    except DataError as e:
+        return "unreadable", worst, [*problems, f"{case.id}: reference unreadable: {e}"]
+    try:
+        pred, pred_geometry = read_image(pred_path)
+    except DataError as e:
+        return "unreadable", worst, [*problems, f"{case.id}: prediction unreadable: {e}"]
+    differences = ref_geometry.differences(pred_geometry)
+    if differences:
+        return "geometry", worst, [
+            *problems,
+            f"{case.id}: prediction {pred_path} is not in the geometry of the reference {case.seg} "
+            f"(reference vs prediction: {'; '.join(differences)})",
+        ]
+    try:
+        metrics = case_metrics(pred, ref, ref_geometry.spacing_zyx, case.convention)
+    except ValueError as e:
+        return "labels", worst, [*problems, f"{case.id}: prediction {pred_path}: {e}"]
+    return "ok", metrics, problems
+
+
+def format_summary(result: EvaluationResult) -> str:
+    """The summary as a readable table: regions as columns; per metric, a row `mean ± std` and a
+    row `median [q1, q3]`; then the case count by status and every problem."""
+    summary = result.summary()
+    counts = result.table["status"].value_counts()
+    status_text = ", ".join(f"{int(counts[s])} {s}" for s in STATUSES if s in counts)
+    lines = [f"BraTS 2020 metrics over {len(result.table)} cases ({status_text})"]
+    cells: list[list[str]] = [["", *REGIONS]]
+    for metric in METRICS:
+        digits = 2 if metric == "hd95" else 4
+        f = lambda v: f"{v:.{digits}f}"  # noqa: E731
+        stats = {r: summary[f"{metric}_{r}"] for r in REGIONS}
+        cells.append([METRIC_NAMES[metric], *(f"{f(s['mean'])} ± {f(s['std'])}" for s in stats.values())])
+        cells.append(["  median [q1, q3]", *(f"{f(s['median'])} [{f(s['25%'])}, {f(s['75%'])}]" for s in stats.values())])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    for row in cells:
+        lines.append(
+            "  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))]).rstrip()
+        )
+    if result.problems:
+        lines.append("")
+        lines.append(f"Problems ({len(result.problems)}); cases with problems are scored worst-case:")
+        lines.extend(f"  - {p}" for p in result.problems)
+    return "\n".join(lines)
+

@@ -1,0 +1,262 @@
+"""The metrics equal an independent oracle: medpy's dc, sensitivity, specificity and hd95, with the
+BraTS rules for empty masks laid over them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from brats_lab.evaluation.metrics import EMPTY_HD95, RegionMetrics, case_metrics, region_metrics
+from brats_lab.labels import BRATS_2020, BRATS_2023
+
+medpy_binary = pytest.importorskip("medpy.metric.binary")
+
+TOL = 1e-9
+
+
+def oracle(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]) -> RegionMetrics:
+    """medpy where it is defined, the BraTS conventions where a mask is empty."""
+    pred, ref = pred.astype(bool), ref.astype(bool)
+    if not pred.any() and not ref.any():
+        return RegionMetrics(dice=1.0, sensitivity=1.0, specificity=1.0, hd95=0.0)
+    return RegionMetrics(
+        dice=float(medpy_binary.dc(pred, ref)),
+        sensitivity=float(medpy_binary.sensitivity(pred, ref)) if ref.any() else 1.0,
+        specificity=float(medpy_binary.specificity(pred, ref)) if not ref.all() else 1.0,
+        hd95=float(medpy_binary.hd95(pred, ref, voxelspacing=spacing)) if pred.any() and ref.any() else EMPTY_HD95,
+    )
+
+
+def assert_same(ours: RegionMetrics, expected: RegionMetrics) -> None:
+    for name in ("dice", "sensitivity", "specificity", "hd95"):
+        value = getattr(ours, name)
+        assert isinstance(value, float) and np.isfinite(value), (name, value)
+        assert value == pytest.approx(getattr(expected, name), abs=TOL, rel=TOL), name
+
+
+def blobs(rng: np.random.Generator, shape: tuple[int, ...], sigma: float, fraction: float) -> np.ndarray:
+    """A random mask of smooth blobs covering about `fraction` of the volume."""
+    field = ndimage.gaussian_filter(rng.normal(size=shape), sigma)
+    return field > np.quantile(field, 1 - fraction)
+
+
+SHAPES_SPACINGS = [
+    ((20, 24, 28), (1.0, 1.0, 1.0)),
+    ((16, 30, 22), (2.0, 1.0, 0.5)),
+    ((12, 12, 40), (3.0, 0.8, 0.8)),
+    ((25, 25, 25), (1.2, 1.2, 1.2)),
+]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("shape", "spacing"), SHAPES_SPACINGS)
+def test_random_blobs_match_medpy(seed: int, shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+    rng = np.random.default_rng(seed)
+    ref = blobs(rng, shape, sigma=2.5, fraction=rng.uniform(0.02, 0.3))
+    # A prediction near the reference: the reference smoothed, shifted and thresholded afresh.
+    noisy = ndimage.gaussian_filter(ref.astype(float) + rng.normal(0, 0.6, shape), 1.0)
+    pred = np.roll(noisy > 0.5, rng.integers(-2, 3, size=3), axis=(0, 1, 2))
+    assert_same(region_metrics(pred, ref, spacing), oracle(pred, ref, spacing))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("shape", "spacing"), SHAPES_SPACINGS)
+def test_unrelated_masks_match_medpy(seed: int, shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+    # Independent masks: most surface voxels lie far from the other surface (the k-d tree path).
+    rng = np.random.default_rng(100 + seed)
+    pred = blobs(rng, shape, sigma=1.5, fraction=0.1)
+    ref = blobs(rng, shape, sigma=3.0, fraction=0.05)
+    assert_same(region_metrics(pred, ref, spacing), oracle(pred, ref, spacing))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_speckle_matches_medpy(seed: int) -> None:
+    # Salt-and-pepper masks: every voxel is surface, nothing is smooth.
+    rng = np.random.default_rng(200 + seed)
+    pred = rng.random((14, 15, 16)) < 0.05
+    ref = rng.random((14, 15, 16)) < 0.2
+    spacing = (1.5, 0.7, 1.1)
+    assert_same(region_metrics(pred, ref, spacing), oracle(pred, ref, spacing))
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.0, 0.5), (5.0, 0.2, 0.2)])
+def test_distant_objects(spacing: tuple[float, float, float]) -> None:
+    pred = np.zeros((30, 40, 50), bool)
+    ref = np.zeros_like(pred)
+    ref[5:10, 5:12, 5:9] = True
+    pred[6:10, 5:11, 5:10] = True
+    pred[25:28, 30:38, 40:49] = True  # a false positive far from everything
+    assert_same(region_metrics(pred, ref, spacing), oracle(pred, ref, spacing))
+
+
+def test_both_empty() -> None:
+    empty = np.zeros((8, 9, 10), bool)
+    assert region_metrics(empty, empty, (1.0, 1.0, 1.0)) == RegionMetrics(1.0, 1.0, 1.0, 0.0)
+
+
+def test_reference_empty() -> None:
+    ref = np.zeros((8, 9, 10), bool)
+    pred = ref.copy()
+    pred[2:4, 3:5, 4:6] = True
+    m = region_metrics(pred, ref, (1.0, 1.0, 1.0))
+    assert m.dice == 0.0
+    assert m.sensitivity == 1.0  # nothing to find, nothing missed: see region_metrics' docstring
+    assert m.specificity == pytest.approx((ref.size - 8) / ref.size)
+    assert m.hd95 == EMPTY_HD95 == 373.13
+
+
+def test_prediction_empty() -> None:
+    pred = np.zeros((8, 9, 10), bool)
+    ref = pred.copy()
+    ref[2:4, 3:5, 4:6] = True
+    m = region_metrics(pred, ref, (1.0, 1.0, 1.0))
+    assert (m.dice, m.sensitivity, m.specificity, m.hd95) == (0.0, 0.0, 1.0, EMPTY_HD95)
+
+
+def test_reference_fills_volume() -> None:
+    ref = np.ones((4, 5, 6), bool)
+    pred = ref.copy()
+    pred[0, 0, 0] = False
+    m = region_metrics(pred, ref, (1.0, 1.0, 1.0))
+    expected = oracle(pred, ref, (1.0, 1.0, 1.0))
+    assert_same(m, expected)
+    assert m.specificity == 1.0
+
+
+@pytest.mark.parametrize(
+    ("pred_at", "ref_at", "spacing"),
+    [
+        ((3, 4, 5), (3, 4, 5), (1.0, 1.0, 1.0)),
+        ((3, 4, 5), (3, 4, 6), (1.0, 1.0, 1.0)),
+        ((0, 0, 0), (7, 8, 9), (1.0, 1.0, 1.0)),
+        ((1, 2, 3), (6, 2, 7), (2.0, 1.0, 0.5)),
+    ],
+)
+def test_single_voxels(pred_at: tuple[int, ...], ref_at: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+    pred = np.zeros((8, 9, 10), bool)
+    ref = np.zeros_like(pred)
+    pred[pred_at] = True
+    ref[ref_at] = True
+    m = region_metrics(pred, ref, spacing)
+    assert_same(m, oracle(pred, ref, spacing))
+    if pred_at == ref_at:
+        assert (m.dice, m.hd95) == (1.0, 0.0)
+    else:
+        distance = float(np.sqrt(np.sum(((np.array(pred_at) - ref_at) * spacing) ** 2)))
+        assert m.hd95 == pytest.approx(distance)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.0, 0.5)])
+def test_masks_touching_the_volume_border(spacing: tuple[float, float, float]) -> None:
+    # Voxels on the image's faces are surface (erosion's border_value=0); the crop must keep that.
+    shape = (12, 14, 16)
+    ref = np.zeros(shape, bool)
+    ref[0:6, 0:14, 3:10] = True  # touches three faces
+    pred = np.zeros(shape, bool)
+    pred[0:5, 2:14, 4:16] = True
+    assert_same(region_metrics(pred, ref, spacing), oracle(pred, ref, spacing))
+    full = np.ones(shape, bool)
+    assert_same(region_metrics(full, ref, spacing), oracle(full, ref, spacing))
+    assert_same(region_metrics(ref, full, spacing), oracle(ref, full, spacing))
+
+
+def test_two_dimensional_masks() -> None:
+    rng = np.random.default_rng(7)
+    ref = blobs(rng, (40, 50), sigma=3, fraction=0.2)
+    pred = blobs(rng, (40, 50), sigma=3, fraction=0.2) | ref
+    assert_same(region_metrics(pred, ref, (0.9, 1.3)), oracle(pred, ref, (0.9, 1.3)))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        region_metrics(np.zeros((3, 4, 5), bool), np.zeros((3, 4, 6), bool), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="spacing"):
+        region_metrics(np.zeros((3, 4, 5), bool), np.zeros((3, 4, 5), bool), (1.0, 1.0))
+    with pytest.raises(ValueError, match="positive"):
+        case_metrics(np.zeros((3, 4, 5), np.uint8), np.zeros((3, 4, 5), np.uint8), (1.0, 0.0, 1.0), BRATS_2020)
+
+
+def label_map(rng: np.random.Generator, shape: tuple[int, ...], et: int) -> np.ndarray:
+    """Nested tumour labels: edema (2) around a core of necrosis (1) and enhancing tumour."""
+    field = ndimage.gaussian_filter(rng.normal(size=shape), 3.0)
+    field /= field.max()
+    out = np.zeros(shape, np.uint8)
+    out[field > 0.3] = 2
+    out[field > 0.55] = et
+    out[field > 0.75] = 1
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("convention", [BRATS_2020, BRATS_2023], ids=lambda c: c.name)
+def test_case_metrics_regions_match_oracle(seed: int, convention) -> None:
+    rng = np.random.default_rng(seed)
+    et = convention.regions["ET"][0]
+    shape, spacing = (24, 30, 28), (1.0, 1.0, 1.0) if seed % 2 else (2.0, 1.0, 0.5)
+    ref = label_map(rng, shape, et)
+    pred = np.roll(label_map(rng, shape, et), 1, axis=1)
+    pred[ref == 2] = np.where(rng.random(int((ref == 2).sum())) < 0.7, 2, 0)
+    if seed == 3:
+        pred[pred == et] = 0  # a missed enhancing tumour
+    result = case_metrics(pred, ref, spacing, convention)
+    assert list(result) == ["ET", "TC", "WT"]
+    for region, labels in convention.regions.items():
+        assert_same(result[region], oracle(np.isin(pred, labels), np.isin(ref, labels), spacing))
+    if seed == 3:
+        assert result["ET"].dice == 0.0 and result["ET"].hd95 == EMPTY_HD95
+
+
+def test_case_metrics_nested_regions_by_label() -> None:
+    # ET in the prediction sits where the reference has necrosis: TC and WT are perfect, ET is not.
+    ref = np.zeros((10, 10, 10), np.uint8)
+    ref[2:8, 2:8, 2:8] = 2
+    ref[3:7, 3:7, 3:7] = 4
+    ref[4:6, 4:6, 4:6] = 1
+    pred = ref.copy()
+    pred[4:6, 4:6, 4:6] = 4
+    m = case_metrics(pred, ref, (1.0, 1.0, 1.0), BRATS_2020)
+    assert m["WT"] == m["TC"] == RegionMetrics(1.0, 1.0, 1.0, 0.0)
+    assert m["ET"].sensitivity == 1.0 and m["ET"].dice == pytest.approx(2 * 56 / (56 + 64))
+    # Every voxel of the reference's hollow ET cube is on its outer face too: same surfaces.
+    assert_same(m["ET"], oracle(pred == 4, ref == 4, (1.0, 1.0, 1.0)))
+    assert m["ET"].hd95 == 0.0
+
+
+def test_case_metrics_empty_volumes() -> None:
+    zero = np.zeros((6, 7, 8), np.uint8)
+    m = case_metrics(zero, zero, (1.0, 1.0, 1.0), BRATS_2020)
+    assert all(v == RegionMetrics(1.0, 1.0, 1.0, 0.0) for v in m.values())
+
+
+def test_case_metrics_rejects_unknown_prediction_labels() -> None:
+    ref = np.zeros((6, 7, 8), np.uint8)
+    pred = ref.copy()
+    pred[1, 1, 1] = 3  # a 2023 ET in a 2020 map
+    pred[2, 2, 2] = 7
+    with pytest.raises(ValueError, match=r"\[3, 7\].*brats2020"):
+        case_metrics(pred, ref, (1.0, 1.0, 1.0), BRATS_2020)
+
+
+def test_case_metrics_accepts_other_dtypes() -> None:
+    rng = np.random.default_rng(3)
+    ref = label_map(rng, (16, 18, 20), 4)
+    pred = np.roll(ref, 1, axis=2)
+    expected = case_metrics(pred, ref, (1.0, 1.0, 1.0), BRATS_2020)
+    assert case_metrics(pred.astype(np.float32), ref.astype(np.int16), (1.0, 1.0, 1.0), BRATS_2020) == expected
+
+
+@pytest.mark.slow
+def test_full_size_case_matches_medpy() -> None:
+    rng = np.random.default_rng(0)
+    shape = (155, 240, 240)
+    ref = np.zeros(shape, np.uint8)
+    pred = np.zeros(shape, np.uint8)
+    box = (slice(40, 110), slice(80, 160), slice(100, 180))
+    ref[box] = label_map(rng, (70, 80, 80), 4)
+    other = label_map(rng, (70, 80, 80), 4)
+    pred[box] = np.roll(np.where(other > 0, other, ref[box]), 2, axis=0)
+    pred[0:3, 0:5, 230:240] = 2  # a false positive on the image border
+    result = case_metrics(pred, ref, (1.0, 1.0, 1.0), BRATS_2020)
+    for region, labels in BRATS_2020.regions.items():
+        assert_same(result[region], oracle(np.isin(pred, labels), np.isin(ref, labels), (1.0, 1.0, 1.0)))

@@ -237,7 +237,7 @@ def render_overview(case_dir: Path, png: Path, seg: Path | None = None, title: s
         classes[np.isin(plane, wt_only)] = 2
         classes[np.isin(plane, tc_only)] = 1
         classes[np.isin(plane, et_labels)] = 3
-    colours = ["#ff3030", "#30d030", "#ffd700"]  # NCR red, ED green, ET yellow
+    colours = ["#30d030", "#ffd700", "#ff3030"]  # the paper's colours: NCR/NET green, ED yellow, ET red
     overlay_cmap = ListedColormap(["none"] + colours)
 
     panels = [(n, n, False) for n in MODALITIES]

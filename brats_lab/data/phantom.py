@@ -29,6 +29,7 @@ from brats_lab import DataError
 from brats_lab.data.cases import LAYOUTS, MODALITIES, discover
 from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, read_image, write_image, write_text
 from brats_lab.labels import BRATS_2020
+from brats_lab.viz import render_case
 
 FIELD_MM = (240.0, 240.0, 155.0)  # physical field of view (x, y, z), whatever the voxel shape
 CASE_PREFIX = "BraTS20_Training_"
@@ -193,78 +194,14 @@ def render_overview(case_dir: Path, png: Path, seg: Path | None = None, title: s
     panels are left without overlay. Radiological convention: anterior at the top, the patient's
     right on the left of the image.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
     case_dir = Path(case_dir)
     case = next((c for c in discover(case_dir.parent) if c.dir.resolve() == case_dir.resolve()), None)
     if case is None:
         raise DataError(f"{case_dir}: not a case folder of a known BraTS layout")
-    volumes = {name: read_image(path, np.float32)[0] for name, path in zip(MODALITIES, case.images)}
-    labels = None
+    images = np.stack([read_image(path, np.float32)[0] for path in case.images])
     seg_path = Path(seg) if seg is not None else case.seg
-    if seg_path is not None and seg_path.is_file():
-        labels = read_image(seg_path, np.int16)[0]
-
-    conv = case.convention
-    et_labels = conv.regions["ET"]
-    tc_only = [l for l in conv.regions["TC"] if l not in et_labels]
-    wt_only = [l for l in conv.regions["WT"] if l not in conv.regions["TC"]]
-    brain = np.any([v > 0 for v in volumes.values()], axis=0)
-    if labels is not None and np.isin(labels, conv.regions["WT"]).any():
-        z = int(np.argmax(np.isin(labels, conv.regions["WT"]).sum(axis=(1, 2))))
-    else:
-        counts = brain.sum(axis=(1, 2))
-        z = int(np.argmax(counts)) if counts.any() else brain.shape[0] // 2
-
-    # Crop to the brain (with a margin) so the anatomy, not the empty field, fills the panels.
-    ys, xs = np.nonzero(brain.any(axis=0))
-    if ys.size:
-        m = max(2, brain.shape[1] // 40)
-        crop = (slice(max(ys.min() - m, 0), ys.max() + m + 1), slice(max(xs.min() - m, 0), xs.max() + m + 1))
-    else:
-        crop = (slice(None), slice(None))
-
-    # One class index per region part: 1 NCR/NET, 2 ED, 3 ET.
-    classes = None
-    if labels is not None:
-        plane = labels[z][crop]
-        classes = np.zeros(plane.shape, np.uint8)
-        classes[np.isin(plane, wt_only)] = 2
-        classes[np.isin(plane, tc_only)] = 1
-        classes[np.isin(plane, et_labels)] = 3
-    colours = ["#30d030", "#ffd700", "#ff3030"]  # the paper's colours: NCR/NET green, ED yellow, ET red
-    overlay_cmap = ListedColormap(["none"] + colours)
-
-    panels = [(n, n, False) for n in MODALITIES]
-    panels += [("t1ce", "t1ce + labels", True), ("flair", "flair + labels", True)]
-    height, width = volumes[MODALITIES[0]][z][crop].shape
-    fig, axes = plt.subplots(2, 3, figsize=(12, 8.0 * height / width + 0.9), facecolor="black")
-    for ax, (name, label, overlay) in zip(axes.flat, panels):
-        vol = volumes[name]
-        inside = vol[brain]
-        lo, hi = (np.percentile(inside, [0.5, 99.5]) if inside.size else (0.0, 1.0))
-        ax.imshow(vol[z][crop], cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6), interpolation="nearest")
-        if overlay and classes is not None:
-            ax.imshow(np.ma.masked_equal(classes, 0), cmap=overlay_cmap, vmin=0, vmax=3, alpha=0.45,
-                      interpolation="nearest")
-        ax.set_title(label, color="white", fontsize=11)
-        ax.set_axis_off()
-    if classes is not None:
-        names = [conv.labels[tc_only[0]], conv.labels[wt_only[0]], conv.labels[et_labels[0]]]
-        fig.legend(handles=[Patch(color=c, label=n) for c, n in zip(colours, names)], loc="lower center",
-                   ncol=3, frameon=False, labelcolor="white", fontsize=10)
-    fig.suptitle(title or f"{case.id}  axial slice {z} (anterior up, patient right on the left)",
-                 color="white", fontsize=12)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.96))
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=80, facecolor="black")
-    plt.close(fig)
+    labels = read_image(seg_path, np.int16)[0] if seg_path is not None and seg_path.is_file() else None
+    render_case(images, case.convention, png, reference=labels, title=title or f"{case.id}  {{slice}}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""Pictures of a case: one axial slice through the tumour, the four modalities and label overlays.
+
+Overlays use the paper's colours: ET red, NCR/NET green, ED yellow. matplotlib is imported only
+when a picture is drawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from brats_lab.labels import LabelConvention
+
+MODALITY_NAMES = ("t1", "t1ce", "t2", "flair")
+COLOURS = ("#30d030", "#ffd700", "#ff3030")  # NCR/NET green, ED yellow, ET red (the paper's)
+
+
+def render_case(
+    images: np.ndarray,
+    convention: LabelConvention,
+    png: Path,
+    reference: np.ndarray | None = None,
+    prediction: np.ndarray | None = None,
+    title: str | None = None,
+) -> int:
+    """Draw images (4, z, y, x) with label maps (z, y, x) over T1ce; returns the slice drawn.
+
+    With a prediction the bottom row shows ground truth and prediction over T1ce; with only a
+    reference, the labels over T1ce and FLAIR. The slice is the one with the most whole tumour in
+    the reference (else the prediction, else the most brain). Radiological view: anterior up, the
+    patient's right on the left of the image. `{slice}` in the title stands for where it is.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    brain = np.any(images != 0, axis=0)
+    wt = convention.regions["WT"]
+    shown = reference if reference is not None and np.isin(reference, wt).any() else prediction
+    if shown is not None and np.isin(shown, wt).any():
+        z = int(np.argmax(np.isin(shown, wt).sum(axis=(1, 2))))
+    else:
+        z = int(np.argmax(brain.sum(axis=(1, 2))))
+
+    # Crop to the brain (with a margin) so the anatomy, not the empty field, fills the panels.
+    ys, xs = np.nonzero(brain.any(axis=0))
+    crop: tuple[slice, slice] = (slice(None), slice(None))
+    if ys.size:
+        m = max(2, brain.shape[1] // 40)
+        crop = (slice(max(ys.min() - m, 0), ys.max() + m + 1), slice(max(xs.min() - m, 0), xs.max() + m + 1))
+
+    t1ce, flair = MODALITY_NAMES.index("t1ce"), MODALITY_NAMES.index("flair")
+    panels: list[tuple[int, str, np.ndarray | None]] = [(i, n, None) for i, n in enumerate(MODALITY_NAMES)]
+    if prediction is not None:
+        panels += [(t1ce, "ground truth", reference), (t1ce, "prediction", prediction)]
+    else:
+        panels += [(t1ce, "t1ce + labels", reference), (flair, "flair + labels", reference)]
+
+    plane = images[0, z][crop]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8.0 * plane.shape[0] / plane.shape[1] + 0.9), facecolor="black")
+    cmap = ListedColormap(["none", *COLOURS])
+    for ax, (channel, name, labels) in zip(axes.flat, panels):
+        volume = images[channel]
+        inside = volume[brain]
+        lo, hi = np.percentile(inside, [0.5, 99.5]) if inside.size else (0.0, 1.0)
+        ax.imshow(volume[z][crop], cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6), interpolation="nearest")
+        if labels is not None:
+            classes = _classes(labels[z][crop], convention)
+            ax.imshow(np.ma.masked_equal(classes, 0), cmap=cmap, vmin=0, vmax=3, alpha=0.45, interpolation="nearest")
+        ax.set_title(name, color="white", fontsize=11)
+        ax.set_axis_off()
+    if reference is not None or prediction is not None:
+        names = [convention.labels[_only(convention, "TC")], convention.labels[_only(convention, "WT")], "ET"]
+        fig.legend(handles=[Patch(color=c, label=n) for c, n in zip(COLOURS, names)], loc="lower center",
+                   ncol=3, frameon=False, labelcolor="white", fontsize=10)
+    where = f"axial slice {z} (anterior up, patient right on the left)"
+    fig.suptitle((title or "{slice}").replace("{slice}", where), color="white", fontsize=12)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.96))
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=80, facecolor="black")
+    plt.close(fig)
+    return z
+
+
+def _only(convention: LabelConvention, region: str) -> int:
+    """The label a region adds to the one inside it (TC: NCR/NET, WT: ED)."""
+    inner = {"TC": "ET", "WT": "TC"}[region]
+    return next(l for l in convention.regions[region] if l not in convention.regions[inner])
+
+
+def _classes(plane: np.ndarray, convention: LabelConvention) -> np.ndarray:
+    """Colour index per voxel: 1 NCR/NET, 2 ED, 3 ET."""
+    classes = np.zeros(plane.shape, np.uint8)
+    classes[np.isin(plane, convention.regions["WT"])] = 2
+    classes[np.isin(plane, convention.regions["TC"])] = 1
+    classes[np.isin(plane, convention.regions["ET"])] = 3
+    return classes

@@ -31,7 +31,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, but not the meaningless ones (None, False, or on required options)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.required or action.default in (None, False, argparse.SUPPRESS):
+        if action.required or action.default in (None, False, [], argparse.SUPPRESS):
             return action.help
         return super()._get_help_string(action)
 
@@ -111,6 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--output", type=Path, required=True, help="folder for the label maps")
     baseline.set_defaults(run=_baseline)
 
+    train = _command(
+        commands,
+        "train",
+        "train one fold of pipeline A or B",
+        "Train one cross-validation fold of pipeline A (min-max, GroupNorm, Ranger, SWA) or B "
+        "(z-score, InstanceNorm, Adam), then validate it on the fold's held-out cases with the "
+        "BraTS metrics. Everything is logged to MLflow (mlruns/ by default; MLFLOW_TRACKING_URI "
+        "overrides it). A checkpoint is written every epoch; --resume continues an interrupted run "
+        "exactly where it stopped.",
+    )
+    train.add_argument("--pipeline", choices=("A", "B"), required=True, help="the paper's pipeline")
+    train.add_argument("--fold", type=int, default=0, help="which fold to train (0-based)")
+    train.add_argument(
+        "--profile", default=None,
+        help="cpu (minutes on 2 cores) or paper (the published setting), or a TOML file; default: paper with a GPU, cpu without",
+    )
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set optim.lr=3e-4 --set model.name=att_equiunet (repeatable)")
+    train.add_argument("--data", type=Path, default=None, help="dataset folder (default: the config's data.dataset, data/phantom)")
+    train.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this configuration and fold")
+    train.set_defaults(run=_train)
+
     evaluate = _command(
         commands,
         "evaluate",
@@ -124,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gt", type=Path, required=True, help="dataset folder with the ground-truth segmentations")
     evaluate.add_argument("--out", type=Path, default=None, help="per-case CSV (default: <pred>/metrics.csv)")
     evaluate.set_defaults(run=_evaluate)
+
+    ui = _command(
+        commands,
+        "ui",
+        "browse runs in the MLflow UI",
+        "Start the MLflow UI on the project's store (mlruns/ in the current folder, or "
+        "MLFLOW_TRACKING_URI) and print its address; studies, arms and folds show nested, with "
+        "their metrics, tables and pictures. Runs in the foreground until Ctrl-C.",
+    )
+    ui.add_argument("--port", type=int, default=5000, help="port to listen on")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind; the default keeps the UI to this machine")
+    ui.set_defaults(run=_ui)
     return parser
 
 
@@ -187,6 +221,33 @@ def _baseline(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from brats_lab.config import ConfigError, load_config, pipeline_path
+
+    profile = args.profile
+    if profile is None:
+        import torch
+
+        profile = "paper" if torch.cuda.is_available() else "cpu"
+        print(f"profile: {profile} (no --profile given; {'a GPU' if profile == 'paper' else 'no GPU'} found)")
+    overrides = list(args.overrides) + ([f"data.dataset={args.data}"] if args.data else [])
+    try:
+        cfg = load_config(pipeline_path(args.pipeline), profile, overrides)
+    except ConfigError as e:
+        raise DataError(str(e)) from None
+    if not Path(cfg.data.dataset).is_dir():
+        raise DataError(f"{cfg.data.dataset}: no dataset there; write phantoms with `brats-lab data synth --out {cfg.data.dataset}` or pass --data DIR")
+
+    from brats_lab.training.trainer import train_fold
+
+    result = train_fold(cfg, args.fold, resume=args.resume)
+    means = result.mean("dice")
+    print(f"fold {args.fold} of pipeline {args.pipeline}: mean Dice " + ", ".join(f"{r} {v:.3f}" for r, v in means.items())
+          + f" over {len(result.per_case)} validation cases")
+    print(f"MLflow run {result.run_id}; browse it with `brats-lab ui`")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from brats_lab.evaluation.evaluate import evaluate_folder, format_summary
 
@@ -196,6 +257,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(format_summary(result))
     print(f"per-case metrics: {out}")
     return 1 if result.problems else 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from brats_lab.tracking import serve_ui
+
+    return serve_ui(host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

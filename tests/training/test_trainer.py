@@ -1,0 +1,137 @@
+"""The trainer end to end on phantom files, with a real MLflow store, a real crash and a resume."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from brats_lab import tracking
+from brats_lab.config import config_hash, load_config, pipeline_path
+from brats_lab.labels import REGIONS
+from brats_lab.training.trainer import CHECKPOINT, FINAL_MODEL, train_fold
+
+TINY = [
+    "model.width=4",
+    "data.patch_size=[32, 32, 32]",
+    "data.folds=2",
+    "train.batch_size=2",
+    "train.val_every=1",
+]
+
+
+def tiny_config(pipeline: str, dataset: Path, *extra: str):
+    overrides = [*TINY, f"data.dataset={dataset}"]
+    if pipeline == "A":
+        overrides += ["train.epochs=2", "train.swa.cycles=1", "train.swa.cycle_epochs=2", "train.swa.anneal_epochs=2", "train.swa.snapshot_every=1"]
+    else:
+        overrides += ["train.epochs=3"]
+    return load_config(pipeline_path(pipeline), "cpu", [*overrides, *extra])
+
+
+@pytest.fixture
+def dataset(phantom_dataset: Path, tmp_path: Path) -> Path:
+    # The cache is written inside the dataset folder: work on a copy of the shared phantoms.
+    copy = tmp_path / "phantom"
+    shutil.copytree(phantom_dataset, copy)
+    return copy
+
+
+@pytest.mark.parametrize("pipeline", ["A", "B"])
+def test_a_fold_trains_validates_and_logs_everything(pipeline, dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(pipeline, dataset)
+    result = train_fold(cfg, 0, progress=False)
+
+    assert list(result.per_case.columns[:1]) == ["case"] and len(result.per_case) == 2
+    assert result.per_case.filter(like="dice_").notna().all().all()
+    run = tracking.find_runs(tracking_experiment(), {"kind": "fold"})[0]
+    assert run.id == result.run_id and run.status == "FINISHED"
+    assert run.tags["config_hash"] == config_hash(cfg) and run.tags["fold"] == "0"
+    assert run.tags["manifest_hash"] and run.params["model.width"] == "4"
+    epochs = cfg.train.epochs + (cfg.train.swa.cycles * cfg.train.swa.cycle_epochs if cfg.train.swa.enabled else 0)
+    assert [step for step, _ in run.metric_history("train_loss")] == list(range(epochs))
+    assert len(run.metric_history("val_dice_WT")) == epochs
+    artifacts = {p for p in _all_artifacts(run)}
+    assert {"config.json", "per_case_metrics.csv", CHECKPOINT, FINAL_MODEL} <= artifacts
+    assert len([a for a in artifacts if a.startswith("overlays/") and a.endswith(".png")]) == 2
+    arm = tracking.find_runs(tracking_experiment(), {"kind": "arm"})[0]
+    assert run.tags["mlflow.parentRunId"] == arm.id
+    final = torch.load(run.artifact_dir() / FINAL_MODEL, weights_only=False)
+    assert final["config_hash"] == config_hash(cfg)
+    if pipeline == "A":
+        assert run.tags["final_model"] == "average of 2 snapshots"
+    else:
+        assert run.tags["final_model"].startswith("best validation loss")
+
+
+def tracking_experiment() -> str:
+    from brats_lab.training.trainer import EXPERIMENT
+
+    return EXPERIMENT
+
+
+def _all_artifacts(run) -> list[str]:
+    root = run.artifact_dir()
+    return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_weights(dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    extra = ["train.epochs=3", "train.swa.cycles=1", "train.swa.cycle_epochs=3"]
+    cfg = tiny_config("A", dataset, *extra)
+    straight = train_fold(cfg, 1, progress=False)
+
+    # The same training in another process, killed (SIGKILL: no clean-up at all) once it has
+    # written a checkpoint and is into a later epoch.
+    argv = ["train", "--pipeline", "A", "--fold", "1", "--profile", "cpu", "--data", str(dataset)]
+    for item in TINY + ["train.swa.anneal_epochs=2", "train.swa.snapshot_every=1", *extra]:
+        argv += ["--set", item]
+    proc = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", *argv], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = tmp_path / "mlruns" / "artifacts"
+    deadline = time.monotonic() + 120
+    while not _killed_after_first_checkpoint(checkpoints, straight.run_id):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = tracking.latest_fold_run(tracking_experiment(), config_hash(cfg), 1, statuses=("RUNNING",))
+    assert killed is not None and killed.id != straight.run_id
+    saved_epoch = torch.load(killed.artifact_dir() / CHECKPOINT, weights_only=False)["epoch"]
+    assert saved_epoch < 5  # killed before the end
+
+    resumed = train_fold(cfg, 1, resume=True, progress=False)
+    assert resumed.run_id == killed.id
+    assert tracking.find_runs(tracking_experiment(), {"kind": "fold", "fold": "1"}, statuses=("RUNNING",)) == []
+    a = torch.load(tracking_run(straight.run_id).artifact_dir() / FINAL_MODEL, weights_only=False)["model"]
+    b = torch.load(killed.artifact_dir() / FINAL_MODEL, weights_only=False)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for region in REGIONS:
+        assert resumed.per_case[f"dice_{region}"].tolist() == straight.per_case[f"dice_{region}"].tolist()
+    steps = [s for s, _ in tracking_run(killed.id).metric_history("train_loss")]
+    assert sorted(set(steps)) == list(range(6))
+
+
+def _killed_after_first_checkpoint(root: Path, other_run: str) -> bool:
+    return any(other_run not in str(p) for p in root.rglob("checkpoints/last.pt"))
+
+
+def tracking_run(run_id: str):
+    return tracking.get_run(run_id)
+
+
+def test_resume_without_an_unfinished_run_is_a_clear_error(dataset, tmp_path, monkeypatch):
+    from brats_lab import DataError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="nothing to resume"):
+        train_fold(tiny_config("B", dataset), 0, resume=True, progress=False)

@@ -60,14 +60,16 @@ def render_case(
     else:
         panels += [(t1ce, "t1ce + labels", reference), (flair, "flair + labels", reference)]
 
-    plane = images[0, z][crop]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 8.0 * plane.shape[0] / plane.shape[1] + 0.9), facecolor="black")
+    height, width = images[0, z][crop].shape
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8.0 * height / width + 0.9), facecolor="black")
     cmap = ListedColormap(["none", *COLOURS])
     for ax, (channel, name, labels) in zip(axes.flat, panels):
         volume = images[channel]
         inside = volume[brain]
         lo, hi = np.percentile(inside, [0.5, 99.5]) if inside.size else (0.0, 1.0)
-        ax.imshow(volume[z][crop], cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6), interpolation="nearest")
+        # Background black whatever the normalisation (z-scored brains have negative values).
+        plane = np.where(brain[z], volume[z], lo)[crop]
+        ax.imshow(plane, cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6), interpolation="nearest")
         if labels is not None:
             classes = _classes(labels[z][crop], convention)
             ax.imshow(np.ma.masked_equal(classes, 0), cmap=cmap, vmin=0, vmax=3, alpha=0.45, interpolation="nearest")

@@ -174,7 +174,7 @@ def test_flatten_gives_dotted_string_params_and_round_trips():
     cfg = load_config(pipeline_path("B"), "cpu", ["model.name=att_equiunet", "optim.eps=1e-8"])
     flat = flatten(cfg)
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in flat.items())
-    assert flat["optim.lr"] == "0.0001" and flat["data.patch_size"] == "[48, 48, 48]"
+    assert flat["optim.lr"] == "0.003" and flat["data.patch_size"] == "[48, 48, 48]"
     assert flat["train.swa.enabled"] == "false" and flat["pipeline"] == "B"
     n_leaves = sum(1 for _ in _leaves(to_dict(cfg)))
     assert len(flat) == n_leaves

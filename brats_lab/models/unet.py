@@ -49,6 +49,9 @@ def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=like.shape[2:], mode="trilinear", align_corners=True)
 
 
+HEAD_PRIOR_LOGIT = -4.0  # sigmoid(-4) = 0.018: a tumour region is a few percent of a patch
+
+
 class _UNet3D(nn.Module):
     """The shared topology; subclasses choose the channel plan and attention."""
 
@@ -108,7 +111,7 @@ class _UNet3D(nn.Module):
 
     def _init_weights(self) -> None:
         # Kaiming normal (fan_out, for the ReLUs) on every conv, as the authors did; norms start
-        # as the identity; conv biases (heads only) at 0. CBAM's linear layers keep torch's init.
+        # as the identity. CBAM's linear layers keep torch's init.
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -117,6 +120,13 @@ class _UNet3D(nn.Module):
             elif isinstance(m, (nn.GroupNorm, nn.InstanceNorm3d)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        # The output heads start small and biased towards "no tumour" (the RetinaNet prior):
+        # with the authors' init the logits start with a spread of about +-2, a region channel
+        # can start on over much of the brain, and the Dice loss's gradient to switch it off
+        # vanishes as the predicted volume grows (seen for ET on phantoms, pipeline B).
+        for head in [self.head, *(h.conv for h in self.deep_heads or [])]:
+            nn.init.normal_(head.weight, std=0.01)
+            nn.init.constant_(head.bias, HEAD_PRIOR_LOGIT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """(B, C_in, D, H, W) -> logits (B, C_out, D, H, W), or `(logits, [aux x 4])` when deep

@@ -52,8 +52,10 @@ def test_model_contract(name, norm):
     assert logits.shape == expected and isinstance(aux, list) and len(aux) == 4
     assert all(a.shape == expected for a in aux)
     assert all(torch.isfinite(t).all() for t in (logits, *aux))
-    # Logits, not probabilities: a sigmoid output could not be negative.
-    assert logits.min() < 0 < logits.max()
+    # Logits, not probabilities (a sigmoid output could not be negative), starting near the
+    # "no tumour" prior of the heads, with some spread from the features.
+    assert logits.min() < 0 and logits.std() > 0
+    assert all(0.005 < t.sigmoid().mean() < 0.05 for t in (logits, *aux))
 
     loss = logits.sigmoid().mean() + sum(a.sigmoid().mean() for a in aux)
     loss.backward()

@@ -31,8 +31,9 @@ import torch
 
 from brats_lab.config import load_config, pipeline_path
 from brats_lab.models import build_model
-from brats_lab.training.losses import make_loss, output_loss
+from brats_lab.training.losses import make_loss
 from brats_lab.training.optim import build_optimizer
+from brats_lab.training.step import train_step
 
 # Dense bf16/fp16 tensor-core peaks, TFLOP/s (vendor datasheets, without sparsity).
 PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -68,14 +69,8 @@ def make_step(cfg, device: torch.device, variant: str):
     target = torch.rand(batch, 3, *cfg.data.patch_size, device=device) > 0.7
     model.train()
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            output = forward(image)
-        loss = output_loss(output, target, loss_fn, cfg.train.deep_supervision_weighting)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    def step() -> None:  # the trainer's own step
+        train_step(forward, image, target, optimizer, scaler, loss_fn, cfg.train.deep_supervision_weighting, dtype)
 
     return step, model, image
 

@@ -34,7 +34,7 @@ from brats_lab.evaluation.metrics import case_metrics
 from brats_lab.io import atomic_path, read_image
 from brats_lab.labels import REGIONS
 from brats_lab.models import build_model, count_parameters
-from brats_lab.training.losses import make_loss, output_loss
+from brats_lab.training.losses import make_loss
 from brats_lab.training.optim import (
     WeightAverage,
     build_optimizer,
@@ -45,6 +45,7 @@ from brats_lab.training.optim import (
     swa_snapshot_epochs,
     total_epochs,
 )
+from brats_lab.training.step import train_step
 
 CHECKPOINT = "checkpoints/last.pt"
 FINAL_MODEL = "model/model.pt"
@@ -167,13 +168,7 @@ def train_fold(
                 target = target.to(device, non_blocking=True)  # (B, 3, P, P, P) bool
                 if cfg.train.channels_last:
                     image = image.contiguous(memory_format=torch.channels_last_3d)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    output = forward(image)
-                loss = output_loss(output, target, loss_fn, cfg.train.deep_supervision_weighting)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                loss = train_step(forward, image, target, optimizer, scaler, loss_fn, cfg.train.deep_supervision_weighting, amp_dtype)
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")

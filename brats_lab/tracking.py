@@ -535,6 +535,9 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+_KIND_TAG = "mlflow.experimentKind"
+
+
 def _experiment_id(mlc: MlflowClient, name: str, create: bool) -> str | None:
     from mlflow.exceptions import MlflowException
 
@@ -544,7 +547,8 @@ def _experiment_id(mlc: MlflowClient, name: str, create: bool) -> str | None:
             return None
         location = _experiment_artifact_location(mlc.tracking_uri, name)
         try:
-            return mlc.create_experiment(name, artifact_location=location)
+            # MLflow 3's UI opens an experiment without this tag as a GenAI one (traces, no runs).
+            return mlc.create_experiment(name, artifact_location=location, tags={_KIND_TAG: "custom_model_development"})
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise

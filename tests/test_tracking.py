@@ -93,6 +93,9 @@ def test_arm_run_is_get_or_create_by_config_hash(root):
     other = tracking.arm_run("arms", config_hash(other_cfg), "b", flatten(other_cfg), parent=study, root=root)
     assert other.id != arm.id
     assert {r.id for r in tracking.find_runs("arms", {"kind": "arm"}, root=root)} == {arm.id, other.id}
+    # The UI shows runs (not GenAI traces) for experiments of this kind.
+    experiment = tracking.client(root).get_experiment_by_name("arms")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     # The same hash with another config is a bug, and says so.
     with pytest.raises(TrackingError, match="pipeline"):
         tracking.arm_run("arms", config_hash(cfg), "equiunet", flatten(other_cfg), parent=study, root=root)

@@ -94,6 +94,8 @@ def train_fold(
 
     # --- tracking: arm run, fold run ------------------------------------------------------------
     arm = parent or tracking.arm_run(experiment, chash, name=f"pipeline {cfg.pipeline}", params=flatten(cfg), root=project_root)
+    if parent is None and arm.status != "RUNNING":  # a training of our own: the arm runs while a fold does
+        arm.reopen()
     run = None
     if resume:
         run = tracking.latest_fold_run(experiment, chash, fold, statuses=("RUNNING", "FAILED", "KILLED"), root=project_root)
@@ -217,6 +219,8 @@ def train_fold(
             for png in sorted((workdir / "overlays").glob("*.png")):
                 run.log_artifact(png, "overlays")
         run.finish("FINISHED")
+        if parent is None:
+            arm.finish("FINISHED")
     except KeyboardInterrupt:
         bar.close()
         run.finish("KILLED")

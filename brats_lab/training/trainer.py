@@ -96,11 +96,12 @@ def train_fold(
     arm = parent or tracking.arm_run(experiment, chash, name=f"pipeline {cfg.pipeline}", params=flatten(cfg), root=project_root)
     if parent is None and arm.status != "RUNNING":  # a training of our own: the arm runs while a fold does
         arm.reopen()
-    run = None
     if resume:
         run = tracking.latest_fold_run(experiment, chash, fold, statuses=("RUNNING", "FAILED", "KILLED"), root=project_root)
         if run is None:
             raise DataError(f"nothing to resume: no unfinished run of fold {fold} for this configuration (hash {chash[:12]})")
+        if not (_workdir(run, project_root) / CHECKPOINT).is_file():
+            raise DataError(f"nothing to resume: run {run.id} stopped before its first checkpoint; train afresh")
         run.reopen()
     else:
         run = tracking.fold_run(arm, fold, name=f"pipeline {cfg.pipeline} fold {fold}")
@@ -127,8 +128,6 @@ def train_fold(
     best: dict[str, Any] = {"loss": float("inf"), "epoch": -1, "state": None}
     start_epoch = 0
     if resume:
-        if not (workdir / CHECKPOINT).is_file():
-            raise DataError(f"nothing to resume: run {run.id} stopped before its first checkpoint; train afresh")
         state = torch.load(workdir / CHECKPOINT, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         if state["epoch"] >= cfg.train.epochs:  # stopped in the SWA phase: the state is its Adam's

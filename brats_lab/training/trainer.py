@@ -128,7 +128,7 @@ def train_fold(
     best: dict[str, Any] = {"loss": float("inf"), "epoch": -1, "state": None}
     start_epoch = 0
     if resume:
-        state = torch.load(workdir / CHECKPOINT, map_location=device, weights_only=False)
+        state = torch.load(workdir / CHECKPOINT, map_location=device, weights_only=True)  # no arbitrary unpickling
         model.load_state_dict(state["model"])
         if state["epoch"] >= cfg.train.epochs:  # stopped in the SWA phase: the state is its Adam's
             optimizer = build_swa_optimizer(model.parameters(), cfg.train.swa)

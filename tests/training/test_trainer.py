@@ -63,7 +63,7 @@ def test_a_fold_trains_validates_and_logs_everything(pipeline, dataset, tmp_path
     assert len([a for a in artifacts if a.startswith("overlays/") and a.endswith(".png")]) == 2
     arm = tracking.find_runs(tracking_experiment(), {"kind": "arm"})[0]
     assert run.tags["mlflow.parentRunId"] == arm.id
-    final = torch.load(run.artifact_dir() / FINAL_MODEL, weights_only=False)
+    final = torch.load(run.artifact_dir() / FINAL_MODEL, weights_only=True)
     assert final["config_hash"] == config_hash(cfg)
     if pipeline == "A":
         assert run.tags["final_model"] == "average of 2 snapshots"
@@ -105,14 +105,14 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(dataset, tmp_path
     proc.wait()
     killed = tracking.latest_fold_run(tracking_experiment(), config_hash(cfg), 1, statuses=("RUNNING",))
     assert killed is not None and killed.id != straight.run_id
-    saved_epoch = torch.load(killed.artifact_dir() / CHECKPOINT, weights_only=False)["epoch"]
+    saved_epoch = torch.load(killed.artifact_dir() / CHECKPOINT, weights_only=True)["epoch"]
     assert saved_epoch < 5  # killed before the end
 
     resumed = train_fold(cfg, 1, resume=True, progress=False)
     assert resumed.run_id == killed.id
     assert tracking.find_runs(tracking_experiment(), {"kind": "fold", "fold": "1"}, statuses=("RUNNING",)) == []
-    a = torch.load(tracking_run(straight.run_id).artifact_dir() / FINAL_MODEL, weights_only=False)["model"]
-    b = torch.load(killed.artifact_dir() / FINAL_MODEL, weights_only=False)["model"]
+    a = torch.load(tracking_run(straight.run_id).artifact_dir() / FINAL_MODEL, weights_only=True)["model"]
+    b = torch.load(killed.artifact_dir() / FINAL_MODEL, weights_only=True)["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
     for region in REGIONS:

@@ -133,6 +133,41 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this configuration and fold")
     train.set_defaults(run=_train)
 
+    predict = _command(
+        commands,
+        "predict",
+        "segment cases with trained folds (ensemble, TTA)",
+        "Segment every case of a dataset folder with the final models of trained runs: each --run "
+        "is a fold run id or an arm run id (all its finished folds). Probabilities are averaged over "
+        "the models (and, with --tta, over the paper's 16 flips and axial rotations, each inverted "
+        "exactly), thresholded at 0.5 and turned into a label map (ET, NCR/NET, ED) in each case's "
+        "original geometry, one <case id>.nii.gz each, uint8. Cases already written are skipped "
+        "unless --overwrite; a case that fails is reported by name and the others go on.",
+    )
+    predict.add_argument("--run", dest="runs", action="append", required=True, metavar="RUN", help="a fold or arm run id (repeatable)")
+    predict.add_argument("--input", type=Path, required=True, help="dataset folder")
+    predict.add_argument("--output", type=Path, required=True, help="folder for the label maps")
+    predict.add_argument("--tta", action="store_true", help="average the 16 test-time views of the paper")
+    predict.add_argument("--probabilities", action="store_true", help="also write <case id>_probabilities.nii.gz (ET, TC, WT)")
+    predict.add_argument("--small-et", type=int, default=0, metavar="VOXELS",
+                         help="relabel a predicted ET smaller than this as NCR/NET (0: never)")
+    predict.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
+    predict.set_defaults(run=_predict)
+
+    merge = _command(
+        commands,
+        "merge",
+        "merge the label maps of pipelines A and B (the paper's second pass)",
+        "Merge two folders of label maps as the paper did: keep A's enhancing tumour and NCR/NET; "
+        "where A says background and B says edema, take edema; where A says edema and B says "
+        "background, take background. Both must hold the same cases in the same geometry.",
+    )
+    merge.add_argument("--a", type=Path, required=True, help="label maps of pipeline A")
+    merge.add_argument("--b", type=Path, required=True, help="label maps of pipeline B")
+    merge.add_argument("--output", type=Path, required=True, help="folder for the merged label maps")
+    merge.add_argument("--labels", choices=("brats2020", "brats2023"), default="brats2020", help="the label convention of the maps")
+    merge.set_defaults(run=_merge)
+
     evaluate = _command(
         commands,
         "evaluate",
@@ -246,6 +281,38 @@ def _train(args: argparse.Namespace) -> int:
           + f" over {len(result.per_case)} validation cases")
     print(f"MLflow run {result.run_id}; browse it with `brats-lab ui`")
     return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from brats_lab.data.cases import discover
+    from brats_lab.inference.predict import load_members, predict_folder
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cases = discover(args.input)
+    members = load_members(args.runs, device)
+    written, skipped, failures = predict_folder(
+        cases, members, args.output, device, tta=args.tta, probabilities=args.probabilities,
+        small_et=args.small_et, overwrite=args.overwrite,
+    )
+    for failure in failures:
+        print(f"failed: {failure}", file=sys.stderr)
+    print(f"{len(members)} model(s){' x 16 views' if args.tta else ''}: wrote {len(written)} label maps to {args.output}"
+          + (f", skipped {len(skipped)} already there (--overwrite redoes them)" if skipped else "")
+          + (f"; {len(failures)} cases failed" if failures else ""))
+    return 1 if failures else 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from brats_lab.inference.merge import merge_folders
+    from brats_lab.labels import CONVENTIONS
+
+    written, problems = merge_folders(args.a, args.b, args.output, CONVENTIONS[args.labels])
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    print(f"merged {len(written)} label maps into {args.output}" + (f"; {len(problems)} problems" if problems else ""))
+    return 1 if problems else 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:

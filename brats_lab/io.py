@@ -145,11 +145,13 @@ def count_nonfinite(path: Path) -> int:
 
 
 def write_image(array: np.ndarray, geometry: Geometry, path: Path) -> None:
-    """Write a (z, y, x) array with the given geometry, atomically (temporary file, then rename)."""
+    """Write a (z, y, x) array (or (z, y, x, components)) with the given geometry, atomically
+    (temporary file, then rename)."""
     path = Path(path)
-    if tuple(array.shape) != geometry.shape:
+    vector = array.ndim == len(geometry.shape) + 1  # (z, y, x, components), e.g. probabilities
+    if tuple(array.shape[: len(geometry.shape)]) != geometry.shape or array.ndim > len(geometry.shape) + 1:
         raise ValueError(f"{path}: array shape {array.shape} does not match geometry {geometry.shape} (z, y, x)")
-    image = geometry.apply(sitk.GetImageFromArray(np.ascontiguousarray(array)))
+    image = geometry.apply(sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=vector))
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     with atomic_path(path, suffix=suffix) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=path.name.endswith(".gz"))

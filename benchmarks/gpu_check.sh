@@ -11,3 +11,4 @@ for pipeline in A B; do
   timeout 240 python3 benchmarks/bench_train.py --profile paper --pipeline $pipeline --skip-loader \
     --json "$out/train_paper_$pipeline.json" 2>&1 | grep -v -i warn | tee "$out/train_paper_$pipeline.txt"
 done
+timeout 300 python3 benchmarks/bench_inference.py --profile paper --json "$out/inference_paper.json" 2>&1 | grep -v -i warn | tee "$out/inference_paper.txt"

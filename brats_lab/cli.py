@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", type=Path, required=True, help="dataset folder")
     predict.add_argument("--output", type=Path, required=True, help="folder for the label maps")
     predict.add_argument("--tta", action="store_true", help="average the 16 test-time views of the paper")
-    predict.add_argument("--probabilities", action="store_true", help="also write <case id>_probabilities.nii.gz (ET, TC, WT)")
+    predict.add_argument("--probabilities", action="store_true", help="also write probabilities/<case id>.nii.gz (ET, TC, WT; float32)")
     predict.add_argument("--small-et", type=int, default=0, metavar="VOXELS",
                          help="relabel a predicted ET smaller than this as NCR/NET (0: never)")
     predict.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
@@ -279,7 +279,8 @@ def _train(args: argparse.Namespace) -> int:
     means = result.mean("dice")
     print(f"fold {args.fold} of pipeline {args.pipeline}: mean Dice " + ", ".join(f"{r} {v:.3f}" for r, v in means.items())
           + f" over {len(result.per_case)} validation cases")
-    print(f"MLflow run {result.run_id}; browse it with `brats-lab ui`")
+    print(f"MLflow fold run {result.run_id} under arm run {result.arm_id}; browse them with `brats-lab ui`, "
+          f"predict with all trained folds of this configuration with `brats-lab predict --run {result.arm_id} ...`")
     return 0
 
 

@@ -124,11 +124,10 @@ def merge_folders(a_dir: Path, b_dir: Path, out_dir: Path, convention: LabelConv
     for folder in (a_dir, b_dir):
         if not folder.is_dir():
             raise DataError(f"{folder}: not a folder")
-    names = sorted(p.name for p in a_dir.glob("*.nii.gz") if not p.name.endswith("_probabilities.nii.gz"))
+    names = sorted(p.name for p in a_dir.glob("*.nii.gz"))
     if not names:
         raise DataError(f"{a_dir}: no label maps (<case id>.nii.gz)")
-    problems = [f"{b_dir / n}: no label map in A ({a_dir})" for n in sorted(p.name for p in b_dir.glob("*.nii.gz"))
-                if n not in names and not n.endswith("_probabilities.nii.gz")]
+    problems = [f"{b_dir / n}: no label map in A ({a_dir})" for n in sorted(p.name for p in b_dir.glob("*.nii.gz")) if n not in names]
     written = []
     for name in names:
         try:

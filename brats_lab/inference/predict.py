@@ -88,11 +88,13 @@ def predict_probabilities(members: list[Member], image: np.ndarray, device: torc
 
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)  # (1, 4, Z, Y, X)
     total = torch.zeros((1, 3, *x.shape[2:]), dtype=torch.float32, device=device)
-    for member in members:
-        if tta:
-            total += predict_tta(member.model, x)
-        else:
-            total += torch.sigmoid(member.model(x).float())
+    # bf16 on a GPU (probabilities are averaged in float32 all the same); float32 on CPU.
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for member in members:
+            if tta:
+                total += predict_tta(member.model, x)
+            else:
+                total += torch.sigmoid(member.model(x).float())
     return (total / len(members))[0].cpu().numpy()
 
 
@@ -106,8 +108,8 @@ def predict_case(
     small_et: int = 0,
 ) -> Path:
     """Segment one case and write `<out_dir>/<case id>.nii.gz` (uint8, the case's geometry and
-    label convention); with `probabilities`, also `<case id>_probabilities.nii.gz` (float32, three
-    components ET, TC, WT)."""
+    label convention); with `probabilities`, also `<out_dir>/probabilities/<case id>.nii.gz`
+    (float32, three components ET, TC, WT)."""
     config = members[0].config
     pre = preprocess_case(case, config.data.normalization)
     padded, pads = pad_to_multiple(pre.images, config.data.pad_multiple)
@@ -121,7 +123,7 @@ def predict_case(
     write_image(labels.astype(np.uint8), pre.geometry, path)
     if probabilities:
         full = paste_back(probs.astype(np.float32), pre.bbox, pre.geometry.shape)
-        write_image(np.moveaxis(full, 0, -1), pre.geometry, Path(out_dir) / f"{case.id}_probabilities.nii.gz")
+        write_image(np.moveaxis(full, 0, -1), pre.geometry, Path(out_dir) / "probabilities" / f"{case.id}.nii.gz")
     return path
 
 

@@ -31,7 +31,7 @@ from brats_lab.data.dataset import EpochSampler, TrainPatches, WholeVolumes
 from brats_lab.data.preprocess import paste_back, unpad
 from brats_lab.data.splits import load_splits, make_splits, save_splits
 from brats_lab.evaluation.metrics import case_metrics
-from brats_lab.io import atomic_path, read_image
+from brats_lab.io import atomic_path, read_image, write_image
 from brats_lab.labels import REGIONS
 from brats_lab.models import build_model, count_parameters
 from brats_lab.training.losses import make_loss
@@ -55,6 +55,7 @@ EXPERIMENT = "brats-lab"  # the MLflow experiment of trainings outside an ablati
 @dataclass
 class FoldResult:
     run_id: str
+    arm_id: str
     per_case: pd.DataFrame  # one row per validation case: dice_ET, ..., hd95_WT
     epochs: int
 
@@ -217,6 +218,8 @@ def train_fold(
             run.log_artifact(workdir / CHECKPOINT, "checkpoints")
             for png in sorted((workdir / "overlays").glob("*.png")):
                 run.log_artifact(png, "overlays")
+            for prediction in sorted((workdir / "predictions").glob("*.nii.gz")):
+                run.log_artifact(prediction, "predictions")
         run.finish("FINISHED")
         if parent is None:
             arm.finish("FINISHED")
@@ -227,7 +230,7 @@ def train_fold(
     except BaseException:
         run.finish("FAILED")
         raise
-    return FoldResult(run_id=run.id, per_case=per_case, epochs=epochs)
+    return FoldResult(run_id=run.id, arm_id=arm.id, per_case=per_case, epochs=epochs)
 
 
 @torch.no_grad()
@@ -253,8 +256,9 @@ def validate(model, volumes: WholeVolumes, loss_fn, device: torch.device, amp_dt
 
 @torch.no_grad()
 def evaluate_cases(model, cache: Cache, volumes: WholeVolumes, dataset: Path, device, amp_dtype, workdir: Path, progress: bool) -> pd.DataFrame:
-    """Predict each validation case whole, paste it back into its original geometry and score it
-    against its segmentation file with the BraTS 2020 metrics; draw the best and worst cases."""
+    """Predict each validation case whole, paste it back into its original geometry (written to
+    `predictions/<case>.nii.gz`) and score it against its segmentation file with the BraTS 2020
+    metrics; draw the best and worst cases."""
     from brats_lab.viz import render_case
 
     model.eval()
@@ -266,6 +270,7 @@ def evaluate_cases(model, cache: Cache, volumes: WholeVolumes, dataset: Path, de
         regions = unpad(logits > 0, item.pads)
         labels = paste_back(entry.convention.from_regions(regions), entry.bbox, entry.original_shape)
         reference, _ = read_image(segs[item.case_id])
+        write_image(labels, entry.geometry, workdir / "predictions" / f"{item.case_id}.nii.gz")
         scores = case_metrics(labels, reference, entry.geometry.spacing_zyx, entry.convention)
         rows.append({"case": item.case_id, **{f"{m}_{r}": v for r, s in scores.items() for m, v in s.as_dict().items()}})
         predictions[item.case_id] = (labels, reference)

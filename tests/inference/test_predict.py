@@ -50,7 +50,7 @@ def test_predictions_are_label_maps_in_each_cases_geometry(trained, tmp_path):
         geometry, pixel = read_header(path)
         assert geometry == case.geometry and pixel == "8-bit unsigned integer"
         assert set(np.unique(read_image(path)[0]).tolist()) <= {0, 1, 2, 4}
-        probs, geometry = read_image(tmp_path / f"{case.id}_probabilities.nii.gz")
+        probs, geometry = read_image(tmp_path / "probabilities" / f"{case.id}.nii.gz")
         assert probs.shape == (*case.geometry.shape, 3) and 0 <= probs.min() and probs.max() <= 1
 
     # A rerun skips what is there; --overwrite redoes it.
@@ -76,8 +76,8 @@ def test_tta_prediction_runs_all_views(trained, tmp_path):
     members = load_members([run_id], CPU, root=project)
     plain = predict_folder(cases, members, tmp_path / "plain", CPU, probabilities=True, progress=False)[0]
     tta = predict_folder(cases, members, tmp_path / "tta", CPU, tta=True, probabilities=True, progress=False)[0]
-    a = read_image(tmp_path / "plain" / f"{cases[0].id}_probabilities.nii.gz")[0]
-    b = read_image(tmp_path / "tta" / f"{cases[0].id}_probabilities.nii.gz")[0]
+    a = read_image(tmp_path / "plain" / "probabilities" / f"{cases[0].id}.nii.gz")[0]
+    b = read_image(tmp_path / "tta" / "probabilities" / f"{cases[0].id}.nii.gz")[0]
     assert plain and tta and not np.allclose(a, b)  # the views really are different inputs
 
 

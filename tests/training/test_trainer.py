@@ -61,6 +61,8 @@ def test_a_fold_trains_validates_and_logs_everything(pipeline, dataset, tmp_path
     artifacts = {p for p in _all_artifacts(run)}
     assert {"config.json", "per_case_metrics.csv", CHECKPOINT, FINAL_MODEL} <= artifacts
     assert len([a for a in artifacts if a.startswith("overlays/") and a.endswith(".png")]) == 2
+    assert sorted(a for a in artifacts if a.startswith("predictions/")) == sorted(
+        f"predictions/{c}.nii.gz" for c in result.per_case["case"])
     arm = tracking.find_runs(tracking_experiment(), {"kind": "arm"})[0]
     assert run.tags["mlflow.parentRunId"] == arm.id
     final = torch.load(run.artifact_dir() / FINAL_MODEL, weights_only=True)

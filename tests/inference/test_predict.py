@@ -50,6 +50,10 @@ def test_predictions_are_label_maps_in_each_cases_geometry(trained, tmp_path):
         geometry, pixel = read_header(path)
         assert geometry == case.geometry and pixel == "8-bit unsigned integer"
         assert set(np.unique(read_image(path)[0]).tolist()) <= {0, 1, 2, 4}
+        # What a NIfTI viewer reads (nibabel, not ITK): the same voxel-to-world map as the images.
+        import nibabel
+
+        assert np.allclose(nibabel.load(path).affine, nibabel.load(case.images[0]).affine)
         probs, geometry = read_image(tmp_path / "probabilities" / f"{case.id}.nii.gz")
         assert probs.shape == (*case.geometry.shape, 3) and 0 <= probs.min() and probs.max() <= 1
 

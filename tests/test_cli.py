@@ -81,3 +81,14 @@ def test_bad_arguments_give_one_clear_line(argv, message, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("brats-lab: error:") and message in err and "Traceback" not in err
+
+
+def test_synth_refuses_to_mix_two_datasets_in_one_folder(tmp_path, capsys):
+    out = str(tmp_path / "p")
+    assert main(["data", "synth", "--out", out, "--cases", "2", "--shape", "32", "32", "24"]) == 0
+    before = (tmp_path / "p" / "phantom.json").read_bytes()
+    assert main(["data", "synth", "--out", out, "--cases", "2", "--shape", "32", "32", "24"]) == 0  # the same again
+    assert main(["data", "synth", "--out", out, "--cases", "3", "--shape", "32", "32", "24"]) == 1
+    assert main(["data", "synth", "--out", out, "--cases", "2", "--shape", "48", "32", "24"]) == 1
+    assert "already holds 2 case folders" in capsys.readouterr().err
+    assert (tmp_path / "p" / "phantom.json").read_bytes() == before

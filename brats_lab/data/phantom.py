@@ -122,6 +122,8 @@ def synthesize(
     for name, value in (("no_et_fraction", no_et_fraction), ("corrupt_fraction", corrupt_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be between 0 and 1, got {value}")
+    _refuse_other_dataset(out, {"seed": seed, "shape": list(shape), "no_et_fraction": no_et_fraction,
+                                "corrupt_fraction": corrupt_fraction, "cases": cases})
     geometry = phantom_geometry(shape)
     corrupted = _corrupted_cases(seed, cases, corrupt_fraction)
 
@@ -155,6 +157,24 @@ def synthesize(
     }
     write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return folders
+
+
+def _refuse_other_dataset(out: Path, settings: dict) -> None:
+    """Writing over a folder that holds other cases would leave a mix of two datasets (and a
+    phantom.json describing only one): refuse, unless it is this very dataset being made again."""
+    existing = sorted(p.name for p in out.glob(f"{CASE_PREFIX}*") if p.is_dir()) if out.is_dir() else []
+    if not existing:
+        return
+    try:
+        before = json.loads((out / MANIFEST).read_text())
+        same = all(before.get(k) == v for k, v in settings.items() if k != "cases") and len(before["cases"]) == settings["cases"]
+    except (OSError, ValueError, KeyError, TypeError):
+        same = False
+    if not same or len(existing) != settings["cases"]:
+        raise DataError(
+            f"{out}: already holds {len(existing)} case folders of another dataset; write the phantoms "
+            f"to a new folder (--out), or delete this one first"
+        )
 
 
 def phantom_geometry(shape: tuple[int, int, int] = (240, 240, 155)) -> Geometry:

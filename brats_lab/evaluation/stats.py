@@ -247,7 +247,7 @@ def compare_arms(
     """Every non-baseline arm against `baseline`, per metric column, paired over cases.
 
     `per_case` has one row per (arm, case) with that case's out-of-fold metrics. For each other
-    arm (in order of first appearance) and each column of `metric_columns`: the mean of each arm,
+    arm (in order of first appearance in `per_case`) and each column of `metric_columns`: the mean of each arm,
     the mean difference (arm - baseline) with its bootstrap confidence interval
     (`paired_bootstrap_ci`, same `seed` for every comparison so reruns give the same table), the
     Wilcoxon p-value (`wilcoxon_paired`), and the p-values Holm-adjusted across the metric columns
@@ -275,7 +275,8 @@ def compare_arms(
         raise ValueError(f"(arm, case) must be unique, but these appear more than once: {pairs}")
 
     def cases_of(arm: str) -> pd.DataFrame:
-        return per_case[per_case[arm_column] == arm].set_index(case_column)
+        # Sorted by case, so the bootstrap draws the same resamples whatever the row order.
+        return per_case[per_case[arm_column] == arm].set_index(case_column).sort_index()
 
     base = cases_of(baseline)
     rows: list[dict[str, object]] = []
@@ -357,8 +358,8 @@ def format_comparison(df: pd.DataFrame) -> str:
                 f.format(r.mean_baseline),
                 f.format(r.mean_arm),
                 f"{f.format(r.mean_diff)} [{f.format(r.ci_low)}, {f.format(r.ci_high)}]",
-                f"{r.p_value:.3g}",
-                f"{r.p_holm:.3g}",
+                _format_p(r.p_value).removeprefix("p="),
+                _format_p(r.p_holm).removeprefix("p="),
                 str(r.verdict),
             ]
         )

@@ -1,0 +1,306 @@
+"""Run an ablation as an Optuna study: one trial is one (arm, fold), trained and validated by the
+trainer, tracked in MLflow as study run -> arm runs -> fold runs.
+
+The launcher creates the MLflow study and arm runs and enqueues every (arm, fold) not done yet as a
+waiting Optuna trial; workers (this process, `--workers` local processes, or `brats-lab worker`
+on other machines sharing the storage) claim waiting trials one at a time. Claiming is Optuna's
+own atomic WAITING -> RUNNING transition, so no (arm, fold) is trained twice. A worker records a
+heartbeat while it trains; a trial whose worker died is failed by the next launcher or worker and
+enqueued again, and its fold resumes from its last checkpoint. A finished (arm, fold) is found by
+config hash and fold in MLflow and reused, so running the same command twice does no work twice.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from brats_lab import DataError
+from brats_lab.ablation.spec import Ablation, load_ablation
+from brats_lab.config import config_hash, flatten
+from brats_lab.labels import REGIONS
+
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+HEARTBEAT_SECONDS = 20
+GRACE_SECONDS = 90
+
+
+@dataclass(frozen=True)
+class Plan:
+    ablation: Ablation
+    profile: str
+    folds: tuple[int, ...]
+    dataset: str
+    storage: str
+
+    @property
+    def study_name(self) -> str:
+        # The grid's identity: the arms' config hashes and the folds, so another profile, dataset
+        # or fold count is another study, and the same command finds its own again.
+        hashes = ",".join(f"{a}:{config_hash(self.config(a))[:12]}" for a in self.ablation.arms)
+        import hashlib
+
+        digest = hashlib.sha256(f"{hashes}|{self.folds}".encode()).hexdigest()[:10]
+        return f"{self.ablation.name}-{self.profile}-{digest}"
+
+    @property
+    def experiment(self) -> str:
+        return f"ablation-{self.ablation.name}"
+
+    def config(self, arm: str):
+        return self.ablation.arm_config(arm, self.profile, [f"data.dataset={self.dataset}"])
+
+    def cells(self) -> list[tuple[str, int]]:
+        return [(arm, fold) for arm in self.ablation.arms for fold in self.folds]
+
+    def attrs(self) -> dict:
+        return {"ablation": self.ablation.source, "profile": self.profile, "folds": list(self.folds),
+                "dataset": self.dataset}
+
+
+def make_plan(name_or_path: str, profile: str, folds: int | None, dataset: str, storage: str) -> Plan:
+    ablation = load_ablation(name_or_path)
+    k = folds or ablation.fold_count(profile)
+    total = ablation.arm_config(ablation.baseline, profile).data.folds
+    if not 1 <= k <= total:
+        raise DataError(f"--folds must be between 1 and {total} (the data is split in {total} folds), got {k}")
+    return Plan(ablation, profile, tuple(range(k)), str(dataset), storage)
+
+
+def _storage(url: str):
+    import optuna
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+
+
+def launch(plan: Plan):
+    """Create (or find) the study, its MLflow runs and the waiting trials; return the study run."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from brats_lab import tracking
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study_run = next(iter(tracking.find_runs(plan.experiment, {"kind": "study", "study": plan.study_name})), None)
+    if study_run is None:
+        study_run = tracking.start_run(plan.experiment, plan.ablation.name, "study",
+                                       {"study": plan.study_name, "storage": _safe(plan.storage), "profile": plan.profile})
+        study_run.log_params({"ablation": plan.ablation.name, "baseline": plan.ablation.baseline,
+                              "arms": ",".join(plan.ablation.arms), "folds": str(len(plan.folds)), "profile": plan.profile})
+    elif study_run.status != "RUNNING":
+        study_run.reopen()
+    for arm in plan.ablation.arms:
+        cfg = plan.config(arm)
+        tracking.arm_run(plan.experiment, config_hash(cfg), arm, flatten(cfg), parent=study_run)
+
+    study = optuna.create_study(study_name=plan.study_name, storage=_storage(plan.storage), load_if_exists=True,
+                                direction="maximize")
+    for key, value in {**plan.attrs(), "mlflow_study_run": study_run.id}.items():
+        study.set_user_attr(key, value)
+    _fail_stale(study)  # workers that died: their trials fail here, then are enqueued again
+    pending = {(t.user_attrs.get("arm"), t.user_attrs.get("fold"))
+               for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE))}
+    for arm, fold in plan.cells():
+        if (arm, fold) not in pending:
+            study.enqueue_trial({}, user_attrs={"arm": arm, "fold": fold})
+    return study_run
+
+
+def work(study_name: str, storage: str, progress: bool = True) -> int:
+    """Claim and run waiting trials until none is left; returns how many this worker ran."""
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    store = _storage(storage)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=store)
+    except KeyError:
+        raise DataError(f"no study {study_name!r} in {_safe(storage)}; start it with `brats-lab ablate`") from None
+    attrs = study.user_attrs
+    plan = Plan(load_ablation(attrs["ablation"]), attrs["profile"], tuple(attrs["folds"]), attrs["dataset"], storage)
+    from brats_lab import tracking
+
+    parent = tracking.get_run(attrs["mlflow_study_run"])
+    done = 0
+    while True:
+        _fail_stale(study)
+        trial = _claim(study, store)
+        if trial is None:
+            return done
+        arm, fold = trial.user_attrs["arm"], trial.user_attrs["fold"]
+        beat = _Heartbeat(store, trial._trial_id)
+        try:
+            table = run_cell(plan, parent, arm, fold, progress)
+        except BaseException:
+            beat.stop()
+            store.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            raise
+        beat.stop()
+        store.set_trial_state_values(trial._trial_id, state=TrialState.COMPLETE, values=[float(table["dice_WT"].mean())])
+        done += 1
+
+
+def _fail_stale(study) -> None:
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.9, and what we need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _claim(study, store):
+    """A waiting trial, now RUNNING and ours, or None. Optuna refuses the WAITING -> RUNNING
+    transition to all but one of several workers asking for the same trial."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if store.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+            return trial
+    return None
+
+
+class _Heartbeat:
+    def __init__(self, store, trial_id: int) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(store, trial_id), daemon=True)
+        self._thread.start()
+
+    def _run(self, store, trial_id: int) -> None:
+        while not self._stop.is_set():
+            store.record_heartbeat(trial_id)
+            self._stop.wait(HEARTBEAT_SECONDS)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True) -> pd.DataFrame:
+    """The per-case metrics of (arm, fold): reused if a finished run exists, resumed if an
+    unfinished one has a checkpoint, trained otherwise."""
+    from brats_lab import tracking
+    from brats_lab.training.trainer import CHECKPOINT, train_fold
+
+    cfg = plan.config(arm)
+    chash = config_hash(cfg)
+    finished = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("FINISHED",))
+    if finished is not None:
+        return _per_case(finished)
+    unfinished = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("RUNNING", "FAILED", "KILLED"))
+    resume = unfinished is not None and unfinished.artifact_dir() is not None and (unfinished.artifact_dir() / CHECKPOINT).is_file()
+    arm_run = tracking.arm_run(plan.experiment, chash, arm, flatten(cfg), parent=study_run)
+    return train_fold(cfg, fold, resume=resume, experiment=plan.experiment, parent=arm_run, progress=progress).per_case
+
+
+def _per_case(run) -> pd.DataFrame:
+    local = run.artifact_dir()
+    path = local / "per_case_metrics.csv" if local is not None else run.download_artifact("per_case_metrics.csv", Path("mlruns/downloads") / run.id)
+    return pd.read_csv(path)
+
+
+def run_study(plan: Plan, workers: int = 1, progress: bool = True) -> "Report":
+    """Launch, work (with `workers` processes on this machine) and report."""
+    study_run = launch(plan)
+    helpers = []
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+        for _ in range(workers - 1):
+            helpers.append(subprocess.Popen(
+                [sys.executable, "-m", "brats_lab.cli", "worker", "--study", plan.study_name, "--storage", plan.storage, "--quiet"],
+                env=env,
+            ))
+        time.sleep(1)  # let them claim first: this process takes what is left
+    work(plan.study_name, plan.storage, progress=progress)
+    failed = [p for p in helpers if p.wait() != 0]
+    if failed:
+        raise DataError(f"{len(failed)} worker process(es) failed; rerun the same command to retry their trials")
+    result = report(plan)
+    result.log(study_run)
+    study_run.finish("FINISHED")
+    return result
+
+
+@dataclass
+class Report:
+    plan: Plan
+    per_case: pd.DataFrame  # arm, fold, case, metrics (out of fold)
+    table: pd.DataFrame  # Table 3: per arm, mean (std) over folds
+    comparison: pd.DataFrame  # each arm against the baseline, per region
+
+    def text(self) -> str:
+        from brats_lab.evaluation.stats import format_comparison
+
+        lines = [f"Ablation {self.plan.ablation.name!r}: {self.plan.ablation.description}",
+                 f"{len(self.plan.folds)} folds, profile {self.plan.profile}; mean (std) over folds", "",
+                 self.table.to_string(), "",
+                 f"Each arm against {self.plan.ablation.baseline!r}, over {self.per_case['case'].nunique()} out-of-fold cases "
+                 "(bootstrap 95% CI of the mean difference; paired Wilcoxon signed-rank, Holm-corrected across regions):", "",
+                 format_comparison(self.comparison)]
+        return "\n".join(lines)
+
+    def log(self, study_run) -> None:
+        study_run.log_table(self.per_case, "per_case_out_of_fold.csv")
+        study_run.log_table(self.table.reset_index(), "table3.csv")
+        study_run.log_table(self.comparison, "comparison.csv")
+        study_run.log_text(_markdown(self.table.reset_index(names="arm")) + "\n\n" + _markdown(self.comparison) + "\n", "report.md")
+        study_run.log_text(self.text() + "\n", "report.txt")
+
+
+def report(plan: Plan) -> Report:
+    """Gather the finished folds' per-case metrics and compare the arms."""
+    from brats_lab import tracking
+    from brats_lab.evaluation.stats import compare_arms
+
+    frames = []
+    for arm in plan.ablation.arms:
+        chash = config_hash(plan.config(arm))
+        for fold in plan.folds:
+            run = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("FINISHED",))
+            if run is None:
+                raise DataError(f"({arm}, fold {fold}) has no finished run; rerun the ablation to finish it")
+            frames.append(_per_case(run).assign(arm=arm, fold=fold))
+    per_case = pd.concat(frames, ignore_index=True)
+    metrics = [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS]
+    by_fold = per_case.groupby(["arm", "fold"])[metrics].mean()
+    mean, std = by_fold.groupby("arm").mean(), by_fold.groupby("arm").std(ddof=1).fillna(0.0)
+    table = pd.DataFrame(index=list(plan.ablation.arms))
+    for m in metrics:
+        digits = 3 if m.startswith("dice") else 1
+        table[m] = [f"{mean.loc[a, m]:.{digits}f} ({std.loc[a, m]:.{digits}f})" for a in table.index]
+    # Holm corrects across the three regions of one metric, as the paper's table reads.
+    comparison = pd.concat([compare_arms(per_case, plan.ablation.baseline, [f"{m}_{r}" for r in REGIONS])
+                            for m in ("dice", "hd95")], ignore_index=True)
+    return Report(plan, per_case, table, comparison)
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    def cell(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    rows = [" | ".join(map(str, df.columns)), " | ".join("---" for _ in df.columns)]
+    rows += [" | ".join(cell(v) for v in row) for row in df.itertuples(index=False)]
+    return "\n".join(f"| {r} |" for r in rows)
+
+
+def _safe(url: str) -> str:
+    """A storage URL without its password, for logs and tags."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+    return url

@@ -1,0 +1,105 @@
+"""Ablations end to end: a real Optuna storage, real MLflow runs, real worker processes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from brats_lab import tracking
+from brats_lab.ablation.spec import load_ablation
+from brats_lab.ablation.study import DEFAULT_STORAGE, launch, make_plan, run_study
+from brats_lab.config import ConfigError
+
+TINY = ("model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2",
+        "train.epochs=2", "train.swa.enabled=false", "train.val_every=1")
+
+ABLATION = """
+name = "tiny-attention"
+description = "tiny equiunet against att_equiunet"
+pipeline = "A"
+baseline = "equiunet"
+folds = 2
+
+[arms]
+equiunet = ["model.name=equiunet", {tiny}]
+att_equiunet = ["model.name=att_equiunet", {tiny}]
+""".replace("{tiny}", ", ".join(f'"{s}"' for s in TINY))
+
+
+@pytest.fixture
+def project(phantom_dataset: Path, tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(phantom_dataset, tmp_path / "phantom")
+    (tmp_path / "tiny.toml").write_text(ABLATION)
+    return tmp_path / "tiny.toml", tmp_path / "phantom"
+
+
+def fold_runs(experiment: str) -> list:
+    return tracking.find_runs(experiment, {"kind": "fold"})
+
+
+def test_a_study_trains_every_arm_and_fold_once_reports_and_reuses(project):
+    toml, data = project
+    plan = make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE)
+    result = run_study(plan, progress=False)
+
+    runs = fold_runs(plan.experiment)
+    assert sorted((r.tags["config_hash"][:8], r.tags["fold"]) for r in runs) == sorted(
+        {(r.tags["config_hash"][:8], r.tags["fold"]) for r in runs})  # no (arm, fold) twice
+    assert len(runs) == 4 and all(r.status == "FINISHED" for r in runs)
+    (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
+    arms = tracking.find_runs(plan.experiment, {"kind": "arm"})
+    assert {a.parent_id for a in arms} == {study_run.id} and {r.parent_id for r in runs} == {a.id for a in arms}
+    assert study_run.status == "FINISHED"
+    assert list(result.table.index) == ["equiunet", "att_equiunet"]
+    assert set(result.comparison["metric"]) == {f"{m}_{r}" for m in ("dice", "hd95") for r in ("ET", "TC", "WT")}
+    assert result.per_case.groupby("arm")["case"].nunique().tolist() == [4, 4]  # every case out of fold, per arm
+    text = result.text()
+    assert "att_equiunet" in text and "Wilcoxon" in text
+    artifacts = {p.name for p in study_run.artifact_dir().iterdir()}
+    assert {"report.md", "table3.csv", "comparison.csv", "per_case_out_of_fold.csv"} <= artifacts
+
+    # The same command again does no work twice.
+    again = run_study(plan, progress=False)
+    assert len(fold_runs(plan.experiment)) == 4
+    assert again.table.equals(result.table)
+    study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
+    assert len(study.trials) == 4
+
+
+def test_two_worker_processes_share_the_grid_without_duplicates(project, tmp_path):
+    toml, data = project
+    plan = make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE)
+    launch(plan)
+    workers = [subprocess.Popen([sys.executable, "-m", "brats_lab.cli", "worker", "--study", plan.study_name,
+                                 "--storage", DEFAULT_STORAGE, "--quiet"], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [o[1][-2000:] for o in outputs]
+    ran = sorted(int(o[0].split("ran ")[1].split()[0]) for o in outputs)
+    assert sum(ran) == 4 and ran[0] >= 1, outputs  # both worked, together exactly the grid
+    runs = fold_runs(plan.experiment)
+    assert len(runs) == 4 and len({(r.tags["config_hash"], r.tags["fold"]) for r in runs}) == 4
+    study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
+    assert sorted((t.user_attrs["arm"], t.user_attrs["fold"]) for t in study.trials) == sorted(plan.cells())
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+def test_shipped_ablations_load_and_bad_ones_are_named(tmp_path):
+    for name in ("attention", "norm"):
+        ablation = load_ablation(name)
+        assert ablation.baseline in ablation.arms and ablation.fold_count("cpu") == 2
+    with pytest.raises(ConfigError, match="did you mean 'attention'"):
+        load_ablation("atention")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('foldz = 3\n' + ABLATION)
+    with pytest.raises(ConfigError, match="unknown key 'foldz'.*did you mean 'folds'"):
+        load_ablation(str(bad))
+    bad.write_text(ABLATION + 'broken = 3\n')  # lands in [arms]
+    with pytest.raises(ConfigError, match="arm 'broken'.*list"):
+        load_ablation(str(bad))

@@ -1,0 +1,294 @@
+"""Paired statistics: bootstrap CI, Wilcoxon against scipy, Holm, and the arm comparison table."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from brats_lab.evaluation.stats import (
+    RESULT_COLUMNS,
+    compare_arms,
+    format_comparison,
+    holm,
+    metric_direction,
+    paired_bootstrap_ci,
+    verdict,
+    wilcoxon_paired,
+)
+
+# ---------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_is_reproducible_with_a_seed_and_depends_on_it() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0.5, 0.9, 60)
+    b = a + rng.normal(0.02, 0.05, 60)
+    assert paired_bootstrap_ci(a, b, seed=7) == paired_bootstrap_ci(a, b, seed=7)
+    assert paired_bootstrap_ci(a, b, seed=7)[1:] != paired_bootstrap_ci(a, b, seed=8)[1:]
+
+
+def test_bootstrap_ci_covers_the_true_mean_difference() -> None:
+    rng = np.random.default_rng(2)
+    a = rng.uniform(0.5, 0.9, 300)
+    b = a + 0.05 + rng.normal(0.0, 0.03, 300)  # true mean difference 0.05
+    mean_diff, low, high = paired_bootstrap_ci(a, b)
+    assert mean_diff == pytest.approx(np.mean(b - a))
+    assert low < 0.05 < high
+    assert low < mean_diff < high
+    # Standard error is 0.03 / sqrt(300) ~ 0.0017: a 95% interval is about +-0.0034 wide.
+    assert 0.004 < high - low < 0.01
+
+
+def test_bootstrap_coverage_is_near_nominal() -> None:
+    # Over many data sets drawn around a known difference, the 95% interval should contain it
+    # about 95% of the time (percentile bootstrap is a bit liberal at n = 40).
+    rng = np.random.default_rng(3)
+    hits = 0
+    trials = 200
+    for i in range(trials):
+        a = rng.uniform(0.4, 0.9, 40)
+        b = a + 0.02 + rng.normal(0.0, 0.05, 40)
+        _, low, high = paired_bootstrap_ci(a, b, n_resamples=1000, seed=i)
+        hits += low <= 0.02 <= high
+    assert 0.88 <= hits / trials <= 0.99
+
+
+def test_bootstrap_of_identical_arrays_is_all_zero() -> None:
+    a = np.random.default_rng(4).uniform(0, 1, 25)
+    assert paired_bootstrap_ci(a, a.copy()) == (0.0, 0.0, 0.0)
+
+
+def test_bootstrap_is_fast() -> None:
+    rng = np.random.default_rng(5)
+    a, b = rng.uniform(size=300), rng.uniform(size=300)
+    start = time.perf_counter()
+    paired_bootstrap_ci(a, b, n_resamples=10000)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"confidence": 1.0}, "confidence"), ({"confidence": 0.0}, "confidence"), ({"n_resamples": 0}, "n_resamples")],
+)
+def test_bootstrap_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        paired_bootstrap_ci([1.0, 2.0], [1.0, 3.0], **kwargs)
+
+
+# ---------------------------------------------------------------- Wilcoxon
+
+
+def test_wilcoxon_matches_scipy_on_data_with_ties_and_zeros() -> None:
+    a = np.array([0.80, 0.75, 0.90, 0.60, 0.85, 0.70, 0.95, 0.65, 0.88, 0.72, 0.81, 0.77, 0.93, 0.66, 0.79, 0.84])
+    d = np.array([0.02, 0.02, -0.01, 0.03, 0.0, 0.05, 0.02, -0.03, 0.04, 0.0, 0.06, 0.01, 0.02, 0.07, -0.02, 0.03])
+    b = a + d
+    expected = sps.wilcoxon(np.round(d, 10), zero_method="pratt").pvalue
+    assert wilcoxon_paired(a, b) == pytest.approx(expected, rel=1e-12)
+    # Direction does not matter for a two-sided test.
+    assert wilcoxon_paired(b, a) == pytest.approx(expected, rel=1e-12)
+    assert wilcoxon_paired(a, b) < 0.05
+
+
+def test_wilcoxon_matches_scipy_exact_without_ties() -> None:
+    rng = np.random.default_rng(6)
+    a = rng.uniform(size=20)
+    b = a + rng.normal(0.1, 0.2, 20)
+    assert wilcoxon_paired(a, b) == pytest.approx(sps.wilcoxon(b - a, method="exact").pvalue, rel=1e-12)
+
+
+def test_wilcoxon_round_off_does_not_break_ties() -> None:
+    # 0.9 - 0.8 and 0.7 - 0.6 differ in floating point but are the same difference.
+    a = np.array([0.8, 0.6, 0.5, 0.3, 0.2])
+    b = np.array([0.9, 0.7, 0.6, 0.4, 0.3])
+    assert wilcoxon_paired(a, b) == pytest.approx(sps.wilcoxon([0.1] * 5).pvalue)
+
+
+@pytest.mark.filterwarnings("error")
+def test_wilcoxon_all_equal_is_one_without_warnings() -> None:
+    a = np.array([0.5, 0.7, 1.0, 0.0, 0.9] * 6)
+    assert wilcoxon_paired(a, a.copy()) == 1.0
+
+
+@pytest.mark.filterwarnings("error")
+def test_wilcoxon_one_nonzero_difference_is_one() -> None:
+    a = np.zeros(30)
+    b = a.copy()
+    b[4] = 0.3
+    # scipy's normal approximation would say ~0.32 here; the exact answer is 1.
+    assert wilcoxon_paired(a, b) == 1.0
+
+
+# ---------------------------------------------------------------- Holm
+
+
+def test_holm_worked_example() -> None:
+    # sorted: 0.01 * 3 = 0.03; 0.03 * 2 = 0.06; 0.04 * 1 = 0.04 -> running max 0.06.
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+
+
+def test_holm_caps_at_one_and_is_monotone() -> None:
+    p = np.array([0.5, 0.001, 0.4, 0.02, 0.9])
+    adj = holm(p)
+    np.testing.assert_allclose(adj, [1.0, 0.005, 1.0, 0.08, 1.0])
+    order = np.argsort(p)
+    assert np.all(np.diff(adj[order]) >= 0)
+    assert np.all(adj >= p)
+    assert holm([]).size == 0
+
+
+def test_holm_matches_statsmodels() -> None:
+    multitest = pytest.importorskip("statsmodels.stats.multitest")
+    p = np.random.default_rng(7).uniform(0, 0.2, 12)
+    np.testing.assert_allclose(holm(p), multitest.multipletests(p, method="holm")[1])
+
+
+def test_holm_rejects_invalid_p() -> None:
+    with pytest.raises(ValueError, match=r"position\(s\) \[1\]"):
+        holm([0.1, 1.5])
+    with pytest.raises(ValueError, match="NaN"):
+        holm([0.1, float("nan")])
+
+
+# ---------------------------------------------------------------- NaN and lengths
+
+
+@pytest.mark.parametrize("fn", [paired_bootstrap_ci, wilcoxon_paired])
+def test_nan_raises_naming_count_and_positions(fn) -> None:
+    a = np.array([0.1, np.nan, 0.3, 0.4, np.nan])
+    b = np.array([0.2, 0.3, 0.4, 0.5, 0.6])
+    with pytest.raises(ValueError, match=r"a has 2 NaN value\(s\) at position\(s\) \[1, 4\]"):
+        fn(a, b)
+    with pytest.raises(ValueError, match=r"b has 2 NaN value\(s\) at position\(s\) \[1, 4\]"):
+        fn(b, a)
+
+
+@pytest.mark.parametrize("fn", [paired_bootstrap_ci, wilcoxon_paired])
+def test_length_mismatch_and_empty_raise(fn) -> None:
+    with pytest.raises(ValueError, match="same length"):
+        fn([0.1, 0.2, 0.3], [0.1, 0.2])
+    with pytest.raises(ValueError, match="empty"):
+        fn([], [])
+
+
+# ---------------------------------------------------------------- compare_arms
+
+
+def _table(n: int = 40, seed: int = 0) -> pd.DataFrame:
+    """Baseline; 'better_wt' better on WT Dice and HD95, equal elsewhere; 'worse_hd' worse on WT HD95."""
+    rng = np.random.default_rng(seed)
+    cases = [f"BraTS20_Training_{i:03d}" for i in range(1, n + 1)]
+    base = pd.DataFrame(
+        {
+            "case": cases,
+            "dice_ET": rng.uniform(0.5, 0.9, n),
+            "dice_TC": rng.uniform(0.6, 0.9, n),
+            "dice_WT": rng.uniform(0.7, 0.9, n),
+            "hd95_WT": rng.uniform(3.0, 15.0, n),
+        }
+    )
+    better = base.copy()
+    better["dice_WT"] = base["dice_WT"] + 0.05 + rng.normal(0.0, 0.01, n)
+    better["hd95_WT"] = base["hd95_WT"] - 2.0 + rng.normal(0.0, 0.5, n)
+    worse = base.copy()
+    worse["hd95_WT"] = base["hd95_WT"] + 3.0 + rng.normal(0.0, 0.5, n)
+    frames = [t.assign(arm=name) for name, t in (("unet", base), ("better_wt", better), ("worse_hd", worse))]
+    # Shuffle the cases of each arm: pairing must go by case, not row order.
+    return pd.concat([f.sample(frac=1.0, random_state=i) for i, f in enumerate(frames)], ignore_index=True)
+
+
+COLUMNS = ["dice_ET", "dice_TC", "dice_WT", "hd95_WT"]
+
+
+def test_compare_arms_verdicts() -> None:
+    result = compare_arms(_table(), baseline="unet", metric_columns=COLUMNS)
+    assert list(result.columns) == RESULT_COLUMNS
+    assert list(zip(result["arm"], result["metric"])) == [(a, m) for a in ("better_wt", "worse_hd") for m in COLUMNS]
+    v = result.set_index(["arm", "metric"])["verdict"]
+    assert v["better_wt", "dice_WT"] == "better (p<0.001)"
+    assert v["better_wt", "hd95_WT"] == "better (p<0.001)"  # lower HD95 is better
+    assert v["worse_hd", "hd95_WT"] == "worse (p<0.001)"
+    for arm, metric in [("better_wt", "dice_ET"), ("better_wt", "dice_TC"), ("worse_hd", "dice_WT")]:
+        assert v[arm, metric] == "no evidence of a difference"
+        row = result.set_index(["arm", "metric"]).loc[(arm, metric)]
+        assert (row["mean_diff"], row["ci_low"], row["ci_high"], row["p_value"]) == (0.0, 0.0, 0.0, 1.0)
+    assert (result["n"] == 40).all()
+    # Holm is applied across the metric columns within each arm.
+    for _, group in result.groupby("arm"):
+        np.testing.assert_allclose(group["p_holm"], holm(group["p_value"].to_numpy()))
+    row = result.set_index(["arm", "metric"]).loc[("better_wt", "dice_WT")]
+    assert row["mean_diff"] == pytest.approx(row["mean_arm"] - row["mean_baseline"])
+    assert row["ci_low"] < 0.05 < row["ci_high"]
+
+
+def test_compare_arms_is_reproducible_whatever_the_case_order() -> None:
+    table = _table()
+    reordered = pd.concat([f.iloc[::-1] for _, f in table.groupby("arm", sort=False)])
+    pd.testing.assert_frame_equal(compare_arms(table, "unet", COLUMNS, seed=3), compare_arms(reordered, "unet", COLUMNS, seed=3))
+
+
+def test_compare_arms_missing_case_is_named() -> None:
+    table = _table()
+    table = table[~((table["arm"] == "better_wt") & (table["case"] == "BraTS20_Training_007"))]
+    with pytest.raises(ValueError, match="in baseline 'unet' but not in arm 'better_wt'.*BraTS20_Training_007"):
+        compare_arms(table, "unet", COLUMNS)
+
+
+def test_compare_arms_extra_case_in_arm_is_named() -> None:
+    table = _table()
+    extra = table[table["arm"] == "worse_hd"].iloc[:1].assign(case="BraTS20_Training_999")
+    with pytest.raises(ValueError, match="in arm 'worse_hd' but not in baseline 'unet'.*BraTS20_Training_999"):
+        compare_arms(pd.concat([table, extra]), "unet", COLUMNS)
+
+
+def test_compare_arms_nan_is_named_by_case() -> None:
+    table = _table()
+    table.loc[(table["arm"] == "unet") & (table["case"] == "BraTS20_Training_003"), "dice_TC"] = np.nan
+    with pytest.raises(ValueError, match="'dice_TC' of arm 'unet'.*BraTS20_Training_003"):
+        compare_arms(table, "unet", COLUMNS)
+
+
+def test_compare_arms_rejects_bad_input() -> None:
+    table = _table()
+    with pytest.raises(ValueError, match="baseline arm 'nope'"):
+        compare_arms(table, "nope", COLUMNS)
+    with pytest.raises(ValueError, match="dice_XX"):
+        compare_arms(table, "unet", ["dice_XX"])
+    with pytest.raises(ValueError, match="more than once"):
+        compare_arms(pd.concat([table, table.iloc[:1]]), "unet", COLUMNS)
+
+
+def test_metric_direction() -> None:
+    assert [metric_direction(c) for c in ("dice_ET", "sensitivity_TC", "specificity", "hd95_WT", "loss")] == [
+        1,
+        1,
+        1,
+        -1,
+        0,
+    ]
+
+
+def test_verdict_words() -> None:
+    up = np.array([0.01, 0.02, 0.03])
+    assert verdict("dice_WT", up, 0.2) == "no evidence of a difference"
+    assert verdict("dice_WT", up, 0.05) == "no evidence of a difference"  # p_holm >= alpha
+    assert verdict("dice_WT", up, 0.003) == "better (p=0.003)"
+    assert verdict("hd95_WT", up, 0.003) == "worse (p=0.003)"
+    assert verdict("loss", -up, 0.0001) == "lower (p<0.001)"
+    # Many small gains and one large loss: the mean and the ranks point opposite ways.
+    mixed = np.array([0.01] * 20 + [-1.0])
+    assert verdict("dice_ET", mixed, 0.001).startswith("different, direction unclear")
+
+
+def test_format_comparison_is_readable() -> None:
+    text = format_comparison(compare_arms(_table(), "unet", COLUMNS))
+    assert "baseline 'unet'" in text
+    assert "diff [95% CI]" in text
+    assert "better (p<0.001)" in text and "no evidence of a difference" in text
+    lines = text.splitlines()
+    assert sum("better_wt" in line for line in lines) == 4
+    only_baseline = compare_arms(_table()[lambda t: t["arm"] == "unet"], "unet", COLUMNS)
+    assert "no other arm" in format_comparison(only_baseline)

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         "writes the phantom dataset if there is none and uses the embedded stores under mlruns/. "
         "Rerunning the same command reuses everything already done.",
     )
-    ablate.add_argument("ablation", help="attention, norm, or a TOML file like experiments/ablations/attention.toml")
+    ablate.add_argument("ablation", help="attention, norm, patient-removal, or a TOML file like experiments/ablations/attention.toml")
     ablate.add_argument("--profile", default=None, help="cpu or paper; default: paper with a GPU, cpu without")
     ablate.add_argument("--folds", type=int, default=None, help="run the first K folds (default: the ablation's, fewer for cpu)")
     ablate.add_argument("--data", type=Path, default=None, help=f"dataset folder (default: {DEFAULT_PHANTOM}, written if missing)")
@@ -356,15 +356,23 @@ def _ablate(args: argparse.Namespace) -> int:
     from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan, run_study
     from brats_lab.config import ConfigError
 
+    from brats_lab.ablation.spec import load_ablation
+
     profile = args.profile or _default_profile()
-    data = args.data or DEFAULT_PHANTOM
+    try:
+        ablation = load_ablation(args.ablation)
+    except ConfigError as e:
+        raise DataError(str(e)) from None
+    data = args.data or Path(ablation.phantom_dataset or DEFAULT_PHANTOM)
     if not data.is_dir():
         if args.data is not None:
             raise DataError(f"{data}: no dataset there")
         from brats_lab.data.phantom import synthesize
 
-        print(f"no dataset at {data}: writing 40 phantom cases (96 x 96 x 62) there first")
-        synthesize(data, cases=40, seed=0, shape=(96, 96, 62))
+        corrupt = ablation.phantom_corrupt_fraction
+        print(f"no dataset at {data}: writing 40 phantom cases (96 x 96 x 62) there first"
+              + (f", {corrupt:.0%} of them with corrupted labels" if corrupt else ""))
+        synthesize(data, cases=40, seed=0, shape=(96, 96, 62), corrupt_fraction=corrupt)
     try:
         plan = make_plan(args.ablation, profile, args.folds, str(data), args.storage or DEFAULT_STORAGE)
     except ConfigError as e:

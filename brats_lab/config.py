@@ -75,6 +75,9 @@ class DataConfig:
     folds: int = 5
     seed: int = 16111990  # of the fold split only, so training seeds can vary over the same folds
     num_workers: int = 2  # data-loader processes
+    # Cases left out of training (the patient-removal ablation); they stay in validation, so arms
+    # with and without them are compared on the same held-out cases.
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(
@@ -423,6 +426,8 @@ def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
         return value
     if origin is tuple:
         args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):  # tuple[str, ...]
+            return tuple(_convert(v, args[0], key, source) for v in value)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_convert(v, a, key, source) for v, a in zip(value, args))
         ok = False
@@ -448,6 +453,8 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(map(repr, typing.get_args(hint)))
     if origin is tuple:
         args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0], _describe(args[0]))
         return f"a list of {len(args)} " + {int: "integers", float: "numbers"}.get(args[0], _describe(args[0]))
     return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
@@ -497,8 +504,8 @@ def _parse_value(text: str, hint: Any) -> Any:
 def _format(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(_format(v) for v in value) + "]"
+    if isinstance(value, list):  # inside a list, strings are quoted: TOML, so unflatten reads them back
+        return "[" + ", ".join(json.dumps(v) if isinstance(v, str) else _format(v) for v in value) + "]"
     if isinstance(value, float):
         return repr(value)
     return str(value)

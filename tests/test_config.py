@@ -201,3 +201,13 @@ def test_experiments_dir_holds_the_pipelines():
     assert isinstance(EXPERIMENTS_DIR, Path) and pipeline_path("B").is_file()
     with pytest.raises(ConfigError, match="unknown pipeline 'C'"):
         pipeline_path("C")
+
+
+def test_excluded_cases_are_a_list_of_names_that_round_trips():
+    cfg = load_config(pipeline_path("A"), "cpu", ['data.exclude=["BraTS20_Training_007", "BraTS20_Training_012"]'])
+    assert cfg.data.exclude == ("BraTS20_Training_007", "BraTS20_Training_012")
+    assert flatten(cfg)["data.exclude"] == '["BraTS20_Training_007", "BraTS20_Training_012"]'
+    assert unflatten(flatten(cfg)) == cfg
+    assert config_hash(cfg) != config_hash(load_config(pipeline_path("A"), "cpu"))
+    with pytest.raises(ConfigError, match="data.exclude.*expected a string"):
+        load_config(pipeline_path("A"), "cpu", ["data.exclude=[1, 2]"])

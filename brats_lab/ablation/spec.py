@@ -4,6 +4,9 @@
         name, description, pipeline, baseline, folds
         [arms]   arm name = ["key=value", ...]    (--set overrides over the pipeline + profile)
         [cpu]    folds, set                       (the CPU demo: fewer folds, a shorter schedule)
+        [removal] arm, metric, fraction           (patient removal: which arm trains without the
+                                                   cases the baseline scores worst out of fold)
+        [phantom] dataset, corrupt_fraction       (the phantoms written when there is no data)
 """
 
 from __future__ import annotations
@@ -16,8 +19,20 @@ from pathlib import Path
 from brats_lab.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, load_config, pipeline_path
 
 ABLATIONS_DIR = EXPERIMENTS_DIR / "ablations"
-_KEYS = {"name", "description", "pipeline", "baseline", "folds", "arms", "cpu"}
+_KEYS = {"name", "description", "pipeline", "baseline", "folds", "arms", "cpu", "removal", "phantom"}
 _CPU_KEYS = {"folds", "set"}
+_REMOVAL_KEYS = {"arm", "metric", "fraction"}
+_PHANTOM_KEYS = {"dataset", "corrupt_fraction"}
+
+
+@dataclass(frozen=True)
+class Removal:
+    """Patient removal: `arm` retrains without the `fraction` of cases with the lowest out-of-fold
+    `metric` under the baseline (a case whose labels the network cannot learn scores worst)."""
+
+    arm: str
+    metric: str = "dice_WT"
+    fraction: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -30,6 +45,9 @@ class Ablation:
     arms: dict[str, tuple[str, ...]]  # arm name -> overrides
     cpu_folds: int | None = None
     cpu_set: tuple[str, ...] = ()
+    removal: Removal | None = None
+    phantom_dataset: str | None = None  # where to write phantoms when there is no data
+    phantom_corrupt_fraction: float = 0.0
     source: str = ""
 
     def fold_count(self, profile: str) -> int:
@@ -60,6 +78,8 @@ def load_ablation(name_or_path: str | Path) -> Ablation:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     _known(data, _KEYS, path, "")
     _known(data.get("cpu", {}), _CPU_KEYS, path, "cpu.")
+    _known(data.get("removal", {}), _REMOVAL_KEYS, path, "removal.")
+    _known(data.get("phantom", {}), _PHANTOM_KEYS, path, "phantom.")
     for key in ("name", "pipeline", "baseline", "arms"):
         if key not in data:
             raise ConfigError(f"{path}: missing key {key!r}")
@@ -69,6 +89,13 @@ def load_ablation(name_or_path: str | Path) -> Ablation:
     arms = {str(k): tuple(v) for k, v in data["arms"].items()}
     if len(arms) < 2 or data["baseline"] not in arms:
         raise ConfigError(f"{path}: needs at least two arms, one of them the baseline {data['baseline']!r}; got {list(arms)}")
+    removal = None
+    if "removal" in data:
+        removal = Removal(**data["removal"])
+        if removal.arm not in arms or removal.arm == data["baseline"]:
+            raise ConfigError(f"{path}: removal.arm must be one of the arms other than the baseline, got {removal.arm!r}")
+        if not 0 < removal.fraction < 1:
+            raise ConfigError(f"{path}: removal.fraction must be between 0 and 1, got {removal.fraction}")
     ablation = Ablation(
         name=str(data["name"]),
         description=str(data.get("description", "")),
@@ -78,6 +105,9 @@ def load_ablation(name_or_path: str | Path) -> Ablation:
         arms=arms,
         cpu_folds=data.get("cpu", {}).get("folds"),
         cpu_set=tuple(data.get("cpu", {}).get("set", ())),
+        removal=removal,
+        phantom_dataset=data.get("phantom", {}).get("dataset"),
+        phantom_corrupt_fraction=float(data.get("phantom", {}).get("corrupt_fraction", 0.0)),
         source=str(path),
     )
     for arm in arms:  # every arm must resolve to a valid config, now rather than mid-study

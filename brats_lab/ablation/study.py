@@ -12,6 +12,7 @@ config hash and fold in MLflow and reused, so running the same command twice doe
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -39,12 +40,14 @@ class Plan:
     folds: tuple[int, ...]
     dataset: str
     storage: str
+    excluded: tuple[str, ...] = ()  # patient removal: decided after the baseline's pass
 
     @property
     def study_name(self) -> str:
-        # The grid's identity: the arms' config hashes and the folds, so another profile, dataset
-        # or fold count is another study, and the same command finds its own again.
-        hashes = ",".join(f"{a}:{config_hash(self.config(a))[:12]}" for a in self.ablation.arms)
+        # The grid's identity: the arms' config hashes (before any removal) and the folds, so
+        # another profile, dataset or fold count is another study, and the same command finds its
+        # own again.
+        hashes = ",".join(f"{a}:{config_hash(self._base_config(a))[:12]}" for a in self.ablation.arms)
         import hashlib
 
         digest = hashlib.sha256(f"{hashes}|{self.folds}".encode()).hexdigest()[:10]
@@ -54,15 +57,28 @@ class Plan:
     def experiment(self) -> str:
         return f"ablation-{self.ablation.name}"
 
-    def config(self, arm: str):
+    def _base_config(self, arm: str):
         return self.ablation.arm_config(arm, self.profile, [f"data.dataset={self.dataset}"])
 
+    def config(self, arm: str):
+        removal = self.ablation.removal
+        if removal is not None and arm == removal.arm:
+            if not self.excluded:
+                raise DataError(f"arm {arm!r} has no configuration before the baseline's pass decides what to remove")
+            return self.ablation.arm_config(arm, self.profile, [f"data.dataset={self.dataset}", f"data.exclude={list(self.excluded)}".replace("'", '"')])
+        return self._base_config(arm)
+
+    def ready_arms(self) -> list[str]:
+        """The arms whose configuration is known now (a removal arm only after the first pass)."""
+        removal = self.ablation.removal
+        return [a for a in self.ablation.arms if removal is None or a != removal.arm or self.excluded]
+
     def cells(self) -> list[tuple[str, int]]:
-        return [(arm, fold) for arm in self.ablation.arms for fold in self.folds]
+        return [(arm, fold) for arm in self.ready_arms() for fold in self.folds]
 
     def attrs(self) -> dict:
         return {"ablation": self.ablation.source, "profile": self.profile, "folds": list(self.folds),
-                "dataset": self.dataset}
+                "dataset": self.dataset, "excluded": list(self.excluded)}
 
 
 def make_plan(name_or_path: str, profile: str, folds: int | None, dataset: str, storage: str) -> Plan:
@@ -75,11 +91,15 @@ def make_plan(name_or_path: str, profile: str, folds: int | None, dataset: str, 
 
 
 def _storage(url: str):
+    import warnings
+
     import optuna
 
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9, and what we need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
 
 
 def launch(plan: Plan):
@@ -98,7 +118,7 @@ def launch(plan: Plan):
                               "arms": ",".join(plan.ablation.arms), "folds": str(len(plan.folds)), "profile": plan.profile})
     elif study_run.status != "RUNNING":
         study_run.reopen()
-    for arm in plan.ablation.arms:
+    for arm in plan.ready_arms():
         cfg = plan.config(arm)
         tracking.arm_run(plan.experiment, config_hash(cfg), arm, flatten(cfg), parent=study_run)
 
@@ -127,7 +147,8 @@ def work(study_name: str, storage: str, progress: bool = True) -> int:
     except KeyError:
         raise DataError(f"no study {study_name!r} in {_safe(storage)}; start it with `brats-lab ablate`") from None
     attrs = study.user_attrs
-    plan = Plan(load_ablation(attrs["ablation"]), attrs["profile"], tuple(attrs["folds"]), attrs["dataset"], storage)
+    plan = Plan(load_ablation(attrs["ablation"]), attrs["profile"], tuple(attrs["folds"]), attrs["dataset"], storage,
+                tuple(attrs.get("excluded", ())))
     from brats_lab import tracking
 
     parent = tracking.get_run(attrs["mlflow_study_run"])
@@ -229,10 +250,27 @@ def run_study(plan: Plan, workers: int = 1, progress: bool = True) -> "Report":
     failed = [p for p in helpers if p.wait() != 0]
     if failed:
         raise DataError(f"{len(failed)} worker process(es) failed; rerun the same command to retry their trials")
+    if plan.ablation.removal is not None and not plan.excluded:
+        # Second pass: the cases the baseline scored worst out of fold, left out of training.
+        plan = dataclasses.replace(plan, excluded=choose_removed(plan))
+        study_run.set_tags({"removed_cases": ",".join(plan.excluded)})
+        study_run.log_text("\n".join(plan.excluded) + "\n", "removed_cases.txt")
+        launch(plan)
+        work(plan.study_name, plan.storage, progress=progress)
     result = report(plan)
     result.log(study_run)
     study_run.finish("FINISHED")
     return result
+
+
+def choose_removed(plan: Plan) -> tuple[str, ...]:
+    """The baseline's worst `fraction` of cases by their out-of-fold `metric` (at least one)."""
+    removal = plan.ablation.removal
+    assert removal is not None
+    table = _gather(plan, [plan.ablation.baseline])
+    scores = table.groupby("case")[removal.metric].mean().sort_values(kind="stable")
+    count = max(1, round(removal.fraction * len(scores)))
+    return tuple(sorted(scores.index[:count]))
 
 
 @dataclass
@@ -251,6 +289,9 @@ class Report:
                  f"Each arm against {self.plan.ablation.baseline!r}, over {self.per_case['case'].nunique()} out-of-fold cases "
                  "(bootstrap 95% CI of the mean difference; paired Wilcoxon signed-rank, Holm-corrected across regions):", "",
                  format_comparison(self.comparison)]
+        if self.plan.excluded:
+            lines += ["", f"left out of training in {self.plan.ablation.removal.arm!r} ({len(self.plan.excluded)}): "
+                      + ", ".join(self.plan.excluded) + _phantom_truth(self.plan)]
         return "\n".join(lines)
 
     def log(self, study_run) -> None:
@@ -261,20 +302,27 @@ class Report:
         study_run.log_text(self.text() + "\n", "report.txt")
 
 
-def report(plan: Plan) -> Report:
-    """Gather the finished folds' per-case metrics and compare the arms."""
+def _gather(plan: Plan, arms: list[str]) -> pd.DataFrame:
+    """Out-of-fold per-case metrics of these arms' finished folds (columns arm, fold, case, ...)."""
     from brats_lab import tracking
-    from brats_lab.evaluation.stats import compare_arms
 
     frames = []
-    for arm in plan.ablation.arms:
+    for arm in arms:
         chash = config_hash(plan.config(arm))
         for fold in plan.folds:
             run = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("FINISHED",))
             if run is None:
                 raise DataError(f"({arm}, fold {fold}) has no finished run; rerun the ablation to finish it")
             frames.append(_per_case(run).assign(arm=arm, fold=fold))
-    per_case = pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True)
+
+
+def report(plan: Plan) -> Report:
+    """Gather the finished folds' per-case metrics and compare the arms."""
+    from brats_lab import tracking
+    from brats_lab.evaluation.stats import compare_arms
+
+    per_case = _gather(plan, list(plan.ablation.arms))
     metrics = [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS]
     by_fold = per_case.groupby(["arm", "fold"])[metrics].mean()
     mean, std = by_fold.groupby("arm").mean(), by_fold.groupby("arm").std(ddof=1).fillna(0.0)
@@ -295,6 +343,18 @@ def _markdown(df: pd.DataFrame) -> str:
     rows = [" | ".join(map(str, df.columns)), " | ".join("---" for _ in df.columns)]
     rows += [" | ".join(cell(v) for v in row) for row in df.itertuples(index=False)]
     return "\n".join(f"| {r} |" for r in rows)
+
+
+def _phantom_truth(plan: Plan) -> str:
+    """For phantoms: which removed cases really had corrupted labels (phantom.json knows)."""
+    import json
+
+    manifest = Path(plan.dataset) / "phantom.json"
+    if not manifest.is_file():
+        return ""
+    corrupted = {c["id"] for c in json.loads(manifest.read_text())["cases"] if c.get("corrupted")}
+    hits = sorted(set(plan.excluded) & corrupted)
+    return f"\n  of which {len(hits)} had deliberately corrupted labels (the dataset has {len(corrupted)} such cases)"
 
 
 def _safe(url: str) -> str:

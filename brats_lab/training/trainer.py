@@ -92,6 +92,9 @@ def train_fold(
     if not 0 <= fold < len(splits):
         raise DataError(f"fold {fold} does not exist: the splits have folds 0 to {len(splits) - 1}")
     train_ids, val_ids = splits[fold]["train"], splits[fold]["val"]
+    if unknown := sorted(set(cfg.data.exclude) - set(cache.case_ids)):
+        raise DataError(f"data.exclude names cases that are not in {cfg.data.dataset}: {', '.join(unknown)}")
+    train_ids = [c for c in train_ids if c not in set(cfg.data.exclude)]
 
     # --- tracking: arm run, fold run ------------------------------------------------------------
     arm = parent or tracking.arm_run(experiment, chash, name=f"pipeline {cfg.pipeline}", params=flatten(cfg), root=project_root)

@@ -103,3 +103,41 @@ def test_shipped_ablations_load_and_bad_ones_are_named(tmp_path):
     bad.write_text(ABLATION + 'broken = 3\n')  # lands in [arms]
     with pytest.raises(ConfigError, match="arm 'broken'.*list"):
         load_ablation(str(bad))
+
+
+REMOVAL = """
+name = "tiny-removal"
+pipeline = "A"
+baseline = "all-cases"
+folds = 2
+
+[arms]
+all-cases = [{tiny}]
+without-worst = [{tiny}]
+
+[removal]
+arm = "without-worst"
+metric = "dice_WT"
+fraction = 0.25
+""".replace("{tiny}", ", ".join(f'"{s}"' for s in TINY))
+
+
+def test_patient_removal_retrains_without_the_worst_cases_and_names_them(project):
+    toml, data = project
+    toml.write_text(REMOVAL)
+    plan = make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE)
+    result = run_study(plan, progress=False)
+
+    (removed,) = result.plan.excluded  # 25% of 4 cases
+    baseline = result.per_case[result.per_case["arm"] == "all-cases"]
+    assert baseline.groupby("case")["dice_WT"].mean().idxmin() == removed  # the worst-scored case
+    (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
+    assert study_run.tags["removed_cases"] == removed
+    runs = fold_runs(plan.experiment)
+    assert len(runs) == 4
+    without = [r for r in runs if r.params["data.exclude"] != "[]"]
+    assert len(without) == 2 and all(removed in r.params["data.exclude"] for r in without)
+    assert int(without[0].tags["train_cases"]) == 1  # 2 training cases per fold, one removed in either fold
+    assert f"left out of training in 'without-worst' (1): {removed}" in result.text()
+    # Both arms are scored on every case, the removed one included.
+    assert result.per_case.groupby("arm")["case"].nunique().tolist() == [4, 4]

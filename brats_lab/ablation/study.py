@@ -29,8 +29,10 @@ from brats_lab.config import config_hash, flatten
 from brats_lab.labels import REGIONS
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
-HEARTBEAT_SECONDS = 20
-GRACE_SECONDS = 90
+# A worker silent for GRACE_SECONDS is dead: its trial fails and is enqueued again. (Environment
+# overrides exist for the tests, which kill a worker and cannot wait minutes.)
+HEARTBEAT_SECONDS = int(os.environ.get("BRATS_LAB_HEARTBEAT_SECONDS", "20"))
+GRACE_SECONDS = int(os.environ.get("BRATS_LAB_GRACE_SECONDS", "90"))
 
 
 @dataclass(frozen=True)

@@ -141,3 +141,40 @@ def test_patient_removal_retrains_without_the_worst_cases_and_names_them(project
     assert f"left out of training in 'without-worst' (1): {removed}" in result.text()
     # Both arms are scored on every case, the removed one included.
     assert result.per_case.groupby("arm")["case"].nunique().tolist() == [4, 4]
+
+
+def test_a_killed_worker_is_detected_and_its_fold_resumes_not_restarts(project, tmp_path, monkeypatch):
+    import signal
+    import time
+
+    from brats_lab.ablation import study as study_module
+
+    toml, data = project
+    toml.write_text(ABLATION.replace('"train.epochs=2"', '"train.epochs=8"'))
+    plan = make_plan(str(toml), "cpu", 1, str(data), DEFAULT_STORAGE)
+    launch(plan)
+    env = {**__import__("os").environ, "BRATS_LAB_HEARTBEAT_SECONDS": "1", "BRATS_LAB_GRACE_SECONDS": "3"}
+    worker = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", "worker", "--study", plan.study_name,
+                               "--storage", DEFAULT_STORAGE, "--quiet"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "mlruns" / "artifacts").rglob("checkpoints/last.pt")):
+        assert worker.poll() is None, worker.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)  # no clean-up: its trial stays RUNNING, its fold run too
+    worker.wait()
+    (killed,) = tracking.find_runs(plan.experiment, {"kind": "fold"}, statuses=("RUNNING",))
+    time.sleep(4)  # past the grace period
+
+    monkeypatch.setattr(study_module, "GRACE_SECONDS", 3)
+    monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
+    run_study(plan, progress=False)
+    runs = fold_runs(plan.experiment)
+    assert len(runs) == 2 and all(r.status == "FINISHED" for r in runs)  # one per (arm, fold): no restart
+    assert killed.id in {r.id for r in runs}  # the killed fold's own run, resumed and finished
+    steps = [s for s, _ in tracking.get_run(killed.id).metric_history("train_loss")]
+    assert sorted(set(steps)) == list(range(8))
+    study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]  # the dead worker's trial failed, then retried

@@ -7,6 +7,9 @@
         [removal] arm, metric, fraction           (patient removal: which arm trains without the
                                                    cases the baseline scores worst out of fold)
         [phantom] dataset, corrupt_fraction       (the phantoms written when there is no data)
+        [search]  trials, seed, [search.params] "key" = {low, high, log}
+                                                  (optional: after the arms, Optuna's TPE sampler
+                                                   searches these values around the baseline arm)
 """
 
 from __future__ import annotations
@@ -19,10 +22,22 @@ from pathlib import Path
 from brats_lab.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, load_config, pipeline_path
 
 ABLATIONS_DIR = EXPERIMENTS_DIR / "ablations"
-_KEYS = {"name", "description", "pipeline", "baseline", "folds", "arms", "cpu", "removal", "phantom"}
+_KEYS = {"name", "description", "pipeline", "baseline", "folds", "arms", "cpu", "removal", "phantom", "search"}
 _CPU_KEYS = {"folds", "set"}
 _REMOVAL_KEYS = {"arm", "metric", "fraction"}
 _PHANTOM_KEYS = {"dataset", "corrupt_fraction"}
+_SEARCH_KEYS = {"trials", "seed", "params"}
+
+
+@dataclass(frozen=True)
+class Search:
+    """A hyperparameter search over the baseline arm: each trial is one sampled configuration,
+    trained on the ablation's folds and scored by its mean out-of-fold `metric`."""
+
+    trials: int
+    params: dict[str, tuple[float, float, bool]]  # dotted key -> (low, high, log scale)
+    seed: int = 0
+    metric: str = "dice_WT"
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,7 @@ class Ablation:
     cpu_folds: int | None = None
     cpu_set: tuple[str, ...] = ()
     removal: Removal | None = None
+    search: Search | None = None
     phantom_dataset: str | None = None  # where to write phantoms when there is no data
     phantom_corrupt_fraction: float = 0.0
     source: str = ""
@@ -80,6 +96,7 @@ def load_ablation(name_or_path: str | Path) -> Ablation:
     _known(data.get("cpu", {}), _CPU_KEYS, path, "cpu.")
     _known(data.get("removal", {}), _REMOVAL_KEYS, path, "removal.")
     _known(data.get("phantom", {}), _PHANTOM_KEYS, path, "phantom.")
+    _known(data.get("search", {}), _SEARCH_KEYS, path, "search.")
     for key in ("name", "pipeline", "baseline", "arms"):
         if key not in data:
             raise ConfigError(f"{path}: missing key {key!r}")
@@ -96,6 +113,16 @@ def load_ablation(name_or_path: str | Path) -> Ablation:
             raise ConfigError(f"{path}: removal.arm must be one of the arms other than the baseline, got {removal.arm!r}")
         if not 0 < removal.fraction < 1:
             raise ConfigError(f"{path}: removal.fraction must be between 0 and 1, got {removal.fraction}")
+    search = None
+    if "search" in data:
+        params = {}
+        for key, spec in data["search"].get("params", {}).items():
+            if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or not spec["low"] < spec["high"]:
+                raise ConfigError(f"{path}: search.params.{key} must be {{low = ..., high = ..., log = true|false}} with low < high")
+            params[key] = (float(spec["low"]), float(spec["high"]), bool(spec.get("log", False)))
+        if not params or int(data["search"].get("trials", 0)) < 1:
+            raise ConfigError(f"{path}: a [search] needs trials >= 1 and at least one entry in [search.params]")
+        search = Search(trials=int(data["search"]["trials"]), params=params, seed=int(data["search"].get("seed", 0)))
     ablation = Ablation(
         name=str(data["name"]),
         description=str(data.get("description", "")),
@@ -106,6 +133,7 @@ def load_ablation(name_or_path: str | Path) -> Ablation:
         cpu_folds=data.get("cpu", {}).get("folds"),
         cpu_set=tuple(data.get("cpu", {}).get("set", ())),
         removal=removal,
+        search=search,
         phantom_dataset=data.get("phantom", {}).get("dataset"),
         phantom_corrupt_fraction=float(data.get("phantom", {}).get("corrupt_fraction", 0.0)),
         source=str(path),
@@ -113,6 +141,8 @@ def load_ablation(name_or_path: str | Path) -> Ablation:
     for arm in arms:  # every arm must resolve to a valid config, now rather than mid-study
         ablation.arm_config(arm, "cpu")
         ablation.arm_config(arm, "paper")
+    if search is not None:  # and every searched key must exist
+        ablation.arm_config(ablation.baseline, "cpu", [f"{k}={low}" for k, (low, _, _) in search.params.items()])
     return ablation
 
 

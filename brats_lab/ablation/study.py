@@ -260,9 +260,48 @@ def run_study(plan: Plan, workers: int = 1, progress: bool = True) -> "Report":
         launch(plan)
         work(plan.study_name, plan.storage, progress=progress)
     result = report(plan)
+    if plan.ablation.search is not None:
+        result.search = search(plan, study_run, progress)
     result.log(study_run)
     study_run.finish("FINISHED")
     return result
+
+
+def search(plan: Plan, study_run, progress: bool = True) -> pd.DataFrame:
+    """The ablation's hyperparameter search: a TPE study over `search.params` around the baseline
+    arm; each trial trains the folds of one sampled configuration (reused by config hash). Returns
+    one row per trial, best first."""
+    import optuna
+
+    from brats_lab import tracking
+
+    spec = plan.ablation.search
+    assert spec is not None
+    sampler = optuna.samplers.TPESampler(seed=spec.seed)
+    study = optuna.create_study(study_name=f"{plan.study_name}-search", storage=_storage(plan.storage),
+                                sampler=sampler, direction="maximize", load_if_exists=True)
+
+    def objective(trial: optuna.Trial) -> float:
+        values = {k: trial.suggest_float(k, low, high, log=log) for k, (low, high, log) in spec.params.items()}
+        cfg = plan.ablation.arm_config(plan.ablation.baseline, plan.profile,
+                                       [f"data.dataset={plan.dataset}", *(f"{k}={v!r}" for k, v in values.items())])
+        name = "search " + ", ".join(f"{k}={v:.3g}" for k, v in values.items())
+        arm_run = tracking.arm_run(plan.experiment, config_hash(cfg), name, flatten(cfg), parent=study_run)
+        scores = []
+        for fold in plan.folds:
+            finished = tracking.latest_fold_run(plan.experiment, config_hash(cfg), fold, statuses=("FINISHED",))
+            table = _per_case(finished) if finished is not None else train_fold(
+                cfg, fold, experiment=plan.experiment, parent=arm_run, progress=progress).per_case
+            scores.append(float(table[spec.metric].mean()))
+        return sum(scores) / len(scores)
+
+    from brats_lab.training.trainer import train_fold
+
+    done = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
+    if done < spec.trials:
+        study.optimize(objective, n_trials=spec.trials - done)
+    rows = [{**t.params, f"mean_{spec.metric}": t.value} for t in study.trials if t.value is not None]
+    return pd.DataFrame(rows).sort_values(f"mean_{spec.metric}", ascending=False, ignore_index=True)
 
 
 def choose_removed(plan: Plan) -> tuple[str, ...]:
@@ -281,6 +320,7 @@ class Report:
     per_case: pd.DataFrame  # arm, fold, case, metrics (out of fold)
     table: pd.DataFrame  # Table 3: per arm, mean (std) over folds
     comparison: pd.DataFrame  # each arm against the baseline, per region
+    search: pd.DataFrame | None = None  # the hyperparameter search's trials, best first
 
     def text(self) -> str:
         from brats_lab.evaluation.stats import format_comparison
@@ -291,6 +331,9 @@ class Report:
                  f"Each arm against {self.plan.ablation.baseline!r}, over {self.per_case['case'].nunique()} out-of-fold cases "
                  "(bootstrap 95% CI of the mean difference; paired Wilcoxon signed-rank, Holm-corrected across regions):", "",
                  format_comparison(self.comparison)]
+        if self.search is not None:
+            lines += ["", f"search around {self.plan.ablation.baseline!r} ({len(self.search)} trials, Optuna TPE), best first:",
+                      "", self.search.to_string(index=False)]
         if self.plan.excluded:
             lines += ["", f"left out of training in {self.plan.ablation.removal.arm!r} ({len(self.plan.excluded)}): "
                       + ", ".join(self.plan.excluded) + _phantom_truth(self.plan)]
@@ -302,6 +345,8 @@ class Report:
         study_run.log_table(self.comparison, "comparison.csv")
         study_run.log_text(_markdown(self.table.reset_index(names="arm")) + "\n\n" + _markdown(self.comparison) + "\n", "report.md")
         study_run.log_text(self.text() + "\n", "report.txt")
+        if self.search is not None:
+            study_run.log_table(self.search, "search.csv")
 
 
 def _gather(plan: Plan, arms: list[str]) -> pd.DataFrame:

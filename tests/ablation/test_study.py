@@ -178,3 +178,24 @@ def test_a_killed_worker_is_detected_and_its_fold_resumes_not_restarts(project, 
     study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "COMPLETE", "FAIL"]  # the dead worker's trial failed, then retried
+
+
+def test_an_ablation_can_ask_optuna_to_search_hyperparameters(project):
+    toml, data = project
+    toml.write_text(ABLATION + """
+[search]
+trials = 2
+seed = 1
+[search.params]
+"optim.lr" = {low = 1e-4, high = 1e-2, log = true}
+""")
+    plan = make_plan(str(toml), "cpu", 1, str(data), DEFAULT_STORAGE)
+    result = run_study(plan, progress=False)
+    assert list(result.search.columns) == ["optim.lr", "mean_dice_WT"] and len(result.search) == 2
+    assert result.search["mean_dice_WT"].is_monotonic_decreasing
+    assert all(1e-4 <= lr <= 1e-2 for lr in result.search["optim.lr"])
+    lrs = {r.params["optim.lr"] for r in tracking.find_runs(plan.experiment, {"kind": "fold"})}
+    assert len(lrs) == 3  # the two arms' lr plus two sampled ones: 1 + 2
+    assert "search around 'equiunet' (2 trials" in result.text()
+    run_study(plan, progress=False)  # again: the search is complete, nothing more is trained
+    assert len(tracking.find_runs(plan.experiment, {"kind": "fold"})) == 4

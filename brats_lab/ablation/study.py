@@ -329,7 +329,7 @@ class Report:
                  f"{len(self.plan.folds)} folds, profile {self.plan.profile}; mean (std) over folds", "",
                  self.table.to_string(), "",
                  f"Each arm against {self.plan.ablation.baseline!r}, over {self.per_case['case'].nunique()} out-of-fold cases "
-                 "(bootstrap 95% CI of the mean difference; paired Wilcoxon signed-rank, Holm-corrected across regions):", "",
+                 "(bootstrap 95% CI of the mean difference; paired Wilcoxon signed-rank, Holm-corrected across the three regions of each metric):", "",
                  format_comparison(self.comparison)]
         if self.search is not None:
             lines += ["", f"search around {self.plan.ablation.baseline!r} ({len(self.search)} trials, Optuna TPE), best first:",

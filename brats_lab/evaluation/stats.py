@@ -375,7 +375,7 @@ def format_comparison(df: pd.DataFrame) -> str:
     out += [
         "",
         f"diff = arm - baseline, paired over cases; {ci}: percentile bootstrap over cases;",
-        "p: two-sided Wilcoxon signed-rank (Pratt zeros); Holm across the metrics within each arm.",
+        "p: two-sided Wilcoxon signed-rank (Pratt zeros); Holm across the metrics compared together within each arm.",
         "Dice, sensitivity, specificity: higher is better; HD95: lower is better.",
     ]
     return "\n".join(out)

@@ -13,6 +13,8 @@ continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +148,7 @@ def train_fold(
         start_epoch = state["epoch"] + 1
     else:
         run.set_tags({"parameters": str(count_parameters(model)), "device": str(device), "amp": str(amp_dtype).removeprefix("torch.")})
+    run.set_tags({"host": socket.gethostname(), "pid": str(os.getpid())})  # which worker trains it (again, on resume)
 
     patches = TrainPatches(cache, train_ids, cfg.data.patch_size, augment=cfg.train.augment, seed=cfg.train.seed)
     sampler = EpochSampler(len(patches), seed=cfg.train.seed)

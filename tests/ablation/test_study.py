@@ -199,3 +199,14 @@ seed = 1
     assert "search around 'equiunet' (2 trials" in result.text()
     run_study(plan, progress=False)  # again: the search is complete, nothing more is trained
     assert len(tracking.find_runs(plan.experiment, {"kind": "fold"})) == 4
+
+
+def test_workers_option_runs_trials_in_parallel_processes(project):
+    toml, data = project
+    plan = make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE)
+    result = run_study(plan, workers=2, progress=False)
+    runs = fold_runs(plan.experiment)
+    assert len(runs) == 4 and len({(r.tags["config_hash"], r.tags["fold"]) for r in runs}) == 4
+    pids = {r.tags.get("pid") for r in runs}
+    assert len(pids) == 2, pids  # both processes trained
+    assert len(result.per_case) == 8

@@ -122,7 +122,9 @@ def launch(plan: Plan):
         study_run.reopen()
     for arm in plan.ready_arms():
         cfg = plan.config(arm)
-        tracking.arm_run(plan.experiment, config_hash(cfg), arm, flatten(cfg), parent=study_run)
+        arm_run = tracking.arm_run(plan.experiment, config_hash(cfg), arm, flatten(cfg), parent=study_run)
+        if arm_run.status != "RUNNING":  # the arm runs while its folds may
+            arm_run.reopen()
 
     study = optuna.create_study(study_name=plan.study_name, storage=_storage(plan.storage), load_if_exists=True,
                                 direction="maximize")
@@ -263,6 +265,10 @@ def run_study(plan: Plan, workers: int = 1, progress: bool = True) -> "Report":
     if plan.ablation.search is not None:
         result.search = search(plan, study_run, progress)
     result.log(study_run)
+    from brats_lab import tracking
+
+    for arm_run in tracking.find_runs(plan.experiment, {"kind": "arm", "mlflow.parentRunId": study_run.id}):
+        arm_run.finish("FINISHED")
     study_run.finish("FINISHED")
     return result
 

@@ -55,7 +55,7 @@ def test_a_study_trains_every_arm_and_fold_once_reports_and_reuses(project):
     (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
     arms = tracking.find_runs(plan.experiment, {"kind": "arm"})
     assert {a.parent_id for a in arms} == {study_run.id} and {r.parent_id for r in runs} == {a.id for a in arms}
-    assert study_run.status == "FINISHED"
+    assert study_run.status == "FINISHED" and {a.status for a in arms} == {"FINISHED"}
     assert list(result.table.index) == ["equiunet", "att_equiunet"]
     assert set(result.comparison["metric"]) == {f"{m}_{r}" for m in ("dice", "hd95") for r in ("ET", "TC", "WT")}
     assert result.per_case.groupby("arm")["case"].nunique().tolist() == [4, 4]  # every case out of fold, per arm

@@ -65,6 +65,7 @@ class Ablation:
     phantom_dataset: str | None = None  # where to write phantoms when there is no data
     phantom_corrupt_fraction: float = 0.0
     source: str = ""
+    text: str = ""  # the TOML itself, so a worker on another machine needs no copy of the file
 
     def fold_count(self, profile: str) -> int:
         return self.cpu_folds if profile == "cpu" and self.cpu_folds else self.folds
@@ -88,8 +89,14 @@ def load_ablation(name_or_path: str | Path) -> Ablation:
         close = difflib.get_close_matches(text, available(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"no ablation {text!r} ({path} does not exist); known: {', '.join(available())}{hint}")
+    return parse_ablation(path.read_text(), path)
+
+
+def parse_ablation(text: str, path: Path | str) -> Ablation:
+    """An ablation from its TOML text (`path` names it in messages and in `Ablation.source`)."""
+    path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     _known(data, _KEYS, path, "")
@@ -137,6 +144,7 @@ def load_ablation(name_or_path: str | Path) -> Ablation:
         phantom_dataset=data.get("phantom", {}).get("dataset"),
         phantom_corrupt_fraction=float(data.get("phantom", {}).get("corrupt_fraction", 0.0)),
         source=str(path),
+        text=text,
     )
     for arm in arms:  # every arm must resolve to a valid config, now rather than mid-study
         ablation.arm_config(arm, "cpu")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from brats_lab import DataError
-from brats_lab.ablation.spec import Ablation, load_ablation
+from brats_lab.ablation.spec import Ablation, load_ablation, parse_ablation
 from brats_lab.config import config_hash, flatten
 from brats_lab.labels import REGIONS
 
@@ -79,7 +79,7 @@ class Plan:
         return [(arm, fold) for arm in self.ready_arms() for fold in self.folds]
 
     def attrs(self) -> dict:
-        return {"ablation": self.ablation.source, "profile": self.profile, "folds": list(self.folds),
+        return {"ablation": self.ablation.source, "ablation_toml": self.ablation.text, "profile": self.profile, "folds": list(self.folds),
                 "dataset": self.dataset, "excluded": list(self.excluded)}
 
 
@@ -151,7 +151,7 @@ def work(study_name: str, storage: str, progress: bool = True) -> int:
     except KeyError:
         raise DataError(f"no study {study_name!r} in {_safe(storage)}; start it with `brats-lab ablate`") from None
     attrs = study.user_attrs
-    plan = Plan(load_ablation(attrs["ablation"]), attrs["profile"], tuple(attrs["folds"]), attrs["dataset"], storage,
+    plan = Plan(parse_ablation(attrs["ablation_toml"], attrs["ablation"]), attrs["profile"], tuple(attrs["folds"]), attrs["dataset"], storage,
                 tuple(attrs.get("excluded", ())))
     from brats_lab import tracking
 

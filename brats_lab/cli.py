@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -226,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000, help="port to listen on")
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind; the default keeps the UI to this machine")
     ui.set_defaults(run=_ui)
+
+    dashboard = _command(
+        commands,
+        "dashboard",
+        "review studies, compare arms and look at the worst cases",
+        "Start the review dashboard (Streamlit) on the project's store (mlruns/ in the current "
+        "folder, or MLFLOW_TRACKING_URI): every study and training with its progress, arms "
+        "compared over folds, the worst cases with their pictures. It only reads the store. "
+        "Runs in the foreground until Ctrl-C.",
+    )
+    dashboard.add_argument("--port", type=int, default=8501, help="port to listen on (bound to 127.0.0.1)")
+    dashboard.set_defaults(run=_dashboard)
     return parser
 
 
@@ -409,6 +422,39 @@ def _ui(args: argparse.Namespace) -> int:
     from brats_lab.tracking import serve_ui
 
     return serve_ui(host=args.host, port=args.port)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    import signal
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]  # the checkout that holds dashboard/app.py
+    app = root / "dashboard" / "app.py"
+    if not app.is_file():
+        raise DataError(f"{app}: the dashboard app is missing from this installation")
+    # The app finds the store from the current folder (or MLFLOW_TRACKING_URI); keep the caller's.
+    env = dict(os.environ)
+    if not env.get("MLFLOW_TRACKING_URI"):
+        from brats_lab.tracking import tracking_uri
+
+        env["MLFLOW_TRACKING_URI"] = tracking_uri()
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1",
+           "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    print(f"dashboard on http://127.0.0.1:{args.port}/  (store: {env['MLFLOW_TRACKING_URI']}; Ctrl-C stops it)", flush=True)
+    proc = subprocess.Popen(cmd, cwd=root, env=env)
+    # Pass SIGTERM on to the server, so none is left behind.
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the terminal sent SIGINT to the server too; let it stop
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 
 from brats_lab.cli import build_parser, main
 
-COMMANDS = [["data"], ["data", "synth"], ["data", "check"], ["data", "prepare"], ["baseline"], ["train"], ["predict"], ["merge"], ["evaluate"], ["ui"]]
+COMMANDS = [["data"], ["data", "synth"], ["data", "check"], ["data", "prepare"], ["baseline"], ["train"], ["predict"], ["merge"], ["evaluate"], ["ablate"], ["worker"], ["dashboard"], ["ui"]]
 
 
 def _subparser(parser, words):

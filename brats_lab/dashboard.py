@@ -1,0 +1,192 @@
+"""Data shaping for the review dashboard (`dashboard/app.py`): runs and per-case tables in, the
+frames the pages show out.
+
+Everything here reads the store through `brats_lab.tracking` and never writes to it. The shaping
+functions take the run table of `tracking.read_runs()` (or per-case frames) and are plain pandas,
+so they are tested without Streamlit.
+
+A "study" is what the Studies page lists: an ablation's study run (experiment `ablation-<name>`),
+or a plain training, i.e. an arm run with no parent (experiment `brats-lab`), shown as a study of
+one arm.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from brats_lab.labels import REGIONS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+PER_CASE = "per_case_metrics.csv"
+COMPARISON = "comparison.csv"
+_HASH = "tags.config_hash"
+_FOLD = "tags.fold"
+
+
+def store_exists(root: Path | str | None = None) -> bool:
+    """False when the default SQLite store has not been made yet (opening it would create it)."""
+    from brats_lab import tracking
+
+    artifacts = tracking.artifact_root(root)
+    return artifacts is None or (artifacts.parent / tracking.DB_NAME).is_file()
+
+
+def _col(runs: pd.DataFrame, name: str) -> pd.Series:
+    """A column of the run table, or all-missing when no run has that tag or param."""
+    import pandas as pd
+
+    return runs[name] if name in runs.columns else pd.Series(None, index=runs.index, dtype=object)
+
+
+def fold_runs(runs: pd.DataFrame, study_id: str) -> pd.DataFrame:
+    """The fold runs that make up a study: columns arm, arm_run_id, fold, run_id, status.
+
+    One row per (arm, fold): the newest FINISHED fold run with the arm's config hash in the
+    study's experiment (an ablation reuses finished folds of the same configuration, whichever
+    arm run they hang under), else the newest unfinished one. `runs` is newest first.
+    """
+    import pandas as pd
+
+    cols = ["arm", "arm_run_id", "fold", "run_id", "status"]
+    study = runs[runs["run_id"] == study_id]
+    if study.empty:
+        return pd.DataFrame(columns=cols)
+    same_exp = runs[runs["experiment_id"] == study["experiment_id"].iloc[0]]
+    if study["kind"].iloc[0] == "arm":  # a plain training: the arm is the study
+        arms = study
+    else:
+        arms = same_exp[(same_exp["kind"] == "arm") & (same_exp["parent_run_id"] == study_id)]
+    folds = same_exp[same_exp["kind"] == "fold"]
+    rows = []
+    for _, arm in arms.iterrows():
+        mine = folds[_col(folds, _HASH) == arm.get(_HASH)]
+        for fold, group in mine.groupby(_col(mine, _FOLD)):
+            finished = group[group["status"] == "FINISHED"]
+            best = (finished if not finished.empty else group).iloc[0]
+            rows.append({"arm": arm["name"], "arm_run_id": arm["run_id"], "fold": int(fold),
+                         "run_id": best["run_id"], "status": best["status"]})
+    out = pd.DataFrame(rows, columns=cols)
+    return out.sort_values(["arm", "fold"], ignore_index=True)
+
+
+def studies(runs: pd.DataFrame, now: pd.Timestamp | None = None) -> pd.DataFrame:
+    """One row per ablation study and plain training, newest first.
+
+    Columns: run_id, type ("ablation" or "training"), experiment, name, state, folds_done (finished
+    (arm, fold) cells), folds_planned (arms x folds for an ablation, when its params say; else
+    missing), started, wall_time (end - start, or so far for a run still going).
+    """
+    import pandas as pd
+
+    cols = ["run_id", "type", "experiment", "name", "state", "folds_done", "folds_planned", "started", "wall_time"]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    now = now if now is not None else pd.Timestamp.now(tz="UTC")
+    chosen = runs[(runs["kind"] == "study") | ((runs["kind"] == "arm") & runs["parent_run_id"].isna())]
+    rows = []
+    for _, run in chosen.iterrows():
+        cells = fold_runs(runs, run["run_id"])
+        planned = None
+        if run["kind"] == "study":
+            n_arms = len(str(run.get("params.arms") or "").split(",")) if pd.notna(run.get("params.arms")) else None
+            n_folds = pd.to_numeric(run.get("params.folds"), errors="coerce")
+            if n_arms and pd.notna(n_folds):
+                planned = int(n_arms * n_folds)
+        end = run["end_time"] if pd.notna(run["end_time"]) else now
+        rows.append({
+            "run_id": run["run_id"], "type": "ablation" if run["kind"] == "study" else "training",
+            "experiment": run["experiment"], "name": run["name"], "state": run["status"],
+            "folds_done": int((cells["status"] == "FINISHED").sum()), "folds_planned": planned,
+            "started": run["start_time"], "wall_time": (end - run["start_time"]).floor("s"),
+        })
+    return pd.DataFrame(rows, columns=cols)
+
+
+def dice_long(per_case: pd.DataFrame) -> pd.DataFrame:
+    """Per-case metrics (arm, fold, case, dice_ET, ...) -> one row per (arm, fold, case, region)
+    with a `dice` column: the shape a box/strip chart wants."""
+    value_vars = [f"dice_{r}" for r in REGIONS if f"dice_{r}" in per_case.columns]
+    long = per_case.melt(id_vars=["arm", "fold", "case"], value_vars=value_vars, var_name="region", value_name="dice")
+    long["region"] = long["region"].str.removeprefix("dice_")
+    return long
+
+
+def fold_table(per_case: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
+    """Table 3 layout: one row per arm, one column per region, "mean (std)" over the folds' means
+    (std is blank with a single fold), plus the number of folds."""
+    import pandas as pd
+
+    cols = [f"{metric}_{r}" for r in REGIONS if f"{metric}_{r}" in per_case.columns]
+    by_fold = per_case.groupby(["arm", "fold"])[cols].mean()
+    mean, std = by_fold.groupby("arm").mean(), by_fold.groupby("arm").std()
+    table = pd.DataFrame(index=mean.index)
+    for c in cols:
+        table[c.removeprefix(f"{metric}_")] = [
+            f"{m:.3f}" + (f" ({s:.3f})" if pd.notna(s) else "") for m, s in zip(mean[c], std[c])
+        ]
+    table["folds"] = by_fold.groupby("arm").size()
+    return table
+
+
+def worst_cases(per_case: pd.DataFrame, arm: str, region: str, n: int = 10) -> pd.DataFrame:
+    """The `n` cases of `arm` with the lowest Dice for `region` (worst first): fold, case, run_id
+    (when given), and that case's Dice and HD95 of every region."""
+    rows = per_case[per_case["arm"] == arm].sort_values([f"dice_{region}", "case"], kind="stable")
+    keep = [c for c in ["fold", "case", "run_id"] if c in rows.columns]
+    keep += [f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS if f"{m}_{r}" in rows.columns]
+    return rows[keep].head(n).reset_index(drop=True)
+
+
+# --- reading artifacts (through tracking, into a local cache) -----------------------------------
+
+
+def _cache_dir(run_id: str) -> Path:
+    return Path(tempfile.gettempdir()) / "brats-lab-dashboard" / run_id
+
+
+def read_artifact_table(run_id: str, name: str, root: Path | str | None = None) -> pd.DataFrame | None:
+    """A CSV artifact of a run as a DataFrame; None when the run has no such artifact."""
+    import pandas as pd
+
+    from brats_lab import tracking
+
+    run = tracking.get_run(run_id, root)
+    if name not in run.list_artifacts(str(Path(name).parent) if "/" in name else ""):
+        return None
+    return pd.read_csv(run.download_artifact(name, _cache_dir(run_id)))
+
+
+def load_per_case(cells: pd.DataFrame, root: Path | str | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The per-case metrics of the finished fold runs in `cells` (from `fold_runs`), with columns
+    arm, fold, run_id added; and a note for each cell that has none to show."""
+    import pandas as pd
+
+    frames, notes = [], []
+    for cell in cells.itertuples():
+        if cell.status != "FINISHED":
+            notes.append(f"{cell.arm} fold {cell.fold}: {cell.status.lower()}, no metrics yet")
+            continue
+        table = read_artifact_table(cell.run_id, PER_CASE, root)
+        if table is None:
+            notes.append(f"{cell.arm} fold {cell.fold}: run {cell.run_id} has no {PER_CASE}")
+            continue
+        frames.append(table.assign(arm=cell.arm, fold=cell.fold, run_id=cell.run_id))
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), notes
+
+
+def overlay_png(run_id: str, case: str, root: Path | str | None = None) -> Path | None:
+    """A local copy of the fold run's overlay picture of `case` (`overlays/<tag>_<case>.png`, drawn
+    for its best and worst cases only), or None when there is none."""
+    from brats_lab import tracking
+
+    run = tracking.get_run(run_id, root)
+    if "overlays" not in run.list_artifacts():
+        return None
+    for path in run.list_artifacts("overlays"):
+        if path.endswith(f"_{case}.png"):
+            return run.download_artifact(path, _cache_dir(run_id))
+    return None

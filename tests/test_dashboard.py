@@ -1,0 +1,207 @@
+"""The dashboard on a real SQLite MLflow store in a temporary folder: an ablation of two arms x two
+folds and a plain training, made with `tracking` as the trainer and the ablation make them (no
+training: small per-case tables are logged directly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from brats_lab import dashboard as db
+from brats_lab import tracking
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+
+APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+PNG_1X1 = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000010000000108000000003a7e9b55"
+    "0000000a49444154789c63680000008200815fe2d5c20000000049454e44ae426082"
+)
+
+
+def _per_case(offset: float, fold: int) -> pd.DataFrame:
+    cases = [f"BraTS20_Training_{fold * 3 + i:03d}" for i in range(1, 4)]
+    return pd.DataFrame({
+        "case": cases,
+        **{f"dice_{r}": [0.9 - offset - 0.3 * i - 0.01 * k for i in range(3)] for k, r in enumerate(("ET", "TC", "WT"))},
+        **{f"hd95_{r}": [2.0 + 5 * i for i in range(3)] for r in ("ET", "TC", "WT")},
+    })
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project root whose mlruns/ holds one finished ablation, one half-done and one training."""
+    root = tmp_path_factory.mktemp("project")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        study = tracking.start_run("ablation-attention", "attention", "study", {"study": "attention-abc"}, root=root)
+        study.log_params({"arms": "baseline,attention", "folds": "2", "baseline": "baseline"})
+        for arm_name, chash, offset in (("baseline", "h0", 0.0), ("attention", "h1", 0.05)):
+            arm = tracking.arm_run("ablation-attention", chash, arm_name, {"model": arm_name}, parent=study)
+            for fold in range(2):
+                with tracking.fold_run(arm, fold, f"{arm_name} fold {fold}") as run:
+                    run.log_table(_per_case(offset, fold), db.PER_CASE)
+                    worst = _per_case(offset, fold)["case"].iloc[-1]
+                    png = root / f"worst_{worst}.png"
+                    png.write_bytes(PNG_1X1)
+                    run.log_artifact(png, "overlays")
+            arm.finish()
+        study.log_table(pd.DataFrame({"arm": ["attention"], "metric": ["dice"], "region": ["ET"], "mean_diff": [-0.05]}),
+                        db.COMPARISON)
+        study.finish()
+
+        # A second study still going: one fold finished, one running.
+        half = tracking.start_run("ablation-norm", "norm", "study", {"study": "norm-def"}, root=root)
+        half.log_params({"arms": "baseline,instance", "folds": "1"})
+        arm = tracking.arm_run("ablation-norm", "n0", "baseline", {}, parent=half)
+        with tracking.fold_run(arm, 0, "baseline fold 0") as run:
+            run.log_table(_per_case(0.1, 0), db.PER_CASE)
+        arm2 = tracking.arm_run("ablation-norm", "n1", "instance", {}, parent=half)
+        tracking.fold_run(arm2, 0, "instance fold 0")  # left RUNNING, no metrics
+
+        training = tracking.arm_run("brats-lab", "t0", "pipeline A", {"pipeline": "A"}, root=root)
+        with tracking.fold_run(training, 0, "pipeline A fold 0") as run:
+            run.log_table(_per_case(0.2, 0), db.PER_CASE)
+        training.finish()
+    return root
+
+
+@pytest.fixture
+def in_store(store: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run with the store's project root as the current folder, as `brats-lab dashboard` does."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(store)
+    return store
+
+
+def _study_id(runs: pd.DataFrame, name: str) -> str:
+    return db.studies(runs).set_index("name").loc[name, "run_id"]
+
+
+def test_studies_lists_ablations_and_trainings_with_progress(in_store):
+    runs = tracking.read_runs()
+    table = db.studies(runs).set_index("name")
+    assert set(table.index) == {"attention", "norm", "pipeline A"}
+    assert table.loc["attention", "type"] == "ablation"
+    assert table.loc["attention", "state"] == "FINISHED"
+    assert (table.loc["attention", "folds_done"], table.loc["attention", "folds_planned"]) == (4, 4)
+    assert (table.loc["norm", "folds_done"], table.loc["norm", "folds_planned"]) == (1, 2)
+    assert table.loc["norm", "state"] == "RUNNING"
+    assert table.loc["pipeline A", "type"] == "training"
+    assert table.loc["pipeline A", "folds_done"] == 1
+    assert (table["wall_time"] >= pd.Timedelta(0)).all()
+
+
+def test_studies_of_an_empty_store_is_empty():
+    empty = pd.DataFrame(columns=["run_id", "experiment_id", "experiment", "name", "kind", "parent_run_id", "status",
+                                  "start_time", "end_time", "artifact_uri"])
+    assert db.studies(empty).empty
+
+
+def test_fold_runs_and_per_case_of_a_study(in_store):
+    runs = tracking.read_runs()
+    cells = db.fold_runs(runs, _study_id(runs, "attention"))
+    assert list(zip(cells["arm"], cells["fold"])) == [("attention", 0), ("attention", 1), ("baseline", 0), ("baseline", 1)]
+    assert (cells["status"] == "FINISHED").all()
+    per_case, notes = db.load_per_case(cells)
+    assert notes == []
+    assert len(per_case) == 12 and {"arm", "fold", "run_id", "case", "dice_ET"} <= set(per_case.columns)
+
+    half = db.fold_runs(runs, _study_id(runs, "norm"))
+    per_case, notes = db.load_per_case(half)
+    assert len(per_case) == 3
+    assert notes == ["instance fold 0: running, no metrics yet"]
+
+
+def test_fold_table_dice_long_and_worst_cases():
+    per_case = pd.concat([_per_case(off, f).assign(arm=arm, fold=f, run_id=f"r{arm}{f}")
+                          for arm, off in (("a", 0.0), ("b", 0.1)) for f in range(2)], ignore_index=True)
+    table = db.fold_table(per_case)
+    assert list(table.columns) == ["ET", "TC", "WT", "folds"]
+    assert table.loc["a", "ET"] == "0.600 (0.000)"  # fold means 0.9, 0.6, 0.3 -> 0.6 each fold
+    assert table.loc["b", "folds"] == 2
+
+    long = db.dice_long(per_case)
+    assert len(long) == 3 * len(per_case) and set(long["region"]) == {"ET", "TC", "WT"}
+
+    worst = db.worst_cases(per_case, "b", "ET", n=2)
+    assert worst["dice_ET"].tolist() == sorted(worst["dice_ET"].tolist())
+    assert worst["dice_ET"].iloc[0] == pytest.approx(0.9 - 0.1 - 0.6)
+    assert {"fold", "case", "run_id", "hd95_WT"} <= set(worst.columns)
+
+
+def test_overlay_png_and_comparison(in_store):
+    runs = tracking.read_runs()
+    cells = db.fold_runs(runs, _study_id(runs, "attention"))
+    run_id = cells["run_id"].iloc[0]
+    worst = _per_case(0.05, int(cells["fold"].iloc[0]))["case"].iloc[-1]
+    png = db.overlay_png(run_id, worst)
+    assert png is not None and png.read_bytes() == PNG_1X1
+    assert db.overlay_png(run_id, "no-such-case") is None
+    comparison = db.read_artifact_table(_study_id(runs, "attention"), db.COMPARISON)
+    assert comparison is not None and comparison["arm"].tolist() == ["attention"]
+    assert db.read_artifact_table(_study_id(runs, "norm"), db.COMPARISON) is None
+
+
+def test_app_pages_run_on_the_store(in_store):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(APP), default_timeout=30).run()
+    assert not at.exception, at.exception
+    shown = at.dataframe[0].value
+    assert {"attention", "norm", "pipeline A"} <= set(shown["name"])
+
+    for page in ("Compare", "Cases"):
+        for name in ("attention", "norm", "pipeline A"):
+            at.sidebar.radio[0].set_value(page)
+            at.sidebar.selectbox[0].select(_study_id(tracking.read_runs(), name))
+            at.run()
+            assert not at.exception, (page, name, at.exception)
+    # The last page shown: the worst cases of the training, and its missing overlay explained.
+    assert at.dataframe[0].value["case"].iloc[0] == "BraTS20_Training_003"
+    assert any("No overlay picture" in i.value for i in at.info)
+
+
+def test_app_on_an_empty_project_says_so(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    at = AppTest.from_file(str(APP), default_timeout=30).run()
+    assert not at.exception
+    assert any("No runs yet" in i.value for i in at.info)
+    assert not (tmp_path / "mlruns").exists()  # looking does not create a store
+
+
+def test_dashboard_command_serves_the_app_on_localhost(in_store):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from brats_lab.cli import build_parser
+
+    assert build_parser().parse_args(["dashboard"]).port == 8501
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", "dashboard", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, body = time.monotonic() + 20, ""
+        while time.monotonic() < deadline and not body:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1).read().decode()
+            except OSError:
+                time.sleep(0.2)
+        assert body == "ok"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+    assert f"http://127.0.0.1:{port}/" in out
+    assert os.path.isfile(in_store / "mlruns" / "mlflow.db")

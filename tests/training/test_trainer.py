@@ -86,7 +86,8 @@ def _all_artifacts(run) -> list[str]:
 
 def test_a_run_killed_mid_training_resumes_to_the_same_weights(dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    extra = ["train.epochs=3", "train.swa.cycles=1", "train.swa.cycle_epochs=3"]
+    # float32: bf16 autocast on CPU (the cpu profile's) is not bitwise deterministic run to run
+    extra = ["train.epochs=3", "train.swa.cycles=1", "train.swa.cycle_epochs=3", "train.amp=off"]
     cfg = tiny_config("A", dataset, *extra)
     straight = train_fold(cfg, 1, progress=False)
 

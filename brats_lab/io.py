@@ -85,12 +85,13 @@ def read_header(path: Path) -> tuple[Geometry, str]:
     return Geometry.of(reader), sitk.GetPixelIDValueAsString(reader.GetPixelID())
 
 
-def read_image(path: Path, dtype: type | None = None) -> tuple[np.ndarray, Geometry]:
-    """Voxels (z, y, x) and geometry of one image file. Raises DataError naming the file."""
+def read_image(path: Path, dtype: type | None = None, full_check: bool = False) -> tuple[np.ndarray, Geometry]:
+    """Voxels (z, y, x) and geometry of one image file. Raises DataError naming the file;
+    `full_check` also verifies a gzip stream's CRC (see `check_complete`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    check_complete(path)
+    check_complete(path, full=full_check)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -101,34 +102,58 @@ def read_image(path: Path, dtype: type | None = None) -> tuple[np.ndarray, Geome
     return array, Geometry.of(image)
 
 
-def check_complete(path: Path) -> None:
-    """Raise DataError if the file is cut short.
+def check_complete(path: Path, full: bool = False) -> None:
+    """Raise DataError if the file is cut short (or, with `full`, corrupt anywhere).
 
     ITK reads a truncated .nii.gz without complaint and fills the missing voxels with zeros, so a
-    half-copied download would pass silently; the gzip stream's end marker and CRC tell.
+    half-copied download would pass silently. The quick check compares the size the NIfTI header
+    promises with the file size (.nii) or with the gzip trailer's length field (.nii.gz): a few
+    bytes read. `full` also decompresses the whole stream to verify its CRC (`data check` does;
+    every other read would otherwise decompress each file twice).
     """
     path = Path(path)
     if path.name.endswith(".gz"):
         try:
             with gzip.open(path, "rb") as f:
-                while f.read(1 << 24):
-                    pass
+                expected = _nifti_size(f.read(348), path)
+            with open(path, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                stored = struct.unpack("<I", f.read(4))[0]  # uncompressed length mod 2**32
+            if expected is not None and (full or stored != expected % 2**32):
+                # A mismatch is almost surely a cut-off file, but a writer may pad after the
+                # voxels: decompressing the whole stream decides (end marker, CRC, length).
+                with gzip.open(path, "rb") as f:
+                    length = 0
+                    while chunk := f.read(1 << 24):
+                        length += len(chunk)
+                if length < expected:
+                    raise DataError(f"{path}: truncated NIfTI ({length} of {expected} bytes once decompressed)")
         except (EOFError, OSError, zlib.error) as e:
             raise DataError(f"{path}: truncated or corrupt gzip ({e})") from None
     elif path.suffix == ".nii":
         with open(path, "rb") as f:
-            header = f.read(348)
-        if len(header) < 348:
-            raise DataError(f"{path}: truncated NIfTI header ({len(header)} of 348 bytes)")
-        order = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-        dims = struct.unpack(order + "8h", header[40:56])
-        bitpix = struct.unpack(order + "h", header[72:74])[0]
-        vox_offset = int(struct.unpack(order + "f", header[108:112])[0])
-        n_voxels = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]]))
-        expected = vox_offset + n_voxels * bitpix // 8
+            expected = _nifti_size(f.read(348), path)
         actual = path.stat().st_size
-        if actual < expected:
+        if expected is not None and actual < expected:
             raise DataError(f"{path}: truncated NIfTI ({actual} of {expected} bytes)")
+
+
+def _nifti_size(header: bytes, path: Path) -> int | None:
+    """Bytes a NIfTI-1 file holds according to its header: voxel offset + voxel data; None for
+    anything that is not NIfTI-1 (ITK then says what it is, or that it cannot read it)."""
+    if len(header) < 4:
+        raise DataError(f"{path}: truncated NIfTI header ({len(header)} of 348 bytes)")
+    orders = [o for o in "<>" if struct.unpack(o + "i", header[:4])[0] == 348]
+    if not orders:
+        return None
+    if len(header) < 348:
+        raise DataError(f"{path}: truncated NIfTI header ({len(header)} of 348 bytes)")
+    order = orders[0]
+    dims = struct.unpack(order + "8h", header[40:56])
+    bitpix = struct.unpack(order + "h", header[72:74])[0]
+    vox_offset = int(struct.unpack(order + "f", header[108:112])[0])
+    n_voxels = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]]))
+    return vox_offset + n_voxels * bitpix // 8
 
 
 def count_nonfinite(path: Path) -> int:

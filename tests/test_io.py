@@ -62,3 +62,28 @@ def test_geometry_differences_name_each_field():
     other = Geometry((12, 10, 9), (1.0, 2.0, 3.5), (5.0, -239.0, 1.5), IDENTITY)
     diffs = GEOMETRY.differences(other)
     assert len(diffs) == 2 and diffs[0].startswith("size") and diffs[1].startswith("spacing")
+
+
+def test_a_corrupt_gzip_stream_is_caught_by_the_full_check(tmp_path):
+    path = tmp_path / "x.nii.gz"
+    write_image(np.random.default_rng(0).integers(0, 999, GEOMETRY.shape).astype(np.int16), GEOMETRY, path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte mid-stream: length intact, CRC (or inflate) not
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="x.nii.gz: truncated or corrupt gzip"):
+        read_image(path, full_check=True)
+
+
+def test_the_quick_check_reads_little_but_refuses_a_cut_file(tmp_path, monkeypatch):
+    path = tmp_path / "x.nii.gz"
+    write_image(np.random.default_rng(0).integers(0, 999, GEOMETRY.shape).astype(np.int16), GEOMETRY, path)
+    import gzip
+
+    opened = []
+    real_open = gzip.open
+    monkeypatch.setattr(gzip, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    read_image(path)
+    assert len(opened) == 1  # the header only: no second decompression of a sound file
+    path.write_bytes(path.read_bytes()[:-9])
+    with pytest.raises(DataError, match="truncated"):
+        read_image(path)

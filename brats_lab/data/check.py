@@ -67,7 +67,7 @@ def _read(path: Path, add) -> tuple[np.ndarray, Geometry] | None:
         add(path, "missing file")
         return None
     try:
-        array, geometry = read_image(path)
+        array, geometry = read_image(path, full_check=True)  # validation: the CRC too
     except DataError as e:
         add(path, str(e).removeprefix(f"{path}: "))
         return None

@@ -425,9 +425,6 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    import signal
-    import subprocess
-
     root = Path(__file__).resolve().parents[1]  # the checkout that holds dashboard/app.py
     app = root / "dashboard" / "app.py"
     if not app.is_file():
@@ -441,21 +438,9 @@ def _dashboard(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1",
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     print(f"dashboard on http://127.0.0.1:{args.port}/  (store: {env['MLFLOW_TRACKING_URI']}; Ctrl-C stops it)", flush=True)
-    proc = subprocess.Popen(cmd, cwd=root, env=env)
-    # Pass SIGTERM on to the server, so none is left behind.
-    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:  # the terminal sent SIGINT to the server too; let it stop
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait()
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    from brats_lab.serve import run_foreground
 
+    return run_foreground(cmd, env, cwd=root)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -441,20 +440,9 @@ def serve_ui(host: str = "127.0.0.1", port: int = 5000, root: Path | str | None 
     quiet = "ignore:starlette.middleware.wsgi is deprecated"
     env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), quiet]))
     print(f"MLflow UI on http://{host}:{port}/  (store: {uri}; Ctrl-C stops it)", flush=True)
-    proc = subprocess.Popen(cmd, env=env)
-    # `mlflow ui` stops its server processes on SIGTERM; pass ours on so none is left behind.
-    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:  # the terminal sent SIGINT to the server too; let it stop
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait()
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    from brats_lab.serve import run_foreground
+
+    return run_foreground(cmd, env)
 
 
 # --- implementation --------------------------------------------------------------------------

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from brats_lab.data.cases import MODALITIES
 from brats_lab.labels import LabelConvention
 
-MODALITY_NAMES = ("t1", "t1ce", "t2", "flair")
 COLOURS = ("#30d030", "#ffd700", "#ff3030")  # NCR/NET green, ED yellow, ET red (the paper's)
 
 
@@ -53,8 +53,8 @@ def render_case(
         m = max(2, brain.shape[1] // 40)
         crop = (slice(max(ys.min() - m, 0), ys.max() + m + 1), slice(max(xs.min() - m, 0), xs.max() + m + 1))
 
-    t1ce, flair = MODALITY_NAMES.index("t1ce"), MODALITY_NAMES.index("flair")
-    panels: list[tuple[int, str, np.ndarray | None]] = [(i, n, None) for i, n in enumerate(MODALITY_NAMES)]
+    t1ce, flair = MODALITIES.index("t1ce"), MODALITIES.index("flair")
+    panels: list[tuple[int, str, np.ndarray | None]] = [(i, n, None) for i, n in enumerate(MODALITIES)]
     if prediction is not None:
         panels += [(t1ce, "ground truth", reference), (t1ce, "prediction", prediction)]
     else:

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
+from brats_lab.io import file_lock
+
 if TYPE_CHECKING:  # annotations only: mlflow and pandas are imported when a function needs them
     import pandas as pd
     from mlflow import MlflowClient
@@ -494,7 +496,7 @@ def _prepare_sqlite(uri: str) -> None:
     db = _sqlite_path(uri)
     assert db is not None
     db.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(db.with_name(db.name + ".lock")):
+    with file_lock(db.with_name(db.name + ".lock")):
         # Before the migrations too: they are a few hundred small transactions, faster in WAL.
         with contextlib.suppress(sqlite3.Error):  # e.g. locked by an old reader: stays as it is
             conn = sqlite3.connect(db, timeout=30)
@@ -506,21 +508,6 @@ def _prepare_sqlite(uri: str) -> None:
         # artifact root given here only places the Default experiment (ours name their own).
         SqlAlchemyStore(uri, str(db.parent / ARTIFACTS_DIR))
     _prepared.add(uri)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; first use there is not concurrent in practice
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 _KIND_TAG = "mlflow.experimentKind"

@@ -237,20 +237,24 @@ def _per_case(run) -> pd.DataFrame:
 
 def run_study(plan: Plan, workers: int = 1, progress: bool = True) -> "Report":
     """Launch, work (with `workers` processes on this machine) and report."""
+    import torch
+
     study_run = launch(plan)
     helpers = []
+    threads = torch.get_num_threads()
     if workers > 1:
-        import torch
-
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
         for _ in range(workers - 1):
             helpers.append(subprocess.Popen(
                 [sys.executable, "-m", "brats_lab.cli", "worker", "--study", plan.study_name, "--storage", plan.storage, "--quiet"],
                 env=env,
             ))
         time.sleep(1)  # let them claim first: this process takes what is left
-    work(plan.study_name, plan.storage, progress=progress)
+    try:
+        work(plan.study_name, plan.storage, progress=progress)
+    finally:
+        torch.set_num_threads(threads)  # the caller's process is left as it was
     failed = [p for p in helpers if p.wait() != 0]
     if failed:
         raise DataError(f"{len(failed)} worker process(es) failed; rerun the same command to retry their trials")

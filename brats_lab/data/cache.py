@@ -46,7 +46,7 @@ from brats_lab.data.preprocess import (
     bbox_to_list,
     preprocess_case,
 )
-from brats_lab.io import Geometry, atomic_path, write_text
+from brats_lab.io import Geometry, atomic_path, file_lock, write_text
 from brats_lab.labels import CONVENTIONS, LabelConvention
 
 FORMAT_VERSION = 1
@@ -208,8 +208,17 @@ def prepare(
     root = Path(root)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root, method)
     config = settings(method)
-    settings_hash = _sha256_json(config)
-    cases = discover(root)
+    cases = discover(root)  # first: a wrong root is refused before anything is created
+    # One prepare at a time per cache: ablation workers start together and would otherwise build
+    # (and clean up) the same entry folders under each other. The later ones then reuse everything.
+    with file_lock(cache_dir / ".lock"):
+        return _prepare_locked(root, cases, config, cache_dir, progress, verify_hashes)
+
+
+def _prepare_locked(
+    root: Path, cases: list[Case], config: dict, cache_dir: Path, progress: bool, verify_hashes: bool
+) -> Cache:
+    method, settings_hash = config["method"], _sha256_json(config)
     old = _read_manifest(cache_dir)
     old_cases = old["cases"] if old and old.get("settings") == config else {}
 

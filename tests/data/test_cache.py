@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +226,25 @@ def test_phantom_dataset_round_trip(request: pytest.FixtureRequest) -> None:
     pre = preprocess_case(case, "minmax")
     np.testing.assert_array_equal(images, pre.images)
     np.testing.assert_array_equal(labels, pre.labels)
+
+
+def test_concurrent_prepares_of_one_cache_do_not_trip_over_each_other(dataset: Path) -> None:
+    # Ablation workers start together and each prepares the cache; unserialised, one removed the
+    # entry folder the other was writing into (a CI run failed on exactly that).
+    script = (
+        "import sys; from brats_lab.data.cache import prepare; "
+        "print(prepare(sys.argv[1], 'minmax', progress=False).report.summary())"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(dataset)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    summaries = sorted(out.strip() for out, _ in outputs)
+    n = len(discover(dataset))
+    # Exactly one process built the cases; the others found them finished and reused them all.
+    assert summaries == sorted([f"0 reused, {n} built ({n} new)"] + [f"{n} reused, 0 built"] * 2)
+    cache = open_cache(dataset, "minmax")
+    for case_id in cache.case_ids:
+        cache.load(case_id)

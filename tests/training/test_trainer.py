@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -89,6 +90,16 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(dataset, tmp_path
     # float32: bf16 autocast on CPU (the cpu profile's) is not bitwise deterministic run to run
     extra = ["train.epochs=3", "train.swa.cycles=1", "train.swa.cycle_epochs=3", "train.amp=off"]
     cfg = tiny_config("A", dataset, *extra)
+    # Both processes on one thread: a float32 conv sums in an order that depends on the thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train_killed_and_resumed(cfg, dataset, tmp_path, extra)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_killed_and_resumed(cfg, dataset, tmp_path, extra):
     straight = train_fold(cfg, 1, progress=False)
 
     # The same training in another process, killed (SIGKILL: no clean-up at all) once it has
@@ -97,7 +108,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(dataset, tmp_path
     for item in TINY + ["train.swa.anneal_epochs=2", "train.swa.snapshot_every=1", *extra]:
         argv += ["--set", item]
     proc = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", *argv], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoints = tmp_path / "mlruns" / "artifacts"
     deadline = time.monotonic() + 120
     while not _killed_after_first_checkpoint(checkpoints, straight.run_id):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,14 +19,42 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    previous = _stop_on_sigterm()
     try:
         return args.run(args) or 0
     except DataError as e:
         print(f"brats-lab: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a write that failed (disk full, permissions); the message names the file
+        print(f"brats-lab: error: {e}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print("brats-lab: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("brats-lab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, docker stop, a job scheduler) raised where the command is, so it stops the
+    way Ctrl-C stops it: runs marked KILLED, trials failed, temporary files removed."""
+
+
+def _stop_on_sigterm():
+    """Turn SIGTERM into `Terminated`; returns the handler it replaced (None off the main thread,
+    where signals cannot be handled)."""
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:
+        return None
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -314,9 +343,13 @@ def _train(args: argparse.Namespace) -> int:
     if not Path(cfg.data.dataset).is_dir():
         raise DataError(f"{cfg.data.dataset}: no dataset there; write phantoms with `brats-lab data synth --out {cfg.data.dataset}` or pass --data DIR")
 
+    from brats_lab.training.distributed import process_group
     from brats_lab.training.trainer import train_fold
 
-    result = train_fold(cfg, args.fold, resume=args.resume)
+    with process_group():  # under torchrun: one process of several sharing each batch
+        result = train_fold(cfg, args.fold, resume=args.resume)
+    if result is None:
+        return 0  # not rank 0, which reports
     means = result.mean("dice")
     print(f"fold {args.fold} of pipeline {args.pipeline}: mean Dice " + ", ".join(f"{r} {v:.3f}" for r, v in means.items())
           + f" over {len(result.per_case)} validation cases")

@@ -13,10 +13,13 @@ one arm.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from brats_lab.labels import REGIONS
+import numpy as np
+
+from brats_lab.labels import REGIONS, LabelConvention
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -106,12 +109,12 @@ def studies(runs: pd.DataFrame, now: pd.Timestamp | None = None) -> pd.DataFrame
     return pd.DataFrame(rows, columns=cols)
 
 
-def dice_long(per_case: pd.DataFrame) -> pd.DataFrame:
+def metric_long(per_case: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     """Per-case metrics (arm, fold, case, dice_ET, ...) -> one row per (arm, fold, case, region)
-    with a `dice` column: the shape a box/strip chart wants."""
-    value_vars = [f"dice_{r}" for r in REGIONS if f"dice_{r}" in per_case.columns]
-    long = per_case.melt(id_vars=["arm", "fold", "case"], value_vars=value_vars, var_name="region", value_name="dice")
-    long["region"] = long["region"].str.removeprefix("dice_")
+    with the `metric`'s value in a `value` column: the shape a box/strip chart wants."""
+    value_vars = [f"{metric}_{r}" for r in REGIONS if f"{metric}_{r}" in per_case.columns]
+    long = per_case.melt(id_vars=["arm", "fold", "case"], value_vars=value_vars, var_name="region", value_name="value")
+    long["region"] = long["region"].str.removeprefix(f"{metric}_")
     return long
 
 
@@ -132,10 +135,11 @@ def fold_table(per_case: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     return table
 
 
-def worst_cases(per_case: pd.DataFrame, arm: str, region: str, n: int = 10) -> pd.DataFrame:
-    """The `n` cases of `arm` with the lowest Dice for `region` (worst first): fold, case, run_id
-    (when given), and that case's Dice and HD95 of every region."""
-    rows = per_case[per_case["arm"] == arm].sort_values([f"dice_{region}", "case"], kind="stable")
+def worst_cases(per_case: pd.DataFrame, arm: str, region: str, n: int = 10, by: str = "dice") -> pd.DataFrame:
+    """The `n` cases of `arm` worst for `region` by `by` (lowest Dice, or highest HD95) first: fold,
+    case, run_id (when given), and that case's Dice and HD95 of every region."""
+    rows = per_case[per_case["arm"] == arm].sort_values(
+        [f"{by}_{region}", "case"], ascending=[by != "hd95", True], kind="stable")
     keep = [c for c in ["fold", "case", "run_id"] if c in rows.columns]
     keep += [f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS if f"{m}_{r}" in rows.columns]
     return rows[keep].head(n).reset_index(drop=True)
@@ -178,15 +182,114 @@ def load_per_case(cells: pd.DataFrame, root: Path | str | None = None) -> tuple[
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), notes
 
 
-def overlay_png(run_id: str, case: str, root: Path | str | None = None) -> Path | None:
-    """A local copy of the fold run's overlay picture of `case` (`overlays/<tag>_<case>.png`, drawn
-    for its best and worst cases only), or None when there is none."""
+SEARCH = "search.csv"
+CURVE_KEYS = ("train_loss", "val_loss", "lr")  # offered first; every per-epoch metric can be chosen
+
+
+def curve_keys(runs: pd.DataFrame, run_ids: list[str]) -> list[str]:
+    """Per-epoch metrics the fold runs `run_ids` logged (`final_*` summaries and timings left out)."""
+    chosen = runs[runs["run_id"].isin(run_ids)]
+    keys = [c.removeprefix("metrics.") for c in chosen.columns
+            if c.startswith("metrics.") and chosen[c].notna().any()]
+    keys = [k for k in keys if not k.startswith("final_") and k != "epoch_seconds"]
+    return sorted(keys, key=lambda k: (CURVE_KEYS.index(k) if k in CURVE_KEYS else len(CURVE_KEYS), k))
+
+
+def fold_curves(cells: pd.DataFrame, key: str, root: Path | str | None = None) -> pd.DataFrame:
+    """The per-epoch history of metric `key` of each fold run in `cells`: arm, fold, run_id, epoch, value."""
+    import pandas as pd
+
+    from brats_lab import tracking
+
+    rows = []
+    for cell in cells.itertuples():
+        for step, value in tracking.get_run(cell.run_id, root).metric_history(key):
+            rows.append({"arm": cell.arm, "fold": cell.fold, "run_id": cell.run_id, "epoch": step, "value": value})
+    return pd.DataFrame(rows, columns=["arm", "fold", "run_id", "epoch", "value"])
+
+
+def comparison_rows(comparison: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The rows of an ablation's comparison.csv for one metric (`dice`, `hd95`, ...), with a
+    `region` column and a short `label` for the chart: "<arm> <region>"."""
+    rows = comparison[comparison["metric"].str.startswith(f"{metric}_")].copy()
+    rows["region"] = rows["metric"].str.removeprefix(f"{metric}_")
+    rows["label"] = rows["arm"] + " " + rows["region"]
+    return rows.reset_index(drop=True)
+
+
+@dataclass
+class CaseVolumes:
+    """What the Cases page shows of one case: the images (4, z, y, x) in MODALITIES order, the
+    ground truth and each arm's prediction (z, y, x), and a note for each thing that is missing."""
+
+    case: str
+    images: np.ndarray | None
+    reference: np.ndarray | None
+    predictions: dict[str, np.ndarray]  # arm -> label map
+    convention: LabelConvention
+    notes: list[str]
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        for volume in (self.images, self.reference, *self.predictions.values()):
+            if volume is not None:
+                return volume.shape[-3:]
+        return None
+
+
+def case_volumes(dataset: str | None, case: str, fold_run_ids: dict[str, str],
+                 root: Path | str | None = None) -> CaseVolumes:
+    """The images and ground truth of `case` from the training's dataset folder, and the prediction
+    each arm's fold run logged (`predictions/<case>.nii.gz`). Only files that case discovery finds
+    in `dataset`, and artifacts of the given runs, are read: nothing is taken from a typed path."""
+    from brats_lab import DataError
+    from brats_lab.data.cases import discover
+    from brats_lab.io import read_image
+    from brats_lab.labels import BRATS_2020
+
+    notes: list[str] = []
+    images = reference = None
+    convention = BRATS_2020
+    found = None
+    if not dataset:
+        notes.append("the runs do not record their dataset folder, so no images are shown")
+    else:
+        try:
+            found = next((c for c in discover(Path(dataset)) if c.id == case), None)
+        except DataError as e:
+            notes.append(f"cannot read the dataset: {e}")
+        if found is None and not notes:
+            notes.append(f"{case} is not in the dataset {dataset} any more")
+    if found is not None:
+        convention = found.convention
+        try:
+            images = np.stack([read_image(p, np.float32)[0] for p in found.images])
+            if found.seg is not None:
+                reference = read_image(found.seg, np.uint8)[0]
+        except DataError as e:
+            notes.append(str(e))
+    predictions = {}
+    for arm, run_id in fold_run_ids.items():
+        path = prediction_path(run_id, case, root)
+        if path is None:
+            notes.append(f"{arm}: run {run_id[:8]} logged no prediction of {case}")
+            continue
+        try:
+            predictions[arm] = read_image(path, np.uint8)[0]
+        except DataError as e:
+            notes.append(f"{arm}: {e}")
+    return CaseVolumes(case, images, reference, predictions, convention, notes)
+
+
+def prediction_path(run_id: str, case: str, root: Path | str | None = None) -> Path | None:
+    """A local copy of the fold run's `predictions/<case>.nii.gz`, or None when it has none."""
     from brats_lab import tracking
 
     run = tracking.get_run(run_id, root)
-    if "overlays" not in run.list_artifacts():
+    name = f"predictions/{case}.nii.gz"
+    local = run.artifact_dir()
+    if local is not None:
+        return local / name if (local / name).is_file() else None
+    if name not in run.list_artifacts("predictions"):
         return None
-    for path in run.list_artifacts("overlays"):
-        if path.endswith(f"_{case}.png"):
-            return run.download_artifact(path, _cache_dir(run_id))
-    return None
+    return run.download_artifact(name, _cache_dir(run_id))

@@ -179,7 +179,14 @@ def write_image(array: np.ndarray, geometry: Geometry, path: Path) -> None:
     image = geometry.apply(sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=vector))
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     with atomic_path(path, suffix=suffix) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=path.name.endswith(".gz"))
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=path.name.endswith(".gz"))
+            # ITK reports a write that stops short (disk full, file-size limit) only on stderr and
+            # returns as if it had worked: check the file is whole before it replaces `path`.
+            check_complete(tmp)
+        except (RuntimeError, DataError):
+            raise OSError(f"{path}: could not write the image: the file came out incomplete "
+                          "(disk full or over a file-size limit?)") from None
 
 
 @contextlib.contextmanager

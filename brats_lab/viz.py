@@ -102,3 +102,66 @@ def _classes(plane: np.ndarray, convention: LabelConvention) -> np.ndarray:
     classes[np.isin(plane, convention.regions["TC"])] = 1
     classes[np.isin(plane, convention.regions["ET"])] = 3
     return classes
+
+
+# --- slices for the dashboard's viewer (numpy only: fast enough to redraw on every slider move) ---
+
+VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
+_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}  # of a (z, y, x) volume
+
+
+def slice_count(shape: tuple[int, ...], view: str) -> int:
+    return shape[-3:][_AXIS[view]]
+
+
+def plane(volume: np.ndarray, view: str, index: int) -> np.ndarray:
+    """One slice of a (z, y, x) volume, oriented as `render_case` draws the axial one; coronal and
+    sagittal slices have the top of the head up."""
+    axis = _AXIS[view]
+    cut = np.take(volume, index, axis=axis)
+    return cut if axis == 0 else cut[::-1]
+
+
+def tumour_slice(labels: np.ndarray | None, convention: LabelConvention, view: str) -> int | None:
+    """The slice of `view` with the most whole tumour, or None when there is none."""
+    if labels is None:
+        return None
+    wt = np.isin(labels, convention.regions["WT"])
+    if not wt.any():
+        return None
+    other = tuple(a for a in range(3) if a != _AXIS[view])
+    return int(np.argmax(wt.sum(axis=other)))
+
+
+def window(volume: np.ndarray) -> tuple[float, float]:
+    """Display range of one modality: the 0.5 and 99.5 percentiles of its non-zero (brain) voxels."""
+    inside = volume[volume != 0]
+    if not inside.size:
+        return 0.0, 1.0
+    lo, hi = np.percentile(inside, [0.5, 99.5])
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def slice_rgb(
+    gray: np.ndarray,
+    limits: tuple[float, float],
+    labels: np.ndarray | None = None,
+    convention: LabelConvention | None = None,
+    opacity: float = 0.45,
+    min_size: int = 240,
+) -> np.ndarray:
+    """uint8 (h, w, 3) picture of one slice: `gray` windowed to `limits`, the label slice blended
+    over it in the paper's colours at `opacity`, enlarged by whole pixels to at least `min_size`
+    (so small phantoms are not blurred by the browser)."""
+    lo, hi = limits
+    base = np.clip((gray.astype(np.float32) - lo) / (hi - lo), 0, 1)
+    rgb = np.repeat(base[..., None], 3, axis=2)
+    if labels is not None and convention is not None:
+        classes = _classes(labels, convention)
+        colours = np.array([[int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)] for c in COLOURS], np.float32)
+        shown = classes > 0
+        rgb[shown] = (1 - opacity) * rgb[shown] + opacity * colours[classes[shown] - 1]
+    scale = max(1, -(-min_size // max(gray.shape)))
+    if scale > 1:
+        rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
+    return (rgb * 255 + 0.5).astype(np.uint8)

@@ -2,43 +2,68 @@
 
 Run it with `brats-lab dashboard` (or `streamlit run dashboard/app.py` from the project root). It
 reads the store through `brats_lab.tracking` (mlruns/ here, or MLFLOW_TRACKING_URI) and never
-writes to it.
+writes to it. Data shaping lives in `brats_lab.dashboard` and pictures in `brats_lab.viz`; this file
+only lays pages out.
 """
 
 from __future__ import annotations
 
 import pandas as pd
 import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
 from brats_lab import dashboard as db
-from brats_lab import tracking
+from brats_lab import tracking, viz
+from brats_lab.data.cases import MODALITIES
 from brats_lab.labels import REGIONS
 
 st.set_page_config(page_title="brats-lab review", layout="wide")
+PAGES = ("Studies", "Compare", "Cases")
 # The paper's colours, one per region, so a region looks the same on every chart.
 REGION_COLOURS = {"ET": "#d62728", "TC": "#2ca02c", "WT": "#e6b800"}
+METRIC_NAMES = {"dice": "Dice (0-1, higher is better)", "hd95": "HD95 (mm, lower is better)",
+                "sensitivity": "sensitivity (0-1, higher is better)", "specificity": "specificity (0-1, higher is better)"}
+TTL = 10  # seconds: a running study shows new folds on the next reload after this
 
 
-@st.cache_data(ttl=10, show_spinner=False)
+@st.cache_data(ttl=TTL, show_spinner=False)
 def load_runs(uri: str) -> pd.DataFrame:
     """All runs of the store (the uri keys the cache, so another store is read afresh)."""
     return tracking.read_runs()
 
 
-@st.cache_data(ttl=10, show_spinner="Reading per-case metrics...")
+@st.cache_data(ttl=TTL, show_spinner="Reading per-case metrics...")
 def load_per_case(uri: str, cells: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return db.load_per_case(cells)
 
 
-@st.cache_data(ttl=10, show_spinner=False)
-def load_comparison(uri: str, run_id: str) -> pd.DataFrame | None:
-    return db.read_artifact_table(run_id, db.COMPARISON)
+@st.cache_data(ttl=TTL, show_spinner=False)
+def load_table(uri: str, run_id: str, name: str) -> pd.DataFrame | None:
+    return db.read_artifact_table(run_id, name)
+
+
+@st.cache_data(ttl=TTL, show_spinner="Reading training curves...")
+def load_curves(uri: str, cells: pd.DataFrame, key: str) -> pd.DataFrame:
+    return db.fold_curves(cells, key)
+
+
+@st.cache_data(max_entries=16, show_spinner="Reading the case's images and predictions...")
+def load_case(uri: str, dataset: str | None, case: str, fold_run_ids: tuple[tuple[str, str], ...]) -> db.CaseVolumes:
+    return db.case_volumes(dataset, case, dict(fold_run_ids))
+
+
+def open_study() -> None:
+    """A row chosen on the Studies page opens that study on the Compare page."""
+    rows = st.session_state["studies_table"].selection.rows
+    if rows:
+        st.session_state["study"] = st.session_state["studies_order"][rows[0]]
+        st.session_state["page"] = "Compare"
 
 
 uri = tracking.tracking_uri()
 st.sidebar.title("brats-lab review")
-page = st.sidebar.radio("Page", ["Studies", "Compare", "Cases"])
+page = st.sidebar.radio("Page", PAGES, key="page")
 st.sidebar.caption(f"store: `{uri}`")
 
 if not db.store_exists():
@@ -59,20 +84,24 @@ if table.empty:
     st.stop()
 
 labels = {r.run_id: f"{r.name}  [{r.type}, {r.experiment}, {r.run_id[:8]}]" for r in table.itertuples()}
-study_id = st.sidebar.selectbox("Study", list(labels), format_func=labels.get)
+if st.session_state.get("study") not in labels:
+    st.session_state.pop("study", None)  # a study gone from the store (or another store): start afresh
+study_id = st.sidebar.selectbox("Study", list(labels), format_func=labels.get, key="study")
 study = table.set_index("run_id").loc[study_id]
 
 if page == "Studies":
     st.header("Studies")
-    st.caption("Every ablation study and plain training in the store, newest first. Folds done counts "
-               "finished (arm, fold) runs; choose one in the sidebar to compare its arms.")
+    st.caption("Every ablation study and plain training in the store, newest first. Progress counts "
+               "finished (arm, fold) runs of those planned. Choose a row to open the study.")
     shown = table.assign(
         progress=[f"{d} / {int(p)}" if pd.notna(p) else f"{d}" for d, p in zip(table["folds_done"], table["folds_planned"])],
         wall_time=table["wall_time"].astype(str),
         started=table["started"].dt.strftime("%Y-%m-%d %H:%M UTC"),
     )
+    st.session_state["studies_order"] = list(table["run_id"])
     st.dataframe(shown[["name", "type", "experiment", "state", "progress", "started", "wall_time", "run_id"]],
-                 hide_index=True, use_container_width=True)
+                 hide_index=True, width="stretch", key="studies_table",
+                 on_select=open_study, selection_mode="single-row")
     st.stop()
 
 # --- pages of one study --------------------------------------------------------------------------
@@ -87,46 +116,174 @@ for note in notes:
 if per_case.empty:
     st.info("No fold of this study has finished yet, so there are no per-case metrics to show.")
     st.stop()
+metrics = [m for m in METRIC_NAMES if any(f"{m}_{r}" in per_case.columns for r in REGIONS)]
 
-if page == "Compare":
-    st.subheader("Dice per region, mean (std) over folds")
-    st.dataframe(db.fold_table(per_case, "dice"), use_container_width=True)
-    if any(f"hd95_{r}" in per_case.columns for r in REGIONS):
-        st.subheader("HD95 (mm) per region, mean (std) over folds")
-        st.dataframe(db.fold_table(per_case, "hd95"), use_container_width=True)
 
-    st.subheader("Per-case Dice by arm and region")
-    long = db.dice_long(per_case)
-    fig = px.box(long, x="arm", y="dice", color="region", points="all", color_discrete_map=REGION_COLOURS,
-                 hover_data=["case", "fold"], category_orders={"region": list(REGIONS)})
-    fig.update_layout(yaxis_title="Dice (0-1, higher is better)", xaxis_title="arm", boxmode="group",
-                      legend_title_text="region")
-    fig.update_yaxes(range=[0, 1.02])
-    st.plotly_chart(fig, use_container_width=True)
-    st.caption("Each dot is one validation case of one fold; boxes span the quartiles over all folds' cases.")
+def compare_page() -> None:
+    st.subheader("Mean (std) over folds, Table 3 layout")
+    for metric, col in zip(("dice", "hd95"), st.columns(2)):
+        if metric in metrics:
+            col.caption(METRIC_NAMES[metric])
+            col.dataframe(db.fold_table(per_case, metric), width="stretch")
+
+    metric = st.radio("Metric", metrics, format_func=lambda m: METRIC_NAMES[m].split(" (")[0], horizontal=True)
+    st.subheader(f"Per-case {METRIC_NAMES[metric].split(' (')[0]} by arm, fold and region")
+    long = db.metric_long(per_case, metric).assign(fold=lambda d: "fold " + d["fold"].astype(str))
+    fig = px.box(long, x="arm", y="value", color="fold", facet_col="region", points="all",
+                 hover_data=["case"], category_orders={"region": list(REGIONS)})
+    fig.update_yaxes(title_text="")
+    fig.update_layout(yaxis_title=METRIC_NAMES[metric], boxmode="group", legend_title_text="fold", height=420)
+    fig.for_each_annotation(lambda a: a.update(text=a.text.replace("region=", "region ")))
+    st.plotly_chart(fig, width="stretch")
+    st.caption("Each dot is one validation case of one fold; each box spans the quartiles of one fold's cases.")
 
     if study["type"] == "ablation":
-        comparison = load_comparison(uri, study_id)
-        st.subheader("Each arm against the baseline")
-        if comparison is None:
-            st.info("No comparison.csv on the study run yet: it is written when every fold has finished.")
-        else:
-            st.dataframe(comparison, hide_index=True, use_container_width=True)
+        verdict_section(metric)
+    curves_section()
+    search = load_table(uri, study_id, db.SEARCH) if study["type"] == "ablation" else None
+    if search is not None and not search.empty:
+        st.subheader("Hyperparameter search")
+        score = next(c for c in search.columns if c.startswith("mean_"))
+        fig = px.parallel_coordinates(search, color=score, color_continuous_scale="Viridis",
+                                      dimensions=list(search.columns))
+        st.plotly_chart(fig, width="stretch")
+        st.caption(f"One line per Optuna trial; colour: its {score.removeprefix('mean_')} over the folds.")
 
-elif page == "Cases":
-    st.subheader("Worst cases")
-    col1, col2, col3 = st.columns(3)
-    arm = col1.selectbox("Arm", sorted(per_case["arm"].unique()))
+
+def verdict_section(metric: str) -> None:
+    st.subheader("Each arm against the baseline")
+    comparison = load_table(uri, study_id, db.COMPARISON)
+    if comparison is None:
+        st.info("No comparison yet: the study writes comparison.csv once every fold has finished.")
+        return
+    rows = db.comparison_rows(comparison, metric)
+    if rows.empty:
+        st.info(f"The comparison has no {metric} rows.")
+        return
+    fig = go.Figure()
+    for region in REGIONS:
+        part = rows[rows["region"] == region]
+        if part.empty:
+            continue
+        fig.add_trace(go.Scatter(
+            x=part["mean_diff"], y=part["label"], mode="markers", name=region,
+            marker={"color": REGION_COLOURS[region], "size": 11},
+            error_x={"type": "data", "symmetric": False, "array": part["ci_high"] - part["mean_diff"],
+                     "arrayminus": part["mean_diff"] - part["ci_low"]},
+            text=[f"p (Holm) {p:.3g}: {v}" for p, v in zip(part["p_holm"], part["verdict"])],
+            hovertemplate="%{y}: %{x:.4f}<br>%{text}<extra></extra>"))
+    fig.add_vline(x=0, line_dash="dash", line_color="grey")
+    unit = " mm" if metric == "hd95" else ""
+    fig.update_layout(xaxis_title=f"arm - baseline, mean {metric}{unit} with 95% CI", yaxis_title="arm and region",
+                      height=120 + 40 * len(rows), legend_title_text="region")
+    st.plotly_chart(fig, width="stretch")
+    baseline = comparison.attrs.get("baseline") or study.get("params.baseline", "the baseline")
+    st.caption(f"Paired over the out-of-fold cases against {baseline}: bootstrap 95% CI of the mean "
+               "difference; Wilcoxon signed-rank p, Holm-corrected across the regions of each metric.")
+    st.dataframe(rows[["arm", "metric", "n", "mean_baseline", "mean_arm", "mean_diff", "ci_low", "ci_high",
+                       "p_value", "p_holm", "verdict"]], hide_index=True, width="stretch")
+
+
+def curves_section() -> None:
+    st.subheader("Training curves")
+    names = {f"{c.arm} fold {c.fold}": i for i, c in enumerate(cells.itertuples())}
+    col1, col2 = st.columns([3, 1])
+    chosen = col1.multiselect("Folds", list(names), default=list(names))
+    keys = db.curve_keys(runs, list(cells["run_id"]))
+    if not keys:
+        st.info("These runs logged no per-epoch metrics.")
+        return
+    key = col2.selectbox("Metric", keys)
+    if not chosen:
+        return
+    curves = load_curves(uri, cells.iloc[[names[n] for n in chosen]], key)
+    fig = px.line(curves.assign(fold=lambda d: "fold " + d["fold"].astype(str)), x="epoch", y="value",
+                  color="arm", line_dash="fold", markers=True)
+    fig.update_layout(xaxis_title="epoch", yaxis_title=key, legend_title_text="arm, fold")
+    st.plotly_chart(fig, width="stretch")
+
+
+def cases_page() -> None:
+    st.subheader("Cases, worst first")
+    col1, col2, col3, col4, col5 = st.columns([2, 1, 1, 2, 1])
+    arms = sorted(per_case["arm"].unique())
+    arm = col1.selectbox("Arm", arms)
     region = col2.selectbox("Region", [r for r in REGIONS if f"dice_{r}" in per_case.columns])
-    n = col3.number_input("How many", min_value=1, max_value=100, value=10)
-    worst = db.worst_cases(per_case, arm, region, int(n))
-    st.dataframe(worst, hide_index=True, use_container_width=True)
-    if not worst.empty:
-        pick = st.selectbox("Case", list(worst.index), format_func=lambda i: f"{worst.at[i, 'case']} (fold {worst.at[i, 'fold']}, "
-                            f"Dice {region} {worst.at[i, f'dice_{region}']:.3f})")
-        row = worst.loc[pick]
-        png = db.overlay_png(row["run_id"], row["case"])
-        if png is None:
-            st.info(f"No overlay picture of {row['case']}: the trainer draws only each fold's best and worst cases.")
-        else:
-            st.image(str(png), caption=f"{row['case']}, fold {row['fold']}: ground truth and prediction over T1ce")
+    rank_by = col3.selectbox("Rank by", [m for m in ("dice", "hd95") if f"{m}_{region}" in per_case.columns],
+                             format_func=lambda m: {"dice": "Dice", "hd95": "HD95"}[m])
+    folds = sorted(per_case["fold"].unique())
+    shown_folds = col4.multiselect("Folds", folds, default=folds, format_func=lambda f: f"fold {f}")
+    n = col5.number_input("How many", min_value=1, max_value=len(per_case), value=min(10, len(per_case)))
+    chosen = per_case[per_case["fold"].isin(shown_folds)]
+    worst = db.worst_cases(chosen, arm, region, int(n), by=rank_by)
+    if worst.empty:
+        st.info("No case matches these filters.")
+        return
+    st.caption("Choose a row to look at that case.")
+    picked = st.dataframe(worst, hide_index=True, width="stretch", on_select="rerun",
+                          selection_mode="single-row", key=f"worst-{study_id}")
+    rows = picked.selection.rows if picked is not None else []
+    case = worst["case"].iloc[rows[0] if rows else 0]
+    case_view(case, arm)
+
+
+def case_view(case: str, arm: str) -> None:
+    mine = per_case[per_case["case"] == case].set_index("arm")
+    st.subheader(f"{case} (fold {int(mine.loc[arm, 'fold'])})")
+    others = [a for a in mine.index if a != arm]
+    cards = st.columns(len(REGIONS))
+    for region, card in zip(REGIONS, cards):
+        for metric, unit in (("dice", ""), ("hd95", " mm")):
+            column = f"{metric}_{region}"
+            if column not in mine.columns:
+                continue
+            value = mine.loc[arm, column]
+            delta = None
+            if others:
+                delta = f"{value - mine.loc[others[0], column]:+.3f}{unit} vs {others[0]}"
+            card.metric(f"{metric.upper() if metric == 'hd95' else 'Dice'} {region} ({arm})", f"{value:.3f}{unit}",
+                        delta=delta, delta_color="normal" if metric == "dice" else "inverse")
+
+    run_of = {a: mine.loc[a, "run_id"] for a in [arm, *others]}
+    dataset = runs.set_index("run_id").get("params.data.dataset", pd.Series(dtype=object)).get(run_of[arm])
+    volumes = load_case(uri, dataset if pd.notna(dataset) else None, case, tuple(run_of.items()))
+    for note in volumes.notes:
+        st.warning(note)
+    if volumes.shape is None:
+        st.info(f"Nothing to draw for {case}: neither its images nor a prediction could be read.")
+        return
+
+    col1, col2, col3 = st.columns([1, 3, 1])
+    view = col1.radio("View", viz.VIEWS, horizontal=True, key="view")
+    depth = viz.slice_count(volumes.shape, view)
+    start = viz.tumour_slice(volumes.reference, volumes.convention, view)
+    if start is None:
+        start = viz.tumour_slice(volumes.predictions.get(arm), volumes.convention, view)
+    index = col2.slider(f"{view} slice", 0, depth - 1, depth // 2 if start is None else start,
+                        key=f"slice-{case}-{view}")
+    opacity = col3.slider("Label opacity", 0.0, 1.0, 0.45, 0.05, key="opacity")
+
+    if volumes.images is not None:
+        windows = [viz.window(volume) for volume in volumes.images]
+        for col, name, volume, limits in zip(st.columns(4), MODALITIES, volumes.images, windows):
+            col.image(viz.slice_rgb(viz.plane(volume, view, index), limits), caption=name, width="stretch")
+        base, limits = viz.plane(volumes.images[MODALITIES.index("t1ce")], view, index), windows[MODALITIES.index("t1ce")]
+    else:
+        base, limits = None, (0.0, 1.0)
+    panels = [("ground truth", volumes.reference)] + [(f"prediction: {a}", volumes.predictions.get(a)) for a in run_of]
+    for col, (name, labels) in zip(st.columns(len(panels)), panels):
+        if labels is None:
+            col.caption(f"{name}: not available")
+            continue
+        cut = viz.plane(labels, view, index)
+        gray = base if base is not None else cut * 0
+        col.image(viz.slice_rgb(gray, limits, cut, volumes.convention, opacity), caption=f"{name} over t1ce",
+                  width="stretch")
+    st.caption(f"{view.capitalize()} slice {index} of {depth}. Colours as in the paper: ET red, NCR/NET green, "
+               "ED yellow. Axial: anterior up, the patient's right on the left; coronal and sagittal: head up.")
+
+
+if page == "Compare":
+    compare_page()
+elif page == "Cases":
+    cases_page()

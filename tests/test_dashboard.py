@@ -15,10 +15,6 @@ from brats_lab import tracking
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
 APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
-PNG_1X1 = bytes.fromhex(
-    "89504e470d0a1a0a0000000d49484452000000010000000108000000003a7e9b55"
-    "0000000a49444154789c63680000008200815fe2d5c20000000049454e44ae426082"
-)
 
 
 def _per_case(offset: float, fold: int) -> pd.DataFrame:
@@ -43,12 +39,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for fold in range(2):
                 with tracking.fold_run(arm, fold, f"{arm_name} fold {fold}") as run:
                     run.log_table(_per_case(offset, fold), db.PER_CASE)
-                    worst = _per_case(offset, fold)["case"].iloc[-1]
-                    png = root / f"worst_{worst}.png"
-                    png.write_bytes(PNG_1X1)
-                    run.log_artifact(png, "overlays")
             arm.finish()
-        study.log_table(pd.DataFrame({"arm": ["attention"], "metric": ["dice"], "region": ["ET"], "mean_diff": [-0.05]}),
+        study.log_table(pd.DataFrame({  # as compare_arms writes it
+            "arm": ["attention"], "metric": ["dice_ET"], "n": [6], "mean_baseline": [0.6], "mean_arm": [0.55],
+            "mean_diff": [-0.05], "ci_low": [-0.06], "ci_high": [-0.04], "p_value": [0.03], "p_holm": [0.03],
+            "verdict": ["worse (p=0.03)"]}),
                         db.COMPARISON)
         study.finish()
 
@@ -115,7 +110,7 @@ def test_fold_runs_and_per_case_of_a_study(in_store):
     assert notes == ["instance fold 0: running, no metrics yet"]
 
 
-def test_fold_table_dice_long_and_worst_cases():
+def test_fold_table_metric_long_and_worst_cases():
     per_case = pd.concat([_per_case(off, f).assign(arm=arm, fold=f, run_id=f"r{arm}{f}")
                           for arm, off in (("a", 0.0), ("b", 0.1)) for f in range(2)], ignore_index=True)
     table = db.fold_table(per_case)
@@ -123,26 +118,27 @@ def test_fold_table_dice_long_and_worst_cases():
     assert table.loc["a", "ET"] == "0.600 (0.000)"  # fold means 0.9, 0.6, 0.3 -> 0.6 each fold
     assert table.loc["b", "folds"] == 2
 
-    long = db.dice_long(per_case)
+    long = db.metric_long(per_case)
     assert len(long) == 3 * len(per_case) and set(long["region"]) == {"ET", "TC", "WT"}
+    hd95 = db.metric_long(per_case, "hd95")
+    assert hd95["value"].max() == 12.0 and set(hd95["region"]) == {"ET", "TC", "WT"}
 
     worst = db.worst_cases(per_case, "b", "ET", n=2)
     assert worst["dice_ET"].tolist() == sorted(worst["dice_ET"].tolist())
     assert worst["dice_ET"].iloc[0] == pytest.approx(0.9 - 0.1 - 0.6)
     assert {"fold", "case", "run_id", "hd95_WT"} <= set(worst.columns)
+    by_hd95 = db.worst_cases(per_case, "b", "WT", n=3, by="hd95")
+    assert by_hd95["hd95_WT"].tolist() == [12.0, 12.0, 7.0]  # the largest distances first
 
 
-def test_overlay_png_and_comparison(in_store):
+def test_comparison_table(in_store):
     runs = tracking.read_runs()
-    cells = db.fold_runs(runs, _study_id(runs, "attention"))
-    run_id = cells["run_id"].iloc[0]
-    worst = _per_case(0.05, int(cells["fold"].iloc[0]))["case"].iloc[-1]
-    png = db.overlay_png(run_id, worst)
-    assert png is not None and png.read_bytes() == PNG_1X1
-    assert db.overlay_png(run_id, "no-such-case") is None
     comparison = db.read_artifact_table(_study_id(runs, "attention"), db.COMPARISON)
     assert comparison is not None and comparison["arm"].tolist() == ["attention"]
     assert db.read_artifact_table(_study_id(runs, "norm"), db.COMPARISON) is None
+    rows = db.comparison_rows(comparison, "dice")
+    assert rows[["region", "label"]].values.tolist() == [["ET", "attention ET"]]
+    assert db.comparison_rows(comparison, "hd95").empty
 
 
 def test_app_pages_run_on_the_store(in_store):
@@ -159,9 +155,12 @@ def test_app_pages_run_on_the_store(in_store):
             at.sidebar.selectbox[0].select(_study_id(tracking.read_runs(), name))
             at.run()
             assert not at.exception, (page, name, at.exception)
-    # The last page shown: the worst cases of the training, and its missing overlay explained.
+    # The last page shown: the worst cases of the training; what it cannot draw is explained.
     assert at.dataframe[0].value["case"].iloc[0] == "BraTS20_Training_003"
-    assert any("No overlay picture" in i.value for i in at.info)
+    warnings = [w.value for w in at.warning]
+    assert "the runs do not record their dataset folder, so no images are shown" in warnings
+    assert any("logged no prediction of BraTS20_Training_003" in w for w in warnings)
+    assert any("Nothing to draw for BraTS20_Training_003" in i.value for i in at.info)
 
 
 def test_app_on_an_empty_project_says_so(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         raise RuntimeError("No space left on device")
 
     monkeypatch.setattr(sitk, "WriteImage", crash)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(OSError, match="x.nii.gz: could not write"):
         write_image(np.zeros(GEOMETRY.shape, np.uint8), GEOMETRY, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["x.nii.gz"]

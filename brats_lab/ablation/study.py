@@ -6,7 +6,10 @@ waiting Optuna trial; workers (this process, `--workers` local processes, or `br
 on other machines sharing the storage) claim waiting trials one at a time. Claiming is Optuna's
 own atomic WAITING -> RUNNING transition, so no (arm, fold) is trained twice. A worker records a
 heartbeat while it trains; a trial whose worker died is failed by the next launcher or worker and
-enqueued again, and its fold resumes from its last checkpoint. A finished (arm, fold) is found by
+enqueued again, and its fold resumes from its last checkpoint where the worker taking it can read
+that checkpoint (always with the embedded store; with an MLflow server serving artifacts, only on
+the machine that wrote it); elsewhere the dead run is closed as FAILED and the fold is trained
+again in a new run. A finished (arm, fold) is found by
 config hash and fold in MLflow and reused, so running the same command twice does no work twice.
 """
 
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import socket
 import subprocess
 import sys
 import threading
@@ -96,12 +101,33 @@ def _storage(url: str):
     import warnings
 
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
+    given = url
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # The driver we depend on is psycopg 3; SQLAlchemy before 2.1 reads a plain postgresql:// as
+    # psycopg2, and never accepts postgres://.
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            url = "postgresql+psycopg://" + url.removeprefix(prefix)
     with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9, and what we need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+        try:
+            # A stale trial (its worker died) is failed by whichever worker or launcher sees it
+            # first, and that one process enqueues it again, so the workers still running finish
+            # the grid without a new launch. Three retries: a fold that kills every worker taking
+            # it (out of memory, say) waits for the launcher to be run again.
+            retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
+            callback = ({"heartbeat_stale_trial_callback": retry(max_retry=3)} if retry is not None
+                        else {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)})
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS, **callback)
+        except (SQLAlchemyError, ImportError) as e:
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+            password = _password(given)
+            if password:
+                reason = reason.replace(password, "***")
+            raise DataError(f"cannot open the Optuna storage {_safe(given)}: {reason}") from None
 
 
 def launch(plan: Plan):
@@ -214,9 +240,9 @@ class _Heartbeat:
 
 def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True) -> pd.DataFrame:
     """The per-case metrics of (arm, fold): reused if a finished run exists, resumed if an
-    unfinished one has a checkpoint, trained otherwise."""
+    unfinished one has a checkpoint this machine can read, trained afresh otherwise."""
     from brats_lab import tracking
-    from brats_lab.training.trainer import CHECKPOINT, train_fold
+    from brats_lab.training.trainer import checkpoint_path, train_fold
 
     cfg = plan.config(arm)
     chash = config_hash(cfg)
@@ -224,7 +250,14 @@ def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True) 
     if finished is not None:
         return _per_case(finished)
     unfinished = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("RUNNING", "FAILED", "KILLED"))
-    resume = unfinished is not None and unfinished.artifact_dir() is not None and (unfinished.artifact_dir() / CHECKPOINT).is_file()
+    resume = unfinished is not None and checkpoint_path(unfinished).is_file()
+    if unfinished is not None and not resume and unfinished.status == "RUNNING":
+        # This worker holds the trial, so the run's own worker is dead; its checkpoint, if any,
+        # is on the machine that trained it (a remote artifact store keeps checkpoints local).
+        # Close the dead run, so none is left RUNNING, and train the fold in a new one.
+        unfinished.set_tags({"abandoned": f"its worker died; {socket.gethostname()} found no checkpoint at "
+                                          f"{checkpoint_path(unfinished)} and trained the fold again in a new run"})
+        unfinished.finish("FAILED")
     arm_run = tracking.arm_run(plan.experiment, chash, arm, flatten(cfg), parent=study_run)
     return train_fold(cfg, fold, resume=resume, experiment=plan.experiment, parent=arm_run, progress=progress).per_case
 
@@ -415,9 +448,25 @@ def _phantom_truth(plan: Plan) -> str:
 
 
 def _safe(url: str) -> str:
-    """A storage URL without its password, for logs and tags."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
-    return url
+    """A storage URL without its password (after the user name, or a `password=` parameter),
+    for logs, messages and tags."""
+    password = _password(url)
+    if not password:
+        return url
+    base, sep, query = url.partition("?")
+    scheme, _, rest = base.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if at and ":" in credentials:
+        base = f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", query, flags=re.IGNORECASE)
+    return base + sep + query
+
+
+def _password(url: str) -> str:
+    """The password written in a database URL ('' if none)."""
+    base, _, query = url.partition("?")
+    credentials = base.partition("://")[2].rpartition("@")[0]
+    if ":" in credentials:
+        return credentials.split(":", 1)[1]
+    found = re.search(r"(?:^|&)password=([^&]*)", query, flags=re.IGNORECASE)
+    return found.group(1) if found else ""

@@ -17,7 +17,7 @@ from brats_lab.data.cases import Case
 from brats_lab.data.preprocess import pad_to_multiple, paste_back, preprocess_case, unpad
 from brats_lab.io import write_image
 from brats_lab.models import build_model
-from brats_lab.training.trainer import FINAL_MODEL
+from brats_lab.training.trainer import FINAL_MODEL, load_checkpoint
 
 
 @dataclass
@@ -67,7 +67,7 @@ def load_members(run_ids: list[str], device: torch.device, root: Path | None = N
         path = local / FINAL_MODEL if local is not None else run.download_artifact(FINAL_MODEL, Path.cwd() / "mlruns" / "downloads" / run_id)
         if not Path(path).is_file():
             raise DataError(f"run {run_id}: no final model at {path} (did its training finish?)")
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = load_checkpoint(Path(path), ("model", "config"))  # weights_only: no arbitrary unpickling
         config = from_dict(state["config"], source=str(path))
         model = build_model(config.model)
         model.load_state_dict(state["model"])

@@ -29,13 +29,19 @@ Weighting = Literal["sum", "mean"]
 
 
 def dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, squared_denominator: bool, eps: float = 1.0
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    squared_denominator: bool,
+    eps: float = 1.0,
+    batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Batch- and channel-wise soft Dice loss, a scalar float32 tensor in [0, 1].
 
     `logits` (B, C, *spatial), any float dtype; `target` the same shape, bool or float in {0, 1}.
     `squared_denominator=True` is pipeline A's form (Σp² + Σt²), False pipeline B's (Σp + Σt).
-    The result is the mean over the C channels of 1 - D_c (module docstring).
+    The result is the mean over the C channels of 1 - D_c (module docstring). `batch_sum`, if
+    given, turns the sums over this batch into the sums over the whole batch, of which this one is
+    a share (`brats_lab.training.distributed.global_sum`: the batch is split over processes).
     """
     if logits.shape != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have the same shape")
@@ -53,19 +59,23 @@ def dice_loss(
             denominator = (p * p).sum(dims) + (t * t).sum(dims)
         else:
             denominator = p.sum(dims) + t.sum(dims)
+        if batch_sum is not None:
+            intersection, denominator = batch_sum(torch.stack([intersection, denominator]))
         dice = (2.0 * intersection + eps) / (denominator + eps)  # (C,)
         return (1.0 - dice).mean()
 
 
-def make_loss(loss: Literal["dice_squared", "dice"], eps: float = 1.0) -> LossFn:
+def make_loss(
+    loss: Literal["dice_squared", "dice"], eps: float = 1.0, batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> LossFn:
     """The loss of `TrainConfig.loss` ("dice_squared": pipeline A, "dice": pipeline B) as
-    `fn(logits, target) -> scalar`."""
+    `fn(logits, target) -> scalar`; `batch_sum` as in `dice_loss`."""
     if loss not in ("dice_squared", "dice"):
         raise ValueError(f"unknown loss {loss!r}; expected 'dice_squared' (pipeline A) or 'dice' (pipeline B)")
     squared = loss == "dice_squared"
 
     def fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return dice_loss(logits, target, squared_denominator=squared, eps=eps)
+        return dice_loss(logits, target, squared_denominator=squared, eps=eps, batch_sum=batch_sum)
 
     fn.__name__ = loss
     return fn

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from brats_lab.evaluation.metrics import case_metrics
 from brats_lab.io import atomic_path, read_image, write_image
 from brats_lab.labels import REGIONS
 from brats_lab.models import build_model, count_parameters
+from brats_lab.training import distributed
 from brats_lab.training.losses import make_loss
 from brats_lab.training.optim import (
     WeightAverage,
@@ -51,6 +53,7 @@ from brats_lab.training.step import train_step
 
 CHECKPOINT = "checkpoints/last.pt"
 FINAL_MODEL = "model/model.pt"
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scaler", "average", "best", "rng", "config_hash")
 EXPERIMENT = "brats-lab"  # the MLflow experiment of trainings outside an ablation
 
 
@@ -75,21 +78,29 @@ def train_fold(
     project_root: Path | None = None,
     progress: bool = True,
     device: str | None = None,
-) -> FoldResult:
+) -> FoldResult | None:
     """Train fold `fold` of `cfg`, validate it on its held-out cases, log everything to MLflow.
 
     `resume` continues the newest unfinished run of the same configuration and fold from its last
     checkpoint. `parent` is an arm run to nest under (an ablation's); by default the arm run of
-    this configuration in `experiment` is found or created.
+    this configuration in `experiment` is found or created. In a process group (`torchrun`, see
+    `training/distributed.py`) the processes share each batch; rank 0 returns the result, the
+    others None.
     """
     from brats_lab import tracking
 
     started = time.perf_counter()
+    rank, processes = distributed.rank_and_size()  # (0, 1) unless launched by torchrun
+    is_main = rank == 0  # the process that logs, validates and writes
+    progress = progress and is_main
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     chash = config_hash(cfg)
 
     # --- data: the cache and the folds ----------------------------------------------------------
     cache = prepare(Path(cfg.data.dataset), cfg.data.normalization, progress=progress)
+    for case_id, why in cache.report.built.items():
+        if why != "new" and is_main:  # a corrupt or changed entry built again is worth a line
+            print(f"data cache {cache.dir}: rebuilt {case_id} ({why})", file=sys.stderr)
     splits = _splits(cache, cfg)
     if not 0 <= fold < len(splits):
         raise DataError(f"fold {fold} does not exist: the splits have folds 0 to {len(splits) - 1}")
@@ -97,24 +108,32 @@ def train_fold(
     if unknown := sorted(set(cfg.data.exclude) - set(cache.case_ids)):
         raise DataError(f"data.exclude names cases that are not in {cfg.data.dataset}: {', '.join(unknown)}")
     train_ids = [c for c in train_ids if c not in set(cfg.data.exclude)]
+    if processes > 1:
+        distributed.check_batches(len(train_ids), cfg.train.batch_size, processes)
 
-    # --- tracking: arm run, fold run ------------------------------------------------------------
-    arm = parent or tracking.arm_run(experiment, chash, name=f"pipeline {cfg.pipeline}", params=flatten(cfg), root=project_root)
-    if parent is None and arm.status != "RUNNING":  # a training of our own: the arm runs while a fold does
-        arm.reopen()
-    if resume:
-        run = tracking.latest_fold_run(experiment, chash, fold, statuses=("RUNNING", "FAILED", "KILLED"), root=project_root)
-        if run is None:
-            raise DataError(f"nothing to resume: no unfinished run of fold {fold} for this configuration (hash {chash[:12]})")
-        if not (_workdir(run, project_root) / CHECKPOINT).is_file():
-            raise DataError(f"nothing to resume: run {run.id} stopped before its first checkpoint; train afresh")
-        run.reopen()
+    # --- tracking: arm run, fold run (rank 0 only) -----------------------------------------------
+    state = None  # the checkpoint to resume from (rank 0 reads it)
+    if is_main:
+        arm = parent or tracking.arm_run(experiment, chash, name=f"pipeline {cfg.pipeline}", params=flatten(cfg), root=project_root)
+        if parent is None and arm.status != "RUNNING":  # a training of our own: the arm runs while a fold does
+            arm.reopen()
+        if resume:
+            run = tracking.latest_fold_run(experiment, chash, fold, statuses=("RUNNING", "FAILED", "KILLED"), root=project_root)
+            if run is None:
+                raise DataError(f"nothing to resume: no unfinished run of fold {fold} for this configuration (hash {chash[:12]})")
+            if not (_workdir(run, project_root) / CHECKPOINT).is_file():
+                raise DataError(f"nothing to resume: run {run.id} stopped before its first checkpoint; train afresh")
+            # Read before reopening: a checkpoint that does not load leaves the run as it was.
+            state = load_checkpoint(_workdir(run, project_root) / CHECKPOINT, CHECKPOINT_KEYS)
+            run.reopen()
+        else:
+            run = tracking.fold_run(arm, fold, name=f"pipeline {cfg.pipeline} fold {fold}")
+            run.log_params(flatten(cfg))
+            run.log_dict(to_dict(cfg), "config.json")
+            run.set_tags({"manifest_hash": cache.manifest_hash, "train_cases": str(len(train_ids)), "val_cases": str(len(val_ids))})
+        workdir = _workdir(run, project_root)
     else:
-        run = tracking.fold_run(arm, fold, name=f"pipeline {cfg.pipeline} fold {fold}")
-        run.log_params(flatten(cfg))
-        run.log_dict(to_dict(cfg), "config.json")
-        run.set_tags({"manifest_hash": cache.manifest_hash, "train_cases": str(len(train_ids)), "val_cases": str(len(val_ids))})
-    workdir = _workdir(run, project_root)
+        arm = run = distributed.NoRun()
 
     # --- model, optimizer, loss, precision ------------------------------------------------------
     torch.manual_seed(cfg.train.seed)
@@ -124,17 +143,21 @@ def train_fold(
     # Training patches have one shape: let cuDNN pick its fastest kernels for it (measured 1.15x on
     # an H100). Validation volumes vary in shape, so they run on the uncompiled `model`.
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    forward = torch.compile(model) if cfg.train.compile else model
+    forward = model if processes == 1 else torch.nn.parallel.DistributedDataParallel(model)  # averages gradients
+    forward = torch.compile(forward) if cfg.train.compile else forward
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     amp_dtype = _amp_dtype(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = make_loss(cfg.train.loss, cfg.train.dice_eps)
+    # Several processes: the Dice of the global batch, its sums added over the processes.
+    train_loss_fn = loss_fn if processes == 1 else make_loss(cfg.train.loss, cfg.train.dice_eps, distributed.global_sum)
     average = WeightAverage()
     snapshots = {cfg.train.epochs + e for e in swa_snapshot_epochs(cfg.train.swa)}
     best: dict[str, Any] = {"loss": float("inf"), "epoch": -1, "state": None}
     start_epoch = 0
     if resume:
-        state = torch.load(workdir / CHECKPOINT, map_location=device, weights_only=True)  # no arbitrary unpickling
+        if processes > 1:  # rank 0's checkpoint, on every process
+            state = distributed.broadcast(state)
         model.load_state_dict(state["model"])
         if state["epoch"] >= cfg.train.epochs:  # stopped in the SWA phase: the state is its Adam's
             optimizer = build_swa_optimizer(model.parameters(), cfg.train.swa)
@@ -149,10 +172,16 @@ def train_fold(
     else:
         run.set_tags({"parameters": str(count_parameters(model)), "device": str(device), "amp": str(amp_dtype).removeprefix("torch.")})
     run.set_tags({"host": socket.gethostname(), "pid": str(os.getpid())})  # which worker trains it (again, on resume)
+    if processes > 1:
+        run.set_tags({"processes": str(processes)})
 
     patches = TrainPatches(cache, train_ids, cfg.data.patch_size, augment=cfg.train.augment, seed=cfg.train.seed)
     sampler = EpochSampler(len(patches), seed=cfg.train.seed)
-    loader = DataLoader(patches, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers, drop_last=False)
+    if processes == 1:
+        loader = DataLoader(patches, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers, drop_last=False)
+    else:  # this process's share of each batch
+        batches = distributed.RankBatches(sampler, cfg.train.batch_size, rank, processes)
+        loader = DataLoader(patches, batch_sampler=batches, num_workers=cfg.data.num_workers)
     volumes = WholeVolumes(cache, val_ids, cfg.data.pad_multiple)
     epochs = total_epochs(cfg.train)
 
@@ -176,14 +205,14 @@ def train_fold(
                 target = target.to(device, non_blocking=True)  # (B, 3, P, P, P) bool
                 if cfg.train.channels_last:
                     image = image.contiguous(memory_format=torch.channels_last_3d)
-                loss = train_step(forward, image, target, optimizer, scaler, loss_fn, cfg.train.deep_supervision_weighting, amp_dtype)
+                loss = train_step(forward, image, target, optimizer, scaler, train_loss_fn, cfg.train.deep_supervision_weighting, amp_dtype)
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
 
             metrics = {"train_loss": float(np.mean(losses)), "lr": lr}
             last = epoch == epochs - 1
-            if (epoch + 1) % cfg.train.val_every == 0 or last:
+            if is_main and ((epoch + 1) % cfg.train.val_every == 0 or last):
                 val = validate(model, volumes, loss_fn, device, amp_dtype)
                 metrics.update(val)
                 if val["val_loss"] < best["loss"]:
@@ -193,7 +222,7 @@ def train_fold(
             metrics["epoch_seconds"] = time.perf_counter() - tic
             run.log_metrics(metrics, step=epoch)
 
-            if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
+            if is_main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last):
                 _save(workdir / CHECKPOINT, {
                     "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "average": average.state_dict(), "best": best,
@@ -201,6 +230,8 @@ def train_fold(
                     "config": to_dict(cfg), "config_hash": chash,
                 })
         bar.close()
+        if not is_main:
+            return None  # rank 0 makes, scores and logs the final model
 
         # --- the final model: the self-ensemble, the best or the last weights ---------------------
         if average.count:
@@ -229,12 +260,16 @@ def train_fold(
         run.finish("FINISHED")
         if parent is None:
             arm.finish("FINISHED")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI
         bar.close()
         run.finish("KILLED")
+        if parent is None:
+            arm.finish("KILLED")  # as on success: the arm of our own training is not left RUNNING
         raise
     except BaseException:
         run.finish("FAILED")
+        if parent is None:
+            arm.finish("FAILED")
         raise
     return FoldResult(run_id=run.id, arm_id=arm.id, per_case=per_case, epochs=epochs)
 
@@ -322,6 +357,13 @@ def _workdir(run, project_root: Path | None) -> Path:
     return Path(project_root or Path.cwd()) / "mlruns" / "checkpoints" / run.id
 
 
+def checkpoint_path(run, project_root: Path | None = None) -> Path:
+    """Where `run`'s resumable checkpoint is, seen from this machine. With a remote artifact
+    store (an MLflow server serving artifacts) it is a local folder of the machine that trained
+    the run, so another machine finds nothing there."""
+    return _workdir(run, project_root) / CHECKPOINT
+
+
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of `train.amp` on this device (None: float32)."""
     if amp == "off":
@@ -339,8 +381,41 @@ def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _save(path: Path, state: dict) -> None:
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
+    """Write a checkpoint or model atomically: a write that fails half-way (disk full) leaves the
+    previous file as it was, and the error names the file."""
+    try:
+        # Through a Python file: a failed write then raises OSError with its reason (torch's own
+        # writer says only "unexpected pos"); fsync so the rename never exposes unwritten data.
+        with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(f"{path}: could not write ({e.strerror or e})") from None
+
+
+def load_checkpoint(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A file written by `_save`, on the CPU, holding at least `keys`. Loaded with weights_only,
+    so nothing but tensors and plain data is unpickled (a file that would run code is refused);
+    a file cut short or not a checkpoint at all raises DataError naming it."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # random bytes, or a pickle of other objects (which could run code)
+        detail = next((ln.strip() for ln in str(e).splitlines() if "nsupported" in ln), "not tensors and plain data")
+        raise DataError(f"{path}: not a brats-lab checkpoint, refused by the loader that unpickles only tensors "
+                        f"and plain data ({detail})") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ... for damaged files
+        first = (str(e).split(". ")[0].splitlines() or [""])[0]
+        reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise DataError(f"{path}: unreadable checkpoint, cut short or not a checkpoint ({reason})") from None
+    if not isinstance(state, dict) or (missing := [k for k in keys if k not in state]):
+        raise DataError(f"{path}: not a brats-lab checkpoint (no {', '.join(missing) if isinstance(state, dict) else 'dict'} in it)")
+    return state
 
 
 def _progress(enabled: bool, **kwargs):

@@ -1,0 +1,312 @@
+"""Several machines sharing one study, for real: PostgreSQL for Optuna, an MLflow tracking server
+backed by PostgreSQL (started here, on loopback), a launcher and separate worker processes, each in
+its own folder as if on its own machine, one of them killed with SIGKILL half-way through a fold.
+
+PostgreSQL must answer at 127.0.0.1:5432 as user root without a password (trust), as it does on
+the CI machines; each test creates fresh databases and drops them afterwards, whatever happens.
+Set BRATS_LAB_SKIP_POSTGRES=1 to skip these tests on a machine without PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+from brats_lab import tracking
+from brats_lab.ablation.study import launch, make_plan, report
+
+PG = "127.0.0.1:5432"
+PASSWORD = "s3cret-pw"  # trust auth accepts any password, so URLs carrying it work for real
+EPOCHS = 6
+TINY = ("model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2",
+        f"train.epochs={EPOCHS}", "train.swa.enabled=false", "train.val_every=1", "train.amp=off")
+
+ABLATION = """
+name = "tiny-scale-out"
+description = "tiny equiunet against att_equiunet, on several machines"
+pipeline = "A"
+baseline = "equiunet"
+folds = 2
+
+[arms]
+equiunet = ["model.name=equiunet", {tiny}]
+att_equiunet = ["model.name=att_equiunet", {tiny}]
+""".replace("{tiny}", ", ".join(f'"{s}"' for s in TINY))
+
+
+@pytest.fixture
+def databases():
+    """A function that creates a fresh, uniquely named PostgreSQL database and returns its name;
+    every database made is dropped at the end, even if the test failed."""
+    if os.environ.get("BRATS_LAB_SKIP_POSTGRES") == "1":
+        pytest.skip("BRATS_LAB_SKIP_POSTGRES=1")
+    import psycopg
+
+    try:
+        admin = psycopg.connect(f"postgresql://root@{PG}/postgres", autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        pytest.fail(f"PostgreSQL does not answer at {PG} as user root ({e}); start it, or set BRATS_LAB_SKIP_POSTGRES=1")
+    made: list[str] = []
+
+    def create() -> str:
+        name = f"brats_lab_test_{uuid.uuid4().hex[:12]}"
+        admin.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return name
+
+    try:
+        yield create
+    finally:
+        for name in made:  # FORCE: connections a killed worker or this process left open
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert proc.poll() is None, f"the server exited: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{url} did not answer within {seconds:.0f} s: {log.read_text()[-3000:]}"
+        time.sleep(0.25)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a process started in its own session, and everything it started."""
+    if proc.poll() is None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=15)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@pytest.fixture
+def mlflow_server(databases, tmp_path: Path):
+    """An MLflow tracking server on 127.0.0.1, its metadata in a fresh PostgreSQL database (the
+    URL carrying a password), artifacts served from a local folder. Yields its http:// URL."""
+    port = _free_port()
+    log = tmp_path / "logs" / "mlflow-server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    backend = f"postgresql+psycopg://root:{PASSWORD}@{PG}/{databases()}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+             "--artifacts-destination", str(tmp_path / "artifact-store"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for(url + "/health", proc, log)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite_a_killed_worker(
+    databases, mlflow_server, phantom_dataset, tmp_path, monkeypatch
+):
+    data = tmp_path / "phantom"
+    shutil.copytree(phantom_dataset, data)
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(ABLATION)
+    storage = f"postgresql://root:{PASSWORD}@{PG}/{databases()}"  # plain postgresql://, as users write it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    launcher = tmp_path / "launcher"
+    launcher.mkdir()
+    monkeypatch.chdir(launcher)
+
+    # The launcher creates the study, its MLflow runs and the 2 x 2 waiting trials.
+    plan = make_plan(str(toml), "cpu", None, str(data), storage)
+    launch(plan)
+    cells = sorted(plan.cells())
+    assert len(cells) == 4
+
+    # Three workers, each in its own folder (its "machine": checkpoints stay there with a remote
+    # artifact store). Their grace period is long, as it is by default (90 s): they do not take
+    # over the trials of the workers killed below, so the restarted worker does, deterministically.
+    logs = tmp_path / "logs"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "OMP_NUM_THREADS": "1",
+           "BRATS_LAB_HEARTBEAT_SECONDS": "1", "BRATS_LAB_GRACE_SECONDS": "600"}
+    procs: list[subprocess.Popen] = []
+
+    def worker(machine: str, grace: int = 600) -> subprocess.Popen:
+        folder = tmp_path / machine
+        folder.mkdir(exist_ok=True)
+        n = len(procs)
+        with (logs / f"worker{n}.out").open("w") as out, (logs / f"worker{n}.err").open("w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "brats_lab.cli", "worker", "--study", plan.study_name, "--storage", storage, "--quiet"],
+                cwd=folder, env={**env, "BRATS_LAB_GRACE_SECONDS": str(grace)}, stdout=out, stderr=err, start_new_session=True,
+            )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    try:
+        a, b, c = worker("machine-a"), worker("machine-b"), worker("machine-c")
+
+        # SIGKILL a and b each right after the first checkpoint of their first fold: mid-fold,
+        # no clean-up, their trials and fold runs left RUNNING.
+        killed: dict[str, subprocess.Popen] = {}
+        deadline = time.monotonic() + 300
+        while len(killed) < 2:
+            for machine, proc in (("machine-a", a), ("machine-b", b)):
+                if machine not in killed and list((tmp_path / machine / "mlruns" / "checkpoints").glob("*/checkpoints/last.pt")):
+                    proc.send_signal(signal.SIGKILL)
+                    killed[machine] = proc
+            for n, (machine, proc) in enumerate((("machine-a", a), ("machine-b", b))):
+                assert machine in killed or proc.poll() is None, _read(logs / f"worker{n}.err")[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        a.wait(), b.wait()
+        killed_at = time.monotonic()
+        assert (a.returncode, b.returncode) == (-signal.SIGKILL, -signal.SIGKILL)
+        dead = {r.tags["pid"]: r for r in tracking.find_runs(plan.experiment, {"kind": "fold"}, statuses=("RUNNING",))}
+        run_a, run_b = dead.get(str(a.pid)), dead.get(str(b.pid))
+        assert run_a is not None and run_b is not None, "a killed worker's fold was not left RUNNING (finished before the kill?)"
+
+        # The third worker finishes everything else and leaves the dead workers' trials alone.
+        assert c.wait(timeout=600) == 0, _read(logs / "worker2.err")[-3000:]
+        assert "worker: ran 2 trials" in _read(logs / "worker2.out")
+
+        # The operator restarts the worker on machine a, after the grace period: it fails both
+        # stale trials, enqueues them again and takes them. Its own fold resumes from the
+        # checkpoint on this machine; b's checkpoint is on machine b, so b's fold starts afresh.
+        time.sleep(max(0.0, killed_at + 4 - time.monotonic()))
+        again = worker("machine-a", grace=3)
+        assert again.wait(timeout=600) == 0, _read(logs / "worker3.err")[-3000:]
+        assert "worker: ran 2 trials" in _read(logs / "worker3.out")
+
+        # The launcher once more, as `brats-lab ablate`: nothing left to train; it reports.
+        with (logs / "ablate.out").open("w") as out, (logs / "ablate.err").open("w") as err:
+            final = subprocess.run([sys.executable, "-m", "brats_lab.cli", "ablate", str(toml), "--profile", "cpu",
+                                    "--data", str(data), "--storage", storage], cwd=launcher, env=env, stdout=out,
+                                   stderr=err, timeout=600)  # fmt: skip
+        assert final.returncode == 0, _read(logs / "ablate.err")[-3000:]
+        assert "att_equiunet" in _read(logs / "ablate.out") and "Wilcoxon" in _read(logs / "ablate.out")
+    finally:
+        for proc in procs:
+            _stop(proc)
+
+    # Every (arm, fold) has exactly one FINISHED fold run; nothing is left RUNNING.
+    arm_of = {r.tags["config_hash"]: r.name for r in tracking.find_runs(plan.experiment, {"kind": "arm"})}
+    assert sorted(arm_of.values()) == ["att_equiunet", "equiunet"]
+    folds = tracking.find_runs(plan.experiment, {"kind": "fold"})
+    finished = sorted((arm_of[r.tags["config_hash"]], int(r.tags["fold"])) for r in folds if r.status == "FINISHED")
+    assert finished == cells  # none missing, none twice
+    everything = tracking.read_runs(plan.experiment)
+    assert "RUNNING" not in set(everything["status"]), everything[["name", "kind", "status"]]
+    assert {r.id: r.status for r in folds if r.status != "FINISHED"} == {run_b.id: "FAILED"}
+
+    # a's fold: the same run, resumed by the restarted worker from its checkpoint (epoch 0 is
+    # logged once: it was not trained from scratch), finished.
+    assert tracking.get_run(run_a.id).status == "FINISHED"
+    assert run_a.tags["pid"] == str(again.pid)
+    steps = [s for s, _ in run_a.metric_history("train_loss")]
+    assert sorted(set(steps)) == list(range(EPOCHS)) and steps.count(0) == 1, steps
+    # b's fold: its dead run closed as FAILED with the reason; a new run trained it on machine a.
+    assert str(tmp_path / "machine-a") in run_b.tags["abandoned"]
+    cell_b = (run_b.tags["config_hash"], run_b.tags["fold"])
+    (new_b,) = [r for r in folds if (r.tags["config_hash"], r.tags["fold"]) == cell_b and r.status == "FINISHED"]
+    assert new_b.tags["pid"] == str(again.pid)
+    assert sorted(s for s, _ in new_b.metric_history("train_loss")) == list(range(EPOCHS))
+
+    # Optuna: every cell completed once; the two dead trials failed, then retried.
+    study = optuna.load_study(study_name=plan.study_name, storage=storage.replace("postgresql://", "postgresql+psycopg://"))
+    complete = sorted((t.user_attrs["arm"], t.user_attrs["fold"]) for t in study.trials if t.state.name == "COMPLETE")
+    assert complete == cells
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 4 + ["FAIL"] * 2
+
+    # The report has every case out of fold once per arm.
+    result = report(plan)
+    assert result.per_case.groupby("arm")["case"].agg(["count", "nunique"]).values.tolist() == [[4, 4], [4, 4]]
+    assert list(result.table.index) == ["equiunet", "att_equiunet"]
+
+    # The password is nowhere: not in any run's params or tags, the study's attributes, any
+    # process's output (the MLflow server's included), or any file written.
+    (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
+    assert study_run.tags["storage"] == f"postgresql://root:***@{PG}/{storage.rsplit('/', 1)[1]}"
+    runs = tracking.read_runs()
+    assert len(runs) == 8  # what the scan below reads: the study, 2 arms, 5 fold runs (b's twice)
+    texts = [str(v) for v in runs.filter(regex=r"^(params|tags)\.").to_numpy().ravel()]
+    texts += [repr(study.user_attrs), repr(study.system_attrs)] + [repr(t.user_attrs) + repr(t.system_attrs) for t in study.trials]
+    assert not [t for t in texts if PASSWORD in t]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow-server.log" for p in files) and any(p.suffix == ".pt" for p in files)
+    assert [p for p in files if PASSWORD.encode() in p.read_bytes()] == []
+
+
+def test_an_unreachable_storage_is_one_clear_line_without_the_password(databases, tmp_path):
+    missing = f"brats_lab_test_missing_{uuid.uuid4().hex[:12]}"  # never created
+    url = f"postgresql://root:{PASSWORD}@{PG}/{missing}"
+    proc = subprocess.run([sys.executable, "-m", "brats_lab.cli", "worker", "--study", "x", "--storage", url],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"brats-lab: error: cannot open the Optuna storage postgresql://root:***@{PG}/{missing}: ")
+    assert f'database "{missing}" does not exist' in line
+    assert PASSWORD not in proc.stdout + proc.stderr
+
+
+def test_the_mlflow_ui_listens_on_loopback_only_by_default(tmp_path):
+    """`brats-lab ui` with no --host: the server's listening sockets are all on 127.0.0.1."""
+    port = _free_port()
+    log = tmp_path / "ui.log"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", "ui", "--port", str(port)], cwd=tmp_path, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/health", proc, log)
+        listening = _listening(port)
+        assert listening and set(listening) == {"127.0.0.1"}, listening
+    finally:
+        _stop(proc)
+
+
+def _listening(port: int) -> list[str]:
+    """The local addresses of the sockets listening on TCP `port` (from /proc, Linux)."""
+    found = []
+    for table, size in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].split(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                if size == 4:
+                    found.append(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+                else:  # four little-endian 32-bit words
+                    found.append(socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))))
+    return found

@@ -1,0 +1,586 @@
+"""Bad input refused: a corpus of broken datasets and prediction folders, made here on disk, fed to
+every command that reads data through the real `brats-lab` command in a subprocess.
+
+Each (corpus entry, command) pair must exit non-zero with a `brats-lab: error:` line naming the
+case (and, where there is one, the file), show no traceback, and leave nothing half-written: no
+cache manifest from a failed prepare, no temporary files, nothing for the broken case in an output
+folder, and only complete images for the cases that did go through. Pairs where the command does
+not read the broken part (baseline of a case without a segmentation, say) must succeed instead.
+
+Unreadable files are made unreadable for real with chmod 000. Tests run as root here, which the
+kernel lets read anything; the command is then run without the two capabilities that allow that
+(CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), dropped from its bounding set before it starts. Switching
+to another user (setuid 65534) is not possible here: the interpreter lives under /root (mode 0700),
+which such a user cannot reach.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gzip
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from brats_lab import DataError
+from brats_lab.io import read_image, write_image
+
+from conftest import write_case
+
+CASE = "BraTS20_Training_001"  # the case every entry breaks
+OTHER = "BraTS20_Training_002"  # stays valid: the commands that go on past a failure write it
+CASE_2023, OTHER_2023 = "BraTS-GLI-00001-000", "BraTS-GLI-00002-000"
+SIZE = (32, 32, 24)  # (x, y, z)
+CACHE = ".brats-lab-cache"
+
+# Train and predict of one fold, as small as the trainer allows (tests/training/test_trainer.py).
+TINY_TRAIN = [
+    "model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2",
+    "train.val_every=1", "train.epochs=1",
+]
+
+
+# --- building the corpus -------------------------------------------------------------------------
+
+
+def image(root: Path, modality: str, case: str = CASE, ext: str = ".nii.gz") -> Path:
+    return root / case / f"{case}_{modality}{ext}"
+
+
+def rewrite(path: Path, change: Callable) -> None:
+    array, geometry = read_image(path)
+    array, geometry = change(array, geometry)
+    write_image(array, geometry, path)
+
+
+def with_spacing(spacing):
+    return lambda a, g: (a, type(g)(g.size, spacing, g.origin, g.direction))
+
+
+def png_bytes(tmp: Path) -> bytes:
+    sitk.WriteImage(sitk.Image([8, 8], sitk.sitkUInt8), str(tmp / "picture.png"))
+    data = (tmp / "picture.png").read_bytes()
+    (tmp / "picture.png").unlink()
+    return data
+
+
+def plain_nifti_bytes(path: Path, tmp: Path) -> bytes:
+    """The image at `path` as an uncompressed NIfTI file's bytes."""
+    sitk.WriteImage(sitk.ReadImage(str(path)), str(tmp / "plain.nii"))
+    data = (tmp / "plain.nii").read_bytes()
+    (tmp / "plain.nii").unlink()
+    return data
+
+
+def four_d(path: Path) -> None:
+    volume = sitk.ReadImage(str(path))
+    sitk.WriteImage(sitk.JoinSeries([volume, volume]), str(path))
+
+
+def two_d(path: Path) -> None:
+    sitk.WriteImage(sitk.Image([SIZE[0], SIZE[1]], sitk.sitkInt16) + 1, str(path))
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def flip_middle_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+
+
+def symlink_loop(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    path.symlink_to(path.name)  # points at itself
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One broken input: `make(folder, scratch)` breaks a copy of the valid input; the error must
+    name `case` (None: the input folder) and `file` (None: no single file is at fault).
+    `reads` says which commands read what is broken: the others must succeed."""
+
+    name: str
+    make: Callable[[Path, Path], None]
+    file: str | None
+    reads: frozenset[str]
+    case: str | None = CASE
+    unreadable: bool = False  # needs the capabilities dropped
+    base: str = "data"  # the valid dataset it starts from: "data" (2020 layout) or "data2023"
+
+
+# What each command reads of a dataset: check everything; prepare and train every file (training
+# refuses a case without a segmentation); baseline and predict the images and a seg if there is
+# one; evaluate --gt only the case folders and the segmentations.
+ALL = frozenset({"check", "prepare", "baseline", "evaluate", "train", "predict"})
+IMAGES = ALL - {"evaluate"}
+NEEDS_SEG = frozenset({"check", "prepare", "evaluate", "train"})
+
+T1, T2, T1CE, SEG = (f"{CASE}_{m}.nii.gz" for m in ("t1", "t2", "t1ce", "seg"))
+
+
+def _dataset_corpus() -> list[Entry]:
+    e = []
+
+    def add(name, file, reads=ALL, case=CASE, unreadable=False, base="data"):
+        def register(make):
+            e.append(Entry(name, make, file, frozenset(reads), case, unreadable, base))
+            return make
+
+        return register
+
+    # Every failure `brats-lab data check` names.
+    @add("missing modality", T2, IMAGES)
+    def _(root, tmp):
+        image(root, "t2").unlink()
+
+    @add("missing segmentation", None, NEEDS_SEG)
+    def _(root, tmp):
+        image(root, "seg").unlink()
+
+    @add("truncated gzip", T1, IMAGES)
+    def _(root, tmp):
+        truncate(image(root, "t1"))
+
+    @add("corrupt gzip (CRC)", T1, IMAGES)
+    def _(root, tmp):
+        flip_middle_bytes(image(root, "t1"))
+
+    @add("gzip of text", T1, IMAGES)
+    def _(root, tmp):
+        with gzip.open(image(root, "t1"), "wb") as f:
+            f.write(b"this is not a NIfTI file")
+
+    @add("2-D image", T1, IMAGES)
+    def _(root, tmp):
+        two_d(image(root, "t1"))
+
+    @add("4-D image", T1, IMAGES)
+    def _(root, tmp):
+        four_d(image(root, "t1"))
+
+    @add("4-D segmentation", SEG, ALL)
+    def _(root, tmp):
+        four_d(image(root, "seg"))
+
+    @add("spacing differs between modalities", T2, IMAGES)
+    def _(root, tmp):
+        rewrite(image(root, "t2"), with_spacing((1.0, 1.0, 2.0)))
+
+    @add("shape differs between modalities", T2, IMAGES)
+    def _(root, tmp):
+        rewrite(image(root, "t2"), lambda a, g: (a[:, :, 2:], type(g)((SIZE[0] - 2, *SIZE[1:]), g.spacing, g.origin, g.direction)))
+
+    @add("NaN voxels", T1CE, IMAGES)
+    def _(root, tmp):
+        rewrite(image(root, "t1ce"), lambda a, g: (np.where(a > 520, np.nan, a).astype(np.float32), g))
+
+    @add("infinite voxels", T1CE, IMAGES)
+    def _(root, tmp):
+        rewrite(image(root, "t1ce"), lambda a, g: (np.where(a > 520, np.inf, a).astype(np.float32), g))
+
+    @add("all-zero modality", T1, IMAGES)
+    def _(root, tmp):
+        rewrite(image(root, "t1"), lambda a, g: (np.zeros_like(a), g))
+
+    @add("label 3 in a 2020 dataset", SEG, ALL)
+    def _(root, tmp):
+        rewrite(image(root, "seg"), lambda a, g: (np.where(a == 1, 3, a).astype(np.uint8), g))
+
+    @add("fractional labels", SEG, ALL)
+    def _(root, tmp):
+        rewrite(image(root, "seg"), lambda a, g: (np.where(a == 1, 1.5, a).astype(np.float32), g))
+
+    @add("segmentation origin differs", SEG, ALL)
+    def _(root, tmp):
+        rewrite(image(root, "seg"), lambda a, g: (a, type(g)(g.size, g.spacing, (1.0, 2.0, 3.0), g.direction)))
+
+    @add("segmentation shape differs", SEG, ALL)
+    def _(root, tmp):
+        rewrite(image(root, "seg"), lambda a, g: (a[:-2], type(g)((*SIZE[:2], SIZE[2] - 2), g.spacing, g.origin, g.direction)))
+
+    # Wrong file types.
+    @add("PNG named .nii.gz", T1, IMAGES)
+    def _(root, tmp):
+        image(root, "t1").write_bytes(png_bytes(tmp))
+
+    @add("PNG named .nii", f"{CASE}_t1.nii", IMAGES)
+    def _(root, tmp):
+        image(root, "t1").unlink()
+        image(root, "t1", ext=".nii").write_bytes(png_bytes(tmp))
+
+    @add("text named .nii.gz", T1, IMAGES)
+    def _(root, tmp):
+        image(root, "t1").write_text("patient 001, T1, see the PACS\n")
+
+    @add("uncompressed NIfTI named .nii.gz", T1, IMAGES)
+    def _(root, tmp):
+        image(root, "t1").write_bytes(plain_nifti_bytes(image(root, "t1"), tmp))
+
+    @add("gzip NIfTI named .nii", f"{CASE}_t1.nii", IMAGES)
+    def _(root, tmp):
+        image(root, "t1").rename(image(root, "t1", ext=".nii"))
+
+    # Truncated files.
+    @add("truncated .nii", f"{CASE}_t1.nii", IMAGES)
+    def _(root, tmp):
+        data = plain_nifti_bytes(image(root, "t1"), tmp)
+        image(root, "t1").unlink()
+        image(root, "t1", ext=".nii").write_bytes(data[: len(data) * 2 // 3])
+
+    @add("truncated NIfTI header", T1, IMAGES)
+    def _(root, tmp):
+        header = plain_nifti_bytes(image(root, "t1"), tmp)[:100]
+        with gzip.open(image(root, "t1"), "wb") as f:
+            f.write(header)
+
+    @add("empty file", T1, IMAGES)
+    def _(root, tmp):
+        image(root, "t1").write_bytes(b"")
+
+    # Empty folders.
+    @add("empty dataset folder", None, ALL, case=None)
+    def _(root, tmp):
+        for case in (CASE, OTHER):
+            shutil.rmtree(root / case)
+
+    @add("empty case folder", None, ALL)
+    def _(root, tmp):
+        shutil.rmtree(root / CASE)
+        (root / CASE).mkdir()
+
+    # Duplicates.
+    @add(".nii and .nii.gz of one modality", T1, IMAGES)
+    def _(root, tmp):
+        image(root, "t1", ext=".nii").write_bytes(plain_nifti_bytes(image(root, "t1"), tmp))
+
+    @add("one modality twice, names differing in case", T1, IMAGES)
+    def _(root, tmp):
+        shutil.copy(image(root, "t1"), root / CASE / f"{CASE}_T1.nii.gz")
+
+    @add("the same case in two layouts", None, ALL, case="BraTS2021_00001")
+    def _(root, tmp):
+        twin = root / "BraTS2021_00001"
+        twin.mkdir()
+        for path in (root / CASE).iterdir():
+            shutil.copy(path, twin / path.name.replace(CASE, twin.name))
+
+    # Permissions.
+    @add("unreadable file (chmod 000)", T1, IMAGES, unreadable=True)
+    def _(root, tmp):
+        image(root, "t1").chmod(0)
+
+    @add("unreadable segmentation (chmod 000)", SEG, ALL, unreadable=True)
+    def _(root, tmp):
+        image(root, "seg").chmod(0)
+
+    @add("unreadable case folder (chmod 000)", None, ALL, unreadable=True)
+    def _(root, tmp):
+        (root / CASE).chmod(0)
+
+    @add("unreadable dataset folder (chmod 000)", None, ALL, case=None, unreadable=True)
+    def _(root, tmp):
+        root.chmod(0)
+
+    # Symlink loops.
+    @add("file is a symlink loop", T1, IMAGES)
+    def _(root, tmp):
+        symlink_loop(image(root, "t1"))
+
+    @add("case folder is a symlink loop", None, ALL)
+    def _(root, tmp):
+        symlink_loop(root / CASE)
+
+    @add("label 5 in a 2023 dataset", f"{CASE_2023}-seg.nii.gz", ALL, case=CASE_2023, base="data2023")
+    def _(root, tmp):
+        seg = root / CASE_2023 / f"{CASE_2023}-seg.nii.gz"
+        rewrite(seg, lambda a, g: (np.where(a == 1, 5, a).astype(np.uint8), g))
+
+    return e
+
+
+def _prediction_corpus() -> list[Entry]:
+    """Broken folders of label maps, for evaluate --pred and merge --a / --b."""
+    e = []
+    name = f"{CASE}.nii.gz"
+
+    def add(label, file=name, case=CASE, unreadable=False):
+        def register(make):
+            e.append(Entry(label, make, file, frozenset({"evaluate", "merge-a", "merge-b"}), case, unreadable))
+            return make
+
+        return register
+
+    @add("prediction missing")
+    def _(pred, tmp):
+        (pred / name).unlink()
+
+    @add("truncated prediction")
+    def _(pred, tmp):
+        truncate(pred / name)
+
+    @add("PNG named .nii.gz")
+    def _(pred, tmp):
+        (pred / name).write_bytes(png_bytes(tmp))
+
+    @add("text named .nii.gz")
+    def _(pred, tmp):
+        (pred / name).write_text("no prediction\n")
+
+    @add("2-D prediction")
+    def _(pred, tmp):
+        two_d(pred / name)
+
+    @add("4-D prediction")
+    def _(pred, tmp):
+        four_d(pred / name)
+
+    @add("prediction origin differs")
+    def _(pred, tmp):
+        rewrite(pred / name, lambda a, g: (a, type(g)(g.size, g.spacing, (1.0, 2.0, 3.0), g.direction)))
+
+    @add("prediction shape differs")
+    def _(pred, tmp):
+        rewrite(pred / name, lambda a, g: (a[:-2], type(g)((*SIZE[:2], SIZE[2] - 2), g.spacing, g.origin, g.direction)))
+
+    @add("label 3 in a 2020 prediction")
+    def _(pred, tmp):
+        rewrite(pred / name, lambda a, g: (np.where(a == 1, 3, a).astype(np.uint8), g))
+
+    @add("NaN in a prediction")
+    def _(pred, tmp):
+        rewrite(pred / name, lambda a, g: (np.where(a == 1, np.nan, a).astype(np.float32), g))
+
+    @add("unreadable prediction (chmod 000)", unreadable=True)
+    def _(pred, tmp):
+        (pred / name).chmod(0)
+
+    @add("prediction is a symlink loop")
+    def _(pred, tmp):
+        symlink_loop(pred / name)
+
+    @add(".nii and .nii.gz of one prediction")
+    def _(pred, tmp):
+        (pred / f"{CASE}.nii").write_bytes(plain_nifti_bytes(pred / name, tmp))
+
+    @add("empty prediction folder", file=None, case=None)
+    def _(pred, tmp):
+        for path in pred.iterdir():
+            path.unlink()
+
+    return e
+
+
+DATASET_CORPUS = _dataset_corpus()
+PREDICTION_CORPUS = _prediction_corpus()
+
+# Training and prediction read data the way prepare and baseline do (cache.prepare and
+# preprocess_case); each runs on a subset that reaches its reading path for each kind of failure.
+TRAIN_SUBSET = {
+    "missing modality", "missing segmentation", "truncated gzip", "4-D image", "NaN voxels",
+    "label 3 in a 2020 dataset", "empty dataset folder", "the same case in two layouts",
+    "unreadable file (chmod 000)", "case folder is a symlink loop",
+}
+PREDICT_SUBSET = TRAIN_SUBSET | {"PNG named .nii", "all-zero modality"}
+
+DATASET_COMMANDS = ("check", "prepare", "baseline", "evaluate", "train", "predict")
+PREDICTION_COMMANDS = ("evaluate", "merge-a", "merge-b")
+
+
+def _pairs():
+    for entry in DATASET_CORPUS:
+        for command in DATASET_COMMANDS:
+            if command == "train" and entry.name not in TRAIN_SUBSET:
+                continue
+            if command == "predict" and entry.name not in PREDICT_SUBSET:
+                continue
+            yield pytest.param("dataset", entry.name, command, id=f"{entry.name} | {command}")
+    for entry in PREDICTION_CORPUS:
+        for command in PREDICTION_COMMANDS:
+            yield pytest.param("predictions", entry.name, command, id=f"predictions: {entry.name} | {command}")
+
+
+PAIRS = list(_pairs())
+
+
+# --- running the command -------------------------------------------------------------------------
+
+
+def _drop_read_override() -> None:
+    """In the child, before exec: give up root's right to read and search anything (chmod 000
+    then stops root too). Dropped from the bounding set, so the exec'd process never has it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def cli(argv: list[str], cwd: Path, unreadable: bool = False) -> subprocess.CompletedProcess:
+    preexec = _drop_read_override if unreadable and os.geteuid() == 0 else None
+    return subprocess.run(
+        [sys.executable, "-m", "brats_lab.cli", *argv], cwd=cwd, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=preexec, timeout=300,
+    )
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def snapshot(folder: Path) -> set[Path]:
+    """Every path under `folder`, symlinks not followed (the corpus has loops)."""
+    out = set()
+    for top, dirs, files in os.walk(folder):
+        out.update(Path(top) / name for name in dirs + files)
+    return out
+
+
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory) -> Path:
+    """Valid inputs, built once: two 2020 cases (data/), two 2023 cases (data2023/), and their
+    segmentations as perfect predictions (pred-data/, pred-data2023/)."""
+    home = tmp_path_factory.mktemp("valid")
+    for base, layout, ids in (("data", "brats2020", (CASE, OTHER)), ("data2023", "brats2023", (CASE_2023, OTHER_2023))):
+        pred = home / f"pred-{base}"
+        pred.mkdir()
+        sep = "_" if layout == "brats2020" else "-"
+        for seed, case in enumerate(ids, start=1):
+            write_case(home / base, case, size=SIZE, seed=seed, layout=layout)
+            shutil.copy(home / base / case / f"{case}{sep}seg.nii.gz", pred / f"{case}.nii.gz")
+    return home
+
+
+@pytest.fixture(scope="module")
+def trained(valid, tmp_path_factory) -> tuple[Path, str]:
+    """A fold of pipeline B trained for one epoch on the valid cases: (folder with mlruns/, run id)."""
+    home = tmp_path_factory.mktemp("trained")
+    shutil.copytree(valid / "data", home / "data")
+    result = cli(["train", "--pipeline", "B", "--profile", "cpu", "--data", str(home / "data"), *_sets(TINY_TRAIN)], home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return home, re.search(r"fold run (\w+)", result.stdout).group(1)
+
+
+@dataclass
+class Call:
+    argv: list[str]
+    cwd: Path
+    outputs: list[Path]  # folders the command may write to
+
+
+def dataset_call(command: str, data: Path, work: Path, entry: Entry, valid: Path, request) -> Call:
+    out = work / "out"
+    if command == "check":
+        return Call(["data", "check", str(data)], work, [])
+    if command == "prepare":
+        return Call(["data", "prepare", str(data), "--pipeline", "B"], work, [data / CACHE])
+    if command == "baseline":
+        return Call(["baseline", "--input", str(data), "--output", str(out)], work, [out])
+    if command == "evaluate":
+        return Call(["evaluate", "--pred", str(valid / f"pred-{entry.base}"), "--gt", str(data),
+                     "--out", str(out / "metrics.csv")], work, [out])
+    if command == "train":
+        argv = ["train", "--pipeline", "B", "--profile", "cpu", "--data", str(data), *_sets(TINY_TRAIN)]
+        return Call(argv, work, [data / CACHE, work / "mlruns"])
+    if command == "predict":
+        home, run_id = request.getfixturevalue("trained")
+        return Call(["predict", "--run", run_id, "--input", str(data), "--output", str(out)], home, [out])
+    raise AssertionError(command)
+
+
+def prediction_call(command: str, pred: Path, work: Path, valid: Path) -> Call:
+    out = work / "out"
+    good = valid / "pred-data"
+    if command == "evaluate":
+        return Call(["evaluate", "--pred", str(pred), "--gt", str(valid / "data"), "--out", str(out / "metrics.csv")], work, [out])
+    a, b = (pred, good) if command == "merge-a" else (good, pred)
+    return Call(["merge", "--a", str(a), "--b", str(b), "--output", str(out)], work, [out])
+
+
+def _entry(kind: str, name: str) -> Entry:
+    corpus = DATASET_CORPUS if kind == "dataset" else PREDICTION_CORPUS
+    return next(e for e in corpus if e.name == name)
+
+
+@pytest.mark.parametrize("kind, name, command", PAIRS)
+def test_bad_input_is_refused_cleanly(kind, name, command, valid, tmp_path, request):
+    entry = _entry(kind, name)
+    work = tmp_path
+    if kind == "dataset":
+        folder = work / "data"
+        shutil.copytree(valid / entry.base, folder, symlinks=True)
+        entry.make(folder, work)
+        call = dataset_call(command, folder, work, entry, valid, request)
+    else:
+        folder = work / "pred"
+        shutil.copytree(valid / "pred-data", folder, symlinks=True)
+        entry.make(folder, work)
+        call = prediction_call(command, folder, work, valid)
+    if entry.unreadable and os.geteuid() == 0 and not _can_drop_read_override():
+        pytest.skip("running as root without CAP_SETPCAP: cannot take away root's right to read a chmod 000 file")
+    before = snapshot(work)
+    result = cli(call.argv, call.cwd, entry.unreadable)
+    new = snapshot(work) - before
+    for out in call.outputs:
+        new |= {p for p in snapshot(out) if p not in before} if out.is_dir() else set()
+    output = result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("brats-lab: error:")]
+
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    if command not in entry.reads:
+        # The command does not read what is broken: it must go through.
+        assert result.returncode == 0 and not errors, output[-3000:]
+        return
+    assert result.returncode != 0, output[-3000:]
+    named = entry.case or folder.name
+    assert any(named in line for line in errors), output[-3000:]
+    if entry.file is not None:
+        assert any(named in line and entry.file in line for line in output.splitlines()), output[-3000:]
+    _assert_nothing_partial(new, command, entry)
+
+
+def _assert_nothing_partial(new: set[Path], command: str, entry: Entry) -> None:
+    names = sorted(str(p) for p in new)
+    assert not [n for n in names if ".tmp" in Path(n).name], names  # atomic_path's temporaries
+    assert not [n for n in names if Path(n).name == "manifest.json"], names  # a failed prepare commits nothing
+    if entry.case is not None:
+        assert not [n for n in names if entry.case in Path(n).name], names  # nothing for the broken case
+    if command == "check":
+        assert names == []
+    if command == "train":
+        assert not [n for n in names if "mlruns" in Path(n).parts], names  # refused before any run starts
+    for path in new:
+        if path.name.endswith(".nii.gz") and not path.is_symlink():
+            read_image(path, full_check=True)  # complete, readable label maps only
+        if path.name == "metrics.csv":
+            assert len(pd.read_csv(path)) >= 1
+
+
+def _can_drop_read_override() -> bool:
+    try:
+        return subprocess.run(["true"], preexec_fn=_drop_read_override).returncode == 0
+    except subprocess.SubprocessError:  # the preexec function failed: no CAP_SETPCAP
+        return False
+
+
+def test_the_corpus_is_what_the_report_counts():
+    assert len(DATASET_CORPUS) == len({e.name for e in DATASET_CORPUS})
+    assert len(PREDICTION_CORPUS) == len({e.name for e in PREDICTION_CORPUS})
+    print(f"{len(DATASET_CORPUS)} broken datasets, {len(PREDICTION_CORPUS)} broken prediction folders, "
+          f"{len(PAIRS)} (entry, command) pairs")

@@ -1,0 +1,139 @@
+"""The dashboard on a store made by a real (tiny) ablation: page logic with Streamlit's AppTest, then
+the served app in a real headless chromium driven by Playwright, every page screenshotted."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan, run_study
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "dashboard" / "app.py"
+TINY = ("model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2",
+        "train.epochs=2", "train.swa.enabled=false", "train.val_every=1")
+ABLATION = """
+name = "tiny-attention"
+description = "tiny equiunet against att_equiunet"
+pipeline = "A"
+baseline = "equiunet"
+folds = 2
+
+[arms]
+equiunet = ["model.name=equiunet", {tiny}]
+att_equiunet = ["model.name=att_equiunet", {tiny}]
+""".replace("{tiny}", ", ".join(f'"{s}"' for s in TINY))
+
+
+def _load_screenshots():
+    spec = importlib.util.spec_from_file_location("dashboard_screenshots", ROOT / "dashboard" / "screenshots.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def project(phantom_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project folder after a real two-arm, two-fold ablation on four phantom cases."""
+    root = tmp_path_factory.mktemp("dashboard-project")
+    shutil.copytree(phantom_dataset, root / "phantom")
+    (root / "tiny.toml").write_text(ABLATION)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.chdir(root)
+        run_study(make_plan("tiny.toml", "cpu", None, str(root / "phantom"), DEFAULT_STORAGE), progress=False)
+    return root
+
+
+@pytest.fixture
+def in_project(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(project)
+    return project
+
+
+def test_cases_page_draws_the_worst_case_with_both_arms_predictions(in_project):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert not at.exception, at.exception
+    at.sidebar.radio[0].set_value("Cases").run()
+    assert not at.exception, at.exception
+    assert not at.warning, [w.value for w in at.warning]  # images, ground truth and predictions all found
+    worst = at.dataframe[0].value
+    assert worst["dice_ET"].tolist() == sorted(worst["dice_ET"].tolist())
+    images = at.get("image")
+    # four modalities, then the ground truth and each arm's prediction over T1ce
+    assert len(images) == 4 + 1 + 2
+    assert any(h.value.startswith(f"{worst['case'].iloc[0]} (fold") for h in at.subheader)
+
+    for view in ("coronal", "sagittal"):
+        at.radio(key="view").set_value(view).run()
+        assert not at.exception, (view, at.exception)
+        assert len(at.get("image")) == 7
+    at.slider(key="opacity").set_value(1.0).run()
+    assert not at.exception
+
+
+def test_compare_page_shows_the_verdict_curves_and_every_fold(in_project):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    at.sidebar.radio[0].set_value("Compare").run()
+    assert not at.exception, at.exception
+    headers = [h.value for h in at.subheader]
+    assert "Each arm against the baseline" in headers and "Training curves" in headers
+    charts = at.get("plotly_chart")
+    assert len(charts) == 3  # per-case boxes, the verdict with CIs, the curves
+    at.radio[0].set_value("hd95").run()
+    assert not at.exception, at.exception
+    assert at.multiselect[0].value == ["att_equiunet fold 0", "att_equiunet fold 1", "equiunet fold 0", "equiunet fold 1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_every_page_in_a_real_browser(in_project, tmp_path):
+    screenshots = _load_screenshots()
+    if screenshots.find_chromium() is None:
+        if os.environ.get("BRATS_LAB_REQUIRE_BROWSER"):
+            pytest.fail("BRATS_LAB_REQUIRE_BROWSER is set but no chromium is installed")
+        pytest.skip("no chromium: install Debian's `chromium` (`.ci/run` does) to run the browser test")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", "dashboard", "--port", str(port)],
+                              cwd=in_project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                assert time.monotonic() < deadline, "the dashboard did not come up within a minute"
+                time.sleep(0.3)
+        result = screenshots.capture(f"http://127.0.0.1:{port}/", tmp_path / "screenshots")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, _ = server.communicate(timeout=30)
+    assert result.problems == [], result.problems
+    assert set(result.screenshots) == {"Studies", "Compare", "Cases"}
+    assert all(p.stat().st_size > 10_000 for p in result.screenshots.values())  # real pictures, not blank pages
+    assert result.images_on_cases == 7
+    assert "Traceback" not in out, out[-3000:]

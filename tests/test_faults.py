@@ -1,0 +1,316 @@
+"""Faults caused for real: SIGTERM and Ctrl-C sent to training and worker processes, a disk that
+fills half-way through a checkpoint or prediction write (RLIMIT_FSIZE in a child process), corrupt
+and malicious checkpoint files, a corrupt cache entry and a dataset changed under its cache.
+
+Each test checks what a user sees (one line naming the file, exit status non-zero, no traceback)
+and what is left behind (run states, whole files, no temporary files, resumable work).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from brats_lab import tracking
+from brats_lab.cli import main
+from brats_lab.config import config_hash, flatten, load_config, pipeline_path, to_dict
+from brats_lab.io import read_image, write_image
+from brats_lab.models import build_model
+from brats_lab.training.trainer import CHECKPOINT, CHECKPOINT_KEYS, EXPERIMENT, FINAL_MODEL, _save
+
+EPOCHS = 6  # enough that a signal sent after the first checkpoint finds the training still going
+TINY = ["model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2", "train.val_every=1"]
+
+
+@pytest.fixture
+def dataset(phantom_dataset: Path, tmp_path: Path, monkeypatch) -> Path:
+    # The cache is written inside the dataset folder: work on a copy of the shared phantoms.
+    monkeypatch.chdir(tmp_path)  # the MLflow store is mlruns/ here, for this process and its children
+    copy = tmp_path / "phantom"
+    shutil.copytree(phantom_dataset, copy)
+    return copy
+
+
+def train_argv(dataset: Path, epochs: int = EPOCHS) -> list[str]:
+    argv = ["train", "--pipeline", "B", "--fold", "0", "--profile", "cpu", "--data", str(dataset)]
+    for item in [*TINY, f"train.epochs={epochs}"]:
+        argv += ["--set", item]
+    return argv
+
+
+def train_config(dataset: Path, epochs: int = EPOCHS):
+    """The configuration `brats-lab train train_argv(dataset, epochs)` resolves."""
+    return load_config(pipeline_path("B"), "cpu", [*TINY, f"train.epochs={epochs}", f"data.dataset={dataset}"])
+
+
+def start(argv: list[str], cwd: Path, file_size_limit: int | None = None, **kwargs) -> subprocess.Popen:
+    """`brats-lab ARGV` in a child process; with `file_size_limit`, no file it writes may grow
+    past that many bytes (a disk that fills up): SIGXFSZ ignored, so the write fails with EFBIG."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "brats_lab.cli", *argv], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=limit_file_size if file_size_limit else None, **kwargs)
+
+
+def wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout: float = 120) -> Path:
+    """The first checkpoint a training under `root`/mlruns writes (fails if the process ends first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = list((root / "mlruns" / "artifacts").rglob(CHECKPOINT))
+        if found:
+            return found[0]
+        assert proc.poll() is None, f"ended before its first checkpoint:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within the time limit"
+        time.sleep(0.05)
+
+
+def last_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def error_message(stderr: str) -> str:
+    """From the CLI's error line to the end (progress bars come before it)."""
+    assert "brats-lab: error: " in stderr, stderr[-3000:]
+    return stderr[stderr.index("brats-lab: error: "):]
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files `brats_lab.io.atomic_path` would leave behind after a failed write."""
+    return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name)
+
+
+def killed_training(dataset: Path, root: Path, how: str) -> tuple[subprocess.Popen, str, Path]:
+    """A `brats-lab train` stopped by `how` (SIGTERM, or Ctrl-C as a terminal sends it: SIGINT to
+    the whole process group) once its first checkpoint is on disk: (process, stderr, checkpoint)."""
+    proc = start(train_argv(dataset), root, start_new_session=True)
+    checkpoint = wait_for_checkpoint(root, proc)
+    if how == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    return proc, stderr, checkpoint
+
+
+# --- SIGTERM and Ctrl-C ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_a_stopped_training_is_marked_killed_keeps_a_whole_checkpoint_and_resumes(how, dataset, tmp_path):
+    proc, stderr, checkpoint = killed_training(dataset, tmp_path, how)
+
+    assert proc.returncode == (143 if how == "SIGTERM" else 130), stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert last_line(stderr) == ("brats-lab: terminated (SIGTERM)" if how == "SIGTERM" else "brats-lab: interrupted")
+    (run,) = tracking.find_runs(EXPERIMENT, {"kind": "fold"})
+    (arm,) = tracking.find_runs(EXPERIMENT, {"kind": "arm"})
+    assert run.status == "KILLED" and arm.status == "KILLED"  # nothing left looking alive
+    state = torch.load(checkpoint, weights_only=True)  # whole, and plain tensors and data
+    assert set(CHECKPOINT_KEYS) <= set(state) and state["config_hash"] == config_hash(train_config(dataset))
+    stopped_at = state["epoch"]
+    assert 0 <= stopped_at < EPOCHS - 1
+    assert leftovers(checkpoint.parent) == []
+
+    resumed = subprocess.run([sys.executable, "-m", "brats_lab.cli", *train_argv(dataset), "--resume"], cwd=tmp_path,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"MLflow fold run {run.id} " in resumed.stdout  # the same run, continued
+    assert [r.id for r in tracking.find_runs(EXPERIMENT, {"kind": "fold"})] == [run.id] and run.status == "FINISHED"
+    steps = [s for s, _ in run.metric_history("train_loss")]
+    assert sorted(set(steps)) == list(range(EPOCHS))
+    # Continued, not restarted: the epochs the checkpoint held were not trained again.
+    assert all(steps.count(s) == 1 for s in range(stopped_at + 1)), steps
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == EPOCHS - 1
+
+
+def test_a_terminated_worker_fails_its_trial_and_marks_its_fold_run_killed(dataset, tmp_path):
+    from brats_lab.ablation.study import DEFAULT_STORAGE, launch, make_plan
+
+    arms = ", ".join(f'"{s}"' for s in [*TINY, "train.epochs=8", "train.swa.enabled=false"])
+    (tmp_path / "tiny.toml").write_text(
+        f'name = "tiny"\npipeline = "A"\nbaseline = "equiunet"\nfolds = 2\n\n[arms]\n'
+        f'equiunet = ["model.name=equiunet", {arms}]\natt_equiunet = ["model.name=att_equiunet", {arms}]\n')
+    plan = make_plan(str(tmp_path / "tiny.toml"), "cpu", 1, str(dataset), DEFAULT_STORAGE)
+    launch(plan)
+    worker = start(["worker", "--study", plan.study_name, "--storage", DEFAULT_STORAGE, "--quiet"], tmp_path)
+    wait_for_checkpoint(tmp_path, worker)
+    worker.send_signal(signal.SIGTERM)
+    _, stderr = worker.communicate(timeout=120)
+
+    assert worker.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and last_line(stderr) == "brats-lab: terminated (SIGTERM)"
+    study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
+    assert sorted(t.state.name for t in study.trials) == ["FAIL", "WAITING"]  # not RUNNING: no grace period to wait out
+    (run,) = tracking.find_runs(plan.experiment, {"kind": "fold"})
+    assert run.status == "KILLED"
+    launch(plan)  # the next launcher (or worker) enqueues the failed (arm, fold) again at once
+    study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
+    assert sorted(t.state.name for t in study.trials) == ["FAIL", "WAITING", "WAITING"]
+
+
+# --- a write that fails half-way (the disk fills up) -------------------------------------------
+
+
+def test_a_checkpoint_write_that_fails_half_way_keeps_the_previous_checkpoint(dataset, tmp_path):
+    _, _, checkpoint = killed_training(dataset, tmp_path, "SIGTERM")
+    before = checkpoint.read_bytes()
+
+    # Resume where a file may grow to half a checkpoint only: the next checkpoint write fails.
+    proc = start([*train_argv(dataset), "--resume"], tmp_path, file_size_limit=len(before) // 2)
+    _, stderr = proc.communicate(timeout=300)
+
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert last_line(stderr) == f"brats-lab: error: {checkpoint}: could not write (File too large)"
+    assert checkpoint.read_bytes() == before and leftovers(checkpoint.parent) == []
+    (run,) = tracking.find_runs(EXPERIMENT, {"kind": "fold"})
+    assert run.status == "FAILED"  # and resumable again once there is room:
+    assert tracking.latest_fold_run(EXPERIMENT, config_hash(train_config(dataset)), 0, statuses=("FAILED",)).id == run.id
+
+
+def fold_run_with_model(dataset: Path, model_file: bytes | None = None):
+    """A finished fold run whose final model is an untrained tiny network of `train_config`
+    (enough to predict with) or, given `model_file`, those bytes."""
+    cfg = train_config(dataset)
+    arm = tracking.arm_run(EXPERIMENT, config_hash(cfg), "pipeline B", flatten(cfg))
+    run = tracking.fold_run(arm, 0, "pipeline B fold 0")
+    path = run.artifact_dir() / FINAL_MODEL
+    torch.manual_seed(0)
+    _save(path, {"model": build_model(cfg.model).state_dict(), "config": to_dict(cfg), "config_hash": config_hash(cfg), "fold": 0})
+    if model_file is not None:
+        path.write_bytes(model_file)
+    run.finish("FINISHED")
+    return run, path
+
+
+def test_a_prediction_write_that_fails_half_way_keeps_the_previous_prediction(dataset, tmp_path, capsys):
+    one_case = tmp_path / "one"
+    shutil.copytree(dataset / "BraTS20_Training_001", one_case / "BraTS20_Training_001")
+    run, _ = fold_run_with_model(dataset)
+    argv = ["predict", "--run", run.id, "--input", str(one_case), "--output", str(tmp_path / "out")]
+    assert main(argv) == 0, capsys.readouterr().err
+    prediction = tmp_path / "out" / "BraTS20_Training_001.nii.gz"
+    before = prediction.read_bytes()
+
+    proc = start([*argv, "--overwrite"], tmp_path, file_size_limit=len(before) // 2)
+    _, stderr = proc.communicate(timeout=300)
+
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert last_line(stderr).startswith(f"brats-lab: error: {prediction}: could not write the image")
+    assert prediction.read_bytes() == before and leftovers(prediction.parent) == []
+    read_image(prediction, full_check=True)  # still a whole image
+
+
+# --- corrupt and malicious checkpoints ---------------------------------------------------------
+
+
+class _RunsCode:
+    """Unpickled by a loader that allows arbitrary objects, this creates the file `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def bad_checkpoint(kind: str, tmp_path: Path, marker: Path) -> bytes:
+    good = tmp_path / "good.pt"
+    torch.save({"epoch": 0, "model": build_model(train_config(tmp_path).model).state_dict()}, good)
+    if kind == "truncated":
+        return good.read_bytes()[: good.stat().st_size // 2]
+    if kind == "random bytes":
+        return np.random.default_rng(0).bytes(4096)
+    if kind == "text":
+        return b"model weights: see the shared drive\n"
+    evil = tmp_path / "evil.pt"
+    torch.save({"epoch": 0, "model": _RunsCode(marker)}, evil)
+    torch.load(evil, weights_only=False)  # the payload is live: unsafe loading runs it
+    assert marker.is_file()
+    marker.unlink()
+    return evil.read_bytes()
+
+
+KINDS = ["truncated", "random bytes", "text", "runs code when unpickled"]
+
+
+def test_train_resume_refuses_a_bad_checkpoint_by_name_without_running_it(dataset, tmp_path, capsys):
+    cfg = train_config(dataset)
+    arm = tracking.arm_run(EXPERIMENT, config_hash(cfg), "pipeline B", flatten(cfg))
+    for kind in KINDS:
+        marker = tmp_path / "marker"
+        run = tracking.fold_run(arm, 0, "pipeline B fold 0")
+        checkpoint = run.artifact_dir() / CHECKPOINT
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(bad_checkpoint(kind, tmp_path, marker))
+        run.finish("KILLED")
+
+        assert main([*train_argv(dataset), "--resume"]) == 1, kind
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert error_message(err).startswith(f"brats-lab: error: {checkpoint}: ") and error_message(err).count("\n") == 1, err
+        assert not marker.exists(), kind
+        assert run.status == "KILLED", kind  # left as it was, not reopened and stuck RUNNING
+
+
+def test_predict_refuses_a_bad_model_file_by_name_without_running_it(dataset, tmp_path, capsys):
+    for kind in KINDS:
+        marker = tmp_path / "marker"
+        run, path = fold_run_with_model(dataset, bad_checkpoint(kind, tmp_path, marker))
+
+        assert main(["predict", "--run", run.id, "--input", str(dataset), "--output", str(tmp_path / "out")]) == 1, kind
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert error_message(err).startswith(f"brats-lab: error: {path}: ") and error_message(err).count("\n") == 1, err
+        assert not marker.exists(), kind
+        assert not (tmp_path / "out").exists(), kind
+
+
+# --- the data cache ----------------------------------------------------------------------------
+
+
+def test_train_rebuilds_a_corrupt_cache_entry_and_refuses_a_dataset_changed_under_its_folds(dataset, capsys):
+    from brats_lab.data.cache import open_cache
+
+    assert main(train_argv(dataset, epochs=1)) == 0
+    cache = open_cache(dataset, "zscore")
+    images = cache.dir / cache.entry("BraTS20_Training_002").dir / "images.npy"
+    with open(images, "r+b") as f:  # same size, same header, other voxels: only the hash can tell
+        f.seek(images.stat().st_size // 2)
+        f.write(b"\x7f" * 64)
+    capsys.readouterr()
+
+    assert main(train_argv(dataset, epochs=1)) == 0
+    err = capsys.readouterr().err
+    assert "rebuilt BraTS20_Training_002 (corrupt: images.npy changed (sha256 differs))" in err
+    open_cache(dataset, "zscore").load("BraTS20_Training_002")  # whole again
+    assert len(tracking.find_runs(EXPERIMENT, {"kind": "fold"}, statuses=("FINISHED",))) == 2
+
+    # The same case id with other labels: the folds were drawn for the old data.
+    seg = dataset / "BraTS20_Training_002" / "BraTS20_Training_002_seg.nii.gz"
+    labels, geometry = read_image(seg)
+    write_image(np.where(labels == 2, 0, labels).astype(np.uint8), geometry, seg)
+    assert main(train_argv(dataset, epochs=1)) == 1
+    err = capsys.readouterr().err
+    splits = next(cache.dir.glob("splits_*.json"))
+    assert "Traceback" not in err
+    assert error_message(err).startswith(f"brats-lab: error: {splits}: splits were made for data with manifest hash"), err
+    assert error_message(err).count("\n") == 1
+    assert len(tracking.find_runs(EXPERIMENT, {"kind": "fold"})) == 2  # no run started on the changed data

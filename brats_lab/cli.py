@@ -263,10 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
         "review studies, compare arms and look at the worst cases",
         "Start the review dashboard (Streamlit) on the project's store (mlruns/ in the current "
         "folder, or MLFLOW_TRACKING_URI): every study and training with its progress, arms "
-        "compared over folds, the worst cases with their pictures. It only reads the store. "
+        "compared over folds with the verdict, the worst cases in a slice viewer. It only reads the store. "
         "Runs in the foreground until Ctrl-C.",
     )
-    dashboard.add_argument("--port", type=int, default=8501, help="port to listen on (bound to 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, default=8501, help="port to listen on")
+    dashboard.add_argument("--host", default="127.0.0.1", help="interface to bind; the default keeps the dashboard to this machine")
     dashboard.set_defaults(run=_dashboard)
     return parser
 
@@ -468,12 +469,13 @@ def _dashboard(args: argparse.Namespace) -> int:
         from brats_lab.tracking import tracking_uri
 
         env["MLFLOW_TRACKING_URI"] = tracking_uri()
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1",
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    print(f"dashboard on http://127.0.0.1:{args.port}/  (store: {env['MLFLOW_TRACKING_URI']}; Ctrl-C stops it)", flush=True)
+    print(f"dashboard on http://{args.host}:{args.port}/  (store: {env['MLFLOW_TRACKING_URI']}; Ctrl-C stops it)", flush=True)
     from brats_lab.serve import run_foreground
 
-    return run_foreground(cmd, env, cwd=root)
+    # In the caller's folder: runs record their dataset as given, often relative to the project.
+    return run_foreground(cmd, env, cwd=Path.cwd())
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -185,7 +185,8 @@ def test_dashboard_command_serves_the_app_on_localhost(in_store):
 
     from brats_lab.cli import build_parser
 
-    assert build_parser().parse_args(["dashboard"]).port == 8501
+    defaults = build_parser().parse_args(["dashboard"])
+    assert (defaults.host, defaults.port) == ("127.0.0.1", 8501)  # this machine only, unless told otherwise
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -175,7 +175,7 @@ def verdict_section(metric: str) -> None:
     fig.add_vline(x=0, line_dash="dash", line_color="grey")
     unit = " mm" if metric == "hd95" else ""
     fig.update_layout(xaxis_title=f"arm - baseline, mean {metric}{unit} with 95% CI", yaxis_title="arm and region",
-                      height=120 + 40 * len(rows), legend_title_text="region")
+                      height=200 + 40 * len(rows), legend_title_text="region")
     st.plotly_chart(fig, width="stretch")
     baseline = comparison.attrs.get("baseline") or study.get("params.baseline", "the baseline")
     st.caption(f"Paired over the out-of-fold cases against {baseline}: bootstrap 95% CI of the mean "
@@ -198,7 +198,7 @@ def curves_section() -> None:
         return
     curves = load_curves(uri, cells.iloc[[names[n] for n in chosen]], key)
     fig = px.line(curves.assign(fold=lambda d: "fold " + d["fold"].astype(str)), x="epoch", y="value",
-                  color="arm", line_dash="fold", markers=True)
+                  color="arm", line_dash="fold", markers=True, color_discrete_sequence=px.colors.qualitative.D3)
     fig.update_layout(xaxis_title="epoch", yaxis_title=key, legend_title_text="arm, fold")
     st.plotly_chart(fig, width="stretch")
 
@@ -220,7 +220,7 @@ def cases_page() -> None:
         st.info("No case matches these filters.")
         return
     st.caption("Choose a row to look at that case.")
-    picked = st.dataframe(worst, hide_index=True, width="stretch", on_select="rerun",
+    picked = st.dataframe(worst.drop(columns="run_id"), hide_index=True, width="stretch", on_select="rerun",
                           selection_mode="single-row", key=f"worst-{study_id}")
     rows = picked.selection.rows if picked is not None else []
     case = worst["case"].iloc[rows[0] if rows else 0]
@@ -253,7 +253,7 @@ def case_view(case: str, arm: str) -> None:
         st.info(f"Nothing to draw for {case}: neither its images nor a prediction could be read.")
         return
 
-    col1, col2, col3 = st.columns([1, 3, 1])
+    col1, col2, col3 = st.columns([3, 4, 2])
     view = col1.radio("View", viz.VIEWS, horizontal=True, key="view")
     depth = viz.slice_count(volumes.shape, view)
     start = viz.tumour_slice(volumes.reference, volumes.convention, view)

@@ -18,7 +18,10 @@ import pytest
 
 from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan, run_study
 
-pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning"),
+    pytest.mark.xdist_group("dashboard-project"),  # one xdist worker trains the shared project once
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "dashboard" / "app.py"
@@ -137,3 +140,51 @@ def test_every_page_in_a_real_browser(in_project, tmp_path):
     assert all(p.stat().st_size > 10_000 for p in result.screenshots.values())  # real pictures, not blank pages
     assert result.images_on_cases == 7
     assert "Traceback" not in out, out[-3000:]
+
+
+def test_cases_page_reads_predictions_from_a_remote_mlflow_server(project, tmp_path, monkeypatch):
+    """The same app on a tracking server (served artifacts): predictions are downloaded over HTTP."""
+    import numpy as np
+    import pandas as pd
+    from streamlit.testing.v1 import AppTest
+
+    from brats_lab import tracking
+    from brats_lab.data.cases import discover
+    from brats_lab.io import read_image, write_image
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "served")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the MLflow server did not start"
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        monkeypatch.chdir(tmp_path)
+        case = discover(project / "phantom")[0]
+        seg, geometry = read_image(case.seg, np.uint8)
+        arm = tracking.arm_run("brats-lab", "remote", "pipeline A", {"pipeline": "A"})
+        with tracking.fold_run(arm, 0, "pipeline A fold 0") as run:
+            run.log_params({"data.dataset": str(project / "phantom")})
+            write_image(seg, geometry, tmp_path / "upload" / f"{case.id}.nii.gz")
+            run.log_artifact(tmp_path / "upload" / f"{case.id}.nii.gz", "predictions")
+            run.log_table(pd.DataFrame({"case": [case.id], "dice_ET": [0.5], "dice_TC": [0.6], "dice_WT": [0.7]}),
+                          "per_case_metrics.csv")
+        arm.finish()
+        assert run.artifact_dir() is None  # really remote: nothing to read from a local folder
+
+        at = AppTest.from_file(str(APP), default_timeout=60).run()
+        at.sidebar.radio[0].set_value("Cases").run()
+        assert not at.exception, at.exception
+        assert not at.warning, [w.value for w in at.warning]
+        assert len(at.get("image")) == 4 + 1 + 1  # modalities, ground truth, the one arm's prediction
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

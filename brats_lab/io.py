@@ -7,6 +7,8 @@ shape (155, 240, 240). `Geometry.size` is in ITK's (x, y, z) order, as viewers s
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import gzip
 import os
 import struct
@@ -90,16 +92,30 @@ def read_image(path: Path, dtype: type | None = None, full_check: bool = False) 
     `full_check` also verifies a gzip stream's CRC (see `check_complete`)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: {why_not_a_file(path)}")
     check_complete(path, full=full_check)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:
+        if not full_check:  # ITK says only that it found no reader: a corrupt gzip stream is likelier
+            check_complete(path, full=True)
         raise DataError(f"{path}: unreadable image ({_itk_reason(e)})") from None
     array = sitk.GetArrayFromImage(image)
     if dtype is not None:
         array = array.astype(dtype, copy=False)
     return array, Geometry.of(image)
+
+
+def read_volume(path: Path, full_check: bool = False) -> tuple[np.ndarray, Geometry]:
+    """`read_image` for what must be one 3-D scalar volume (a modality, a label map): refuses
+    any other number of dimensions and NaN or infinite voxels, which ITK reads as 0 unsaid."""
+    array, geometry = read_image(path, full_check=full_check)
+    if array.ndim != 3 or len(geometry.size) != 3:
+        components = f" x {array.shape[-1]} components" if array.ndim > len(geometry.size) else ""
+        raise DataError(f"{path}: not 3-D (size {geometry.size}{components})")
+    if np.issubdtype(array.dtype, np.floating) and (bad := count_nonfinite(path)):
+        raise DataError(f"{path}: {bad} NaN or infinite voxels")
+    return array, geometry
 
 
 def check_complete(path: Path, full: bool = False) -> None:
@@ -112,7 +128,20 @@ def check_complete(path: Path, full: bool = False) -> None:
     every other read would otherwise decompress each file twice).
     """
     path = Path(path)
+    try:
+        _check_complete(path, full)
+    except PermissionError:
+        raise DataError(f"{path}: permission denied (the file cannot be read)") from None
+
+
+def _check_complete(path: Path, full: bool) -> None:
     if path.name.endswith(".gz"):
+        with open(path, "rb") as f:
+            start = f.read(8)
+        if not start:
+            raise DataError(f"{path}: empty file (0 bytes)")
+        if not start.startswith(b"\x1f\x8b"):  # gzip's magic number
+            raise DataError(f"{path}: not gzip-compressed, though named .gz (it starts with {start!r})")
         try:
             with gzip.open(path, "rb") as f:
                 expected = _nifti_size(f.read(348), path)
@@ -128,6 +157,8 @@ def check_complete(path: Path, full: bool = False) -> None:
                         length += len(chunk)
                 if length < expected:
                     raise DataError(f"{path}: truncated NIfTI ({length} of {expected} bytes once decompressed)")
+        except PermissionError:
+            raise
         except (EOFError, OSError, zlib.error) as e:
             raise DataError(f"{path}: truncated or corrupt gzip ({e})") from None
     elif path.suffix == ".nii":
@@ -140,20 +171,39 @@ def check_complete(path: Path, full: bool = False) -> None:
 
 def _nifti_size(header: bytes, path: Path) -> int | None:
     """Bytes a NIfTI-1 file holds according to its header: voxel offset + voxel data; None for
-    anything that is not NIfTI-1 (ITK then says what it is, or that it cannot read it)."""
+    NIfTI-2 (left to ITK). Anything else is refused: ITK would read a PNG named .nii as a PNG."""
     if len(header) < 4:
         raise DataError(f"{path}: truncated NIfTI header ({len(header)} of 348 bytes)")
-    orders = [o for o in "<>" if struct.unpack(o + "i", header[:4])[0] == 348]
-    if not orders:
+    sizes = {struct.unpack(o + "i", header[:4])[0]: o for o in "<>"}  # sizeof_hdr, either byte order
+    if 540 in sizes:
         return None
+    if 348 not in sizes:
+        hint = "; it is gzip-compressed: name it .nii.gz" if header.startswith(b"\x1f\x8b") else ""
+        raise DataError(f"{path}: unreadable image: not a NIfTI file (it starts with {header[:8]!r}{hint})")
+    order = sizes[348]
     if len(header) < 348:
         raise DataError(f"{path}: truncated NIfTI header ({len(header)} of 348 bytes)")
-    order = orders[0]
     dims = struct.unpack(order + "8h", header[40:56])
     bitpix = struct.unpack(order + "h", header[72:74])[0]
     vox_offset = int(struct.unpack(order + "f", header[108:112])[0])
     n_voxels = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]]))
     return vox_offset + n_voxels * bitpix // 8
+
+
+def why_not_a_file(path: Path) -> str:
+    """Why there is no readable file at `path`, in words: missing, a symlink loop, a broken
+    symlink, a folder, or a folder on the way that cannot be searched."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop" + (f" ({path.name} -> {os.readlink(path)})" if path.is_symlink() else "")
+        if path.is_symlink():
+            return f"broken symbolic link (to {os.readlink(path)})"
+        if e.errno == errno.EACCES:
+            return "permission denied (a folder on the way cannot be searched)"
+        return "file not found"
+    return "not a file" + (" (a folder)" if path.is_dir() else "")
 
 
 def count_nonfinite(path: Path) -> int:
@@ -199,10 +249,18 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,17 @@ def test_the_quick_check_reads_little_but_refuses_a_cut_file(tmp_path, monkeypat
     path.write_bytes(path.read_bytes()[:-9])
     with pytest.raises(DataError, match="truncated"):
         read_image(path)
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
+    # mkstemp creates 0600; a shared store needs files others (the dashboard's user) can read.
+    from brats_lab.io import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        write_image(np.zeros((8, 10, 12), np.uint8), GEOMETRY, tmp_path / "b.nii.gz")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "a.txt").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "b.nii.gz").stat().st_mode & 0o777) == oct(0o644)

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except DataError as e:
-        print(f"brats-lab: error: {e}", file=sys.stderr)
+        _error(*str(e).splitlines())  # a multi-line message (prepare's failed cases): one error each
         return 1
     except OSError as e:  # a write that failed (disk full, permissions); the message names the file
         print(f"brats-lab: error: {e}", file=sys.stderr)
@@ -39,6 +39,15 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _error(*lines: str) -> None:
+    for line in lines:
+        print(f"brats-lab: error: {line}", file=sys.stderr)
+
+
+def _cases_named(cases: list[str], most: int = 10) -> str:
+    return ", ".join(cases[:most]) + (f" and {len(cases) - most} more" if len(cases) > most else "")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, docker stop, a job scheduler) raised where the command is, so it stops the
     way Ctrl-C stops it: runs marked KILLED, trials failed, temporary files removed."""
@@ -48,7 +57,8 @@ def _stop_on_sigterm():
     """Turn SIGTERM into `Terminated`; returns the handler it replaced (None off the main thread,
     where signals cannot be handled)."""
     def terminate(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        if isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            return  # already stopping (Ctrl-C, an earlier SIGTERM): let the clean-up finish
         raise Terminated()
 
     try:
@@ -105,9 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         "validate every case of a dataset",
         "Validate every case of a BraTS dataset (2020, 2021 or 2023+ layout, auto-detected) and "
         "report every problem at once, one line each, naming case and file: missing or unreadable "
-        "files, truncated gzip, not 3-D, modalities that disagree in geometry, NaN or infinite "
-        "voxels, all-zero modalities, labels the release does not allow, a segmentation whose "
-        "geometry differs from the images. Exit status 0 when clean, 1 otherwise.",
+        "files, truncated gzip, not NIfTI, not 3-D, modalities that disagree in geometry, NaN or "
+        "infinite voxels, all-zero modalities, labels the release does not allow, a segmentation "
+        "whose geometry differs from the images, two files for one modality, a case folder that "
+        "cannot be listed (permissions, a symbolic link loop). Case folders of two layouts in one "
+        "folder are refused outright. Exit status 0 when clean, 1 otherwise.",
     )
     check.add_argument("dataset", type=Path, help="dataset folder (the one holding the case folders, or its parent)")
     check.set_defaults(run=_check)
@@ -308,6 +320,9 @@ def _check(args: argparse.Namespace) -> int:
     layout = cases[0].layout.name if cases else "?"
     bad = len({p.case for p in problems})
     print(f"{len(cases)} cases ({layout} layout): {bad} with problems, {len(problems)} problems in all")
+    if problems:  # the report above is the product; this line says it failed, and where
+        _error(f"{len(problems)} problems in {bad} of {len(cases)} cases (listed above): "
+               + _cases_named(list(dict.fromkeys(p.case for p in problems))))
     return 1 if problems else 0
 
 
@@ -327,7 +342,7 @@ def _baseline(args: argparse.Namespace) -> int:
 
     written, failures = predict_folder(discover(args.input), args.output)
     for failure in failures:
-        print(f"failed: {failure}", file=sys.stderr)
+        _error(failure)
     print(f"wrote {len(written)} label maps to {args.output}" + (f"; {len(failures)} cases failed" if failures else ""))
     return 1 if failures else 0
 
@@ -373,7 +388,7 @@ def _predict(args: argparse.Namespace) -> int:
         small_et=args.small_et, overwrite=args.overwrite,
     )
     for failure in failures:
-        print(f"failed: {failure}", file=sys.stderr)
+        _error(failure)
     print(f"{len(members)} model(s){' x 16 views' if args.tta else ''}: wrote {len(written)} label maps to {args.output}"
           + (f", skipped {len(skipped)} already there (--overwrite redoes them)" if skipped else "")
           + (f"; {len(failures)} cases failed" if failures else ""))
@@ -386,7 +401,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     written, problems = merge_folders(args.a, args.b, args.output, CONVENTIONS[args.labels])
     for problem in problems:
-        print(f"problem: {problem}", file=sys.stderr)
+        _error(problem)
     print(f"merged {len(written)} label maps into {args.output}" + (f"; {len(problems)} problems" if problems else ""))
     return 1 if problems else 0
 
@@ -449,6 +464,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     result.write_csv(out)
     print(format_summary(result))
     print(f"per-case metrics: {out}")
+    if result.problems:
+        _error(f"{len(result.problems)} problems (listed above; those cases are scored worst-case): "
+               + _cases_named(result.problem_cases))
     return 1 if result.problems else 0
 
 

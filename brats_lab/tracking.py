@@ -464,6 +464,10 @@ def _quiet_mlflow() -> None:
     # from the same loggers still show.
     for name in ("mlflow.store.db.utils", "mlflow.store.db", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # With a tracking server, MLflow prints two "View run ... at" lines for every run ended and a
+    # progress bar for every artifact read: noise in a worker's output (set either to see them).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @functools.cache

@@ -112,7 +112,7 @@ def killed_training(dataset: Path, root: Path, how: str) -> tuple[subprocess.Pop
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
-def test_a_stopped_training_is_marked_killed_keeps_a_whole_checkpoint_and_resumes(how, dataset, tmp_path):
+def test_a_stopped_training_is_marked_killed_keeps_a_whole_checkpoint_and_resumes(how, dataset, tmp_path, capsys):
     proc, stderr, checkpoint = killed_training(dataset, tmp_path, how)
 
     assert proc.returncode == (143 if how == "SIGTERM" else 130), stderr[-3000:]
@@ -127,10 +127,8 @@ def test_a_stopped_training_is_marked_killed_keeps_a_whole_checkpoint_and_resume
     assert 0 <= stopped_at < EPOCHS - 1
     assert leftovers(checkpoint.parent) == []
 
-    resumed = subprocess.run([sys.executable, "-m", "brats_lab.cli", *train_argv(dataset), "--resume"], cwd=tmp_path,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"MLflow fold run {run.id} " in resumed.stdout  # the same run, continued
+    assert main([*train_argv(dataset), "--resume"]) == 0  # the next command (in this process: quicker)
+    assert f"MLflow fold run {run.id} " in capsys.readouterr().out  # the same run, continued
     assert [r.id for r in tracking.find_runs(EXPERIMENT, {"kind": "fold"})] == [run.id] and run.status == "FINISHED"
     steps = [s for s, _ in run.metric_history("train_loss")]
     assert sorted(set(steps)) == list(range(EPOCHS))
@@ -139,14 +137,19 @@ def test_a_stopped_training_is_marked_killed_keeps_a_whole_checkpoint_and_resume
     assert torch.load(checkpoint, weights_only=True)["epoch"] == EPOCHS - 1
 
 
-def test_a_terminated_worker_fails_its_trial_and_marks_its_fold_run_killed(dataset, tmp_path):
-    from brats_lab.ablation.study import DEFAULT_STORAGE, launch, make_plan
-
-    arms = ", ".join(f'"{s}"' for s in [*TINY, "train.epochs=8", "train.swa.enabled=false"])
+def tiny_ablation(tmp_path: Path, epochs: int) -> Path:
+    """Two arms of tiny networks: one trial per arm at --folds 1."""
+    arms = ", ".join(f'"{s}"' for s in [*TINY, f"train.epochs={epochs}", "train.swa.enabled=false"])
     (tmp_path / "tiny.toml").write_text(
         f'name = "tiny"\npipeline = "A"\nbaseline = "equiunet"\nfolds = 2\n\n[arms]\n'
         f'equiunet = ["model.name=equiunet", {arms}]\natt_equiunet = ["model.name=att_equiunet", {arms}]\n')
-    plan = make_plan(str(tmp_path / "tiny.toml"), "cpu", 1, str(dataset), DEFAULT_STORAGE)
+    return tmp_path / "tiny.toml"
+
+
+def test_a_terminated_worker_fails_its_trial_and_marks_its_fold_run_killed(dataset, tmp_path):
+    from brats_lab.ablation.study import DEFAULT_STORAGE, launch, make_plan
+
+    plan = make_plan(str(tiny_ablation(tmp_path, epochs=8)), "cpu", 1, str(dataset), DEFAULT_STORAGE)
     launch(plan)
     worker = start(["worker", "--study", plan.study_name, "--storage", DEFAULT_STORAGE, "--quiet"], tmp_path)
     wait_for_checkpoint(tmp_path, worker)
@@ -162,6 +165,31 @@ def test_a_terminated_worker_fails_its_trial_and_marks_its_fold_run_killed(datas
     launch(plan)  # the next launcher (or worker) enqueues the failed (arm, fold) again at once
     study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
     assert sorted(t.state.name for t in study.trials) == ["FAIL", "WAITING", "WAITING"]
+
+
+def test_a_terminated_ablation_stops_its_helper_workers_too(dataset, tmp_path):
+    from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan
+
+    toml = tiny_ablation(tmp_path, epochs=40)  # stopped long before: time for both to be training
+    launcher = start(["ablate", str(toml), "--workers", "2", "--folds", "1", "--data", str(dataset)], tmp_path)
+    deadline = time.monotonic() + 180
+    while len(list((tmp_path / "mlruns" / "artifacts").rglob(CHECKPOINT))) < 2:  # both processes training
+        assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the two workers did not both reach a checkpoint"
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)  # the launcher only, as `kill PID` would
+    _, stderr = launcher.communicate(timeout=120)
+
+    assert launcher.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and last_line(stderr) == "brats-lab: terminated (SIGTERM)"
+    plan = make_plan(str(toml), "cpu", 1, str(dataset), DEFAULT_STORAGE)
+    runs = tracking.find_runs(plan.experiment, {"kind": "fold"})
+    assert len({r.tags["pid"] for r in runs}) == 2 and {r.status for r in runs} == {"KILLED"}
+    for pid in {int(r.tags["pid"]) for r in runs}:  # the helper was stopped and waited for
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
+    assert sorted(t.state.name for t in study.trials) == ["FAIL", "FAIL"]
 
 
 # --- a write that fails half-way (the disk fills up) -------------------------------------------

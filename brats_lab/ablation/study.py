@@ -201,6 +201,20 @@ def work(study_name: str, storage: str, progress: bool = True) -> int:
         done += 1
 
 
+def _work_until_done(study_name: str, storage: str, progress: bool) -> None:
+    """Work, then wait for the trials other workers (here or on other machines) still run, so the
+    report finds every fold; the trial of a worker that dies meanwhile is retried here."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=study_name, storage=_storage(storage))
+    while True:
+        work(study_name, storage, progress=progress)
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            return
+        time.sleep(HEARTBEAT_SECONDS)
+
+
 def _fail_stale(study) -> None:
     import warnings
 
@@ -269,7 +283,8 @@ def _per_case(run) -> pd.DataFrame:
 
 
 def run_study(plan: Plan, workers: int = 1, progress: bool = True) -> "Report":
-    """Launch, work (with `workers` processes on this machine) and report."""
+    """Launch, work (with `workers` processes on this machine), wait for the trials that other
+    workers still run, and report."""
     import torch
 
     study_run = launch(plan)
@@ -285,7 +300,15 @@ def run_study(plan: Plan, workers: int = 1, progress: bool = True) -> "Report":
             ))
         time.sleep(1)  # let them claim first: this process takes what is left
     try:
-        work(plan.study_name, plan.storage, progress=progress)
+        _work_until_done(plan.study_name, plan.storage, progress)
+    except BaseException:
+        # Stopped (Ctrl-C, SIGTERM, an error): stop the helpers too, the same clean way (their
+        # trials failed, their fold runs KILLED, ready to resume), rather than leave them running.
+        for helper in helpers:
+            helper.terminate()
+        for helper in helpers:
+            helper.wait()
+        raise
     finally:
         torch.set_num_threads(threads)  # the caller's process is left as it was
     failed = [p for p in helpers if p.wait() != 0]
@@ -297,7 +320,7 @@ def run_study(plan: Plan, workers: int = 1, progress: bool = True) -> "Report":
         study_run.set_tags({"removed_cases": ",".join(plan.excluded)})
         study_run.log_text("\n".join(plan.excluded) + "\n", "removed_cases.txt")
         launch(plan)
-        work(plan.study_name, plan.storage, progress=progress)
+        _work_until_done(plan.study_name, plan.storage, progress)
     result = report(plan)
     if plan.ablation.search is not None:
         result.search = search(plan, study_run, progress)

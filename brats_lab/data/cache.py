@@ -46,7 +46,7 @@ from brats_lab.data.preprocess import (
     bbox_to_list,
     preprocess_case,
 )
-from brats_lab.io import Geometry, atomic_path, file_lock, write_text
+from brats_lab.io import Geometry, atomic_path, file_lock, why_not_a_file, write_text
 from brats_lab.labels import CONVENTIONS, LabelConvention
 
 FORMAT_VERSION = 1
@@ -227,10 +227,16 @@ def _prepare_locked(
     report = PrepareReport()
     records: dict[str, dict] = {}
     errors: list[str] = []
+    # Training data come with a segmentation per case, test data with none: a mix means a file
+    # went missing, and the case would otherwise enter training without labels.
+    expect_seg = any(c.seg is not None for c in cases)
     bar = tqdm(cases, desc=f"prepare {method}", unit="case", file=sys.stderr, disable=not progress)
     for case in bar:
         bar.set_postfix_str(case.id, refresh=False)
         try:
+            case.require_usable()
+            if expect_seg and case.seg is None:
+                raise DataError(f"{case.id}: {case.dir}: no segmentation file (other cases of this dataset have one)")
             known = _known_inputs(cache_dir, case.id, old_cases.get(case.id))
             inputs = _hash_inputs(case, root, known, verify_hashes)
             content_hash = _content_hash(inputs)
@@ -446,8 +452,8 @@ def _hash_inputs(case: Case, root: Path, known: dict, verify_hashes: bool) -> di
     for name, path in case.files().items():
         try:
             stat = path.stat()
-        except FileNotFoundError:
-            raise DataError(f"{case.id}: {path}: file not found") from None
+        except OSError:
+            raise DataError(f"{case.id}: {path}: {why_not_a_file(path)}") from None
         rel = os.path.relpath(path, root)
         prev = known.get(name)
         same = prev is not None and (prev.get("path"), prev.get("size"), prev.get("mtime_ns")) == (
@@ -455,7 +461,10 @@ def _hash_inputs(case: Case, root: Path, known: dict, verify_hashes: bool) -> di
             stat.st_size,
             stat.st_mtime_ns,
         )
-        sha = prev["sha256"] if same and not verify_hashes else _sha256_file(path)
+        try:
+            sha = prev["sha256"] if same and not verify_hashes else _sha256_file(path)
+        except PermissionError:
+            raise DataError(f"{case.id}: {path}: permission denied (the file cannot be read)") from None
         out[name] = {"path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha}
     return out
 

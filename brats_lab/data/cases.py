@@ -6,13 +6,14 @@ A `Case` is paths plus geometry; it reads no voxels. Layouts and their label con
 
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from brats_lab import DataError
-from brats_lab.io import Geometry, read_header
+from brats_lab.io import Geometry, read_header, why_not_a_file
 from brats_lab.labels import BRATS_2020, BRATS_2023, LabelConvention
 
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")  # channel order of every image tensor
@@ -72,6 +73,9 @@ class Case:
     seg: Path | None
     layout: Layout
     notes: tuple[str, ...] = field(default=())  # tolerated oddities, e.g. a seg file's odd name
+    # What makes the case unusable, found without reading voxels: (file name, why), e.g. two files
+    # for one modality. The file name is the case id when the folder itself is at fault.
+    problems: tuple[tuple[str, str], ...] = field(default=())
 
     @property
     def convention(self) -> LabelConvention:
@@ -81,6 +85,12 @@ class Case:
     def geometry(self) -> Geometry:
         """Geometry of the first modality (all must agree; `data check` verifies it)."""
         return read_header(self.images[0])[0]
+
+    def require_usable(self) -> None:
+        """Raise DataError naming the case and each file if discovery found it unusable."""
+        if self.problems:
+            raise DataError("; ".join(f"{self.id}: {self.dir if name == self.id else self.dir / name}: {why}"
+                                      for name, why in self.problems))
 
     def files(self) -> dict[str, Path]:
         """Modality name (or 'seg') -> path."""
@@ -100,44 +110,75 @@ def detect_layout(root: Path) -> tuple[Layout, Path]:
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
     for folder in (root, *_only_subfolder(root)):
-        names = [p.name for p in folder.iterdir() if p.is_dir()]
-        counts = [(sum(bool(l.case_dir.match(n)) for n in names), l) for l in LAYOUTS]
-        best, layout = max(counts, key=lambda c: c[0])
-        if best:
-            return layout, folder
+        names = sorted(p.name for p in _list(folder))
+        found = {l.name: [n for n in names if l.case_dir.match(n)] for l in LAYOUTS}
+        found = {name: cases for name, cases in found.items() if cases}
+        if len(found) > 1:  # e.g. a 2021 copy of 2020 cases: the same patients twice
+            kinds = "; ".join(f"{name}: {len(cases)} ({', '.join(cases[:3])}{', ...' if len(cases) > 3 else ''})"
+                              for name, cases in found.items())
+            raise DataError(f"{folder}: case folders of {len(found)} layouts ({kinds}); keep one dataset per folder")
+        if found:
+            return next(l for l in LAYOUTS if l.name in found), folder
     examples = ", ".join(l.example for l in LAYOUTS)
     raise DataError(f"{root}: no BraTS case folders found (expected one of the layouts: {examples})")
 
 
+def _list(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        raise DataError(f"{folder}: cannot list the folder ({(e.strerror or str(e)).lower()})") from None
+
+
 def _only_subfolder(root: Path) -> list[Path]:
-    subs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    subs = [p for p in _list(root) if p.is_dir() and not p.name.startswith(".")]
     return subs if len(subs) == 1 else []
 
 
 def discover(root: Path) -> list[Case]:
-    """Every case of a dataset folder, sorted by id. Reads no voxels."""
+    """Every case of a dataset folder, sorted by id. Reads no voxels.
+
+    A case whose folder cannot be listed (a symlink loop, no permission) or that holds two files
+    for one modality is still returned, with `problems` saying why it cannot be used.
+    """
     layout, folder = detect_layout(root)
-    dirs = sorted(p for p in folder.iterdir() if p.is_dir() and layout.case_dir.match(p.name))
-    return [_case(d, layout) for d in dirs]
+    entries = sorted(p for p in _list(folder) if layout.case_dir.match(p.name))
+    return [_case(d, layout) for d in entries]
 
 
 def _case(folder: Path, layout: Layout) -> Case:
     case_id = folder.name
-    files = {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
-    images = tuple(_find(files, folder, case_id, layout, s) for s in layout.suffixes)
-    seg = _find(files, folder, case_id, layout, layout.seg_suffix)
+    try:
+        listed = [p for p in folder.iterdir() if p.is_file()]
+    except OSError as e:  # not a folder at all, a symlink loop, no permission to list it
+        why = (e.strerror or str(e)).lower()
+        if e.errno in (errno.ELOOP, errno.ENOENT):
+            why = why_not_a_file(folder)
+        elif e.errno == errno.ENOTDIR:
+            why = "named like a case folder, but a file"
+        expected = tuple(folder / layout.file_name(case_id, s) for s in layout.suffixes)
+        return Case(id=case_id, dir=folder, images=expected, seg=None, layout=layout,
+                    problems=((case_id, f"cannot list the case folder ({why})"),))
+    files: dict[str, list[Path]] = {}  # lower-cased name -> files: names are matched without case
+    for p in sorted(listed):
+        files.setdefault(p.name.lower(), []).append(p)
+    problems: list[tuple[str, str]] = []
+    images = tuple(_find(files, folder, case_id, layout, s, problems) for s in layout.suffixes)
+    seg = _find(files, folder, case_id, layout, layout.seg_suffix, problems)
     notes: tuple[str, ...] = ()
     if not seg.is_file():
-        seg, notes = _find_odd_seg(files, images, case_id, layout)
-    return Case(id=case_id, dir=folder, images=images, seg=seg, layout=layout, notes=notes)
+        seg, notes = _find_odd_seg({n: ps[0] for n, ps in files.items()}, images, case_id, layout)
+    return Case(id=case_id, dir=folder, images=images, seg=seg, layout=layout, notes=notes, problems=tuple(problems))
 
 
-def _find(files: dict[str, Path], folder: Path, case_id: str, layout: Layout, suffix: str) -> Path:
-    for ext in IMAGE_EXTENSIONS:
-        name = f"{case_id}{layout.separator}{suffix}{ext}"
-        if name.lower() in files:
-            return files[name.lower()]
-    return folder / layout.file_name(case_id, suffix)
+def _find(
+    files: dict[str, list[Path]], folder: Path, case_id: str, layout: Layout, suffix: str, problems: list
+) -> Path:
+    found = [p for ext in IMAGE_EXTENSIONS for p in files.get(f"{case_id}{layout.separator}{suffix}{ext}".lower(), [])]
+    if len(found) > 1:  # which one is right cannot be told: refuse rather than pick one
+        others = ", ".join(p.name for p in found[1:])
+        problems.append((found[0].name, f"also {others}: {len(found)} files for {suffix}; keep one"))
+    return found[0] if found else folder / layout.file_name(case_id, suffix)
 
 
 def _find_odd_seg(

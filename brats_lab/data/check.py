@@ -10,7 +10,7 @@ import numpy as np
 
 from brats_lab import DataError
 from brats_lab.data.cases import MODALITIES, Case, discover
-from brats_lab.io import Geometry, count_nonfinite, read_image
+from brats_lab.io import Geometry, count_nonfinite, read_image, why_not_a_file
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,11 @@ def check_case(case: Case, expect_seg: bool = False) -> list[Problem]:
 
     def add(path: Path | str, message: str) -> None:
         problems.append(Problem(case.id, Path(path).name, message))
+
+    for name, message in case.problems:  # found by discovery: duplicate files, an unlistable folder
+        add(name, message)
+    if any(name == case.id for name, _ in case.problems):
+        return problems  # the folder itself is at fault: nothing in it can be read
 
     reference: tuple[str, Geometry] | None = None  # first readable modality
     for modality, path in zip(MODALITIES, case.images):
@@ -64,7 +69,8 @@ def check_case(case: Case, expect_seg: bool = False) -> list[Problem]:
 
 def _read(path: Path, add) -> tuple[np.ndarray, Geometry] | None:
     if not path.is_file():
-        add(path, "missing file")
+        why = why_not_a_file(path)
+        add(path, "missing file" if why == "file not found" else why)
         return None
     try:
         array, geometry = read_image(path, full_check=True)  # validation: the CRC too

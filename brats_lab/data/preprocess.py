@@ -17,7 +17,7 @@ import numpy as np
 
 from brats_lab import DataError
 from brats_lab.data.cases import MODALITIES, Case
-from brats_lab.io import Geometry, read_image
+from brats_lab.io import Geometry, read_volume
 from brats_lab.labels import LabelConvention
 
 METHODS: tuple[str, ...] = ("minmax", "zscore")  # pipeline A, pipeline B
@@ -40,8 +40,9 @@ def normalize(volume: np.ndarray, method: str) -> np.ndarray:
     - "zscore" (pipeline B): subtract the mean and divide by the std of the non-zero voxels.
 
     Only non-zero voxels change, so the background stays exactly 0 whatever the intensities. An
-    all-zero modality stays zeros and a constant one becomes zeros (no division by zero); `data
-    check` is where such a modality is reported. The input is never modified.
+    all-zero modality stays zeros and a constant one becomes zeros (no division by zero);
+    `preprocess_case` refuses an all-zero modality and `data check` reports it. The input is
+    never modified.
     """
     if method not in METHODS:
         raise ValueError(f"unknown normalisation {method!r}; expected one of {METHODS}")
@@ -217,15 +218,18 @@ class Preprocessed:
 def preprocess_case(case: Case, method: str) -> Preprocessed:
     """Read a case, check that its files agree, normalise each modality and crop to the brain.
 
-    Raises DataError naming the case and the file: unreadable or missing file, a modality (or the
-    seg) whose geometry differs from the first modality's, labels outside the case's convention,
-    or an all-empty image.
+    Raises DataError naming the case and the file: unreadable, missing or duplicated file, not
+    3-D, NaN or infinite voxels, an all-zero modality, a modality (or the seg) whose geometry
+    differs from the first modality's, labels outside the case's convention.
     """
     if method not in METHODS:
         raise ValueError(f"unknown normalisation {method!r}; expected one of {METHODS}")
+    case.require_usable()  # what discovery found: two files for one modality, an unlistable folder
     volumes, geometry = [], None
     for name, path in zip(MODALITIES, case.images):
         array, geo = _read(case, path)
+        if not np.any(array):  # a blank channel would train and predict as if it were data
+            raise DataError(f"{case.id}: {path}: all voxels are zero")
         if geometry is None:
             geometry = geo
         else:
@@ -261,7 +265,7 @@ def preprocess_case(case: Case, method: str) -> Preprocessed:
 
 def _read(case: Case, path: Path) -> tuple[np.ndarray, Geometry]:
     try:
-        return read_image(path)
+        return read_volume(path)
     except DataError as e:
         raise DataError(f"{case.id}: {e}") from None
 

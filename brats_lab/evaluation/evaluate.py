@@ -11,12 +11,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from brats_lab import DataError
 from brats_lab.data.cases import IMAGE_EXTENSIONS, Case, discover
 from brats_lab.evaluation.metrics import EMPTY_HD95, METRICS, RegionMetrics, case_metrics
-from brats_lab.io import atomic_path, read_image
+from brats_lab.io import Geometry, atomic_path, read_header, read_volume
 from brats_lab.labels import REGIONS
 
 STATUSES: tuple[str, ...] = ("ok", "missing", "unreadable", "geometry", "labels")
@@ -41,6 +42,7 @@ class EvaluationResult:
 
     table: pd.DataFrame
     problems: list[str] = field(default_factory=list)
+    problem_cases: list[str] = field(default_factory=list)  # the case ids `problems` concern, sorted
 
     def summary(self) -> pd.DataFrame:
         """Mean, std, median, 25% and 75% of every metric column over all cases (rows).
@@ -74,17 +76,24 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, progress: bool = True) -> Eval
     if not pred_dir.is_dir():
         raise DataError(f"{pred_dir}: prediction folder not found")
     cases = discover(gt_dir)
-    scored = [c for c in cases if c.seg is not None]
+    # A case discovery found unusable (two files for one modality, a folder that cannot be
+    # listed) is scored worst-case like an unreadable reference, not left out of the mean.
+    scored = [c for c in cases if c.seg is not None or c.problems]
     if not scored:
         raise DataError(f"{gt_dir}: no case has a segmentation to evaluate against")
-    problems = [
-        f"{c.id}: no reference segmentation in {c.dir}; case not evaluated" for c in cases if c.seg is None
-    ]
+    unscored = [c for c in cases if c.seg is None and not c.problems]
+    problems = [f"{c.id}: no reference segmentation in {c.dir}; case not evaluated" for c in unscored]
+    concerned = {c.id for c in unscored}
     known = {c.id for c in cases}
-    for path in sorted(pred_dir.iterdir()):
+    try:
+        listed = sorted(pred_dir.iterdir())
+    except OSError as e:
+        raise DataError(f"{pred_dir}: cannot list the prediction folder ({(e.strerror or str(e)).lower()})") from None
+    for path in listed:
         case_id = _case_id(path)
         if case_id is not None and case_id not in known:
             problems.append(f"{path}: prediction for '{case_id}', which is not a case of {gt_dir}")
+            concerned.add(case_id)
 
     iterator = scored
     if progress:
@@ -95,13 +104,15 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, progress: bool = True) -> Eval
     for case in iterator:
         status, metrics, case_problems = _evaluate_case(case, pred_dir)
         problems.extend(case_problems)
+        if case_problems:
+            concerned.add(case.id)
         row: dict[str, object] = {"case": case.id, "status": status}
         for region in REGIONS:
             for metric, value in metrics[region].as_dict().items():
                 row[f"{metric}_{region}"] = value
         rows.append(row)
     table = pd.DataFrame(rows, columns=["case", "status", *metric_columns()])
-    return EvaluationResult(table=table, problems=problems)
+    return EvaluationResult(table=table, problems=problems, problem_cases=sorted(concerned))
 
 
 def _case_id(path: Path) -> str | None:
@@ -116,8 +127,12 @@ def _case_id(path: Path) -> str | None:
 
 def _evaluate_case(case: Case, pred_dir: Path) -> tuple[str, dict[str, RegionMetrics], list[str]]:
     worst = {r: WORST for r in REGIONS}
+    try:
+        case.require_usable()
+    except DataError as e:
+        return "unreadable", worst, [f"{case.id}: reference unusable: {e}"]
     candidates = [pred_dir / f"{case.id}{ext}" for ext in IMAGE_EXTENSIONS]
-    found = [p for p in candidates if p.is_file()]
+    found = [p for p in candidates if p.is_file() or p.is_symlink()]  # a broken link is read, and named
     if not found:
         names = " or ".join(p.name for p in candidates)
         return "missing", worst, [f"{case.id}: prediction missing (expected {names} in {pred_dir})"]
@@ -126,11 +141,13 @@ def _evaluate_case(case: Case, pred_dir: Path) -> tuple[str, dict[str, RegionMet
         problems.append(f"{case.id}: both {found[0].name} and {found[1].name} in {pred_dir}; scored {found[0].name}")
     pred_path = found[0]
     try:
-        ref, ref_geometry = read_image(case.seg)
+        ref, ref_geometry = read_volume(case.seg)
     except DataError as e:
         return "unreadable", worst, [*problems, f"{case.id}: reference unreadable: {e}"]
+    if bad := _reference_problem(case, ref, ref_geometry):
+        return "unreadable", worst, [*problems, f"{case.id}: reference {case.seg}: {bad}"]
     try:
-        pred, pred_geometry = read_image(pred_path)
+        pred, pred_geometry = read_volume(pred_path)
     except DataError as e:
         return "unreadable", worst, [*problems, f"{case.id}: prediction unreadable: {e}"]
     differences = ref_geometry.differences(pred_geometry)
@@ -145,6 +162,24 @@ def _evaluate_case(case: Case, pred_dir: Path) -> tuple[str, dict[str, RegionMet
     except ValueError as e:
         return "labels", worst, [*problems, f"{case.id}: prediction {pred_path}: {e}"]
     return "ok", metrics, problems
+
+
+def _reference_problem(case: Case, ref: np.ndarray, geometry: Geometry) -> str | None:
+    """What makes a reference segmentation unfit to score against: labels its release does not
+    have, or a geometry that none of its case's images has (headers only; a broken image is
+    `data check`'s to report, evaluation needs none)."""
+    if extra := sorted(set(np.unique(ref).tolist()) - case.convention.allowed):
+        return f"labels {', '.join(f'{v:g}' for v in extra)} not allowed by {case.convention.name} (allowed: {sorted(case.convention.allowed)})"
+    images = {}
+    for path in case.images:
+        try:
+            images[path.name] = read_header(path)[0]
+        except DataError:
+            continue
+    if images and all(g.differences(geometry) for g in images.values()):
+        name, other = next(iter(images.items()))
+        return f"geometry differs from the images ({name}): " + "; ".join(other.differences(geometry))
+    return None
 
 
 def format_summary(result: EvaluationResult) -> str:

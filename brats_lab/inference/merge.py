@@ -118,21 +118,38 @@ def merge_folders(a_dir: Path, b_dir: Path, out_dir: Path, convention: LabelConv
     named in `problems` and not written; the others go on.
     """
     from brats_lab import DataError
-    from brats_lab.io import read_image, write_image
+    from brats_lab.io import read_volume, write_image
 
     a_dir, b_dir = Path(a_dir), Path(b_dir)
+    listed = {}
     for folder in (a_dir, b_dir):
         if not folder.is_dir():
             raise DataError(f"{folder}: not a folder")
-    names = sorted(p.name for p in a_dir.glob("*.nii.gz"))
+        try:
+            listed[folder] = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        except OSError as e:
+            raise DataError(f"{folder}: cannot list the folder ({(e.strerror or str(e)).lower()})") from None
+    names = [n for n in listed[a_dir] if n.endswith(".nii.gz")]
     if not names:
         raise DataError(f"{a_dir}: no label maps (<case id>.nii.gz)")
-    problems = [f"{b_dir / n}: no label map in A ({a_dir})" for n in sorted(p.name for p in b_dir.glob("*.nii.gz")) if n not in names]
+    problems = [f"{b_dir / n}: no label map in A ({a_dir})" for n in listed[b_dir] if n.endswith(".nii.gz") and n not in names]
+    # Label maps are <case id>.nii.gz: a .nii would be silently left out, and a .nii beside a
+    # .nii.gz leaves open which of the two is the case's prediction.
+    ambiguous = set()
+    for folder in (a_dir, b_dir):
+        for n in (n for n in listed[folder] if n.endswith(".nii")):
+            if n + ".gz" in listed[folder]:
+                ambiguous.add(n + ".gz")
+                problems.append(f"{folder / n}: both {n} and {n}.gz in {folder}; keep one")
+            else:
+                problems.append(f"{folder / n}: a .nii label map; merge reads <case id>.nii.gz only")
     written = []
     for name in names:
+        if name in ambiguous:
+            continue
         try:
-            a, geometry = read_image(a_dir / name)
-            b, b_geometry = read_image(b_dir / name)
+            a, geometry = read_volume(a_dir / name)
+            b, b_geometry = read_volume(b_dir / name)
         except DataError as e:
             problems.append(str(e))
             continue

@@ -18,7 +18,8 @@ The training is the one-process training, split, not a different one:
   synchronise. Dropout (off unless set) draws its masks from each process's own generator, so
   with dropout the processes do not reproduce one process's masks.
 
-Only rank 0 talks to MLflow, validates, writes checkpoints and shows progress; the others train.
+Only rank 0 talks to MLflow, validates, writes checkpoints and shows progress; the others train
+(and read the data cache, which the cache's file lock lets one process build at a time).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from torch.utils.data import Sampler
 
 from brats_lab import DataError
 
-# Rank 0 validates (and, on the first run, may build the data cache) while the others wait in
-# their next collective; the default timeouts (10 min for NCCL) can be shorter than that.
+# Rank 0 validates and writes checkpoints while the others wait in their next collective; the
+# default timeout (10 min for NCCL) can be shorter than a validation of a full fold.
 TIMEOUT = timedelta(hours=1)
 
 

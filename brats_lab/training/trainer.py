@@ -9,6 +9,9 @@ A checkpoint is written atomically at the end of every `checkpoint_every`-th epo
 resumed run needs is in it (weights, optimizer, scaler, the SWA average, the best weights, RNG
 state, the epoch); the data of epoch e depends only on (seed, e), so a run resumed after a crash
 continues exactly as if it had never stopped.
+
+Under `torchrun` the processes share each batch (`training/distributed.py`); rank 0 alone logs,
+validates and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -101,6 +104,11 @@ def train_fold(
     for case_id, why in cache.report.built.items():
         if why != "new" and is_main:  # a corrupt or changed entry built again is worth a line
             print(f"data cache {cache.dir}: rebuilt {case_id} ({why})", file=sys.stderr)
+    # Before any run starts: test data (no segmentations) would otherwise fail only mid-fold.
+    if unlabelled := [c for c in cache.case_ids if not cache.entry(c).has_labels]:
+        raise DataError(f"{unlabelled[0]}: no segmentation file in {cfg.data.dataset}"
+                        + (f" (nor in {len(unlabelled) - 1} more cases)" if len(unlabelled) > 1 else "")
+                        + "; training needs one per case")
     splits = _splits(cache, cfg)
     if not 0 <= fold < len(splits):
         raise DataError(f"fold {fold} does not exist: the splits have folds 0 to {len(splits) - 1}")
@@ -267,6 +275,7 @@ def train_fold(
             arm.finish("KILLED")  # as on success: the arm of our own training is not left RUNNING
         raise
     except BaseException:
+        bar.close()  # the error goes on a line of its own
         run.finish("FAILED")
         if parent is None:
             arm.finish("FAILED")
@@ -384,14 +393,17 @@ def _save(path: Path, state: dict) -> None:
     """Write a checkpoint or model atomically: a write that fails half-way (disk full) leaves the
     previous file as it was, and the error names the file."""
     try:
-        # Through a Python file: a failed write then raises OSError with its reason (torch's own
+        # Through a Python file, so a failed write raises OSError with its reason (torch's own
         # writer says only "unexpected pos"); fsync so the rename never exposes unwritten data.
         with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-    except OSError as e:
-        raise OSError(f"{path}: could not write ({e.strerror or e})") from None
+    except (OSError, RuntimeError) as e:
+        error = e if isinstance(e, OSError) else e.__context__  # torch raises RuntimeError over it
+        if not isinstance(error, OSError):
+            raise
+        raise OSError(f"{path}: could not write ({error.strerror or error})") from None
 
 
 def load_checkpoint(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -18,13 +18,15 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import optuna
 import pytest
 
 from brats_lab import tracking
-from brats_lab.ablation.study import launch, make_plan, report
+from brats_lab.ablation import study as study_module
+from brats_lab.ablation.study import launch, make_plan, run_study
 
 PG = "127.0.0.1:5432"
 PASSWORD = "s3cret-pw"  # trust auth accepts any password, so URLs carrying it work for real
@@ -142,7 +144,9 @@ def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite
     shutil.copytree(phantom_dataset, data)
     toml = tmp_path / "tiny.toml"
     toml.write_text(ABLATION)
-    storage = f"postgresql://root:{PASSWORD}@{PG}/{databases()}"  # plain postgresql://, as users write it
+    optuna_db = databases()
+    storage = f"postgresql://root:{PASSWORD}@{PG}/{optuna_db}"  # plain postgresql://, as users write it
+    psycopg_url = f"postgresql+psycopg://root@{PG}/{optuna_db}"  # the test's own reads
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     launcher = tmp_path / "launcher"
     launcher.mkdir()
@@ -199,17 +203,28 @@ def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite
 
         # The third worker finishes everything else and leaves the dead workers' trials alone.
         assert c.wait(timeout=600) == 0, _read(logs / "worker2.err")[-3000:]
-        assert "worker: ran 2 trials" in _read(logs / "worker2.out")
+        assert _read(logs / "worker2.out").splitlines() == [f"worker: ran 2 trials of {plan.study_name}; none left"]
 
         # The operator restarts the worker on machine a, after the grace period: it fails both
         # stale trials, enqueues them again and takes them. Its own fold resumes from the
         # checkpoint on this machine; b's checkpoint is on machine b, so b's fold starts afresh.
         time.sleep(max(0.0, killed_at + 4 - time.monotonic()))
         again = worker("machine-a", grace=3)
-        assert again.wait(timeout=600) == 0, _read(logs / "worker3.err")[-3000:]
-        assert "worker: ran 2 trials" in _read(logs / "worker3.out")
 
-        # The launcher once more, as `brats-lab ablate`: nothing left to train; it reports.
+        # Once it holds the last trial, the launcher runs the study: nothing is left for it to
+        # take, so it waits for that trial to finish, then reports.
+        study = optuna.load_study(study_name=plan.study_name, storage=psycopg_url)
+        deadline = time.monotonic() + 600
+        while Counter(t.state.name for t in study.get_trials(deepcopy=False)) != {"FAIL": 2, "COMPLETE": 3, "RUNNING": 1}:
+            assert again.poll() is None, _read(logs / "worker3.err")[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
+        result = run_study(plan, progress=False)
+        assert again.wait(timeout=60) == 0, _read(logs / "worker3.err")[-3000:]
+        assert _read(logs / "worker3.out").splitlines() == [f"worker: ran 2 trials of {plan.study_name}; none left"]
+
+        # The launcher once more, as `brats-lab ablate`: nothing left to train; it reports again.
         with (logs / "ablate.out").open("w") as out, (logs / "ablate.err").open("w") as err:
             final = subprocess.run([sys.executable, "-m", "brats_lab.cli", "ablate", str(toml), "--profile", "cpu",
                                     "--data", str(data), "--storage", storage], cwd=launcher, env=env, stdout=out,
@@ -244,24 +259,22 @@ def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite
     assert sorted(s for s, _ in new_b.metric_history("train_loss")) == list(range(EPOCHS))
 
     # Optuna: every cell completed once; the two dead trials failed, then retried.
-    study = optuna.load_study(study_name=plan.study_name, storage=storage.replace("postgresql://", "postgresql+psycopg://"))
     complete = sorted((t.user_attrs["arm"], t.user_attrs["fold"]) for t in study.trials if t.state.name == "COMPLETE")
     assert complete == cells
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 4 + ["FAIL"] * 2
 
     # The report has every case out of fold once per arm.
-    result = report(plan)
     assert result.per_case.groupby("arm")["case"].agg(["count", "nunique"]).values.tolist() == [[4, 4], [4, 4]]
     assert list(result.table.index) == ["equiunet", "att_equiunet"]
 
     # The password is nowhere: not in any run's params or tags, the study's attributes, any
     # process's output (the MLflow server's included), or any file written.
     (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
-    assert study_run.tags["storage"] == f"postgresql://root:***@{PG}/{storage.rsplit('/', 1)[1]}"
+    assert study_run.tags["storage"] == f"postgresql://root:***@{PG}/{optuna_db}"
     runs = tracking.read_runs()
     assert len(runs) == 8  # what the scan below reads: the study, 2 arms, 5 fold runs (b's twice)
     texts = [str(v) for v in runs.filter(regex=r"^(params|tags)\.").to_numpy().ravel()]
-    texts += [repr(study.user_attrs), repr(study.system_attrs)] + [repr(t.user_attrs) + repr(t.system_attrs) for t in study.trials]
+    texts += [repr(study.user_attrs)] + [repr(t.user_attrs) + repr(t.system_attrs) for t in study.trials]
     assert not [t for t in texts if PASSWORD in t]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "mlflow-server.log" for p in files) and any(p.suffix == ".pt" for p in files)

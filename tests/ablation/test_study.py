@@ -169,12 +169,23 @@ def test_a_killed_worker_is_detected_and_its_fold_resumes_not_restarts(project, 
 
     monkeypatch.setattr(study_module, "GRACE_SECONDS", 3)
     monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
-    run_study(plan, progress=False)
+    result = run_study(plan, progress=False)
     runs = fold_runs(plan.experiment)
     assert len(runs) == 2 and all(r.status == "FINISHED" for r in runs)  # one per (arm, fold): no restart
     assert killed.id in {r.id for r in runs}  # the killed fold's own run, resumed and finished
     steps = [s for s, _ in tracking.get_run(killed.id).metric_history("train_loss")]
     assert sorted(set(steps)) == list(range(8))
+    # No per-case result lost or counted twice: each held-out case of fold 0 exactly once per arm,
+    # in the report and in the out-of-fold table logged on the study run.
+    import pandas as pd
+
+    val_cases = sorted(pd.read_csv(tracking.get_run(killed.id).artifact_dir() / "per_case_metrics.csv")["case"])
+    assert len(val_cases) == 2 and len(set(val_cases)) == 2  # 4 cases in 2 folds
+    (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
+    for table in (result.per_case, pd.read_csv(study_run.artifact_dir() / "per_case_out_of_fold.csv")):
+        assert len(table) == 4 and not table.duplicated(["arm", "case"]).any()
+        assert {arm: sorted(cases) for arm, cases in table.groupby("arm")["case"]} == {
+            "equiunet": val_cases, "att_equiunet": val_cases}
     study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "COMPLETE", "FAIL"]  # the dead worker's trial failed, then retried

@@ -2,7 +2,8 @@
 on the same cores and the same grid of tiny trials.
 
     python benchmarks/bench_workers.py                          # 1 and 3 workers, 2 arms x 3 folds
-    python benchmarks/bench_workers.py --workers 1 2 3 --folds 3 --epochs 4 --json out.json
+    python benchmarks/bench_workers.py --workers 1 3 1 3 --json out.json  # each count twice
+    python benchmarks/bench_workers.py --threads 1                # one thread per worker, whatever N
 
 For each worker count: a fresh project folder with the embedded stores (MLflow in SQLite,
 Optuna in SQLite), the study launched in this process (`launch`), then N `brats-lab worker`
@@ -52,7 +53,7 @@ def tiny(folds: int, epochs: int) -> list[str]:
             f"train.epochs={epochs}", "train.swa.enabled=false", "train.val_every=1", "train.amp=off"]
 
 
-def run(workers: int, toml: Path, dataset: Path, folds: int, project: Path) -> dict:
+def run(workers: int, toml: Path, dataset: Path, folds: int, project: Path, threads: int | None) -> dict:
     from brats_lab import tracking
     from brats_lab.ablation.study import DEFAULT_STORAGE, launch, make_plan
 
@@ -61,7 +62,7 @@ def run(workers: int, toml: Path, dataset: Path, folds: int, project: Path) -> d
     plan = make_plan(str(toml), "cpu", folds, str(dataset), DEFAULT_STORAGE)
     launch(plan)
     cores = os.cpu_count() or 1
-    threads = max(1, cores // workers)
+    threads = threads or max(1, cores // workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, "-m", "brats_lab.cli", "worker", "--study", plan.study_name, "--storage", DEFAULT_STORAGE, "--quiet"]
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3, help="folds per arm (2 arms)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per trial")
     parser.add_argument("--cases", type=int, default=6, help="phantom cases (48 x 48 x 32)")
+    parser.add_argument("--threads", type=int, default=None, help="threads per worker (default: cores / workers, at least 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -117,7 +119,7 @@ def main() -> None:
         try:
             results = []
             for i, n in enumerate(args.workers):  # a count given twice is timed twice, for the noise
-                results.append(run(n, toml, dataset, args.folds, root / f"run{i}-{n}-workers"))
+                results.append(run(n, toml, dataset, args.folds, root / f"run{i}-{n}-workers", args.threads))
                 print(f"{n} workers: {results[-1]['wall_s']:.1f} s", flush=True)
         finally:
             os.chdir(here)

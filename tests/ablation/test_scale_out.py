@@ -1,6 +1,7 @@
 """Several machines sharing one study, for real: PostgreSQL for Optuna, an MLflow tracking server
 backed by PostgreSQL (started here, on loopback), a launcher and separate worker processes, each in
-its own folder as if on its own machine, one of them killed with SIGKILL half-way through a fold.
+its own folder as if on its own machine, two of them killed with SIGKILL half-way through a fold
+and one restarted. Also: a database password appears nowhere, and the MLflow UI binds loopback.
 
 PostgreSQL must answer at 127.0.0.1:5432 as user root without a password (trust), as it does on
 the CI machines; each test creates fresh databases and drops them afterwards, whatever happens.
@@ -137,7 +138,7 @@ def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.is_file() else ""
 
 
-def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite_a_killed_worker(
+def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite_killed_workers(
     databases, mlflow_server, phantom_dataset, tmp_path, monkeypatch
 ):
     data = tmp_path / "phantom"

@@ -11,6 +11,26 @@ from brats_lab.data.cases import LAYOUTS
 from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, write_image
 
 TINY_SHAPE = (48, 48, 32)  # (x, y, z) of the phantoms the tests use
+# A network and schedule small enough for a fold in seconds on two cores.
+TINY_TRAINING = ("model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2",
+                 "train.epochs=2", "train.swa.enabled=false", "train.val_every=1")
+
+
+def tiny_ablation(name: str = "tiny-attention", *extra: str) -> str:
+    """The TOML of a two-fold ablation of tiny networks, equiunet against att_equiunet; `extra`
+    overrides go to both arms after the tiny ones (e.g. "train.epochs=6")."""
+    overrides = ", ".join(f'"{s}"' for s in (*TINY_TRAINING, *extra))
+    return f"""
+name = "{name}"
+description = "tiny equiunet against att_equiunet"
+pipeline = "A"
+baseline = "equiunet"
+folds = 2
+
+[arms]
+equiunet = ["model.name=equiunet", {overrides}]
+att_equiunet = ["model.name=att_equiunet", {overrides}]
+"""
 
 
 def write_case(

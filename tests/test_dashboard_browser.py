@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan, run_study
+from conftest import tiny_ablation
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning"),
@@ -25,19 +26,6 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "dashboard" / "app.py"
-TINY = ("model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2",
-        "train.epochs=2", "train.swa.enabled=false", "train.val_every=1")
-ABLATION = """
-name = "tiny-attention"
-description = "tiny equiunet against att_equiunet"
-pipeline = "A"
-baseline = "equiunet"
-folds = 2
-
-[arms]
-equiunet = ["model.name=equiunet", {tiny}]
-att_equiunet = ["model.name=att_equiunet", {tiny}]
-""".replace("{tiny}", ", ".join(f'"{s}"' for s in TINY))
 
 
 def _load_screenshots():
@@ -53,7 +41,7 @@ def project(phantom_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A project folder after a real two-arm, two-fold ablation on four phantom cases."""
     root = tmp_path_factory.mktemp("dashboard-project")
     shutil.copytree(phantom_dataset, root / "phantom")
-    (root / "tiny.toml").write_text(ABLATION)
+    (root / "tiny.toml").write_text(tiny_ablation())
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.chdir(root)
@@ -112,6 +100,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_until_up(url: str, server: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            assert server.poll() is None, f"the server exited with {server.returncode}"
+            assert time.monotonic() < deadline, f"{url} did not answer within {seconds:.0f} s"
+            time.sleep(0.3)
+
+
 def test_every_page_in_a_real_browser(in_project, tmp_path):
     screenshots = _load_screenshots()
     if screenshots.find_chromium() is None:
@@ -122,15 +122,7 @@ def test_every_page_in_a_real_browser(in_project, tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", "dashboard", "--port", str(port)],
                               cwd=in_project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read()
-                assert time.monotonic() < deadline, "the dashboard did not come up within a minute"
-                time.sleep(0.3)
+        _wait_until_up(f"http://127.0.0.1:{port}/_stcore/health", server)
         result = screenshots.capture(f"http://127.0.0.1:{port}/", tmp_path / "screenshots")
     finally:
         server.send_signal(signal.SIGTERM)
@@ -158,14 +150,7 @@ def test_cases_page_reads_predictions_from_a_remote_mlflow_server(project, tmp_p
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "served")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "the MLflow server did not start"
-                time.sleep(0.5)
+        _wait_until_up(f"http://127.0.0.1:{port}/health", server)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
         monkeypatch.chdir(tmp_path)
         case = discover(project / "phantom")[0]

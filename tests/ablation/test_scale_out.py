@@ -28,24 +28,12 @@ import pytest
 from brats_lab import tracking
 from brats_lab.ablation import study as study_module
 from brats_lab.ablation.study import launch, make_plan, run_study
+from conftest import tiny_ablation
 
 PG = "127.0.0.1:5432"
 PASSWORD = "s3cret-pw"  # trust auth accepts any password, so URLs carrying it work for real
 EPOCHS = 6
-TINY = ("model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2",
-        f"train.epochs={EPOCHS}", "train.swa.enabled=false", "train.val_every=1", "train.amp=off")
-
-ABLATION = """
-name = "tiny-scale-out"
-description = "tiny equiunet against att_equiunet, on several machines"
-pipeline = "A"
-baseline = "equiunet"
-folds = 2
-
-[arms]
-equiunet = ["model.name=equiunet", {tiny}]
-att_equiunet = ["model.name=att_equiunet", {tiny}]
-""".replace("{tiny}", ", ".join(f'"{s}"' for s in TINY))
+ABLATION = tiny_ablation("tiny-scale-out", f"train.epochs={EPOCHS}", "train.amp=off")
 
 
 @pytest.fixture

@@ -14,21 +14,10 @@ from brats_lab import tracking
 from brats_lab.ablation.spec import load_ablation
 from brats_lab.ablation.study import DEFAULT_STORAGE, launch, make_plan, run_study
 from brats_lab.config import ConfigError
+from conftest import TINY_TRAINING, tiny_ablation
 
-TINY = ("model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2",
-        "train.epochs=2", "train.swa.enabled=false", "train.val_every=1")
-
-ABLATION = """
-name = "tiny-attention"
-description = "tiny equiunet against att_equiunet"
-pipeline = "A"
-baseline = "equiunet"
-folds = 2
-
-[arms]
-equiunet = ["model.name=equiunet", {tiny}]
-att_equiunet = ["model.name=att_equiunet", {tiny}]
-""".replace("{tiny}", ", ".join(f'"{s}"' for s in TINY))
+TINY = TINY_TRAINING
+ABLATION = tiny_ablation()
 
 
 @pytest.fixture

@@ -238,13 +238,14 @@ def case_view(case: str, arm: str) -> None:
             if column not in mine.columns:
                 continue
             value = mine.loc[arm, column]
-            delta, colour = None, "normal" if metric == "dice" else "inverse"  # a smaller HD95 is better
+            delta, changed = None, False
             if others:
                 diff = value - mine.loc[others[0], column]
-                delta = f"{diff:+.3f}{unit} vs {others[0]}" if round(diff, 3) else f"same as {others[0]}"
-                colour = colour if round(diff, 3) else "off"
+                changed = bool(round(diff, 3))
+                delta = f"{diff:+.3f}{unit} vs {others[0]}" if changed else f"same as {others[0]}"
+            colour = "off" if not changed else "normal" if metric == "dice" else "inverse"  # a smaller HD95 is better
             card.metric(f"{metric.upper() if metric == 'hd95' else 'Dice'} {region} ({arm})", f"{value:.3f}{unit}",
-                        delta=delta, delta_color=colour)
+                        delta=delta, delta_color=colour, delta_arrow="auto" if changed else "off")
 
     run_of = {a: mine.loc[a, "run_id"] for a in [arm, *others]}
     dataset = runs.set_index("run_id").get("params.data.dataset", pd.Series(dtype=object)).get(run_of[arm])

@@ -177,8 +177,8 @@ def verdict_section(metric: str) -> None:
     fig.update_layout(xaxis_title=f"arm - baseline, mean {metric}{unit} with 95% CI", yaxis_title="arm and region",
                       height=200 + 40 * len(rows), legend_title_text="region")
     st.plotly_chart(fig, width="stretch")
-    baseline = comparison.attrs.get("baseline") or study.get("params.baseline", "the baseline")
-    st.caption(f"Paired over the out-of-fold cases against {baseline}: bootstrap 95% CI of the mean "
+    baseline = runs.set_index("run_id").get("params.baseline", pd.Series(dtype=object)).get(study_id)
+    st.caption(f"Paired over the out-of-fold cases against {baseline if pd.notna(baseline) else 'the baseline'}: bootstrap 95% CI of the mean "
                "difference; Wilcoxon signed-rank p, Holm-corrected across the regions of each metric.")
     st.dataframe(rows[["arm", "metric", "n", "mean_baseline", "mean_arm", "mean_diff", "ci_low", "ci_high",
                        "p_value", "p_holm", "verdict"]], hide_index=True, width="stretch")

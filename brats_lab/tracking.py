@@ -40,8 +40,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
-from brats_lab.io import file_lock
-
 if TYPE_CHECKING:  # annotations only: mlflow and pandas are imported when a function needs them
     import pandas as pd
     from mlflow import MlflowClient
@@ -500,6 +498,8 @@ def _prepare_sqlite(uri: str) -> None:
     db = _sqlite_path(uri)
     assert db is not None
     db.parent.mkdir(parents=True, exist_ok=True)
+    from brats_lab.io import file_lock  # here: io imports SimpleITK, which reading runs never needs
+
     with file_lock(db.with_name(db.name + ".lock")):
         # Before the migrations too: they are a few hundred small transactions, faster in WAL.
         with contextlib.suppress(sqlite3.Error):  # e.g. locked by an old reader: stays as it is

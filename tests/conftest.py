@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,17 @@ from brats_lab.data.cases import LAYOUTS
 from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, write_image
 
 TINY_SHAPE = (48, 48, 32)  # (x, y, z) of the phantoms the tests use
-# A network and schedule small enough for a fold in seconds on two cores.
-TINY_TRAINING = ("model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2",
-                 "train.epochs=2", "train.swa.enabled=false", "train.val_every=1")
+# A network and patch small enough for a fold in seconds on two cores; TINY_TRAINING adds a short
+# schedule without weight averaging.
+TINY_NETWORK = ("model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2")
+TINY_TRAINING = (*TINY_NETWORK, "train.epochs=2", "train.swa.enabled=false", "train.val_every=1")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_ablation(name: str = "tiny-attention", *extra: str) -> str:

@@ -34,7 +34,7 @@ import SimpleITK as sitk
 
 from brats_lab.io import read_image, write_image
 
-from conftest import write_case
+from conftest import TINY_NETWORK, write_case
 
 CASE = "BraTS20_Training_001"  # the case every entry breaks
 OTHER = "BraTS20_Training_002"  # stays valid: the commands that go on past a failure write it
@@ -43,10 +43,7 @@ SIZE = (32, 32, 24)  # (x, y, z)
 CACHE = ".brats-lab-cache"
 
 # Train and predict of one fold, as small as the trainer allows (tests/training/test_trainer.py).
-TINY_TRAIN = [
-    "model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2",
-    "train.val_every=1", "train.epochs=1",
-]
+TINY_TRAIN = [*TINY_NETWORK, "train.val_every=1", "train.epochs=1"]
 
 
 # --- building the corpus -------------------------------------------------------------------------

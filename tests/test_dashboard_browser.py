@@ -7,7 +7,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan, run_study
-from conftest import tiny_ablation
+from conftest import free_port, tiny_ablation
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning"),
@@ -94,12 +93,6 @@ def test_compare_page_shows_the_verdict_curves_and_every_fold(in_project):
     assert at.multiselect[0].value == ["att_equiunet fold 0", "att_equiunet fold 1", "equiunet fold 0", "equiunet fold 1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_until_up(url: str, server: subprocess.Popen, seconds: float = 90) -> None:
     deadline = time.monotonic() + seconds
     while True:
@@ -118,7 +111,7 @@ def test_every_page_in_a_real_browser(in_project, tmp_path):
         if os.environ.get("BRATS_LAB_REQUIRE_BROWSER"):
             pytest.fail("BRATS_LAB_REQUIRE_BROWSER is set but no chromium is installed")
         pytest.skip("no chromium: install Debian's `chromium` (`.ci/run` does) to run the browser test")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", "dashboard", "--port", str(port)],
                               cwd=in_project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -144,7 +137,7 @@ def test_cases_page_reads_predictions_from_a_remote_mlflow_server(project, tmp_p
     from brats_lab.data.cases import discover
     from brats_lab.io import read_image, write_image
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "served")],

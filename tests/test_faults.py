@@ -28,9 +28,10 @@ from brats_lab.config import config_hash, flatten, load_config, pipeline_path, t
 from brats_lab.io import read_image, write_image
 from brats_lab.models import build_model
 from brats_lab.training.trainer import CHECKPOINT, CHECKPOINT_KEYS, EXPERIMENT, FINAL_MODEL, _save
+from conftest import TINY_NETWORK
 
 EPOCHS = 6  # enough that a signal sent after the first checkpoint finds the training still going
-TINY = ["model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2", "train.val_every=1"]
+TINY = [*TINY_NETWORK, "train.val_every=1"]
 
 
 @pytest.fixture

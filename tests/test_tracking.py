@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 from brats_lab import tracking
 from brats_lab.config import ExperimentConfig, config_hash, flatten
 from brats_lab.tracking import TrackingError
+from conftest import free_port
 
 # MLflow's own SQLAlchemy models trigger a deprecation warning on import; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
@@ -260,12 +260,6 @@ def test_two_processes_creating_the_same_experiment_on_a_new_store_agree(tmp_pat
     assert [e.name for e in tracking.client(tmp_path).search_experiments()].count("race") == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, data: bytes | None = None) -> tuple[int, bytes, str]:
     headers = {"Content-Type": "application/json"} if data is not None else {}
     with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=10) as r:
@@ -280,7 +274,7 @@ def test_ui_serves_our_runs_and_their_artifacts(root, tmp_path):
     run.log_table(pd.DataFrame({"case": ["c1"], "dice_WT": [0.9]}), "per_case.csv")
     run.finish()
 
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     # Its own session, so the finally below can reach every process it started, whatever happens.

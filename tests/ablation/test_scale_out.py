@@ -28,7 +28,7 @@ import pytest
 from brats_lab import tracking
 from brats_lab.ablation import study as study_module
 from brats_lab.ablation.study import launch, make_plan, run_study
-from conftest import tiny_ablation
+from conftest import free_port, tiny_ablation
 
 PG = "127.0.0.1:5432"
 PASSWORD = "s3cret-pw"  # trust auth accepts any password, so URLs carrying it work for real
@@ -64,12 +64,6 @@ def databases():
         admin.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while True:
@@ -102,7 +96,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def mlflow_server(databases, tmp_path: Path):
     """An MLflow tracking server on 127.0.0.1, its metadata in a fresh PostgreSQL database (the
     URL carrying a password), artifacts served from a local folder. Yields its http:// URL."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "logs" / "mlflow-server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     backend = f"postgresql+psycopg://root:{PASSWORD}@{PG}/{databases()}"
@@ -284,7 +278,7 @@ def test_an_unreachable_storage_is_one_clear_line_without_the_password(databases
 
 def test_the_mlflow_ui_listens_on_loopback_only_by_default(tmp_path):
     """`brats-lab ui` with no --host: the server's listening sockets are all on 127.0.0.1."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "ui.log"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     with log.open("w") as out:

@@ -16,7 +16,6 @@ from brats_lab.ablation.study import DEFAULT_STORAGE, launch, make_plan, run_stu
 from brats_lab.config import ConfigError
 from conftest import TINY_TRAINING, tiny_ablation
 
-TINY = TINY_TRAINING
 ABLATION = tiny_ablation()
 
 
@@ -108,7 +107,7 @@ without-worst = [{tiny}]
 arm = "without-worst"
 metric = "dice_WT"
 fraction = 0.25
-""".replace("{tiny}", ", ".join(f'"{s}"' for s in TINY))
+""".replace("{tiny}", ", ".join(f'"{s}"' for s in TINY_TRAINING))
 
 
 def test_patient_removal_retrains_without_the_worst_cases_and_names_them(project):

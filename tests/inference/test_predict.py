@@ -17,6 +17,7 @@ from brats_lab.data.cases import discover
 from brats_lab.inference.predict import load_members, predict_folder, resolve_runs
 from brats_lab.io import read_header, read_image
 from brats_lab.training.trainer import train_fold
+from conftest import TINY_NETWORK
 
 CPU = torch.device("cpu")
 
@@ -28,8 +29,7 @@ def trained(phantom_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
     dataset = project / "phantom"
     shutil.copytree(phantom_dataset, dataset)
     cfg = load_config(pipeline_path("A"), "cpu", [
-        "model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2",
-        "train.epochs=2", "train.swa.enabled=false", f"data.dataset={dataset}",
+        *TINY_NETWORK, "train.epochs=2", "train.swa.enabled=false", f"data.dataset={dataset}",
     ])
     cwd = Path.cwd()
     os.chdir(project)  # the default store is ./mlruns

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from brats_lab import DataError, tracking
 from brats_lab.data.dataset import EpochSampler
 from brats_lab.training.distributed import RankBatches, check_batches
 from brats_lab.training.trainer import CHECKPOINT, EXPERIMENT, FINAL_MODEL
+from conftest import TINY_NETWORK, free_port
 
 # Pipeline B's InstanceNorm (per sample: no batch statistics to synchronise) with Ranger (and
 # Lookahead every 2 steps) for 4 epochs, then an SWA phase (Adam, a snapshot every 2 epochs, the
@@ -30,7 +30,7 @@ from brats_lab.training.trainer import CHECKPOINT, EXPERIMENT, FINAL_MODEL
 # relative L2 in the weights after these 12 steps, 5e-3 in a training loss; one process run
 # twice in bf16 is bitwise the same).
 SETTINGS = [
-    "model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2",  # test_trainer's TINY
+    *TINY_NETWORK,
     "train.val_every=4",
     "train.amp=off", "optim.name=ranger", "optim.lr=3e-2", "optim.lookahead_k=2", "train.epochs=4",
     "train.swa.enabled=true", "train.swa.cycles=1", "train.swa.cycle_epochs=8", "train.swa.anneal_epochs=8",
@@ -184,7 +184,7 @@ class _Training:
         launcher = ["-m", "brats_lab.cli"]
         if processes > 1:
             launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *launcher]
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *launcher]
         # One thread per process: the thread count changes the order of float32 sums.
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the store: mlruns/ in `folder`
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
@@ -242,9 +242,3 @@ def _descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -17,14 +17,9 @@ from brats_lab import tracking
 from brats_lab.config import config_hash, load_config, pipeline_path
 from brats_lab.labels import REGIONS
 from brats_lab.training.trainer import CHECKPOINT, FINAL_MODEL, train_fold
+from conftest import TINY_NETWORK
 
-TINY = [
-    "model.width=4",
-    "data.patch_size=[32, 32, 32]",
-    "data.folds=2",
-    "train.batch_size=2",
-    "train.val_every=1",
-]
+TINY = [*TINY_NETWORK, "train.val_every=1"]
 
 
 def tiny_config(pipeline: str, dataset: Path, *extra: str):

@@ -32,9 +32,11 @@ MODEL_NAMES: tuple[str, ...] = (  # the registry of brats_lab.models; a test kee
     "unet",
     "equiunet",
     "att_equiunet",
+    "att_equiunet_woo",
     "unet_tiny",
     "equiunet_tiny",
     "att_equiunet_tiny",
+    "att_equiunet_woo_tiny",
 )
 TINY_WIDTH = 4  # the width a `*_tiny` model name pins
 DEFAULT_WIDTH = 48
@@ -110,9 +112,6 @@ class ModelConfig:
     dropout: float = 0.0  # after every ReLU of the 3x3x3 convs
     in_channels: int = 4  # T1, T1ce, T2, FLAIR
     out_channels: int = 3  # ET, TC, WT
-    # The authors' CBAM puts a ReLU before the sigmoid of the spatial gate, so its weights are never
-    # below 0.5. Off (the CBAM paper's gate) unless set; on reproduces the authors' network.
-    cbam_spatial_relu: bool = False
 
     def __post_init__(self) -> None:
         if self.name.endswith("_tiny"):

@@ -16,16 +16,18 @@ from torch import nn
 
 from brats_lab.config import MODEL_NAMES, ModelConfig
 from brats_lab.models.layers import CBAM, group_count, norm_layer
-from brats_lab.models.unet import STRIDE, AttEquiUnet, EquiUnet, Unet
+from brats_lab.models.unet import STRIDE, AttEquiUnet, AttEquiUnetWoo, EquiUnet, Unet
 
 # Name -> class. A `*_tiny` name is the same class; `ModelConfig` pins its width to 4.
 MODELS: dict[str, type[nn.Module]] = {
     "unet": Unet,
     "equiunet": EquiUnet,
-    "att_equiunet": AttEquiUnet,
+    "att_equiunet": AttEquiUnet,  # the authors' Att_EquiUnet (their CBAM)
+    "att_equiunet_woo": AttEquiUnetWoo,  # the CBAM paper's spatial gate instead: not the paper's network
     "unet_tiny": Unet,
     "equiunet_tiny": EquiUnet,
     "att_equiunet_tiny": AttEquiUnet,
+    "att_equiunet_woo_tiny": AttEquiUnetWoo,
 }
 assert tuple(MODELS) == MODEL_NAMES, "brats_lab.config.MODEL_NAMES must list the registry"
 
@@ -42,7 +44,6 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         norm=cfg.norm,
         deep_supervision=cfg.deep_supervision,
         dropout=cfg.dropout,
-        cbam_spatial_relu=cfg.cbam_spatial_relu,
     )
 
 
@@ -61,6 +62,7 @@ __all__ = [
     "MODELS",
     "STRIDE",
     "AttEquiUnet",
+    "AttEquiUnetWoo",
     "CBAM",
     "EquiUnet",
     "Unet",

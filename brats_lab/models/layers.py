@@ -78,14 +78,16 @@ class ChannelGate(nn.Module):
 
 
 class SpatialGate(nn.Module):
-    """CBAM spatial attention: channel max and mean -> 7x7x7 conv -> norm -> sigmoid, multiplied in.
+    """CBAM spatial attention: channel max and mean -> 7x7x7 conv -> norm [-> ReLU] -> sigmoid,
+    multiplied in.
 
-    `relu=True` inserts the ReLU before the sigmoid that the authors' code has: the gate can then
-    never go below 0.5, i.e. it can only halve a voxel's features, never suppress them. The CBAM
-    paper has no ReLU there, and neither do we by default.
+    `relu=True` (the default) is the authors' gate (`BasicConv` = conv, norm, ReLU in their
+    `SpatialGate`): its weights are never below 0.5, i.e. it can only halve a voxel's features,
+    never suppress them. `relu=False` is the CBAM paper's gate (Woo et al. 2018), used only by the
+    `att_equiunet_woo` variant.
     """
 
-    def __init__(self, norm: str, kernel_size: int = 7, relu: bool = False) -> None:
+    def __init__(self, norm: str, kernel_size: int = 7, relu: bool = True) -> None:
         super().__init__()
         self.conv = nn.Conv3d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.norm = norm_layer(norm, 1)
@@ -100,9 +102,11 @@ class SpatialGate(nn.Module):
 
 
 class CBAM(nn.Sequential):
-    """Convolutional Block Attention Module (Woo et al. 2018): channel gate, then spatial gate."""
+    """Convolutional Block Attention Module (Woo et al. 2018): channel gate, then spatial gate.
 
-    def __init__(self, channels: int, norm: str, spatial_relu: bool = False) -> None:
+    By default the authors' form (ReLU before the spatial sigmoid, see `SpatialGate`)."""
+
+    def __init__(self, channels: int, norm: str, spatial_relu: bool = True) -> None:
         super().__init__(ChannelGate(channels), SpatialGate(norm, relu=spatial_relu))
 
 

@@ -15,7 +15,8 @@ Shapes for a (B, 4, D, H, W) input and width w (D, H, W multiples of 8)::
 
 `Unet` halves the middle channels of each encoder stage and ends decoder1 at w/2 channels.
 `AttEquiUnet` adds CBAM where the brackets show: after each encoder stage, `bottom` and `bottom_2`;
-the decoder has none. Upsampling is trilinear x2 with align_corners=True; no transposed convs.
+the decoder has none. Its CBAM is the authors' (a ReLU before the spatial gate's sigmoid);
+`AttEquiUnetWoo` is the same network with the CBAM paper's spatial gate instead. Upsampling is trilinear x2 with align_corners=True; no transposed convs.
 
 Deep supervision: four heads (1x1x1 conv -> 3, upsampled trilinearly to the input size) on
 `bottom`, `bottom_2`, `decoder3` and `decoder2`, i.e. after the dilated bottleneck and after each
@@ -58,6 +59,7 @@ class _UNet3D(nn.Module):
     halve_encoder_mid = False  # Unet: the first conv of each encoder stage has half the channels
     halve_last = False  # Unet: decoder1 ends at w/2 channels
     attention = False  # AttEquiUnet: CBAM after the encoder stages and the bottleneck
+    cbam_spatial_relu = True  # the authors' CBAM; AttEquiUnetWoo: the CBAM paper's (no ReLU)
 
     def __init__(
         self,
@@ -67,7 +69,6 @@ class _UNet3D(nn.Module):
         norm: str = "group",
         deep_supervision: bool = False,
         dropout: float = 0.0,
-        cbam_spatial_relu: bool = False,
     ) -> None:
         super().__init__()
         if width < 1:
@@ -76,8 +77,6 @@ class _UNet3D(nn.Module):
             raise ValueError(f"{type(self).__name__} halves the width somewhere, so width must be >= 2, got {width}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if cbam_spatial_relu and not self.attention:
-            raise ValueError(f"cbam_spatial_relu applies to models with attention, not {type(self).__name__}")
         self.in_channels, self.out_channels, self.width = in_channels, out_channels, width
         self.norm, self.deep_supervision, self.dropout = norm, deep_supervision, dropout
 
@@ -86,7 +85,7 @@ class _UNet3D(nn.Module):
         last = f[0] // 2 if self.halve_last else f[0]
 
         def att(channels: int) -> nn.Module:
-            return CBAM(channels, norm, cbam_spatial_relu) if self.attention else nn.Identity()
+            return CBAM(channels, norm, self.cbam_spatial_relu) if self.attention else nn.Identity()
 
         def stage(cin: int, cmid: int, cout: int, dilation: int = 1) -> nn.Sequential:
             return nn.Sequential(DoubleConv(cin, cmid, cout, norm, dilation, dropout), att(cout))
@@ -169,6 +168,15 @@ class EquiUnet(_UNet3D):
 
 
 class AttEquiUnet(_UNet3D):
-    """EquiUnet with CBAM after each encoder stage, after `bottom` and after `bottom_2`."""
+    """EquiUnet with CBAM after each encoder stage, after `bottom` and after `bottom_2`: the
+    authors' `Att_EquiUnet`, their CBAM included (a ReLU before the spatial gate's sigmoid)."""
 
     attention = True
+
+
+class AttEquiUnetWoo(AttEquiUnet):
+    """`AttEquiUnet` with the CBAM paper's spatial gate (Woo et al. 2018: no ReLU before the
+    sigmoid, so the gate can suppress a voxel, not only halve it). Not the paper's network: a
+    variant to ablate that one difference (`model.name=att_equiunet_woo`)."""
+
+    cbam_spatial_relu = False

@@ -9,7 +9,7 @@ import torch
 
 from brats_lab.config import MODEL_NAMES, ExperimentConfig, ModelConfig, from_dict, load_config, pipeline_path, to_dict
 from brats_lab.models import MODELS, build_model, count_parameters, group_count, parameter_count
-from brats_lab.models.layers import SpatialGate
+from brats_lab.models.layers import CBAM, SpatialGate
 
 # Tiny models run at 32^3; the full-width ones at 16^3 (bottleneck 2^3), which keeps the whole
 # contract at a few seconds on 2 cores while still running the real width-48 networks.
@@ -126,7 +126,131 @@ def test_group_norm_group_count_rule():
     assert norms[24] == 3 and norms[48] == 16
 
 
-def test_cbam_spatial_relu_is_the_authors_quirk_and_off_by_default():
+# --- the authors' CBAM and Att_EquiUnet, written again here from their definition ------------------
+# (lescientifik/open_brats2020, src/models/layers.py and unet.py at e21edb7): an independent,
+# deliberately plain reimplementation, so that a change to brats_lab.models cannot change the oracle.
+# Their CBAM: channel gate = sigmoid(MLP(avgpool) + MLP(maxpool)) with MLP Linear(C, C//16), ReLU,
+# Linear(C//16, C); spatial gate = sigmoid(ReLU(norm(conv7(cat(max_c, mean_c))))), no conv bias.
+
+
+class _RefCBAM(torch.nn.Module):
+    def __init__(self, c: int, norm) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(c, c // 16), torch.nn.Linear(c // 16, c)
+        self.conv = torch.nn.Conv3d(2, 1, 7, padding=3, bias=False)
+        self.norm = norm(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def mlp(v: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.fc1(v.flatten(1))))
+
+        size = x.shape[2:]
+        att = mlp(torch.nn.functional.avg_pool3d(x, size)) + mlp(torch.nn.functional.max_pool3d(x, size))
+        x = x * torch.sigmoid(att)[:, :, None, None, None]
+        pooled = torch.cat([x.max(dim=1, keepdim=True)[0], x.mean(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(torch.relu(self.norm(self.conv(pooled))))
+
+
+def _ref_block(cin: int, cout: int, norm, dilation: int = 1) -> torch.nn.Sequential:
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(cin, cout, 3, padding=dilation, dilation=dilation, bias=False), norm(cout), torch.nn.ReLU()
+    )
+
+
+class _RefAttEquiUnet(torch.nn.Module):
+    """Their Att_EquiUnet without deep supervision (the heads are 1x1 convs that eval never runs)."""
+
+    def __init__(self, width: int, norm) -> None:
+        super().__init__()
+        f = [width * 2**i for i in range(4)]
+
+        def ublock(cin, cmid, cout, dilation=1):
+            return torch.nn.Sequential(_ref_block(cin, cmid, norm, dilation), _ref_block(cmid, cout, norm, dilation))
+
+        self.enc = torch.nn.ModuleList([ublock(4, f[0], f[0]), ublock(f[0], f[1], f[1]), ublock(f[1], f[2], f[2]), ublock(f[2], f[3], f[3])])
+        self.enc_cbam = torch.nn.ModuleList([_RefCBAM(c, norm) for c in f])
+        self.bottom, self.bottom_cbam = ublock(f[3], f[3], f[3], dilation=2), _RefCBAM(f[3], norm)
+        self.bottom_2, self.bottom_2_cbam = _ref_block(2 * f[3], f[2], norm), _RefCBAM(f[2], norm)
+        self.dec3, self.dec2, self.dec1 = ublock(2 * f[2], f[2], f[1]), ublock(2 * f[1], f[1], f[0]), ublock(2 * f[0], f[0], f[0])
+        self.out = torch.nn.Conv3d(f[0], 3, 1)
+
+    def ordered_parameters(self) -> list[torch.nn.Parameter]:
+        """In the order brats_lab registers the same tensors."""
+        groups = [m for i in range(4) for m in (self.enc[i], self.enc_cbam[i])]
+        groups += [self.bottom, self.bottom_cbam, self.bottom_2, self.bottom_2_cbam, self.dec3, self.dec2, self.dec1, self.out]
+        return [p for g in groups for p in g.parameters()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def up(v):
+            return torch.nn.functional.interpolate(v, scale_factor=2, mode="trilinear", align_corners=True)
+
+        skips = []
+        for i in range(4):
+            x = self.enc_cbam[i](self.enc[i](x if i == 0 else torch.nn.functional.max_pool3d(x, 2)))
+            skips.append(x)
+        bottom = self.bottom_cbam(self.bottom(x))
+        x = self.bottom_2_cbam(self.bottom_2(torch.cat([skips[3], bottom], dim=1)))
+        x = self.dec3(torch.cat([skips[2], up(x)], dim=1))
+        x = self.dec2(torch.cat([skips[1], up(x)], dim=1))
+        x = self.dec1(torch.cat([skips[0], up(x)], dim=1))
+        return self.out(x)
+
+
+REF_NORMS = {"group": lambda c: torch.nn.GroupNorm(min(16, c), c), "instance": lambda c: torch.nn.InstanceNorm3d(c, affine=True)}
+
+
+def _randomise(params) -> None:
+    """Weights away from the init, norms included, so every tensor matters to the output."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.ndim > 1 else 0.3) + (1.0 if p.ndim == 1 else 0.0))
+
+
+def _copy(src: list[torch.nn.Parameter], dst: list[torch.nn.Parameter]) -> None:
+    assert len(src) == len(dst)
+    with torch.no_grad():
+        for a, b in zip(src, dst, strict=True):
+            assert a.shape == b.shape
+            b.copy_(a)
+
+
+@pytest.mark.parametrize("norm", ["group", "instance"])
+def test_cbam_block_is_the_authors(norm):
+    ours = CBAM(32, norm)
+    ref = _RefCBAM(32, REF_NORMS[norm])
+    _randomise(ours.parameters())
+    _copy(list(ours.parameters()), list(ref.parameters()))
+    x = torch.randn(2, 32, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = ref(x), ours(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # The CBAM paper's gate (no ReLU) is another function of the same weights: the test can fail.
+    woo = CBAM(32, norm, spatial_relu=False)
+    _copy(list(ours.parameters()), list(woo.parameters()))
+    with torch.no_grad():
+        assert (woo(x) - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("norm", ["group", "instance"])
+def test_att_equiunet_is_the_authors_network(norm):
+    """With the same weights, `att_equiunet` computes the authors' Att_EquiUnet (width 16: every
+    GroupNorm has 16 groups in both group rules; 16^3 input), and `att_equiunet_woo` does not."""
+    cfg = ModelConfig(name="att_equiunet", width=16, norm=norm, deep_supervision=False)
+    ours = build_model(cfg).eval()
+    ref = _RefAttEquiUnet(16, REF_NORMS[norm]).eval()
+    _randomise(ours.parameters())
+    _copy(list(ours.parameters()), ref.ordered_parameters())
+    x = torch.randn(1, 4, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = ref(x)
+        torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-4)
+        woo = build_model(ModelConfig(name="att_equiunet_woo", width=16, norm=norm, deep_supervision=False)).eval()
+        woo.load_state_dict(ours.state_dict())
+        assert (woo(x) - expected).abs().max() > 1e-2
+
+
+def test_spatial_gate_of_the_authors_never_goes_below_half():
     torch.manual_seed(0)
     x = torch.rand(2, 8, 8, 8, 8) + 0.5
     for relu, lowest in ((True, 0.5), (False, 0.0)):
@@ -134,11 +258,8 @@ def test_cbam_spatial_relu_is_the_authors_quirk_and_off_by_default():
         ratio = gate(x) / x  # the spatial weights, broadcast over channels
         assert ratio.min() >= lowest - 1e-6
     assert (SpatialGate("group", relu=False)(x) / x).min() < 0.5  # it can suppress, not only halve
-    assert ModelConfig().cbam_spatial_relu is False
-    model = build_model(ModelConfig(name="att_equiunet_tiny", cbam_spatial_relu=True))
-    assert all(g.relu for g in model.modules() if isinstance(g, SpatialGate))
-    with pytest.raises(ValueError, match="cbam_spatial_relu applies to models with attention"):
-        build_model(ModelConfig(name="equiunet_tiny", cbam_spatial_relu=True))
+    assert all(g.relu for g in build_model(ModelConfig(name="att_equiunet_tiny")).modules() if isinstance(g, SpatialGate))
+    assert not any(g.relu for g in build_model(ModelConfig(name="att_equiunet_woo_tiny")).modules() if isinstance(g, SpatialGate))
 
 
 def test_dropout_is_built_only_when_asked():

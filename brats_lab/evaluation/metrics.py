@@ -61,12 +61,11 @@ def region_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) 
     Empty masks (medpy raises for HD95 and returns NaN for sensitivity there):
     - both empty: Dice 1, sensitivity 1, specificity 1, HD95 0 (nothing to find, nothing found);
     - reference empty, prediction not: Dice 0, HD95 `EMPTY_HD95`, specificity TN / (TN + FP) as
-      usual, and sensitivity 1. Sensitivity TP / (TP + FN) is 0/0 here. It measures how much of
-      the reference was found, and by definition false positives do not change it, so it keeps
-      the value the BraTS rules give it when both masks are empty: 1, no tumour voxel was
-      missed. The false positives are punished by the metrics that measure them: Dice 0, HD95
-      373.13 and a lower specificity. Scoring 0 instead would count them twice in a sensitivity
-      mean, and NaN would drop the case from it;
+      usual, and sensitivity 0. Sensitivity TP / (TP + FN) is 0/0 here; the challenge's scorer
+      (CaPTk, `GetBraTSLabelStatistics` in `cbicaITKUtilities.h`) replaces that NaN with 0 when
+      exactly one of the two masks is empty and with 1 only when both are, and so do we: a
+      prediction of tumour where there is none scores 0 (BraTS 2020 has ~15-20% of cases
+      without ET, so this rule moves mean ET sensitivity);
     - prediction empty, reference not: Dice 0, sensitivity 0, specificity as usual, HD95
       `EMPTY_HD95`;
     - specificity when the reference fills the whole volume (no negatives, 0/0): 1, for the same
@@ -190,7 +189,7 @@ def _score(
     if n_pred == 0 and n_ref == 0:
         return RegionMetrics(dice=1.0, sensitivity=1.0, specificity=1.0, hd95=0.0)
     dice = 2.0 * tp / (n_pred + n_ref)
-    sensitivity = tp / n_ref if n_ref else 1.0
+    sensitivity = tp / n_ref if n_ref else 0.0  # CaPTk: 0/0 with exactly one mask empty -> 0
     specificity = tn / (tn + fp) if tn + fp else 1.0
     if n_pred == 0 or n_ref == 0:
         hd95 = EMPTY_HD95

@@ -22,7 +22,7 @@ def oracle(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]) -> Reg
         return RegionMetrics(dice=1.0, sensitivity=1.0, specificity=1.0, hd95=0.0)
     return RegionMetrics(
         dice=float(medpy_binary.dc(pred, ref)),
-        sensitivity=float(medpy_binary.sensitivity(pred, ref)) if ref.any() else 1.0,
+        sensitivity=float(medpy_binary.sensitivity(pred, ref)) if ref.any() else 0.0,  # CaPTk's rule
         specificity=float(medpy_binary.specificity(pred, ref)) if not ref.all() else 1.0,
         hd95=float(medpy_binary.hd95(pred, ref, voxelspacing=spacing)) if pred.any() and ref.any() else EMPTY_HD95,
     )
@@ -101,7 +101,7 @@ def test_reference_empty() -> None:
     pred[2:4, 3:5, 4:6] = True
     m = region_metrics(pred, ref, (1.0, 1.0, 1.0))
     assert m.dice == 0.0
-    assert m.sensitivity == 1.0  # nothing to find, nothing missed: see region_metrics' docstring
+    assert m.sensitivity == 0.0  # CaPTk: 0/0 with exactly one mask empty scores 0 (region_metrics' docstring)
     assert m.specificity == pytest.approx((ref.size - 8) / ref.size)
     assert m.hd95 == EMPTY_HD95 == 373.13
 

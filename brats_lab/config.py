@@ -73,9 +73,12 @@ class DataConfig:
     dataset: str = "data/phantom"  # a dataset root in any supported layout
     normalization: Literal["minmax", "zscore"] = "minmax"  # pipeline A, pipeline B
     patch_size: tuple[int, int, int] = (128, 128, 128)  # random training crop (z, y, x)
-    pad_multiple: int = 16  # whole-volume validation/inference pads each axis to a multiple of this
+    pad_multiple: int = 8  # whole-volume validation/inference pads each axis to a multiple of this (the paper: 8)
     folds: int = 5
     seed: int = 16111990  # of the fold split only, so training seeds can vary over the same folds
+    # "brats-lab": a numpy Generator permutation; "authors": the authors' folds exactly (their
+    # sorted case folders through scikit-learn's KFold, reimplemented in brats_lab.data.splits).
+    split: Literal["brats-lab", "authors"] = "brats-lab"
     num_workers: int = 2  # data-loader processes
     # Cases left out of training (the patient-removal ablation); they stay in validation, so arms
     # with and without them are compared on the same held-out cases.

@@ -42,6 +42,8 @@ def test_pipeline_a_is_the_papers():
     assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.decay_start) == (1, 200, 0.5)
     swa = cfg.train.swa
     assert (swa.enabled, swa.cycles, swa.cycle_epochs, swa.lr, swa.snapshot_every) == (True, 5, 30, 5e-5, 3)
+    assert cfg.data.pad_multiple == 8  # section 3.4: padded to be divisible by 8
+    assert (cfg.data.split, cfg.data.seed, cfg.data.folds) == ("authors", 16111990, 5)  # the authors' folds
 
 
 def test_pipeline_b_is_the_papers():
@@ -51,6 +53,7 @@ def test_pipeline_b_is_the_papers():
     assert (o.name, o.lr, o.betas, o.eps, o.weight_decay) == ("adam", 1e-4, (0.9, 0.999), 1e-4, 0.0)
     assert cfg.train.batch_size == 3 and cfg.train.keep == "best" and not cfg.train.swa.enabled
     assert cfg.train.loss == "dice" and cfg.train.decay_start == 0.0
+    assert cfg.data.pad_multiple == 8 and cfg.data.split == "authors"
 
 
 def test_overrides_are_toml_literals_or_strings():

@@ -5,6 +5,14 @@ into `folds` validation folds of sizes differing by at most one (as scikit-learn
 trains on every other case. The same ids, folds and seed give the same splits on any machine,
 whatever order the ids came in, so pipelines A and B (two caches of the same cases) share folds.
 
+`method="authors"` (`data.split = "authors"`) gives the authors' folds instead (open_brats2020,
+`src/dataset/brats.py`, `get_datasets`): the case folders sorted by path, then scikit-learn's
+`KFold(folds, shuffle=True, random_state=seed)`, i.e. the indices 0..n-1 shuffled in place by
+`np.random.RandomState(seed).shuffle`, cut into contiguous folds, the first `n % folds` of them
+one case larger. Reimplemented here so scikit-learn is no runtime dependency; the tests compare
+it with scikit-learn's own KFold. With the same case list and seed 16111990, fold k is the
+authors' fold k.
+
 The JSON file records the cache's manifest hash: `load_splits` refuses a file made for other data
 (a different hash) or whose case lists are inconsistent, rather than silently training on a fold
 whose validation cases leaked into training.
@@ -24,13 +32,16 @@ from brats_lab.io import write_text
 
 FORMAT_VERSION = 1
 Split = dict[str, list[str]]  # {"train": [...], "val": [...]}, each sorted
+SPLIT_METHODS: tuple[str, ...] = ("brats-lab", "authors")
 
 
-def make_splits(case_ids: Iterable[str], folds: int = 5, seed: int = 16111990) -> list[Split]:
+def make_splits(case_ids: Iterable[str], folds: int = 5, seed: int = 16111990, method: str = "brats-lab") -> list[Split]:
     """`folds` splits of `case_ids`: every case is in exactly one `val` list; `train` is the rest.
 
-    Deterministic in (the set of ids, folds, seed). Lists are sorted. Raises ValueError on
-    duplicate ids, fewer than 2 folds, or fewer cases than folds.
+    `method` "brats-lab" (a numpy Generator permutation) or "authors" (the authors' KFold, see the
+    module docstring). Deterministic in (the set of ids, folds, seed, method). Lists are sorted.
+    Raises ValueError on duplicate ids, fewer than 2 folds, fewer cases than folds, or an unknown
+    method.
     """
     ids = sorted(case_ids)
     if len(set(ids)) != len(ids):
@@ -40,13 +51,30 @@ def make_splits(case_ids: Iterable[str], folds: int = 5, seed: int = 16111990) -
         raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
     if len(ids) < folds:
         raise ValueError(f"{len(ids)} cases cannot fill {folds} validation folds")
-    order = np.random.default_rng(seed).permutation(len(ids))
+    if method == "brats-lab":
+        chunks = np.array_split(np.random.default_rng(seed).permutation(len(ids)), folds)
+    elif method == "authors":
+        chunks = authors_folds(len(ids), folds, seed)
+    else:
+        raise ValueError(f"unknown split method {method!r}; expected one of {', '.join(SPLIT_METHODS)}")
     out = []
-    for chunk in np.array_split(order, folds):
+    for chunk in chunks:
         val = sorted(ids[i] for i in chunk)
         held = set(val)
         out.append({"train": [i for i in ids if i not in held], "val": val})
     return out
+
+
+def authors_folds(n: int, folds: int, seed: int) -> list[np.ndarray]:
+    """The validation indices of each fold of scikit-learn's `KFold(folds, shuffle=True,
+    random_state=seed)` over `n` items, without scikit-learn: the legacy `RandomState` shuffle
+    of 0..n-1, cut into contiguous folds of `n // folds`, the first `n % folds` one larger."""
+    indices = np.arange(n)
+    np.random.RandomState(seed).shuffle(indices)
+    sizes = np.full(folds, n // folds, dtype=int)
+    sizes[: n % folds] += 1
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [indices[bounds[k] : bounds[k + 1]] for k in range(folds)]
 
 
 def save_splits(path: Path | str, splits: Sequence[Split], manifest_hash: str, seed: int | None = None) -> None:

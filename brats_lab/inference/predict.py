@@ -1,5 +1,5 @@
 """Whole-volume prediction with trained fold models: preprocess as in training, crop to the brain,
-pad to a multiple of 16, average the probabilities of every model (and, with TTA, of its 16 views),
+pad to a multiple of 8, average the probabilities of every model (and, with TTA, of its 16 views),
 threshold at 0.5, rebuild the label map and paste it back into the case's original geometry.
 """
 

@@ -348,12 +348,13 @@ def _predict(model, image: torch.Tensor, device: torch.device, amp_dtype) -> tor
 
 def _splits(cache: Cache, cfg: ExperimentConfig) -> list[dict]:
     """The folds of this data, made once and kept beside the cache so every run uses the same."""
-    path = cache.dir / f"splits_{cfg.data.folds}folds_seed{cfg.data.seed}.json"
+    method = "" if cfg.data.split == "brats-lab" else f"{cfg.data.split}_"  # the old name for the old method
+    path = cache.dir / f"splits_{method}{cfg.data.folds}folds_seed{cfg.data.seed}.json"
     if path.is_file():
         return load_splits(path, cache.manifest_hash, cache.case_ids)
     if len(cache.case_ids) < cfg.data.folds:
         raise DataError(f"{cfg.data.dataset}: {len(cache.case_ids)} cases cannot make {cfg.data.folds} folds")
-    splits = make_splits(cache.case_ids, cfg.data.folds, cfg.data.seed)
+    splits = make_splits(cache.case_ids, cfg.data.folds, cfg.data.seed, cfg.data.split)
     save_splits(path, splits, cache.manifest_hash, cfg.data.seed)
     return splits
 

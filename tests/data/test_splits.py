@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from brats_lab import DataError
@@ -81,3 +82,26 @@ def test_load_rejects_inconsistent_folds(tmp_path: Path) -> None:
     path.write_text(json.dumps(record))
     with pytest.raises(DataError, match="fold 2's training cases"):
         load_splits(path, HASH)
+
+
+@pytest.mark.parametrize("n, folds, seed", [(369, 5, 16111990), (23, 5, 16111990), (40, 2, 16111990), (17, 3, 7)])
+def test_authors_split_is_scikit_learns_kfold_over_sorted_folders(tmp_path: Path, n: int, folds: int, seed: int) -> None:
+    """`method="authors"` puts the same cases in the same folds as the authors' `get_datasets`:
+    case folders sorted by path, then scikit-learn's KFold(shuffle=True, random_state=seed)."""
+    sklearn = pytest.importorskip("sklearn.model_selection")  # the dev extras; not a runtime dependency
+    ids = [f"BraTS20_Training_{i:03d}" for i in range(1, n + 1)]
+    for case in ids:
+        (tmp_path / case).mkdir()
+    folders = sorted(x for x in tmp_path.iterdir() if x.is_dir())  # as the authors list them
+    expected = [
+        {"train": sorted(folders[i].name for i in train), "val": sorted(folders[i].name for i in val)}
+        for train, val in sklearn.KFold(folds, shuffle=True, random_state=seed).split(folders)
+    ]
+    shuffled = list(np.random.default_rng(0).permutation(ids))  # the order ids arrive in does not matter
+    assert make_splits(shuffled, folds, seed, method="authors") == expected
+    assert make_splits(ids, folds, seed, method="authors") != make_splits(ids, folds, seed)  # another algorithm
+
+
+def test_unknown_split_method() -> None:
+    with pytest.raises(ValueError, match="unknown split method 'sklearn'; expected one of brats-lab, authors"):
+        make_splits(IDS, method="sklearn")

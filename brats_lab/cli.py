@@ -194,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--small-et", type=int, default=0, metavar="VOXELS",
                          help="relabel a predicted ET smaller than this as NCR/NET (0: never)")
     predict.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
+    predict.add_argument("--top", type=int, metavar="K",
+                         help="per fold, keep only the K models with the best validation score among the --run given "
+                              "(the paper's final pipeline A: three arms, --top 2); the choice is written to OUTPUT/ensemble.json")
+    predict.add_argument("--by", default="dice", metavar="METRIC",
+                         help="the validation score of --top: dice, hd95, sensitivity, specificity (mean over ET, TC, WT) "
+                              "or one region, e.g. dice_ET")
+    predict.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                         help="autocast dtype of the networks; auto: bf16 on a GPU, fp32 on a CPU (the paper: fp16)")
     predict.set_defaults(run=_predict)
 
     merge = _command(
@@ -378,14 +386,21 @@ def _predict(args: argparse.Namespace) -> int:
     import torch
 
     from brats_lab.data.cases import discover
-    from brats_lab.inference.predict import load_members, predict_folder
+    from brats_lab.inference.predict import load_members, predict_folder, select_top, write_ensemble_record
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases = discover(args.input)
-    members = load_members(args.runs, device)
+    runs, selection = args.runs, None
+    if args.top is not None:
+        runs, selection = select_top(args.runs, args.top, args.by)
+        for fold, candidates in selection["folds"].items():
+            print(f"fold {fold}: " + ", ".join(
+                f"{c['arm_name'] or c['run_id']} {args.by} {c['score']:.3f}{' (chosen)' if c['chosen'] else ''}" for c in candidates))
+    members = load_members(runs, device)
+    write_ensemble_record(args.output, members, selection, args.tta, args.precision)
     written, skipped, failures = predict_folder(
         cases, members, args.output, device, tta=args.tta, probabilities=args.probabilities,
-        small_et=args.small_et, overwrite=args.overwrite,
+        small_et=args.small_et, overwrite=args.overwrite, precision=args.precision,
     )
     for failure in failures:
         _error(failure)

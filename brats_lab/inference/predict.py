@@ -1,12 +1,18 @@
 """Whole-volume prediction with trained fold models: preprocess as in training, crop to the brain,
 pad to a multiple of 8, average the probabilities of every model (and, with TTA, of its 16 views),
 threshold at 0.5, rebuild the label map and paste it back into the case's original geometry.
+
+`select_top` is the paper's final pipeline-A choice: given several trained configurations (arms),
+keep per fold the `top` models with the best validation score of that fold, and ensemble those.
+`write_ensemble_record` writes which models were chosen and why to `<output>/ensemble.json`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,9 +21,119 @@ from brats_lab import DataError
 from brats_lab.config import ExperimentConfig, from_dict
 from brats_lab.data.cases import Case
 from brats_lab.data.preprocess import pad_to_multiple, paste_back, preprocess_case, unpad
-from brats_lab.io import write_image
+from brats_lab.io import write_image, write_text
 from brats_lab.models import build_model
 from brats_lab.training.trainer import FINAL_MODEL, load_checkpoint
+
+
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
+REGIONS = ("ET", "TC", "WT")
+LOWER_IS_BETTER = ("hd95",)
+ENSEMBLE_RECORD = "ensemble.json"
+# The data settings that decide which cases a fold validates on: candidates of one fold must agree.
+_SPLIT_PARAMS = ("data.dataset", "data.folds", "data.seed", "data.split")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `--precision` on `device` (None: float32). "auto": bf16 on a GPU (the
+    paper predicted in fp16; bf16 has fp32's range, so no overflow), float32 on a CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def run_score(metrics: dict[str, float], by: str) -> float:
+    """A fold run's validation score `by`: "dice" (or "hd95", "sensitivity", "specificity") is the
+    mean over ET, TC and WT of its final whole-volume validation metric; "dice_ET" etc. one region.
+    Raises DataError when the run has not logged it."""
+    keys = [f"final_{by}_{r}" for r in REGIONS] if by in ("dice", "hd95", "sensitivity", "specificity") else [f"final_{by}"]
+    missing = [k for k in keys if k not in metrics]
+    if missing:
+        raise DataError(f"no validation metric {', '.join(missing)} (is `--by {by}` a metric of brats-lab's fold runs?)")
+    return sum(metrics[k] for k in keys) / len(keys)
+
+
+def select_top(run_ids: list[str], top: int, by: str = "dice", root: Path | None = None) -> tuple[list[str], dict[str, Any]]:
+    """Per fold, the `top` fold runs with the best validation score `by` among the folds of
+    `run_ids` (arm runs: all their finished folds; fold runs: themselves).
+
+    Returns (the chosen fold run ids, fold by fold; a record of every candidate, its score and
+    whether it was chosen). Higher is better, except for HD95. Ties keep the order of `run_ids`.
+    Raises DataError when a fold has fewer than `top` candidates, or when the candidates of a fold
+    were validated on different cases (another dataset, split or seed).
+    """
+    from brats_lab import tracking
+
+    if top < 1:
+        raise DataError(f"--top must be >= 1, got {top}")
+    lower = any(by.startswith(m) for m in LOWER_IS_BETTER)
+    by_fold: dict[int, list[dict[str, Any]]] = {}
+    for given in run_ids:
+        for fold_id in resolve_runs([given], root):
+            run = tracking.get_run(fold_id, root=root)
+            arm_id = run.parent_id
+            params = run.params
+            by_fold.setdefault(int(run.tags.get("fold", -1)), []).append({
+                "run_id": fold_id,
+                "given_as": given,
+                "arm_run_id": arm_id,
+                "arm_name": tracking.get_run(arm_id, root=root).name if arm_id else None,
+                "model": params.get("model.name"),
+                "excluded_cases": params.get("data.exclude", "[]"),
+                "score": run_score(run.metrics(), by),
+                "_split": {k: params.get(k) for k in _SPLIT_PARAMS},
+            })
+    chosen: list[str] = []
+    folds: dict[str, list[dict[str, Any]]] = {}
+    for fold in sorted(by_fold):
+        candidates = by_fold[fold]
+        if len({json.dumps(c["_split"], sort_keys=True) for c in candidates}) > 1:
+            described = "; ".join(f"{c['run_id']}: {c['_split']}" for c in candidates)
+            raise DataError(f"fold {fold}: the candidates were validated on different cases ({described}); their scores do not compare")
+        if len(candidates) < top:
+            raise DataError(f"fold {fold}: {len(candidates)} trained model(s) among the --run given, --top {top} needs {top}")
+        ranked = sorted(range(len(candidates)), key=lambda i: (candidates[i]["score"] if lower else -candidates[i]["score"], i))
+        for rank, i in enumerate(ranked):
+            candidates[i]["rank"] = rank + 1
+            candidates[i]["chosen"] = rank < top
+        for c in candidates:
+            del c["_split"]
+        chosen += [candidates[i]["run_id"] for i in ranked[:top]]
+        folds[str(fold)] = candidates
+    record = {
+        "rule": f"per fold, the {top} model(s) with the {'lowest' if lower else 'highest'} validation {by} "
+                f"(the fold's whole-volume validation of its final model{', mean over ET, TC, WT' if '_' not in by else ''})",
+        "top": top,
+        "by": by,
+        "folds": folds,
+    }
+    return chosen, record
+
+
+def write_ensemble_record(out_dir: Path, members: list["Member"], selection: dict[str, Any] | None, tta: bool, precision: str) -> None:
+    """`<out_dir>/ensemble.json`: the models of this prediction and, with a top-k selection, every
+    candidate of every fold, its score, and whether it was chosen. Refuses (DataError) a folder whose
+    record names other models: its label maps would mix two ensembles."""
+    path = Path(out_dir) / ENSEMBLE_RECORD
+    record = {
+        "members": [m.run_id for m in members],
+        "tta": tta,
+        "precision": precision,
+        "selection": selection,
+    }
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        if old.get("members") != record["members"]:
+            raise DataError(
+                f"{path}: this folder holds the label maps of another ensemble ({len(old.get('members', []))} other models); "
+                "use another --output folder, or delete it first"
+            )
+    write_text(path, json.dumps(record, indent=1) + "\n")
 
 
 @dataclass
@@ -82,14 +198,17 @@ def load_members(run_ids: list[str], device: torch.device, root: Path | None = N
 
 
 @torch.no_grad()
-def predict_probabilities(members: list[Member], image: np.ndarray, device: torch.device, tta: bool = False) -> np.ndarray:
-    """Mean sigmoid probabilities (3, z, y, x) of all members for one padded volume (4, z, y, x)."""
+def predict_probabilities(
+    members: list[Member], image: np.ndarray, device: torch.device, tta: bool = False, precision: str = "auto"
+) -> np.ndarray:
+    """Mean sigmoid probabilities (3, z, y, x) of all members for one padded volume (4, z, y, x),
+    the networks run under autocast to `precision` (see `autocast_dtype`)."""
     from brats_lab.inference.tta import predict_tta
 
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)  # (1, 4, Z, Y, X)
     total = torch.zeros((1, 3, *x.shape[2:]), dtype=torch.float32, device=device)
-    # bf16 on a GPU (probabilities are averaged in float32 all the same); float32 on CPU.
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    dtype = autocast_dtype(precision, device)  # probabilities are averaged in float32 all the same
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for member in members:
             if tta:
                 total += predict_tta(member.model, x)
@@ -106,6 +225,7 @@ def predict_case(
     tta: bool = False,
     probabilities: bool = False,
     small_et: int = 0,
+    precision: str = "auto",
 ) -> Path:
     """Segment one case and write `<out_dir>/<case id>.nii.gz` (uint8, the case's geometry and
     label convention); with `probabilities`, also `<out_dir>/probabilities/<case id>.nii.gz`
@@ -113,7 +233,7 @@ def predict_case(
     config = members[0].config
     pre = preprocess_case(case, config.data.normalization)
     padded, pads = pad_to_multiple(pre.images, config.data.pad_multiple)
-    probs = unpad(predict_probabilities(members, padded, device, tta), pads)  # (3, z, y, x) brain crop
+    probs = unpad(predict_probabilities(members, padded, device, tta, precision), pads)  # (3, z, y, x) brain crop
     labels = paste_back(case.convention.from_regions(probs > 0.5), pre.bbox, pre.geometry.shape)
     if small_et:
         from brats_lab.inference.merge import small_et_to_ncr
@@ -137,6 +257,7 @@ def predict_folder(
     small_et: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    precision: str = "auto",
 ) -> tuple[list[Path], list[str], list[str]]:
     """Segment every case: (written, skipped because done, failures by name). A case that fails is
     reported and the others go on; a rerun skips cases already written unless `overwrite`."""
@@ -148,7 +269,7 @@ def predict_folder(
             skipped.append(case.id)
             continue
         try:
-            written.append(predict_case(case, members, out_dir, device, tta, probabilities, small_et))
+            written.append(predict_case(case, members, out_dir, device, tta, probabilities, small_et, precision))
         except DataError as e:
             failures.append(str(e))
     return written, skipped, failures

@@ -145,3 +145,13 @@ def test_the_papers_final_ensemble_end_to_end(phantom_dataset: Path, tmp_path: P
     # Another ensemble into the same folder is refused: its label maps would mix two ensembles.
     assert main(["predict", "--run", arms["full"], "--input", str(data), "--output", "pred/A"]) == 1
     assert "holds the label maps of another ensemble" in capsys.readouterr().err
+
+
+def test_precision_is_the_autocast_dtype() -> None:
+    from brats_lab.inference.predict import autocast_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object only: no GPU needed
+    assert [autocast_dtype(p, gpu) for p in ("auto", "fp32", "fp16", "bf16")] == [torch.bfloat16, None, torch.float16, torch.bfloat16]
+    assert [autocast_dtype(p, cpu) for p in ("auto", "fp32", "fp16", "bf16")] == [None, None, torch.float16, torch.bfloat16]
+    with pytest.raises(ValueError, match="precision must be one of"):
+        autocast_dtype("fp8", cpu)

@@ -270,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
         "ui",
         "browse runs in the MLflow UI",
         "Start the MLflow UI on the project's store (mlruns/ in the current folder, or "
-        "MLFLOW_TRACKING_URI) and print its address; studies, arms and folds show nested, with "
-        "their metrics, tables and pictures. Runs in the foreground until Ctrl-C.",
+        "MLFLOW_TRACKING_URI) and print its address and, per experiment, a link that opens its runs "
+        "in the model-training view (MLflow opens a bare experiment on its GenAI pages); studies, "
+        "arms and folds show nested, with their metrics, tables and pictures. Runs in the "
+        "foreground until Ctrl-C.",
     )
     ui.add_argument("--port", type=int, default=5000, help="port to listen on")
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind; the default keeps the UI to this machine")

@@ -419,6 +419,21 @@ def ui_command(host: str = "127.0.0.1", port: int = 5000, root: Path | str | Non
     return cmd + ["--host", host, "--port", str(port), "--workers", "1"]
 
 
+# MLflow 3.x opens an experiment on its GenAI pages (traces) unless told otherwise; this query
+# opens the runs table of the "Model training" view, where brats-lab's runs are.
+RUNS_VIEW = "runs?workflowType=machine_learning"
+
+
+def ui_links(base_url: str, root: Path | str | None = None) -> list[tuple[str, str]]:
+    """(experiment name, URL of its runs in the UI's model-training view) for every experiment of
+    the store but MLflow's empty `Default`, by name: `<base_url>/#/experiments/<id>/runs?workflowType=machine_learning`."""
+    experiments = client(root).search_experiments()
+    base = base_url.rstrip("/")
+    return sorted(
+        (e.name, f"{base}/#/experiments/{e.experiment_id}/{RUNS_VIEW}") for e in experiments if e.name != "Default"
+    )
+
+
 def serve_ui(host: str = "127.0.0.1", port: int = 5000, root: Path | str | None = None) -> int:
     """Run the MLflow UI in the foreground until Ctrl-C (or SIGTERM); returns its exit status.
 
@@ -428,6 +443,7 @@ def serve_ui(host: str = "127.0.0.1", port: int = 5000, root: Path | str | None 
     uri = tracking_uri(root)
     if urlparse(uri).scheme in ("http", "https"):
         print(f"runs are on the tracking server {uri}; open it in a browser")
+        _print_links(ui_links(uri, root))
         return 0
     cmd = ui_command(host, port, root)
     db = _sqlite_path(uri)
@@ -440,12 +456,24 @@ def serve_ui(host: str = "127.0.0.1", port: int = 5000, root: Path | str | None 
     quiet = "ignore:starlette.middleware.wsgi is deprecated"
     env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), quiet]))
     print(f"MLflow UI on http://{host}:{port}/  (store: {uri}; Ctrl-C stops it)", flush=True)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard bind is no address to open
+    _print_links(ui_links(f"http://{shown}:{port}", root))
     from brats_lab.serve import run_foreground
 
     return run_foreground(cmd, env)
 
 
 # --- implementation --------------------------------------------------------------------------
+
+
+def _print_links(links: list[tuple[str, str]]) -> None:
+    if not links:
+        print("no experiments yet: train or ablate first", flush=True)
+        return
+    print("the runs of each experiment (the model-training view):", flush=True)
+    width = max(len(name) for name, _ in links)
+    for name, url in links:
+        print(f"  {name:<{width}}  {url}", flush=True)
 
 
 def _import_mlflow() -> Any:

@@ -158,42 +158,47 @@ def _ref_block(cin: int, cout: int, norm, dilation: int = 1) -> torch.nn.Sequent
 
 
 class _RefAttEquiUnet(torch.nn.Module):
-    """Their Att_EquiUnet without deep supervision (the heads are 1x1 convs that eval never runs)."""
+    """Their Att_EquiUnet (`attention=False`: their EquiUnet) with deep supervision: returns
+    (logits, [aux from bottom, bottom_2, decoder3, decoder2]), each a 1x1 conv upsampled x8, x8,
+    x4, x2 (trilinear, align_corners)."""
 
-    def __init__(self, width: int, norm) -> None:
+    def __init__(self, width: int, norm, attention: bool = True) -> None:
         super().__init__()
         f = [width * 2**i for i in range(4)]
+        cbam = (lambda c: _RefCBAM(c, norm)) if attention else (lambda c: torch.nn.Identity())
 
         def ublock(cin, cmid, cout, dilation=1):
             return torch.nn.Sequential(_ref_block(cin, cmid, norm, dilation), _ref_block(cmid, cout, norm, dilation))
 
         self.enc = torch.nn.ModuleList([ublock(4, f[0], f[0]), ublock(f[0], f[1], f[1]), ublock(f[1], f[2], f[2]), ublock(f[2], f[3], f[3])])
-        self.enc_cbam = torch.nn.ModuleList([_RefCBAM(c, norm) for c in f])
-        self.bottom, self.bottom_cbam = ublock(f[3], f[3], f[3], dilation=2), _RefCBAM(f[3], norm)
-        self.bottom_2, self.bottom_2_cbam = _ref_block(2 * f[3], f[2], norm), _RefCBAM(f[2], norm)
+        self.enc_cbam = torch.nn.ModuleList([cbam(c) for c in f])
+        self.bottom, self.bottom_cbam = ublock(f[3], f[3], f[3], dilation=2), cbam(f[3])
+        self.bottom_2, self.bottom_2_cbam = _ref_block(2 * f[3], f[2], norm), cbam(f[2])
         self.dec3, self.dec2, self.dec1 = ublock(2 * f[2], f[2], f[1]), ublock(2 * f[1], f[1], f[0]), ublock(2 * f[0], f[0], f[0])
         self.out = torch.nn.Conv3d(f[0], 3, 1)
+        self.deep = torch.nn.ModuleList([torch.nn.Conv3d(c, 3, 1) for c in (f[3], f[2], f[1], f[0])])
 
     def ordered_parameters(self) -> list[torch.nn.Parameter]:
         """In the order brats_lab registers the same tensors."""
         groups = [m for i in range(4) for m in (self.enc[i], self.enc_cbam[i])]
-        groups += [self.bottom, self.bottom_cbam, self.bottom_2, self.bottom_2_cbam, self.dec3, self.dec2, self.dec1, self.out]
+        groups += [self.bottom, self.bottom_cbam, self.bottom_2, self.bottom_2_cbam, self.dec3, self.dec2, self.dec1, self.out, self.deep]
         return [p for g in groups for p in g.parameters()]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        def up(v):
-            return torch.nn.functional.interpolate(v, scale_factor=2, mode="trilinear", align_corners=True)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        def up(v, factor=2):
+            return torch.nn.functional.interpolate(v, scale_factor=factor, mode="trilinear", align_corners=True)
 
         skips = []
         for i in range(4):
             x = self.enc_cbam[i](self.enc[i](x if i == 0 else torch.nn.functional.max_pool3d(x, 2)))
             skips.append(x)
         bottom = self.bottom_cbam(self.bottom(x))
-        x = self.bottom_2_cbam(self.bottom_2(torch.cat([skips[3], bottom], dim=1)))
-        x = self.dec3(torch.cat([skips[2], up(x)], dim=1))
-        x = self.dec2(torch.cat([skips[1], up(x)], dim=1))
-        x = self.dec1(torch.cat([skips[0], up(x)], dim=1))
-        return self.out(x)
+        bottom_2 = self.bottom_2_cbam(self.bottom_2(torch.cat([skips[3], bottom], dim=1)))
+        d3 = self.dec3(torch.cat([skips[2], up(bottom_2)], dim=1))
+        d2 = self.dec2(torch.cat([skips[1], up(d3)], dim=1))
+        d1 = self.dec1(torch.cat([skips[0], up(d2)], dim=1))
+        deeps = [up(head(v), factor) for head, v, factor in zip(self.deep, (bottom, bottom_2, d3, d2), (8, 8, 4, 2))]
+        return self.out(d1), deeps
 
 
 REF_NORMS = {"group": lambda c: torch.nn.GroupNorm(min(16, c), c), "instance": lambda c: torch.nn.InstanceNorm3d(c, affine=True)}
@@ -233,21 +238,26 @@ def test_cbam_block_is_the_authors(norm):
 
 
 @pytest.mark.parametrize("norm", ["group", "instance"])
-def test_att_equiunet_is_the_authors_network(norm):
-    """With the same weights, `att_equiunet` computes the authors' Att_EquiUnet (width 16: every
-    GroupNorm has 16 groups in both group rules; 16^3 input), and `att_equiunet_woo` does not."""
-    cfg = ModelConfig(name="att_equiunet", width=16, norm=norm, deep_supervision=False)
-    ours = build_model(cfg).eval()
-    ref = _RefAttEquiUnet(16, REF_NORMS[norm]).eval()
+@pytest.mark.parametrize("name", ["att_equiunet", "equiunet"])
+def test_network_is_the_authors(name, norm):
+    """With the same weights, `att_equiunet` computes the authors' Att_EquiUnet and `equiunet` their
+    EquiUnet, deep-supervision outputs included (width 16: every GroupNorm has 16 groups in both
+    group rules; 16^3 input); `att_equiunet_woo` does not."""
+    ours = build_model(ModelConfig(name=name, width=16, norm=norm, deep_supervision=True)).train()  # no dropout, no running stats
+    ref = _RefAttEquiUnet(16, REF_NORMS[norm], attention=name == "att_equiunet").train()
     _randomise(ours.parameters())
     _copy(list(ours.parameters()), ref.ordered_parameters())
     x = torch.randn(1, 4, 16, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        expected = ref(x)
-        torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-4)
-        woo = build_model(ModelConfig(name="att_equiunet_woo", width=16, norm=norm, deep_supervision=False)).eval()
-        woo.load_state_dict(ours.state_dict())
-        assert (woo(x) - expected).abs().max() > 1e-2
+        expected, expected_aux = ref(x)
+        logits, aux = ours(x)
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+        for got, want in zip(aux, expected_aux, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        if name == "att_equiunet":
+            woo = build_model(ModelConfig(name="att_equiunet_woo", width=16, norm=norm, deep_supervision=True)).train()
+            woo.load_state_dict(ours.state_dict())
+            assert (woo(x)[0] - expected).abs().max() > 1e-2
 
 
 def test_spatial_gate_of_the_authors_never_goes_below_half():

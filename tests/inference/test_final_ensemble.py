@@ -155,3 +155,41 @@ def test_precision_is_the_autocast_dtype() -> None:
     assert [autocast_dtype(p, cpu) for p in ("auto", "fp32", "fp16", "bf16")] == [None, None, torch.float16, torch.bfloat16]
     with pytest.raises(ValueError, match="precision must be one of"):
         autocast_dtype("fp8", cpu)
+
+
+class _ConstantLogits(torch.nn.Module):
+    """A network whose every voxel gets the same three logits (ET, TC, WT): known probabilities."""
+
+    def __init__(self, logits: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.logits = torch.tensor(logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[None, :, None, None, None].expand(x.shape[0], 3, *x.shape[2:]).clone()
+
+
+def _logit(p: float) -> float:
+    return float(np.log(p / (1 - p)))
+
+
+def test_ensemble_averages_probabilities_thresholds_at_half_and_rebuilds_labels(tmp_path: Path, case_writer) -> None:
+    """Two models: ET 0.3 and 0.6 (mean 0.45: off), TC 0.4 and 0.7 (0.55: on), WT 0.9 and 0.9.
+    A model alone would say ET; the mean of probabilities says NCR/NET (TC and not ET) in the
+    whole padded brain crop, and background outside it."""
+    from brats_lab.config import ExperimentConfig
+    from brats_lab.data.preprocess import brain_bbox, preprocess_case
+    from brats_lab.inference.predict import Member, predict_case
+
+    case = discover(case_writer(tmp_path / "data").parent)[0]
+    cpu = torch.device("cpu")
+    members = [
+        Member("a", ExperimentConfig(), _ConstantLogits((_logit(0.3), _logit(0.4), _logit(0.9)))),
+        Member("b", ExperimentConfig(), _ConstantLogits((_logit(0.6), _logit(0.7), _logit(0.9)))),
+    ]
+    labels = read_image(predict_case(case, members, tmp_path / "out", cpu, precision="fp32"))[0]
+    box = preprocess_case(case, "minmax").bbox
+    expected = np.zeros(case.geometry.shape, np.uint8)
+    expected[box] = 1
+    assert np.array_equal(labels, expected)
+    alone = read_image(predict_case(case, members[1:], tmp_path / "alone", cpu, precision="fp32"))[0]
+    assert set(np.unique(alone[box]).tolist()) == {4}  # model b alone: ET (0.6 > 0.5)

@@ -43,6 +43,9 @@ def test_pipeline_a_is_the_papers():
     swa = cfg.train.swa
     assert (swa.enabled, swa.cycles, swa.cycle_epochs, swa.lr, swa.snapshot_every) == (True, 5, 30, 5e-5, 3)
     assert cfg.data.pad_multiple == 8  # section 3.4: padded to be divisible by 8
+    assert (cfg.train.amp, cfg.train.val_every, cfg.train.loss, cfg.train.deep_supervision_weighting) == ("fp16", 3, "dice_squared", "sum")
+    assert (cfg.model.name, cfg.model.width, cfg.model.deep_supervision, cfg.model.dropout) == ("equiunet", 48, True, 0.0)
+    assert cfg.data.normalization == "minmax" and cfg.data.patch_size == (128, 128, 128) and cfg.train.augment == "A"
     assert (cfg.data.split, cfg.data.seed, cfg.data.folds) == ("authors", 16111990, 5)  # the authors' folds
 
 
@@ -54,6 +57,7 @@ def test_pipeline_b_is_the_papers():
     assert cfg.train.batch_size == 3 and cfg.train.keep == "best" and not cfg.train.swa.enabled
     assert cfg.train.loss == "dice" and cfg.train.decay_start == 0.0
     assert cfg.data.pad_multiple == 8 and cfg.data.split == "authors"
+    assert (cfg.train.amp, cfg.train.augment, cfg.train.schedule, cfg.train.epochs) == ("fp16", "B", "cosine", 400)
 
 
 def test_overrides_are_toml_literals_or_strings():

@@ -136,6 +136,21 @@ def write_ensemble_record(out_dir: Path, members: list["Member"], selection: dic
     write_text(path, json.dumps(record, indent=1) + "\n")
 
 
+def legacy_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config of a model saved before `att_equiunet` became the authors' network, in today's
+    keys: `model.cbam_spatial_relu` is gone; true was the authors' CBAM (now `att_equiunet`),
+    false the CBAM paper's gate (now `att_equiunet_woo`). Other configs are returned as they are."""
+    model = config.get("model", {})
+    if "cbam_spatial_relu" not in model:
+        return config
+    model = dict(model)
+    relu = model.pop("cbam_spatial_relu")
+    name = model.get("name", "")
+    if not relu and name.startswith("att_equiunet") and "_woo" not in name:
+        model["name"] = name.replace("att_equiunet", "att_equiunet_woo", 1)
+    return {**config, "model": model}
+
+
 @dataclass
 class Member:
     """One trained model of an ensemble."""
@@ -184,7 +199,7 @@ def load_members(run_ids: list[str], device: torch.device, root: Path | None = N
         if not Path(path).is_file():
             raise DataError(f"run {run_id}: no final model at {path} (did its training finish?)")
         state = load_checkpoint(Path(path), ("model", "config"))  # weights_only: no arbitrary unpickling
-        config = from_dict(state["config"], source=str(path))
+        config = from_dict(legacy_config(state["config"]), source=str(path))
         model = build_model(config.model)
         model.load_state_dict(state["model"])
         members.append(Member(run_id, config, model.to(device).eval()))

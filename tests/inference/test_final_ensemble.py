@@ -20,6 +20,8 @@ from brats_lab.inference.predict import ENSEMBLE_RECORD, load_members, predict_f
 from brats_lab.io import read_image
 from conftest import TINY_TRAINING
 
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+
 REGIONS = ("ET", "TC", "WT")
 SPLIT = {"data.dataset": "data/phantom", "data.folds": "2", "data.seed": "16111990", "data.split": "brats-lab"}
 
@@ -193,3 +195,15 @@ def test_ensemble_averages_probabilities_thresholds_at_half_and_rebuilds_labels(
     assert np.array_equal(labels, expected)
     alone = read_image(predict_case(case, members[1:], tmp_path / "alone", cpu, precision="fp32"))[0]
     assert set(np.unique(alone[box]).tolist()) == {4}  # model b alone: ET (0.6 > 0.5)
+
+
+def test_models_saved_before_the_authors_cbam_load_as_what_they_were() -> None:
+    from brats_lab.config import from_dict
+    from brats_lab.inference.predict import legacy_config
+
+    old = {"model": {"name": "att_equiunet_tiny", "cbam_spatial_relu": False}}
+    assert from_dict(legacy_config(old)).model.name == "att_equiunet_woo_tiny"  # the CBAM paper's gate
+    assert from_dict(legacy_config({"model": {"name": "att_equiunet", "cbam_spatial_relu": True}})).model.name == "att_equiunet"
+    assert from_dict(legacy_config({"model": {"name": "equiunet", "cbam_spatial_relu": False}})).model.name == "equiunet"
+    today = {"model": {"name": "att_equiunet"}}
+    assert legacy_config(today) is today

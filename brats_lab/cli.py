@@ -397,7 +397,8 @@ def _predict(args: argparse.Namespace) -> int:
         runs, selection = select_top(args.runs, args.top, args.by)
         for fold, candidates in selection["folds"].items():
             print(f"fold {fold}: " + ", ".join(
-                f"{c['arm_name'] or c['run_id']} {args.by} {c['score']:.3f}{' (chosen)' if c['chosen'] else ''}" for c in candidates))
+                f"{c['model']} (arm {str(c['arm_run_id'])[:8]}) {args.by} {c['score']:.3f}{' chosen' if c['chosen'] else ''}"
+                for c in candidates))
     members = load_members(runs, device)
     write_ensemble_record(args.output, members, selection, args.tta, args.precision)
     written, skipped, failures = predict_folder(

@@ -55,7 +55,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from brats_lab.evaluation.metrics import _bbox, _check_arguments, _hd95, _isin
+from brats_lab.evaluation.metrics import METRICS, _bbox, _check_arguments, _hd95, _isin, case_metrics
 from brats_lab.labels import LabelConvention
 
 LEGACY_RULES = "brats2020"  # the BraTS 2020 metrics alone (evaluation/metrics.py)
@@ -229,15 +229,13 @@ def case_scores(
     2023+ labels) are lesion-wise. This is the one call training, ablations and the dashboard
     need to score a case the way `brats-lab evaluate` does.
     """
-    from brats_lab.evaluation.metrics import case_metrics
-
     name = rules_for(convention, rules)
-    out: dict[str, float] = {}
-    for region, m in case_metrics(pred_labels, ref_labels, spacing_zyx, convention).items():
-        out.update({f"{metric}_{region}": value for metric, value in m.as_dict().items()})
+    # Columns metric-major, as `evaluate.metric_columns()` and `lesion_columns()` list them.
+    legacy = case_metrics(pred_labels, ref_labels, spacing_zyx, convention)
+    out: dict[str, float] = {f"{m}_{r}": getattr(legacy[r], m) for m in METRICS for r in legacy}
     if name != LEGACY_RULES:
-        for region, m in lesion_metrics(pred_labels, ref_labels, spacing_zyx, name).items():
-            out.update({f"{metric}_{region}": value for metric, value in m.as_dict().items()})
+        lesions = lesion_metrics(pred_labels, ref_labels, spacing_zyx, name)
+        out.update({f"{m}_{r}": getattr(lesions[r], m) for m in LESION_METRICS for r in lesions})
     return out
 
 

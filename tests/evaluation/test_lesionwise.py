@@ -1,0 +1,287 @@
+"""Lesion-wise metrics: every value against the organisers' package on hand-built hard cases, and
+the 2023 scorer's rules on cases whose answers follow from them by hand."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from brats_lab.evaluation.lesionwise import (
+    LESION_METRICS,
+    RULES,
+    case_scores,
+    lesion_columns,
+    lesion_metrics,
+    rules_for,
+)
+from brats_lab.evaluation.metrics import METRICS
+from brats_lab.labels import BRATS_2020, BRATS_2023, REGIONS
+
+SHAPE = (20, 24, 28)  # (z, y, x)
+NETC, SNFH, ET = 1, 2, 3
+
+
+def volume(*boxes: tuple[tuple[int, int, int], tuple[int, int, int], int], shape=SHAPE) -> np.ndarray:
+    """A label map painted with boxes ((z0, y0, x0), (z1, y1, x1), label), later boxes on top."""
+    out = np.zeros(shape, np.uint8)
+    for lo, hi, label in boxes:
+        out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = label
+    return out
+
+
+def tumour(z: int, y: int, x: int, size: int = 6) -> list:
+    """A tumour at (z, y, x): edema, with a core of NETC and an enhancing rim inside."""
+    return [
+        ((z, y, x), (z + size, y + size, x + size), SNFH),
+        ((z + 1, y + 1, x + 1), (z + size - 1, y + size - 1, x + size - 1), ET),
+        ((z + 2, y + 2, x + 2), (z + size - 2, y + size - 2, x + size - 2), NETC),
+    ]
+
+
+# Hard cases for the oracle: (prediction, reference, spacing (z, y, x)).
+CASES = {
+    "several lesions, shifted and shrunk": (
+        volume(*tumour(2, 2, 2), *tumour(3, 13, 3, 7), *tumour(11, 4, 17, 5)),
+        volume(*tumour(2, 3, 2), *tumour(2, 13, 4, 8), *tumour(12, 4, 16, 6)),
+        (1.0, 1.0, 1.0),
+    ),
+    "lesion split in two by the prediction": (
+        volume(((4, 4, 4), (12, 10, 11), ET), ((4, 4, 13), (12, 10, 20), ET)),
+        volume(((4, 4, 4), (12, 10, 20), ET)),
+        (1.0, 1.0, 1.0),
+    ),
+    "two lesions merged by the prediction": (
+        volume(((4, 4, 3), (12, 10, 22), ET)),
+        volume(((4, 4, 4), (12, 10, 11), ET), ((5, 4, 14), (12, 9, 21), ET)),
+        (1.0, 1.0, 1.0),
+    ),
+    "false-positive islands and a missed lesion": (
+        volume(*tumour(3, 3, 3, 8), ((16, 18, 22), (18, 20, 24), ET), ((1, 20, 1), (2, 21, 2), SNFH)),
+        volume(*tumour(3, 3, 3, 8), *tumour(12, 14, 14, 5)),
+        (1.0, 1.0, 1.0),
+    ),
+    "lesions just under and over 50 voxels": (
+        volume(((2, 2, 2), (7, 7, 4), ET), ((10, 10, 10), (15, 15, 13), ET), ((14, 2, 20), (18, 5, 24), SNFH)),
+        volume(((2, 2, 2), (7, 7, 4), ET), ((10, 10, 11), (13, 14, 15), ET), ((2, 15, 15), (4, 20, 20), NETC)),
+        (1.0, 1.0, 1.0),
+    ),
+    "enhancing tumour only in the reference": (
+        volume(((4, 4, 4), (12, 12, 12), NETC)),
+        volume(((4, 4, 4), (12, 12, 12), NETC), ((6, 6, 6), (9, 9, 9), ET)),
+        (1.0, 1.0, 1.0),
+    ),
+    "enhancing tumour only in the prediction": (
+        volume(((4, 4, 4), (12, 12, 12), SNFH), ((6, 6, 6), (9, 9, 9), ET)),
+        volume(((4, 4, 4), (12, 12, 12), SNFH)),
+        (1.0, 1.0, 1.0),
+    ),
+    "no tumour core anywhere, one lesion missed entirely": (
+        volume(((2, 2, 2), (6, 6, 6), SNFH)),
+        volume(((2, 2, 2), (6, 6, 6), SNFH), ((12, 14, 16), (17, 20, 22), SNFH)),
+        (1.0, 1.0, 1.0),
+    ),
+    "masks that do not overlap at all": (
+        volume(((2, 2, 2), (6, 6, 6), ET)),
+        volume(((12, 14, 16), (17, 20, 22), ET)),
+        (1.0, 1.0, 1.0),
+    ),
+    "anisotropic spacing, lesions on the image border": (
+        volume(*tumour(0, 0, 0, 7), *tumour(14, 17, 22, 6), ((9, 10, 10), (11, 14, 12), SNFH)),
+        volume(*tumour(0, 1, 0, 7), *tumour(13, 18, 21, 7)),
+        (3.0, 0.9, 1.2),
+    ),
+}
+
+
+def _official(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
+    """brats-evaluation's `gli` results per region, mapped to our names: TP/FP/FN, pq_dsc,
+    sq_hd95 and the global Dice and HD95; inf written as 373, as its result parser does."""
+    brats_evaluation = pytest.importorskip("brats_evaluation")
+    from panoptica import Panoptica_Evaluator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluator = Panoptica_Evaluator.load_from_config(brats_evaluation.config_path("gli"))
+        results = evaluator.evaluate(pred, ref, voxelspacing=tuple(spacing), verbose=False)
+    out = {}
+    for region in REGIONS:
+        r = results[region.lower()]
+        values = {
+            "lesion_tp": r.tp,
+            "lesion_fp": r.fp,
+            "lesion_fn": r.fn,
+            "lesion_dice": r.pq_dsc,
+            "lesion_hd95": r.sq_hd95,
+            "volume_dice": r.global_bin_dsc,
+            "volume_hd95": r.global_bin_hd95,
+        }
+        out[region] = {k: 373.0 if isinstance(v, float) and math.isinf(v) else v for k, v in values.items()}
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_value_equals_brats_evaluation(name: str) -> None:
+    pred, ref, spacing = CASES[name]
+    expected = _official(pred, ref, spacing)
+    ours = lesion_metrics(pred, ref, spacing, "gli")
+    assert list(ours) == list(REGIONS)
+    for region in REGIONS:
+        got = ours[region].as_dict()
+        assert list(got) == list(LESION_METRICS)
+        for metric, want in expected[region].items():
+            value = got[metric]
+            if isinstance(want, float) and math.isnan(want):
+                assert math.isnan(value), f"{name}: {region} {metric} = {value}, official NaN"
+            else:
+                assert value == want, f"{name}: {region} {metric} = {value}, official {want}"
+
+
+def test_the_hard_cases_are_hard() -> None:
+    """The oracle cases exercise what they are named for (independent of either implementation)."""
+    results = {name: lesion_metrics(p, r, s, "gli") for name, (p, r, s) in CASES.items()}
+    split = results["lesion split in two by the prediction"]["ET"]
+    assert (split.lesion_tp, split.lesion_fp, split.lesion_fn) == (1, 1, 0)
+    merged = results["two lesions merged by the prediction"]["ET"]
+    assert (merged.lesion_tp, merged.lesion_fp, merged.lesion_fn) == (1, 0, 1)
+    several = results["several lesions, shifted and shrunk"]
+    assert all(several[r].lesion_tp == 3 for r in REGIONS)
+    only_ref = results["enhancing tumour only in the reference"]["ET"]
+    assert (only_ref.lesion_tp, only_ref.lesion_fn, only_ref.lesion_dice, only_ref.lesion_hd95) == (0, 1, 0.0, 373.0)
+    only_pred = results["enhancing tumour only in the prediction"]["ET"]
+    assert (only_pred.lesion_fp, only_pred.volume_dice, only_pred.volume_hd95) == (1, 0.0, 373.0)
+    nowhere = results["no tumour core anywhere, one lesion missed entirely"]["TC"]
+    assert all(math.isnan(getattr(nowhere, m)) for m in ("lesion_dice", "lesion_hd95", "volume_dice", "volume_hd95"))
+    apart = results["masks that do not overlap at all"]["ET"]
+    assert apart.volume_hd95 == 373.0  # official: no voxel in common is "no true positive", not a distance
+
+
+def test_whole_volume_hd95_ignores_spacing_as_the_official_package_does() -> None:
+    """panoptica computes its global metrics without the spacing; the lesion-wise HD95 uses it.
+    One lesion shifted by one voxel along z: 3 mm apart lesion-wise, 1 voxel whole-volume."""
+    ref = volume(((4, 4, 4), (10, 10, 10), ET))
+    pred = volume(((5, 4, 4), (11, 10, 10), ET))
+    et = lesion_metrics(pred, ref, (3.0, 1.0, 1.0), "gli")["ET"]
+    assert et.lesion_hd95 == 3.0
+    assert et.volume_hd95 == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# The 2023 challenge scorer's rules, by hand: dilation 3 (18-neighbourhood), lesions of at most
+# 50 mm^3 ignored, FP and FN lesions scored Dice 0 and HD95 374, nothing to score = Dice 1, HD95 0.
+
+
+def wt(pred: np.ndarray, ref: np.ndarray, spacing=(1.0, 1.0, 1.0)):
+    return lesion_metrics(pred, ref, spacing, "brats2023-gli")
+
+
+def test_2023_false_positive_island_counts_dice_0_and_hd95_374() -> None:
+    ref = volume(((2, 2, 2), (7, 7, 7), SNFH))
+    pred = volume(((2, 2, 2), (7, 7, 7), SNFH), ((14, 16, 18), (17, 19, 21), SNFH))
+    m = wt(pred, ref)["WT"]
+    assert (m.lesion_tp, m.lesion_fp, m.lesion_fn) == (1, 1, 0)
+    assert m.lesion_dice == (1.0 + 0.0) / 2
+    assert m.lesion_hd95 == (0.0 + 374.0) / 2
+    assert m.volume_dice == 2 * 125 / (125 + 125 + 27)
+    # No ET or TC in either map: nothing to score is Dice 1 and HD95 0, for lesions and volume.
+    for region in ("ET", "TC"):
+        e = wt(pred, ref)[region]
+        assert (e.lesion_dice, e.lesion_hd95, e.volume_dice, e.volume_hd95) == (1.0, 0.0, 1.0, 0.0)
+        assert (e.lesion_tp, e.lesion_fp, e.lesion_fn) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(("voxels", "spacing", "counted"), [
+    (50, (1.0, 1.0, 1.0), False),  # 50 mm^3: at most 50, ignored
+    (51, (1.0, 1.0, 1.0), True),
+    (26, (2.0, 1.0, 1.0), True),  # 52 mm^3: the limit is a volume, not a voxel count
+    (25, (2.0, 1.0, 1.0), False),
+])
+def test_2023_missed_lesions_at_the_size_limit(voxels: int, spacing, counted: bool) -> None:
+    big = ((2, 2, 2), (8, 8, 8), SNFH)
+    ref = volume(big)
+    # A missed lesion of exactly `voxels` voxels: a 3 x 5 x 5 block filled in raster order up to
+    # that count (connected), 7 voxels from the big one along y (their dilations do not touch).
+    block = np.zeros(75, np.uint8)
+    block[:voxels] = SNFH
+    ref[13:16, 15:20, 18:23] = block.reshape(3, 5, 5)
+    assert np.count_nonzero(ref) == 216 + voxels
+    pred = volume(big)
+    m = wt(pred, ref, spacing)["WT"]
+    if counted:
+        assert (m.lesion_tp, m.lesion_fn) == (1, 1)
+        assert (m.lesion_dice, m.lesion_hd95) == (0.5, 187.0)
+    else:
+        assert (m.lesion_tp, m.lesion_fn) == (1, 0)
+        assert (m.lesion_dice, m.lesion_hd95) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize(("gap", "merged"), [(6, True), (7, False)])
+def test_2023_reference_lesions_merge_when_their_dilations_touch(gap: int, merged: bool) -> None:
+    """Two 5 x 5 x 5 lesions `gap` empty voxels apart along x: dilated 3 voxels each, they touch
+    (26-connected) when the gap is at most 6. The prediction finds only the first."""
+    a = ((4, 4, 2), (9, 9, 7), SNFH)
+    b = ((4, 4, 7 + gap), (9, 9, 12 + gap), SNFH)
+    m = wt(volume(a), volume(a, b))["WT"]
+    if merged:  # one lesion of 250 voxels, half found
+        assert (m.lesion_tp, m.lesion_fp, m.lesion_fn) == (1, 0, 0)
+        assert m.lesion_dice == 2 * 125 / (250 + 125)
+    else:
+        assert (m.lesion_tp, m.lesion_fp, m.lesion_fn) == (1, 0, 1)
+        assert (m.lesion_dice, m.lesion_hd95) == (0.5, 187.0)
+
+
+def test_2023_prediction_near_a_lesion_is_a_true_positive_with_dice_0() -> None:
+    """A predicted lesion 2 voxels beside the reference lesion touches its dilation: a true
+    positive (not a false positive), scored Dice 0. Under brats-evaluation it is FP + FN."""
+    ref = volume(((4, 4, 4), (9, 9, 9), SNFH))
+    pred = volume(((4, 4, 11), (9, 9, 16), SNFH))
+    m = wt(pred, ref)["WT"]
+    assert (m.lesion_tp, m.lesion_fp, m.lesion_fn, m.lesion_dice) == (1, 0, 0, 0.0)
+    assert 0 < m.lesion_hd95 < 374
+    g = lesion_metrics(pred, ref, (1.0, 1.0, 1.0), "gli")["WT"]
+    assert (g.lesion_tp, g.lesion_fp, g.lesion_fn) == (0, 1, 1)
+
+
+def test_2023_empty_prediction_and_empty_reference() -> None:
+    ref = volume(((4, 4, 4), (9, 9, 9), SNFH))
+    empty = np.zeros(SHAPE, np.uint8)
+    missed = wt(empty, ref)["WT"]
+    assert (missed.lesion_tp, missed.lesion_fn, missed.lesion_dice, missed.lesion_hd95) == (0, 1, 0.0, 374.0)
+    assert (missed.volume_dice, missed.volume_hd95) == (0.0, 374.0)
+    invented = wt(ref, empty)["WT"]
+    assert (invented.lesion_fp, invented.lesion_dice, invented.lesion_hd95) == (1, 0.0, 374.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Rules chosen from the data, and the flat per-case dict
+
+
+def test_rules_follow_the_label_convention() -> None:
+    assert rules_for(BRATS_2020) == "brats2020"
+    assert rules_for(BRATS_2023) == "gli"
+    assert rules_for(BRATS_2023, "brats2023-gli") == "brats2023-gli"
+    with pytest.raises(ValueError, match="unknown rules 'gly'"):
+        rules_for(BRATS_2023, "gly")
+    assert lesion_columns("brats2020") == []
+    assert lesion_columns("gli")[:3] == ["lesion_dice_ET", "lesion_dice_TC", "lesion_dice_WT"]
+    assert {r.dilation for r in RULES.values() if r.name.startswith("brats2023-")} == {1, 3}
+
+
+def test_case_scores_carry_legacy_and_lesion_wise_columns() -> None:
+    pred, ref, spacing = CASES["several lesions, shifted and shrunk"]
+    scores = case_scores(pred, ref, spacing, BRATS_2023)
+    legacy = [f"{m}_{r}" for m in METRICS for r in REGIONS]
+    assert list(scores) == legacy + lesion_columns("gli")
+    assert scores["lesion_tp_WT"] == 3
+    old = case_scores(pred.clip(0, 2), ref.clip(0, 2), spacing, BRATS_2020)
+    assert list(old) == legacy
+
+
+def test_unknown_prediction_label_is_named() -> None:
+    pred, ref, spacing = CASES["several lesions, shifted and shrunk"]
+    bad = pred.copy()
+    bad[0, 0, 0] = 7
+    with pytest.raises(ValueError, match=r"labels \[7\] unknown to the gli rules"):
+        lesion_metrics(bad, ref, spacing, "gli")

@@ -246,15 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = _command(
         commands,
         "evaluate",
-        "score label maps with the BraTS 2020 metrics",
+        "score label maps with the BraTS metrics (2020, and lesion-wise for 2023+ data)",
         "Score predicted label maps against a dataset's segmentations with the BraTS 2020 rules: "
-        "Dice, sensitivity, specificity and HD95 (mm) for ET, TC and WT. Writes one row per case "
+        "Dice, sensitivity, specificity and HD95 (mm) for ET, TC and WT; on 2023+ data (labels "
+        "1/2/3) also the lesion-wise Dice and HD95, lesion counts and whole-volume Dice and HD95 "
+        "of the organisers' brats-evaluation package (--rules to choose others). Writes one row per case "
         "and prints a summary. A missing prediction, or one with another geometry, is reported by "
         "name and scored as a miss (exit status 1).",
     )
     evaluate.add_argument("--pred", type=Path, required=True, help="folder of predictions, <case id>.nii.gz each")
     evaluate.add_argument("--gt", type=Path, required=True, help="dataset folder with the ground-truth segmentations")
     evaluate.add_argument("--out", type=Path, default=None, help="per-case CSV (default: <pred>/metrics.csv)")
+    evaluate.add_argument(
+        "--rules", default=None, metavar="RULES",
+        help="lesion-wise rules: brats2020 (none), gli, mets, men-pre, men-rt, goat, ped (brats-evaluation's "
+        "configs), brats2023-gli, -ssa, -men, -ped, -met (the 2023 challenge scorer's); default: from the "
+        "dataset's labels (2020/2021: brats2020, 2023+: gli)",
+    )
     evaluate.set_defaults(run=_evaluate)
 
     ui = _command(
@@ -459,7 +467,11 @@ def _worker(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from brats_lab.evaluation.evaluate import evaluate_folder, format_summary
 
-    result = evaluate_folder(args.pred, args.gt)
+    from brats_lab.evaluation.lesionwise import RULE_NAMES
+
+    if args.rules is not None and args.rules not in RULE_NAMES:
+        raise DataError(f"--rules {args.rules}: unknown rules (expected one of: {', '.join(RULE_NAMES)})")
+    result = evaluate_folder(args.pred, args.gt, rules=args.rules)
     out = args.out or args.pred / "metrics.csv"
     result.write_csv(out)
     print(format_summary(result))

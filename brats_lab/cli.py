@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth = _command(
         data_commands,
         "synth",
-        "write phantom cases in the BraTS 2020 layout",
-        "Write phantom brain-tumour cases in the BraTS 2020 on-disk layout (four modalities and a "
+        "write phantom cases in the BraTS 2020 (or 2023) layout",
+        "Write phantom brain-tumour cases in the BraTS 2020 (or, with --layout 2023, 2023+) on-disk layout (four modalities and a "
         "segmentation per case, NIfTI), built on the MNI152 anatomy shipped with nilearn. The same "
         "seed gives the same bytes. A phantom.json beside the cases records how each was made.",
     )
@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--no-et-fraction", type=float, default=0.2, help="share of cases without enhancing tumour (lower-grade-glioma-like)")
     synth.add_argument("--corrupt-fraction", type=float, default=0.0, help="share of cases whose labels are deliberately corrupted (recorded in phantom.json)")
+    synth.add_argument(
+        "--layout", choices=("2020", "2023"), default="2020",
+        help="on-disk layout and labels: 2020 (BraTS20_Training_001, t1/t1ce/t2/flair, labels 1/2/4) or 2023 "
+        "(BraTS-GLI-00001-000, t1n/t1c/t2w/t2f, labels 1/2/3; half the cases with satellite lesions)",
+    )
     synth.set_defaults(run=_synth)
 
     check = _command(
@@ -311,6 +316,7 @@ def _synth(args: argparse.Namespace) -> int:
     folders = synthesize(
         args.out, cases=args.cases, seed=args.seed, shape=tuple(args.shape),
         no_et_fraction=args.no_et_fraction, corrupt_fraction=args.corrupt_fraction,
+        layout=f"brats{args.layout}",
     )
     print(f"wrote {len(folders)} phantom cases to {args.out} (details: {args.out / 'phantom.json'})")
     return 0

@@ -285,3 +285,84 @@ def test_unknown_prediction_label_is_named() -> None:
     bad[0, 0, 0] = 7
     with pytest.raises(ValueError, match=r"labels \[7\] unknown to the gli rules"):
         lesion_metrics(bad, ref, spacing, "gli")
+
+
+# --------------------------------------------------------------------------------------------
+# `brats-lab data synth --layout 2023` and `brats-lab evaluate` on it
+
+
+@pytest.fixture(scope="module")
+def dataset_2023(tmp_path_factory: pytest.TempPathFactory):
+    from brats_lab.cli import main
+
+    root = tmp_path_factory.mktemp("gli") / "phantom"
+    assert main(["data", "synth", "--out", str(root), "--cases", "2", "--shape", "48", "48", "32", "--layout", "2023"]) == 0
+    return root
+
+
+def test_synth_2023_layout_has_several_lesions(dataset_2023) -> None:
+    from scipy import ndimage
+
+    from brats_lab.data.cases import discover
+    from brats_lab.io import read_image
+
+    cases = discover(dataset_2023)
+    assert [c.id for c in cases] == ["BraTS-GLI-00001-000", "BraTS-GLI-00002-000"]
+    assert {c.layout.name for c in cases} == {"brats2023"}
+    assert [p.name for p in cases[0].images] == [f"BraTS-GLI-00001-000-{m}.nii.gz" for m in ("t1n", "t1c", "t2w", "t2f")]
+    lesions = []
+    for case in cases:
+        seg, _ = read_image(case.seg)
+        assert set(np.unique(seg).tolist()) <= {0, 1, 2, 3} and (seg == 3).any()
+        lesions.append(ndimage.label(seg > 0, np.ones((3, 3, 3)))[1])
+    assert max(lesions) >= 2  # seed 0: the first case has satellites
+
+
+def test_evaluate_2023_folder_prints_lesion_wise_and_legacy(dataset_2023, tmp_path, capsys) -> None:
+    import pandas as pd
+
+    from brats_lab.cli import main
+    from brats_lab.data.cases import discover
+    from brats_lab.evaluation import case_metrics
+    from brats_lab.io import read_image, write_image
+
+    pred_dir = tmp_path / "pred"
+    expected = {}
+    for i, case in enumerate(discover(dataset_2023)):
+        seg, geometry = read_image(case.seg)
+        pred = seg.copy()
+        if i == 0:  # miss the smallest lesion, add a false positive far away
+            cc, n = ndimage_label(seg > 0)
+            smallest = 1 + int(np.argmin(np.bincount(cc.ravel())[1:]))
+            pred[cc == smallest] = 0
+            pred[1:3, 1:3, 1:3] = SNFH
+        write_image(pred, geometry, pred_dir / f"{case.id}.nii.gz")
+        expected[case.id] = (
+            case_metrics(pred, seg, geometry.spacing_zyx, BRATS_2023),
+            lesion_metrics(pred, seg, geometry.spacing_zyx, "gli"),
+        )
+    out = tmp_path / "metrics.csv"
+    assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(dataset_2023), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "BraTS 2020 metrics over 2 cases" in text and "Lesion-wise metrics, gli rules" in text
+    assert "Lesions TP / FP / FN" in text
+    table = pd.read_csv(out).set_index("case")
+    assert list(table.columns) == ["status", *[f"{m}_{r}" for m in METRICS for r in REGIONS], *lesion_columns("gli")]
+    for case_id, (legacy, lesions) in expected.items():
+        for region in REGIONS:
+            assert table.loc[case_id, f"dice_{region}"] == legacy[region].dice
+            for metric, value in lesions[region].as_dict().items():
+                assert table.loc[case_id, f"{metric}_{region}"] == value
+    first = table.iloc[0]
+    assert first["lesion_fn_WT"] == 1 and first["lesion_fp_WT"] == 1
+    # --rules overrides the dataset's default; unknown rules are one clear error.
+    assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(dataset_2023), "--out", str(out), "--rules", "brats2023-gli"]) == 0
+    assert "brats2023-gli rules" in capsys.readouterr().out
+    assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(dataset_2023), "--rules", "gly"]) == 1
+    assert "--rules gly: unknown rules" in capsys.readouterr().err
+
+
+def ndimage_label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    from scipy import ndimage
+
+    return ndimage.label(mask, np.ones((3, 3, 3)))

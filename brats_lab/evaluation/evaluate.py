@@ -281,7 +281,10 @@ def _lesion_lines(result: EvaluationResult, summary: pd.DataFrame) -> list[str]:
     regions = list(rules.regions)
     lines = [f"Lesion-wise metrics, {rules.name} rules ({rules.source})"]
     cells: list[list[str]] = [["", *regions]]
-    for metric, name in LESION_NAMES.items():
+    names = dict(LESION_NAMES)
+    if rules.matching == "bipartite":  # panoptica measures the whole volume's HD95 without the spacing
+        names["volume_hd95"] = "Whole-volume HD95 (voxels)"
+    for metric, name in names.items():
         digits = 2 if metric.endswith("hd95") else 4
         f = lambda v: "n/a" if np.isnan(v) else f"{v:.{digits}f}"  # noqa: E731
         stats = {r: summary[f"{metric}_{r}"] for r in regions}

@@ -252,17 +252,19 @@ def _bipartite(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], rule
         return LesionMetrics(nan, nan, nan, nan, 0, 0, 0)
     # Unit spacing for the whole volume: panoptica's global metrics are computed without it.
     volume_dice, volume_hd95 = _volume_metrics(pred, ref, (1.0,) * ref.ndim, rules.penalty_hd95)
-    # Lesions are found and scored in a squeezed copy of the masks (see `_squeeze`): the same
-    # components in the same order, and the same voxels around every matched pair.
-    pred, ref = _squeeze(pred, ref)
-    pred_cc, n_pred = ndimage.label(pred, structure=_CONNECTIVITY_26)
-    ref_cc, n_ref = ndimage.label(ref, structure=_CONNECTIVITY_26)
+    # Lesions are labelled piece by piece (see `_pieces`), then numbered as labelling the whole
+    # array numbers them, so the assignment below sees panoptica's cost matrix, row for row.
+    pieces = _pieces(pred | ref)
+    pred_lesions, ref_lesions = _Lesions(pred, pieces), _Lesions(ref, pieces)
+    n_pred, n_ref = pred_lesions.n, ref_lesions.n
     if n_pred == 0 or n_ref == 0:
         return LesionMetrics(0.0, rules.penalty_hd95, volume_dice, volume_hd95, 0, n_pred, n_ref)
 
-    pairs_ref, pairs_pred, inter = _overlaps(ref_cc, pred_cc, n_pred)
-    ref_area = np.bincount(ref_cc.ravel(), minlength=n_ref + 1)
-    pred_area = np.bincount(pred_cc.ravel(), minlength=n_pred + 1)
+    pairs = [_overlaps(r, p, int(p.max(initial=0))) for r, p in zip(ref_lesions.labels, pred_lesions.labels)]
+    pairs_ref = np.concatenate([ref_lesions.ids[i][r] for i, (r, _, _) in enumerate(pairs)])
+    pairs_pred = np.concatenate([pred_lesions.ids[i][q] for i, (_, q, _) in enumerate(pairs)])
+    inter = np.concatenate([c for _, _, c in pairs])
+    ref_area, pred_area = ref_lesions.area, pred_lesions.area
     dice = 2.0 * inter.astype(np.float64) / (ref_area[pairs_ref] + pred_area[pairs_pred]).astype(np.float64)
     # panoptica's cost matrix, value for value: pairs below the threshold keep a cost above 1
     # (they may be assigned, then are dropped), so ties break as its assignment breaks them.
@@ -276,12 +278,14 @@ def _bipartite(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], rule
     if tp == 0:
         return LesionMetrics(0.0, rules.penalty_hd95, volume_dice, volume_hd95, 0, fp, fn)
 
-    ref_boxes = ndimage.find_objects(ref_cc)
-    pred_boxes = ndimage.find_objects(pred_cc)
     dices, hd95s = [], []
     for r, p in matched:
-        box = _union_box((ref_boxes[r - 1], pred_boxes[p - 1]), ref_cc.shape)
-        a, b = pred_cc[box] == p, ref_cc[box] == r
+        # Lesions that overlap lie in one piece.
+        piece, r_local = ref_lesions.where[r]
+        _, p_local = pred_lesions.where[p]
+        r_cc, p_cc = ref_lesions.labels[piece], pred_lesions.labels[piece]
+        box = _union_box((ref_lesions.box(piece, r_local), pred_lesions.box(piece, p_local)), r_cc.shape)
+        a, b = p_cc[box] == p_local, r_cc[box] == r_local
         overlap = int(np.count_nonzero(a & b))
         dices.append(2 * overlap / (int(ref_area[r]) + int(pred_area[p])))
         hd95s.append(0.0 if overlap == ref_area[r] == pred_area[p] else _hd95(a, b, spacing))
@@ -389,28 +393,74 @@ def _overlaps(a: np.ndarray, b: np.ndarray, n_b: int) -> tuple[np.ndarray, np.nd
     return pairs // (n_b + 1), pairs % (n_b + 1), counts
 
 
-def _squeeze(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both masks with every run of planes empty in both cut to a single empty plane, per axis.
+def _pieces(union: np.ndarray) -> list[tuple[slice, ...]]:
+    """Tight boxes that hold every voxel of `union`, cut apart along planes empty in `union`.
 
-    Exact for what the bipartite rules compute, and much smaller where lesions lie far apart
-    (a false positive across the brain): voxels are 26-neighbours after the cut if and only if
-    they were before (a kept empty plane still separates), the raster order of the voxels is
-    kept, so components are labelled alike; and two lesions that overlap form one connected
-    object, which crosses no empty plane, so the box of a matched pair plus its 1-voxel margin
-    holds the very voxels it held before the cut, and distances within it are unchanged.
+    A 26-connected component never crosses an empty plane, so every component of a mask inside
+    `union` lies in one piece, and labelling the pieces finds the components of the whole array
+    in a fraction of its voxels when lesions lie far apart (a false positive across the brain).
+    The face neighbours of a piece's voxels outside its box are empty (a voxel there would touch
+    the piece, so belong to it), which is what `_hd95` needs of a box cut from it.
     """
-    union = pred | ref
-    keep = []
-    for axis in range(union.ndim):
-        other = tuple(a for a in range(union.ndim) if a != axis)
-        full = union.any(axis=other)
-        # Keep non-empty planes and the first plane of each empty run.
-        first_empty = ~full & np.concatenate(([True], full[:-1]))
-        keep.append(np.flatnonzero(full | first_empty))
-    if all(len(k) == n for k, n in zip(keep, union.shape)):
-        return pred, ref
-    index = np.ix_(*keep)
-    return pred[index], ref[index]
+    todo, done = [tuple(slice(0, n) for n in union.shape)], []
+    while todo:
+        box = todo.pop()
+        sub = union[box]
+        profiles = [sub.any(axis=tuple(a for a in range(union.ndim) if a != axis)) for axis in range(union.ndim)]
+        if not profiles[0].any():
+            continue
+        # Tighten the box, then cut it at its first inner empty plane, if any.
+        spans = [(int(np.argmax(p)), len(p) - int(np.argmax(p[::-1]))) for p in profiles]
+        tight = tuple(slice(b.start + lo, b.start + hi) for b, (lo, hi) in zip(box, spans))
+        for axis, (p, (lo, hi)) in enumerate(zip(profiles, spans)):
+            empty = np.flatnonzero(~p[lo:hi])
+            if empty.size:
+                cut = tight[axis].start + int(empty[0])
+                for part in (slice(tight[axis].start, cut), slice(cut + 1, tight[axis].stop)):
+                    todo.append(tight[:axis] + (part,) + tight[axis + 1 :])
+                break
+        else:
+            done.append(tight)
+    return done
+
+
+class _Lesions:
+    """The 26-connected components of a mask, labelled piece by piece and numbered 1..n in the
+    raster order of their first voxel: the numbers scipy's (and panoptica's cc3d) labelling of
+    the whole array gives them. `labels[i]` holds piece i's local labels, `ids[i]` maps them to
+    the numbers, `where[k]` is (piece, local label) of lesion k, `area[k]` its voxel count."""
+
+    def __init__(self, mask: np.ndarray, pieces: list[tuple[slice, ...]]) -> None:
+        self.pieces = pieces
+        self.labels: list[np.ndarray] = []
+        keys, owners = [], []
+        for i, box in enumerate(pieces):
+            cc, n = ndimage.label(mask[box], structure=_CONNECTIVITY_26)
+            self.labels.append(cc)
+            if n:
+                flat = np.flatnonzero(cc)  # ascending: raster order within the piece
+                _, first = np.unique(cc.ravel()[flat], return_index=True)  # labels 1..n, raster order
+                corner = np.array([s.start for s in box])[:, None]
+                keys.append(np.ravel_multi_index(np.unravel_index(flat[first], cc.shape) + corner, mask.shape))
+                owners.append(np.stack([np.full(n, i), np.arange(1, n + 1)], axis=1))
+        self.n = int(sum(len(k) for k in keys))
+        self.where = np.zeros((self.n + 1, 2), dtype=np.int64)
+        self.area = np.zeros(self.n + 1, dtype=np.int64)
+        self.ids = [np.zeros(int(cc.max(initial=0)) + 1, dtype=np.int64) for cc in self.labels]
+        self._boxes: dict[int, list] = {}
+        if self.n:
+            order = np.argsort(np.concatenate(keys), kind="stable")
+            self.where[1:] = np.concatenate(owners)[order]
+            for k, (piece, local) in enumerate(self.where[1:], start=1):
+                self.ids[piece][local] = k
+            for piece, cc in enumerate(self.labels):
+                self.area[self.ids[piece][1:]] = np.bincount(cc.ravel(), minlength=len(self.ids[piece]))[1:]
+
+    def box(self, piece: int, local: int) -> tuple[slice, ...]:
+        """The bounding box of a lesion within its piece's label array."""
+        if piece not in self._boxes:
+            self._boxes[piece] = ndimage.find_objects(self.labels[piece])
+        return self._boxes[piece][local - 1]
 
 
 def _unknown_labels(labels: np.ndarray, allowed: tuple[int, ...]) -> np.ndarray:

@@ -24,6 +24,12 @@ settings of every task are data (`RULES`):
   * a region empty in both reference and prediction is NaN for every value (nothing to score).
     We keep NaN there, and the per-case summary skips it, as the package's parser does when it
     averages over cases. Lesion counts are 0 there.
+  One behaviour we do not copy: given file paths, the package reads NIfTI with SimpleITK, whose
+  arrays are (z, y, x), and pairs them with `GetSpacing()`, which is (x, y, z); on anisotropic
+  images its lesion-wise HD95 is then measured with the spacings swapped (a 1-voxel shift along
+  a 3 mm z axis reads 1 mm). We pair each axis with its own spacing, which is what the package
+  computes when given the arrays and their spacing (the tests do so); on 1 mm BraTS data the
+  two agree.
 - `brats2023-gli` and the other `brats2023-*`: the 2023 challenge's scorer (organisers'
   repository BraTS-2023-Metrics, `get_lesion_wise_results`). The reference is dilated (3 times
   with the 18-neighbourhood for GLI) and reference lesions whose dilations touch are merged into
@@ -39,10 +45,11 @@ settings of every task are data (`RULES`):
   lesions are close to, not equal to, that scorer's; its counts, Dice values and the 374 / 0
   penalties follow its rules exactly.
 
-Speed: all work happens inside the bounding box of the case's tumour; components are labelled
-once per region, lesion pairs are scored from one overlap table (`np.unique` over encoded label
-pairs), and each HD95 runs in the box of its two lesions with `metrics._hd95`, the project's fast
-exact surface-distance code.
+Speed: all work happens inside the bounding box of the case's tumour, and components are
+labelled in pieces of it cut apart at empty planes (`_pieces`), then numbered as labelling the
+whole array would number them; lesion pairs are scored from one overlap table per piece
+(`np.unique` over encoded label pairs), and each HD95 runs in the box of its two lesions with
+`metrics._hd95`, the project's fast exact surface-distance code.
 """
 
 from __future__ import annotations

@@ -323,7 +323,7 @@ def test_evaluate_2023_folder_prints_lesion_wise_and_legacy(dataset_2023, tmp_pa
 
     from brats_lab.cli import main
     from brats_lab.data.cases import discover
-    from brats_lab.evaluation import case_metrics
+    from brats_lab.evaluation import case_metrics, evaluate_folder
     from brats_lab.io import read_image, write_image
 
     pred_dir = tmp_path / "pred"
@@ -360,9 +360,38 @@ def test_evaluate_2023_folder_prints_lesion_wise_and_legacy(dataset_2023, tmp_pa
     assert "brats2023-gli rules" in capsys.readouterr().out
     assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(dataset_2023), "--rules", "gly"]) == 1
     assert "--rules gly: unknown rules" in capsys.readouterr().err
+    # A missing prediction scores as brats-evaluation's parser scores a missing case.
+    (pred_dir / "BraTS-GLI-00002-000.nii.gz").unlink()
+    result = evaluate_folder(pred_dir, dataset_2023, progress=False)
+    missing = result.table.set_index("case").loc["BraTS-GLI-00002-000"]
+    assert missing["status"] == "missing"
+    assert [missing[f"{m}_ET"] for m in LESION_METRICS] == [0.0, 373.0, 0.0, 373.0, 0, 0, 0]
 
 
 def ndimage_label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     from scipy import ndimage
 
     return ndimage.label(mask, np.ones((3, 3, 3)))
+
+
+def test_official_file_reader_swaps_the_spacing_which_we_do_not_copy(tmp_path) -> None:
+    """Documents why the oracle gets arrays and spacing, not files: brats-evaluation reads NIfTI
+    with SimpleITK ((z, y, x) arrays) and pairs them with GetSpacing() ((x, y, z)). A lesion
+    shifted by one voxel along a 3 mm z axis reads 1 mm through files, 3 mm through arrays."""
+    _official(np.zeros((2, 2, 2), np.uint8), np.zeros((2, 2, 2), np.uint8), (1.0, 1.0, 1.0))  # skips without it
+    import SimpleITK as sitk
+    import brats_evaluation
+    from panoptica import Panoptica_Evaluator
+
+    ref = volume(((4, 4, 4), (10, 10, 10), ET))
+    pred = volume(((5, 4, 4), (11, 10, 10), ET))
+    for array, name in ((ref, "ref"), (pred, "pred")):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((1.0, 1.0, 3.0))  # x, y, z
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluator = Panoptica_Evaluator.load_from_config(brats_evaluation.config_path("gli"))
+        from_files = evaluator.evaluate(str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz"), verbose=False)
+    assert from_files["et"].sq_hd95 == 1.0
+    assert lesion_metrics(pred, ref, (3.0, 1.0, 1.0), "gli")["ET"].lesion_hd95 == 3.0

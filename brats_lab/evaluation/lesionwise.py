@@ -62,7 +62,15 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from brats_lab.evaluation.metrics import METRICS, _bbox, _check_arguments, _hd95, _isin, case_metrics
+from brats_lab.evaluation.metrics import (
+    METRICS,
+    _bbox,
+    _check_arguments,
+    _hd95,
+    _isin,
+    _nonzero_union,
+    case_metrics,
+)
 from brats_lab.labels import LabelConvention
 
 LEGACY_RULES = "brats2020"  # the BraTS 2020 metrics alone (evaluation/metrics.py)
@@ -192,7 +200,7 @@ def lesion_metrics(
     _check_arguments(pred_labels, ref_labels, spacing_zyx)
     if pred_labels.ndim != 3:
         raise ValueError(f"lesion-wise metrics need 3-d label maps, got shape {pred_labels.shape}")
-    union = (pred_labels != 0) | (ref_labels != 0)
+    union = _nonzero_union(pred_labels, ref_labels)
     box = _bbox(union)
     if box is not None:
         # Room for the reference's dilation: binary dilation at the image border stops there,
@@ -211,8 +219,6 @@ def lesion_metrics(
     out = {}
     for region, labels in rules.regions.items():
         pred, ref = _isin(pred_labels, labels), _isin(ref_labels, labels)
-        if rules.matching == "bipartite" and (sub := _bbox(pred | ref)) is not None:
-            pred, ref = pred[sub], ref[sub]  # a region's box within the case's (ET's is smaller than WT's)
         out[region] = score(pred, ref, spacing_zyx, rules)
     return out
 
@@ -257,11 +263,15 @@ def _bipartite(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], rule
     nan = math.nan
     if not pred.any() and not ref.any():
         return LesionMetrics(nan, nan, nan, nan, 0, 0, 0)
-    # Unit spacing for the whole volume: panoptica's global metrics are computed without it.
-    volume_dice, volume_hd95 = _volume_metrics(pred, ref, (1.0,) * ref.ndim, rules.penalty_hd95)
     # Lesions are labelled piece by piece (see `_pieces`), then numbered as labelling the whole
     # array numbers them, so the assignment below sees panoptica's cost matrix, row for row.
     pieces = _pieces(pred | ref)
+    # The region's own box (with the 1-voxel margin `_hd95` needs), from the pieces' boxes.
+    box = _union_box(pieces, pred.shape)
+    pred, ref = pred[box], ref[box]
+    pieces = [tuple(slice(p.start - b.start, p.stop - b.start) for p, b in zip(piece, box)) for piece in pieces]
+    # Unit spacing for the whole volume: panoptica's global metrics are computed without it.
+    volume_dice, volume_hd95 = _volume_metrics(pred, ref, (1.0,) * ref.ndim, rules.penalty_hd95)
     pred_lesions, ref_lesions = _Lesions(pred, pieces), _Lesions(ref, pieces)
     n_pred, n_ref = pred_lesions.n, ref_lesions.n
     if n_pred == 0 or n_ref == 0:
@@ -316,7 +326,7 @@ def _volume_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     if overlap == 0:
         return 0.0, penalty
     n_pred, n_ref = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
-    hd95 = 0.0 if overlap == n_pred == n_ref else _hd95_in_box(pred, ref, spacing)
+    hd95 = 0.0 if overlap == n_pred == n_ref else _hd95(pred, ref, spacing)  # already in their box
     return 2 * overlap / (n_pred + n_ref), hd95
 
 

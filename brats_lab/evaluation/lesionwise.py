@@ -277,7 +277,7 @@ def _bipartite(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], rule
     if n_pred == 0 or n_ref == 0:
         return LesionMetrics(0.0, rules.penalty_hd95, volume_dice, volume_hd95, 0, n_pred, n_ref)
 
-    pairs = [_overlaps(r, p, int(p.max(initial=0))) for r, p in zip(ref_lesions.labels, pred_lesions.labels)]
+    pairs = [_overlaps(r, p, len(pred_lesions.box_list(i))) for i, (r, p) in enumerate(zip(ref_lesions.labels, pred_lesions.labels))]
     pairs_ref = np.concatenate([ref_lesions.ids[i][r] for i, (r, _, _) in enumerate(pairs)])
     pairs_pred = np.concatenate([pred_lesions.ids[i][q] for i, (_, q, _) in enumerate(pairs)])
     inter = np.concatenate([c for _, _, c in pairs])
@@ -451,20 +451,24 @@ class _Lesions:
         self.pieces = pieces
         self.labels: list[np.ndarray] = []
         keys, owners = [], []
+        self._boxes: dict[int, list] = {}
         for i, box in enumerate(pieces):
             cc, n = ndimage.label(mask[box], structure=_CONNECTIVITY_26)
             self.labels.append(cc)
             if n:
-                flat = np.flatnonzero(cc)  # ascending: raster order within the piece
-                _, first = np.unique(cc.ravel()[flat], return_index=True)  # labels 1..n, raster order
-                corner = np.array([s.start for s in box])[:, None]
-                keys.append(np.ravel_multi_index(np.unravel_index(flat[first], cc.shape) + corner, mask.shape))
+                # A lesion's first voxel in raster order lies in the first plane of its box, at
+                # the first of its voxels there; the piece's corner makes it a whole-array index.
+                first = []
+                for local in range(1, n + 1):
+                    zs, ys, xs = self.box(i, local)
+                    y, x = np.unravel_index(int(np.argmax(cc[zs.start, ys, xs] == local)), (ys.stop - ys.start, xs.stop - xs.start))
+                    first.append((box[0].start + zs.start, box[1].start + ys.start + y, box[2].start + xs.start + x))
+                keys.append(np.ravel_multi_index(np.array(first).T, mask.shape))
                 owners.append(np.stack([np.full(n, i), np.arange(1, n + 1)], axis=1))
         self.n = int(sum(len(k) for k in keys))
         self.where = np.zeros((self.n + 1, 2), dtype=np.int64)
         self.area = np.zeros(self.n + 1, dtype=np.int64)
-        self.ids = [np.zeros(int(cc.max(initial=0)) + 1, dtype=np.int64) for cc in self.labels]
-        self._boxes: dict[int, list] = {}
+        self.ids = [np.zeros(len(self.box_list(i)) + 1, dtype=np.int64) for i in range(len(self.labels))]
         if self.n:
             order = np.argsort(np.concatenate(keys), kind="stable")
             self.where[1:] = np.concatenate(owners)[order]
@@ -475,20 +479,21 @@ class _Lesions:
 
     def box(self, piece: int, local: int) -> tuple[slice, ...]:
         """The bounding box of a lesion within its piece's label array."""
+        return self.box_list(piece)[local - 1]
+
+    def box_list(self, piece: int) -> list:
         if piece not in self._boxes:
             self._boxes[piece] = ndimage.find_objects(self.labels[piece])
-        return self._boxes[piece][local - 1]
+        return self._boxes[piece]
 
 
 def _unknown_labels(labels: np.ndarray, allowed: tuple[int, ...]) -> np.ndarray:
-    """The values of `labels` not in `allowed`, sorted (a bincount of small unsigned labels is
-    many times faster than np.unique)."""
-    if labels.dtype.kind == "u" and labels.dtype.itemsize <= 2 and labels.size:
-        counts = np.bincount(labels.ravel())
-        present = np.flatnonzero(counts)
-    else:
-        present = np.unique(labels)
-    return np.setdiff1d(present, allowed)
+    """The values of `labels` not in `allowed`, sorted. Counting the allowed labels is several
+    times faster than np.unique; the unknown values are only looked up when there are some."""
+    known = sum(int(np.count_nonzero(labels == v)) for v in allowed if v != 0)
+    if known == int(np.count_nonzero(labels)):
+        return np.array([], dtype=labels.dtype)
+    return np.setdiff1d(np.unique(labels), allowed)
 
 
 def _grow(box: tuple[slice, ...], margin: int, shape: tuple[int, ...]) -> tuple[slice, ...]:

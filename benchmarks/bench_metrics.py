@@ -17,6 +17,14 @@ percentiles, so their HD95 is larger by definition, not by error.
 
     .venv/bin/python benchmarks/bench_metrics.py                  # phantom case if available
     .venv/bin/python benchmarks/bench_metrics.py --source blobs   # no dependency on the phantom
+    .venv/bin/python benchmarks/bench_metrics.py --lesion-wise    # lesion-wise vs brats-evaluation
+
+`--lesion-wise` times `lesion_metrics(..., "gli")` against the organisers' package
+`brats-evaluation` 0.0.10 (`panoptica`'s evaluator with its bundled `gli` config) on one
+full-size 2023-layout case with several lesions per region (a phantom with satellite lesions, or
+blobs with satellites), both starting from the two label maps in memory, and checks that every
+value is identical. Two ratios: against the package as shipped (all six groups of its config)
+and against it restricted to ET, TC and WT (`skip_groups`), the strict comparison.
 """
 
 from __future__ import annotations
@@ -192,14 +200,105 @@ def timed(fn: Callable[[], Values], repeats: int) -> tuple[list[float], Values]:
     return times, values
 
 
+def lesion_case(source: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A full-size 2023-labelled (1 NETC, 2 SNFH, 3 ET) reference with several lesions per region,
+    and a prediction that moves every boundary, cuts the main tumour in two with a 2-voxel slab
+    (a lesion split by the prediction) and adds a false positive (see `perturb`)."""
+    from brats_lab.labels import BRATS_2023
+
+    if source == "phantom":
+        from brats_lab.data.phantom import synthesize
+        from brats_lab.io import read_image
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = synthesize(Path(tmp), cases=1, seed=seed, progress=False, layout="brats2023")[0]
+            ref23, _ = read_image(folder / f"{folder.name}-seg.nii.gz")
+    else:
+        ref20 = blob_reference(seed)
+        for z, y, x, r in ((30, 60, 60, 5), (120, 180, 70, 7), (60, 40, 180, 4)):  # satellites
+            zz, yy, xx = np.ogrid[: SHAPE_ZYX[0], : SHAPE_ZYX[1], : SHAPE_ZYX[2]]
+            d = np.sqrt((zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2)
+            ref20[d <= r + 3] = 2
+            ref20[d <= r] = 4
+            ref20[d <= r - 2] = 1
+        ref23 = BRATS_2023.from_regions(BRATS_2020.to_regions(ref20))
+    ref20 = BRATS_2020.from_regions(BRATS_2023.to_regions(ref23))
+    pred = BRATS_2023.from_regions(BRATS_2020.to_regions(perturb(ref20, seed)))
+    # Cut the main tumour with a slab through its centre: a lesion split in two by the prediction.
+    centre = np.argwhere(ref23 == 3).mean(axis=0).astype(int) if (ref23 == 3).any() else np.array(SHAPE_ZYX) // 2
+    pred[centre[0] : centre[0] + 2] = 0
+    return pred, ref23
+
+
+def lesion_wise(args: argparse.Namespace) -> int:
+    from brats_evaluation import config_path
+    from panoptica import Panoptica_Evaluator
+
+    from brats_lab.evaluation.lesionwise import LESION_METRICS, lesion_metrics
+
+    source = args.source or "phantom"
+    pred, ref = lesion_case(source, args.seed)
+    evaluator = Panoptica_Evaluator.load_from_config(config_path("gli"))
+
+    def ours() -> dict:
+        return {r: m.as_dict() for r, m in lesion_metrics(pred, ref, SPACING_ZYX, "gli").items()}
+
+    def official(skip: list[str] | None) -> Callable[[], dict]:
+        def run() -> dict:
+            results = evaluator.evaluate(pred, ref, voxelspacing=SPACING_ZYX, verbose=False, skip_groups=skip)
+            out = {}
+            for region in REGIONS:
+                r = results[region.lower()]
+                values = dict(lesion_dice=r.pq_dsc, lesion_hd95=r.sq_hd95, volume_dice=r.global_bin_dsc,
+                              volume_hd95=r.global_bin_hd95, lesion_tp=r.tp, lesion_fp=r.fp, lesion_fn=r.fn)
+                # 373 for inf, as the package's result parser writes it (see evaluation/lesionwise.py).
+                out[region] = {k: 373.0 if np.isinf(v) else v for k, v in values.items()}
+            return out
+        return run
+
+    print(f"case: {source} seed {args.seed}, 2023 labels, shape (z, y, x) {ref.shape}, spacing {SPACING_ZYX} mm")
+    from scipy import ndimage
+
+    from brats_lab.labels import BRATS_2023
+
+    for region in REGIONS:
+        lesions = [ndimage.label(np.isin(a, BRATS_2023.regions[region]), np.ones((3, 3, 3)))[1] for a in (ref, pred)]
+        print(f"  {region}: {lesions[0]} reference lesions, {lesions[1]} predicted")
+    runs = {
+        "ours (gli rules)": timed(ours, args.repeats_ours),
+        "brats-evaluation, gli as shipped (6 groups)": timed(official(None), args.repeats),
+        "brats-evaluation, ET/TC/WT only": timed(official(["netc", "snfh", "rc"]), args.repeats),
+    }
+    expected = runs["brats-evaluation, ET/TC/WT only"][1]
+    same = all(
+        runs[name][1][r][m] == expected[r][m] or (np.isnan(runs[name][1][r][m]) and np.isnan(expected[r][m]))
+        for name in runs for r in REGIONS for m in LESION_METRICS
+    )
+    print(f"\nvalues ({', '.join(LESION_METRICS)}):")
+    for region in REGIONS:
+        print(f"  ours      {region}  " + "  ".join(f"{v:10.6g}" for v in runs["ours (gli rules)"][1][region].values()))
+        print(f"  official  {region}  " + "  ".join(f"{v:10.6g}" for v in expected[region].values()))
+    print(f"ours vs brats-evaluation: {'identical' if same else 'DIFFERENT'}")
+    best_ours = min(runs["ours (gli rules)"][0])
+    print(f"\n{'run':44s} {'best s':>9s} {'median s':>9s} {'runs':>5s} {'best / ours':>12s}")
+    for name, (times, _) in runs.items():
+        best = min(times)
+        print(f"{name:44s} {best:9.4f} {statistics.median(times):9.4f} {len(times):5d} {best / best_ours:11.1f}x")
+    return 0 if same else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=("phantom", "blobs"), default=None, help="default: phantom if available")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each other library (default 3)")
     parser.add_argument("--repeats-ours", type=int, default=20)
+    parser.add_argument("--lesion-wise", action="store_true", help="lesion-wise metrics against brats-evaluation instead")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # MONAI warns about its own internals
+    if args.lesion_wise:
+        warnings.filterwarnings("ignore")  # panoptica's citation banner and NSD threshold warnings
+        return lesion_wise(args)
 
     source = args.source
     if source is None:

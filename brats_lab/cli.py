@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth = _command(
         data_commands,
         "synth",
-        "write phantom cases in the BraTS 2020 layout",
-        "Write phantom brain-tumour cases in the BraTS 2020 on-disk layout (four modalities and a "
+        "write phantom cases in the BraTS 2020 (or 2023) layout",
+        "Write phantom brain-tumour cases in the BraTS 2020 (or, with --layout 2023, 2023+) on-disk layout (four modalities and a "
         "segmentation per case, NIfTI), built on the MNI152 anatomy shipped with nilearn. The same "
         "seed gives the same bytes. A phantom.json beside the cases records how each was made.",
     )
@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--no-et-fraction", type=float, default=0.2, help="share of cases without enhancing tumour (lower-grade-glioma-like)")
     synth.add_argument("--corrupt-fraction", type=float, default=0.0, help="share of cases whose labels are deliberately corrupted (recorded in phantom.json)")
+    synth.add_argument(
+        "--layout", choices=("2020", "2023"), default="2020",
+        help="on-disk layout and labels: 2020 (BraTS20_Training_001, t1/t1ce/t2/flair, labels 1/2/4) or 2023 "
+        "(BraTS-GLI-00001-000, t1n/t1c/t2w/t2f, labels 1/2/3; half the cases with satellite lesions)",
+    )
     synth.set_defaults(run=_synth)
 
     check = _command(
@@ -254,15 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = _command(
         commands,
         "evaluate",
-        "score label maps with the BraTS 2020 metrics",
+        "score label maps with the BraTS metrics (2020, and lesion-wise for 2023+ data)",
         "Score predicted label maps against a dataset's segmentations with the BraTS 2020 rules: "
-        "Dice, sensitivity, specificity and HD95 (mm) for ET, TC and WT. Writes one row per case "
+        "Dice, sensitivity, specificity and HD95 (mm) for ET, TC and WT; on 2023+ data (labels "
+        "1/2/3) also the lesion-wise Dice and HD95, lesion counts and whole-volume Dice and HD95 "
+        "of the organisers' brats-evaluation package (--rules to choose others). Writes one row per case "
         "and prints a summary. A missing prediction, or one with another geometry, is reported by "
         "name and scored as a miss (exit status 1).",
     )
     evaluate.add_argument("--pred", type=Path, required=True, help="folder of predictions, <case id>.nii.gz each")
     evaluate.add_argument("--gt", type=Path, required=True, help="dataset folder with the ground-truth segmentations")
     evaluate.add_argument("--out", type=Path, default=None, help="per-case CSV (default: <pred>/metrics.csv)")
+    evaluate.add_argument(
+        "--rules", default=None, metavar="RULES",
+        help="lesion-wise rules: brats2020 (none), gli, mets, men-pre, men-rt, goat, ped (brats-evaluation's "
+        "configs), brats2023-gli, -ssa, -men, -ped, -met (the 2023 challenge scorer's); default: from the "
+        "dataset's labels (2020/2021: brats2020, 2023+: gli)",
+    )
     evaluate.set_defaults(run=_evaluate)
 
     ui = _command(
@@ -313,6 +326,7 @@ def _synth(args: argparse.Namespace) -> int:
     folders = synthesize(
         args.out, cases=args.cases, seed=args.seed, shape=tuple(args.shape),
         no_et_fraction=args.no_et_fraction, corrupt_fraction=args.corrupt_fraction,
+        layout=f"brats{args.layout}",
     )
     print(f"wrote {len(folders)} phantom cases to {args.out} (details: {args.out / 'phantom.json'})")
     return 0
@@ -477,7 +491,11 @@ def _worker(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from brats_lab.evaluation.evaluate import evaluate_folder, format_summary
 
-    result = evaluate_folder(args.pred, args.gt)
+    from brats_lab.evaluation.lesionwise import RULE_NAMES
+
+    if args.rules is not None and args.rules not in RULE_NAMES:
+        raise DataError(f"--rules {args.rules}: unknown rules (expected one of: {', '.join(RULE_NAMES)})")
+    result = evaluate_folder(args.pred, args.gt, rules=args.rules)
     out = args.out or args.pred / "metrics.csv"
     result.write_csv(out)
     print(format_summary(result))

@@ -28,13 +28,18 @@ from scipy import ndimage
 from brats_lab import DataError
 from brats_lab.data.cases import LAYOUTS, MODALITIES, discover
 from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, read_image, write_image, write_text
-from brats_lab.labels import BRATS_2020
+from brats_lab.labels import BRATS_2020, BRATS_2023
 from brats_lab.viz import render_case
 
 FIELD_MM = (240.0, 240.0, 155.0)  # physical field of view (x, y, z), whatever the voxel shape
 CASE_PREFIX = "BraTS20_Training_"
 MANIFEST = "phantom.json"
 _LAYOUT = next(layout for layout in LAYOUTS if layout.name == "brats2020")
+# The 2023+ layout (BraTS-GLI-00001-000/BraTS-GLI-00001-000-t1n.nii.gz, labels 1 NETC, 2 SNFH,
+# 3 ET): the same patients, relabelled, and half of them with satellite lesions, so lesion-wise
+# scoring has several lesions per region to match.
+_LAYOUTS = {"brats2020": (_LAYOUT, CASE_PREFIX), "brats2023": (next(l for l in LAYOUTS if l.name == "brats2023"), "BraTS-GLI-")}
+SATELLITE_FRACTION = 0.5  # share of 2023-layout cases with satellite lesions
 
 # Labels from the convention, not literals: ET, TC minus ET (necrosis / non-enhancing), WT minus TC.
 (ET,) = BRATS_2020.regions["ET"]
@@ -104,8 +109,13 @@ def synthesize(
     no_et_fraction: float = 0.2,
     corrupt_fraction: float = 0.0,
     progress: bool = True,
+    layout: str = "brats2020",
 ) -> list[Path]:
     """Write `cases` phantom cases in the BraTS 2020 layout under `out`; return their folders.
+
+    `layout="brats2023"` writes the 2023+ layout instead (`BraTS-GLI-00001-000`, `-t1n`, `-t1c`,
+    `-t2w`, `-t2f`, `-seg`, labels 1 NETC, 2 SNFH, 3 ET): the same tumours, and a
+    `SATELLITE_FRACTION` of the cases get one or two satellite lesions away from the main one.
 
     `shape` is (x, y, z) in voxels; the field of view is always 240 x 240 x 155 mm, so a smaller
     shape gives coarser spacing. Images are int16 (0 outside the brain), segmentations uint8 with
@@ -122,8 +132,14 @@ def synthesize(
     for name, value in (("no_et_fraction", no_et_fraction), ("corrupt_fraction", corrupt_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be between 0 and 1, got {value}")
-    _refuse_other_dataset(out, {"seed": seed, "shape": list(shape), "no_et_fraction": no_et_fraction,
-                                "corrupt_fraction": corrupt_fraction, "cases": cases})
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(_LAYOUTS)}, got {layout!r}")
+    case_layout, prefix = _LAYOUTS[layout]
+    settings = {"seed": seed, "shape": list(shape), "no_et_fraction": no_et_fraction,
+                "corrupt_fraction": corrupt_fraction, "cases": cases}
+    if layout != "brats2020":  # a 2020 manifest has no layout key; keep it so
+        settings["layout"] = layout
+    _refuse_other_dataset(out, settings)
     geometry = phantom_geometry(shape)
     corrupted = _corrupted_cases(seed, cases, corrupt_fraction)
 
@@ -131,22 +147,26 @@ def synthesize(
 
     folders, records = [], []
     for k in tqdm(range(cases), desc="phantom cases", unit="case", file=sys.stderr, disable=not progress):
-        case_id = f"{CASE_PREFIX}{k + 1:03d}"
+        case_id = f"{CASE_PREFIX}{k + 1:03d}" if layout == "brats2020" else f"{prefix}{k + 1:05d}-000"
         lgg = _weyl(seed, k) < no_et_fraction
         images, seg, record = _make_case(seed, k, geometry, lgg)
         record = {"id": case_id, **record, "corrupted": None}
+        if layout != "brats2020":
+            record["satellites"] = _add_satellites(images, seg, seed, k, geometry, lgg)
         if k in corrupted:
             seg, record["corrupted"] = _corrupt(seg, seed, k, geometry)
+        if layout != "brats2020":
+            seg = BRATS_2023.from_regions(BRATS_2020.to_regions(seg))
         folder = out / case_id
-        for name, suffix in zip(MODALITIES, _LAYOUT.suffixes):
-            write_image(images[name], geometry, folder / _LAYOUT.file_name(case_id, suffix))
-        write_image(seg, geometry, folder / _LAYOUT.file_name(case_id, _LAYOUT.seg_suffix))
+        for name, suffix in zip(MODALITIES, case_layout.suffixes):
+            write_image(images[name], geometry, folder / case_layout.file_name(case_id, suffix))
+        write_image(seg, geometry, folder / case_layout.file_name(case_id, case_layout.seg_suffix))
         folders.append(folder)
         records.append(record)
 
     manifest = {
         "generator": "brats_lab.data.phantom",
-        "layout": "brats2020",
+        "layout": layout,
         "seed": seed,
         "shape": list(shape),
         "spacing": list(geometry.spacing),
@@ -162,12 +182,18 @@ def synthesize(
 def _refuse_other_dataset(out: Path, settings: dict) -> None:
     """Writing over a folder that holds other cases would leave a mix of two datasets (and a
     phantom.json describing only one): refuse, unless it is this very dataset being made again."""
-    existing = sorted(p.name for p in out.glob(f"{CASE_PREFIX}*") if p.is_dir()) if out.is_dir() else []
+    existing = sorted(
+        p.name for prefix in (CASE_PREFIX, _LAYOUTS["brats2023"][1]) for p in out.glob(f"{prefix}*") if p.is_dir()
+    ) if out.is_dir() else []
     if not existing:
         return
     try:
         before = json.loads((out / MANIFEST).read_text())
-        same = all(before.get(k) == v for k, v in settings.items() if k != "cases") and len(before["cases"]) == settings["cases"]
+        same = (
+            all(before.get(k) == v for k, v in settings.items() if k not in ("cases", "layout"))
+            and before.get("layout", "brats2020") == settings.get("layout", "brats2020")
+            and len(before["cases"]) == settings["cases"]
+        )
     except (OSError, ValueError, KeyError, TypeError):
         same = False
     if not same or len(existing) != settings["cases"]:
@@ -754,3 +780,66 @@ def _apply_corruption(seg: np.ndarray, kind: str, rng: np.random.Generator, geom
     shift[axis] = voxels
     out = np.roll(seg, voxels, axis=2 - axis)  # numpy axes are (z, y, x)
     return out, {"kind": "shift", "voxels": shift}  # (x, y, z)
+
+
+# --------------------------------------------------------------------------------------------
+# Satellite lesions (2023 layout)
+
+
+def _add_satellites(
+    images: dict[str, np.ndarray], seg: np.ndarray, seed: int, k: int, geometry: Geometry, lgg: bool
+) -> list[dict]:
+    """Give a `SATELLITE_FRACTION` of the cases one or two small separate lesions (edema around
+    an enhancing rim and a necrotic core; a non-enhancing core for lower grade), in the brain and
+    at least 15 mm from the main tumour; paint them into `seg` (2020 labels) and `images` (the
+    tissue there scaled by the compartments' contrast). Returns what was added, for the json.
+    Its own random stream: the main tumour and the images elsewhere are those of the 2020 layout."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k, 2**20 + 2)))
+    if rng.random() >= SATELLITE_FRACTION:
+        return []
+    spacing = np.array(geometry.spacing_zyx)
+    brain = images["t1"] > 0
+    tumour = np.argwhere(seg > 0) * spacing  # mm, (z, y, x)
+    inside = np.argwhere(brain)
+    added: list[dict] = []
+    for _ in range(int(rng.integers(1, 3))):
+        radius = max(float(rng.uniform(4.0, 8.0)), 1.5 * float(spacing.max()))  # core radius, mm
+        reach = radius + 4.0 + 2.0 * float(spacing.max())  # edema shell
+        for _attempt in range(60):
+            centre = inside[rng.integers(len(inside))] * spacing
+            far = tumour.size == 0 or np.sqrt(((tumour - centre) ** 2).sum(axis=1)).min() > reach + 15.0
+            ends = [centre + sign * reach * np.eye(3)[axis] for axis in range(3) for sign in (-1, 1)]
+            held = all(
+                np.all(e >= 0) and np.all(e / spacing < brain.shape) and brain[tuple(np.round(e / spacing).astype(int).clip(0, np.array(brain.shape) - 1))]
+                for e in ends
+            )
+            if far and held:
+                break
+        else:
+            continue
+        lo = np.maximum(np.floor((centre - reach) / spacing).astype(int), 0)
+        hi = np.minimum(np.ceil((centre + reach) / spacing).astype(int) + 1, seg.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        grid = np.indices(hi - lo).reshape(3, -1).T + lo
+        dist = np.sqrt((((grid * spacing) - centre) ** 2).sum(axis=1)).reshape(tuple(hi - lo))
+        part = np.zeros(dist.shape, np.uint8)
+        part[dist <= reach] = ED
+        if lgg:
+            part[dist <= radius] = NCR
+        else:
+            part[dist <= radius] = ET
+            part[dist <= max(radius - 2.0 * float(spacing.max()), 0.5 * radius)] = NCR
+        part[~brain[box]] = 0
+        region = seg[box]
+        new = (part > 0) & (region == 0)
+        region[new] = part[new]
+        # The tissue under the lesion takes the compartment's contrast (relative to white matter).
+        for name, image in images.items():
+            column = {ED: 5, ET: 4, NCR: 3 if not lgg else 6}
+            scale = np.ones(part.shape, np.float32)
+            for label, index in column.items():
+                scale[new & (part == label)] = _MEANS[name][index]
+            patch = image[box]
+            patch[new] = np.clip(np.rint(patch[new] * scale[new]), 1, 32767).astype(np.int16)
+        added.append({"centre_mm_zyx_from_origin": [round(float(c), 2) for c in centre], "radius_mm": round(radius, 2)})
+    return added

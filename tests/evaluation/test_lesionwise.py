@@ -1,0 +1,401 @@
+"""Lesion-wise metrics: every value against the organisers' package on hand-built hard cases, and
+the 2023 scorer's rules on cases whose answers follow from them by hand."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+from brats_lab.evaluation.lesionwise import (
+    LESION_METRICS,
+    RULES,
+    case_scores,
+    lesion_columns,
+    lesion_metrics,
+    rules_for,
+)
+from brats_lab.evaluation.metrics import METRICS
+from brats_lab.labels import BRATS_2020, BRATS_2023, REGIONS
+
+SHAPE = (20, 24, 28)  # (z, y, x)
+NETC, SNFH, ET = 1, 2, 3
+
+
+def volume(*boxes: tuple[tuple[int, int, int], tuple[int, int, int], int], shape=SHAPE) -> np.ndarray:
+    """A label map painted with boxes ((z0, y0, x0), (z1, y1, x1), label), later boxes on top."""
+    out = np.zeros(shape, np.uint8)
+    for lo, hi, label in boxes:
+        out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = label
+    return out
+
+
+def tumour(z: int, y: int, x: int, size: int = 6) -> list:
+    """A tumour at (z, y, x): edema, with a core of NETC and an enhancing rim inside."""
+    return [
+        ((z, y, x), (z + size, y + size, x + size), SNFH),
+        ((z + 1, y + 1, x + 1), (z + size - 1, y + size - 1, x + size - 1), ET),
+        ((z + 2, y + 2, x + 2), (z + size - 2, y + size - 2, x + size - 2), NETC),
+    ]
+
+
+# Hard cases for the oracle: (prediction, reference, spacing (z, y, x)).
+CASES = {
+    "several lesions, shifted and shrunk": (
+        volume(*tumour(2, 2, 2), *tumour(3, 13, 3, 7), *tumour(11, 4, 17, 5)),
+        volume(*tumour(2, 3, 2), *tumour(2, 13, 4, 8), *tumour(12, 4, 16, 6)),
+        (1.0, 1.0, 1.0),
+    ),
+    "lesion split in two by the prediction": (
+        volume(((4, 4, 4), (12, 10, 11), ET), ((4, 4, 13), (12, 10, 20), ET)),
+        volume(((4, 4, 4), (12, 10, 20), ET)),
+        (1.0, 1.0, 1.0),
+    ),
+    "two lesions merged by the prediction": (
+        volume(((4, 4, 3), (12, 10, 22), ET)),
+        volume(((4, 4, 4), (12, 10, 11), ET), ((5, 4, 14), (12, 9, 21), ET)),
+        (1.0, 1.0, 1.0),
+    ),
+    "false-positive islands and a missed lesion": (
+        volume(*tumour(3, 3, 3, 8), ((16, 18, 22), (18, 20, 24), ET), ((1, 20, 1), (2, 21, 2), SNFH)),
+        volume(*tumour(3, 3, 3, 8), *tumour(12, 14, 14, 5)),
+        (1.0, 1.0, 1.0),
+    ),
+    "lesions just under and over 50 voxels": (
+        volume(((2, 2, 2), (7, 7, 4), ET), ((10, 10, 10), (15, 15, 13), ET), ((14, 2, 20), (18, 5, 24), SNFH)),
+        volume(((2, 2, 2), (7, 7, 4), ET), ((10, 10, 11), (13, 14, 15), ET), ((2, 15, 15), (4, 20, 20), NETC)),
+        (1.0, 1.0, 1.0),
+    ),
+    "enhancing tumour only in the reference": (
+        volume(((4, 4, 4), (12, 12, 12), NETC)),
+        volume(((4, 4, 4), (12, 12, 12), NETC), ((6, 6, 6), (9, 9, 9), ET)),
+        (1.0, 1.0, 1.0),
+    ),
+    "enhancing tumour only in the prediction": (
+        volume(((4, 4, 4), (12, 12, 12), SNFH), ((6, 6, 6), (9, 9, 9), ET)),
+        volume(((4, 4, 4), (12, 12, 12), SNFH)),
+        (1.0, 1.0, 1.0),
+    ),
+    "no tumour core anywhere, one lesion missed entirely": (
+        volume(((2, 2, 2), (6, 6, 6), SNFH)),
+        volume(((2, 2, 2), (6, 6, 6), SNFH), ((12, 14, 16), (17, 20, 22), SNFH)),
+        (1.0, 1.0, 1.0),
+    ),
+    "masks that do not overlap at all": (
+        volume(((2, 2, 2), (6, 6, 6), ET)),
+        volume(((12, 14, 16), (17, 20, 22), ET)),
+        (1.0, 1.0, 1.0),
+    ),
+    "anisotropic spacing, lesions on the image border": (
+        volume(*tumour(0, 0, 0, 7), *tumour(14, 17, 22, 6), ((9, 10, 10), (11, 14, 12), SNFH)),
+        volume(*tumour(0, 1, 0, 7), *tumour(13, 18, 21, 7)),
+        (3.0, 0.9, 1.2),
+    ),
+}
+
+
+def _official(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
+    """brats-evaluation's `gli` results per region, mapped to our names: TP/FP/FN, pq_dsc,
+    sq_hd95 and the global Dice and HD95; inf written as 373, as its result parser does."""
+    if os.environ.get("BRATS_LAB_REQUIRE_ORACLE"):  # CI sets it: the oracle must run, not skip
+        import brats_evaluation
+    else:
+        brats_evaluation = pytest.importorskip("brats_evaluation")
+    from panoptica import Panoptica_Evaluator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluator = Panoptica_Evaluator.load_from_config(brats_evaluation.config_path("gli"))
+        results = evaluator.evaluate(pred, ref, voxelspacing=tuple(spacing), verbose=False)
+    out = {}
+    for region in REGIONS:
+        r = results[region.lower()]
+        values = {
+            "lesion_tp": r.tp,
+            "lesion_fp": r.fp,
+            "lesion_fn": r.fn,
+            "lesion_dice": r.pq_dsc,
+            "lesion_hd95": r.sq_hd95,
+            "volume_dice": r.global_bin_dsc,
+            "volume_hd95": r.global_bin_hd95,
+        }
+        out[region] = {k: 373.0 if isinstance(v, float) and math.isinf(v) else v for k, v in values.items()}
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_value_equals_brats_evaluation(name: str) -> None:
+    pred, ref, spacing = CASES[name]
+    expected = _official(pred, ref, spacing)
+    ours = lesion_metrics(pred, ref, spacing, "gli")
+    assert list(ours) == list(REGIONS)
+    for region in REGIONS:
+        got = ours[region].as_dict()
+        assert list(got) == list(LESION_METRICS)
+        for metric, want in expected[region].items():
+            value = got[metric]
+            if isinstance(want, float) and math.isnan(want):
+                assert math.isnan(value), f"{name}: {region} {metric} = {value}, official NaN"
+            else:
+                assert value == want, f"{name}: {region} {metric} = {value}, official {want}"
+
+
+def test_the_hard_cases_are_hard() -> None:
+    """The oracle cases exercise what they are named for (independent of either implementation)."""
+    results = {name: lesion_metrics(p, r, s, "gli") for name, (p, r, s) in CASES.items()}
+    split = results["lesion split in two by the prediction"]["ET"]
+    assert (split.lesion_tp, split.lesion_fp, split.lesion_fn) == (1, 1, 0)
+    merged = results["two lesions merged by the prediction"]["ET"]
+    assert (merged.lesion_tp, merged.lesion_fp, merged.lesion_fn) == (1, 0, 1)
+    several = results["several lesions, shifted and shrunk"]
+    assert all(several[r].lesion_tp == 3 for r in REGIONS)
+    only_ref = results["enhancing tumour only in the reference"]["ET"]
+    assert (only_ref.lesion_tp, only_ref.lesion_fn, only_ref.lesion_dice, only_ref.lesion_hd95) == (0, 1, 0.0, 373.0)
+    only_pred = results["enhancing tumour only in the prediction"]["ET"]
+    assert (only_pred.lesion_fp, only_pred.volume_dice, only_pred.volume_hd95) == (1, 0.0, 373.0)
+    nowhere = results["no tumour core anywhere, one lesion missed entirely"]["TC"]
+    assert all(math.isnan(getattr(nowhere, m)) for m in ("lesion_dice", "lesion_hd95", "volume_dice", "volume_hd95"))
+    apart = results["masks that do not overlap at all"]["ET"]
+    assert apart.volume_hd95 == 373.0  # official: no voxel in common is "no true positive", not a distance
+
+
+def test_whole_volume_hd95_ignores_spacing_as_the_official_package_does() -> None:
+    """panoptica computes its global metrics without the spacing; the lesion-wise HD95 uses it.
+    One lesion shifted by one voxel along z: 3 mm apart lesion-wise, 1 voxel whole-volume."""
+    ref = volume(((4, 4, 4), (10, 10, 10), ET))
+    pred = volume(((5, 4, 4), (11, 10, 10), ET))
+    et = lesion_metrics(pred, ref, (3.0, 1.0, 1.0), "gli")["ET"]
+    assert et.lesion_hd95 == 3.0
+    assert et.volume_hd95 == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# The 2023 challenge scorer's rules, by hand: dilation 3 (18-neighbourhood), lesions of at most
+# 50 mm^3 ignored, FP and FN lesions scored Dice 0 and HD95 374, nothing to score = Dice 1, HD95 0.
+
+
+def wt(pred: np.ndarray, ref: np.ndarray, spacing=(1.0, 1.0, 1.0)):
+    return lesion_metrics(pred, ref, spacing, "brats2023-gli")
+
+
+def test_2023_false_positive_island_counts_dice_0_and_hd95_374() -> None:
+    ref = volume(((2, 2, 2), (7, 7, 7), SNFH))
+    pred = volume(((2, 2, 2), (7, 7, 7), SNFH), ((14, 16, 18), (17, 19, 21), SNFH))
+    m = wt(pred, ref)["WT"]
+    assert (m.lesion_tp, m.lesion_fp, m.lesion_fn) == (1, 1, 0)
+    assert m.lesion_dice == (1.0 + 0.0) / 2
+    assert m.lesion_hd95 == (0.0 + 374.0) / 2
+    assert m.volume_dice == 2 * 125 / (125 + 125 + 27)
+    # No ET or TC in either map: nothing to score is Dice 1 and HD95 0, for lesions and volume.
+    for region in ("ET", "TC"):
+        e = wt(pred, ref)[region]
+        assert (e.lesion_dice, e.lesion_hd95, e.volume_dice, e.volume_hd95) == (1.0, 0.0, 1.0, 0.0)
+        assert (e.lesion_tp, e.lesion_fp, e.lesion_fn) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(("voxels", "spacing", "counted"), [
+    (50, (1.0, 1.0, 1.0), False),  # 50 mm^3: at most 50, ignored
+    (51, (1.0, 1.0, 1.0), True),
+    (26, (2.0, 1.0, 1.0), True),  # 52 mm^3: the limit is a volume, not a voxel count
+    (25, (2.0, 1.0, 1.0), False),
+])
+def test_2023_missed_lesions_at_the_size_limit(voxels: int, spacing, counted: bool) -> None:
+    big = ((2, 2, 2), (8, 8, 8), SNFH)
+    ref = volume(big)
+    # A missed lesion of exactly `voxels` voxels: a 3 x 5 x 5 block filled in raster order up to
+    # that count (connected), 7 voxels from the big one along y (their dilations do not touch).
+    block = np.zeros(75, np.uint8)
+    block[:voxels] = SNFH
+    ref[13:16, 15:20, 18:23] = block.reshape(3, 5, 5)
+    assert np.count_nonzero(ref) == 216 + voxels
+    pred = volume(big)
+    m = wt(pred, ref, spacing)["WT"]
+    if counted:
+        assert (m.lesion_tp, m.lesion_fn) == (1, 1)
+        assert (m.lesion_dice, m.lesion_hd95) == (0.5, 187.0)
+    else:
+        assert (m.lesion_tp, m.lesion_fn) == (1, 0)
+        assert (m.lesion_dice, m.lesion_hd95) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize(("gap", "merged"), [(6, True), (7, False)])
+def test_2023_reference_lesions_merge_when_their_dilations_touch(gap: int, merged: bool) -> None:
+    """Two 5 x 5 x 5 lesions `gap` empty voxels apart along x: dilated 3 voxels each, they touch
+    (26-connected) when the gap is at most 6. The prediction finds only the first."""
+    a = ((4, 4, 2), (9, 9, 7), SNFH)
+    b = ((4, 4, 7 + gap), (9, 9, 12 + gap), SNFH)
+    m = wt(volume(a), volume(a, b))["WT"]
+    if merged:  # one lesion of 250 voxels, half found
+        assert (m.lesion_tp, m.lesion_fp, m.lesion_fn) == (1, 0, 0)
+        assert m.lesion_dice == 2 * 125 / (250 + 125)
+    else:
+        assert (m.lesion_tp, m.lesion_fp, m.lesion_fn) == (1, 0, 1)
+        assert (m.lesion_dice, m.lesion_hd95) == (0.5, 187.0)
+
+
+def test_2023_prediction_near_a_lesion_is_a_true_positive_with_dice_0() -> None:
+    """A predicted lesion 2 voxels beside the reference lesion touches its dilation: a true
+    positive (not a false positive), scored Dice 0. Under brats-evaluation it is FP + FN."""
+    ref = volume(((4, 4, 4), (9, 9, 9), SNFH))
+    pred = volume(((4, 4, 11), (9, 9, 16), SNFH))
+    m = wt(pred, ref)["WT"]
+    assert (m.lesion_tp, m.lesion_fp, m.lesion_fn, m.lesion_dice) == (1, 0, 0, 0.0)
+    assert 0 < m.lesion_hd95 < 374
+    g = lesion_metrics(pred, ref, (1.0, 1.0, 1.0), "gli")["WT"]
+    assert (g.lesion_tp, g.lesion_fp, g.lesion_fn) == (0, 1, 1)
+
+
+def test_2023_empty_prediction_and_empty_reference() -> None:
+    ref = volume(((4, 4, 4), (9, 9, 9), SNFH))
+    empty = np.zeros(SHAPE, np.uint8)
+    missed = wt(empty, ref)["WT"]
+    assert (missed.lesion_tp, missed.lesion_fn, missed.lesion_dice, missed.lesion_hd95) == (0, 1, 0.0, 374.0)
+    assert (missed.volume_dice, missed.volume_hd95) == (0.0, 374.0)
+    invented = wt(ref, empty)["WT"]
+    assert (invented.lesion_fp, invented.lesion_dice, invented.lesion_hd95) == (1, 0.0, 374.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Rules chosen from the data, and the flat per-case dict
+
+
+def test_rules_follow_the_label_convention() -> None:
+    assert rules_for(BRATS_2020) == "brats2020"
+    assert rules_for(BRATS_2023) == "gli"
+    assert rules_for(BRATS_2023, "brats2023-gli") == "brats2023-gli"
+    with pytest.raises(ValueError, match="unknown rules 'gly'"):
+        rules_for(BRATS_2023, "gly")
+    assert lesion_columns("brats2020") == []
+    assert lesion_columns("gli")[:3] == ["lesion_dice_ET", "lesion_dice_TC", "lesion_dice_WT"]
+    assert {r.dilation for r in RULES.values() if r.name.startswith("brats2023-")} == {1, 3}
+
+
+def test_case_scores_carry_legacy_and_lesion_wise_columns() -> None:
+    pred, ref, spacing = CASES["several lesions, shifted and shrunk"]
+    scores = case_scores(pred, ref, spacing, BRATS_2023)
+    legacy = [f"{m}_{r}" for m in METRICS for r in REGIONS]
+    assert list(scores) == legacy + lesion_columns("gli")
+    assert scores["lesion_tp_WT"] == 3
+    old = case_scores(pred.clip(0, 2), ref.clip(0, 2), spacing, BRATS_2020)
+    assert list(old) == legacy
+
+
+def test_unknown_prediction_label_is_named() -> None:
+    pred, ref, spacing = CASES["several lesions, shifted and shrunk"]
+    bad = pred.copy()
+    bad[0, 0, 0] = 7
+    with pytest.raises(ValueError, match=r"labels \[7\] unknown to the gli rules"):
+        lesion_metrics(bad, ref, spacing, "gli")
+
+
+# --------------------------------------------------------------------------------------------
+# `brats-lab data synth --layout 2023` and `brats-lab evaluate` on it
+
+
+@pytest.fixture(scope="module")
+def dataset_2023(tmp_path_factory: pytest.TempPathFactory):
+    from brats_lab.cli import main
+
+    root = tmp_path_factory.mktemp("gli") / "phantom"
+    assert main(["data", "synth", "--out", str(root), "--cases", "2", "--shape", "48", "48", "32", "--layout", "2023"]) == 0
+    return root
+
+
+def test_synth_2023_layout_has_several_lesions(dataset_2023) -> None:
+    from scipy import ndimage
+
+    from brats_lab.data.cases import discover
+    from brats_lab.io import read_image
+
+    cases = discover(dataset_2023)
+    assert [c.id for c in cases] == ["BraTS-GLI-00001-000", "BraTS-GLI-00002-000"]
+    assert {c.layout.name for c in cases} == {"brats2023"}
+    assert [p.name for p in cases[0].images] == [f"BraTS-GLI-00001-000-{m}.nii.gz" for m in ("t1n", "t1c", "t2w", "t2f")]
+    lesions = []
+    for case in cases:
+        seg, _ = read_image(case.seg)
+        assert set(np.unique(seg).tolist()) <= {0, 1, 2, 3} and (seg == 3).any()
+        lesions.append(ndimage.label(seg > 0, np.ones((3, 3, 3)))[1])
+    assert max(lesions) >= 2  # seed 0: the first case has satellites
+
+
+def test_evaluate_2023_folder_prints_lesion_wise_and_legacy(dataset_2023, tmp_path, capsys) -> None:
+    import pandas as pd
+
+    from brats_lab.cli import main
+    from brats_lab.data.cases import discover
+    from brats_lab.evaluation import case_metrics, evaluate_folder
+    from brats_lab.io import read_image, write_image
+
+    pred_dir = tmp_path / "pred"
+    expected = {}
+    for i, case in enumerate(discover(dataset_2023)):
+        seg, geometry = read_image(case.seg)
+        pred = seg.copy()
+        if i == 0:  # miss the smallest lesion, add a false positive far away
+            cc, n = ndimage_label(seg > 0)
+            smallest = 1 + int(np.argmin(np.bincount(cc.ravel())[1:]))
+            pred[cc == smallest] = 0
+            pred[1:3, 1:3, 1:3] = SNFH
+        write_image(pred, geometry, pred_dir / f"{case.id}.nii.gz")
+        expected[case.id] = (
+            case_metrics(pred, seg, geometry.spacing_zyx, BRATS_2023),
+            lesion_metrics(pred, seg, geometry.spacing_zyx, "gli"),
+        )
+    out = tmp_path / "metrics.csv"
+    assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(dataset_2023), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "BraTS 2020 metrics over 2 cases" in text and "Lesion-wise metrics, gli rules" in text
+    assert "Lesions TP / FP / FN" in text
+    table = pd.read_csv(out).set_index("case")
+    assert list(table.columns) == ["status", *[f"{m}_{r}" for m in METRICS for r in REGIONS], *lesion_columns("gli")]
+    for case_id, (legacy, lesions) in expected.items():
+        for region in REGIONS:
+            assert table.loc[case_id, f"dice_{region}"] == legacy[region].dice
+            for metric, value in lesions[region].as_dict().items():
+                assert table.loc[case_id, f"{metric}_{region}"] == value
+    first = table.iloc[0]
+    assert first["lesion_fn_WT"] == 1 and first["lesion_fp_WT"] == 1
+    # --rules overrides the dataset's default; unknown rules are one clear error.
+    assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(dataset_2023), "--out", str(out), "--rules", "brats2023-gli"]) == 0
+    assert "brats2023-gli rules" in capsys.readouterr().out
+    assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(dataset_2023), "--rules", "gly"]) == 1
+    assert "--rules gly: unknown rules" in capsys.readouterr().err
+    # A missing prediction scores as brats-evaluation's parser scores a missing case.
+    (pred_dir / "BraTS-GLI-00002-000.nii.gz").unlink()
+    result = evaluate_folder(pred_dir, dataset_2023, progress=False)
+    missing = result.table.set_index("case").loc["BraTS-GLI-00002-000"]
+    assert missing["status"] == "missing"
+    assert [missing[f"{m}_ET"] for m in LESION_METRICS] == [0.0, 373.0, 0.0, 373.0, 0, 0, 0]
+
+
+def ndimage_label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    from scipy import ndimage
+
+    return ndimage.label(mask, np.ones((3, 3, 3)))
+
+
+def test_official_file_reader_swaps_the_spacing_which_we_do_not_copy(tmp_path) -> None:
+    """Documents why the oracle gets arrays and spacing, not files: brats-evaluation reads NIfTI
+    with SimpleITK ((z, y, x) arrays) and pairs them with GetSpacing() ((x, y, z)). A lesion
+    shifted by one voxel along a 3 mm z axis reads 1 mm through files, 3 mm through arrays."""
+    _official(np.zeros((2, 2, 2), np.uint8), np.zeros((2, 2, 2), np.uint8), (1.0, 1.0, 1.0))  # skips without it
+    import SimpleITK as sitk
+    import brats_evaluation
+    from panoptica import Panoptica_Evaluator
+
+    ref = volume(((4, 4, 4), (10, 10, 10), ET))
+    pred = volume(((5, 4, 4), (11, 10, 10), ET))
+    for array, name in ((ref, "ref"), (pred, "pred")):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((1.0, 1.0, 3.0))  # x, y, z
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluator = Panoptica_Evaluator.load_from_config(brats_evaluation.config_path("gli"))
+        from_files = evaluator.evaluate(str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz"), verbose=False)
+    assert from_files["et"].sq_hd95 == 1.0
+    assert lesion_metrics(pred, ref, (3.0, 1.0, 1.0), "gli")["ET"].lesion_hd95 == 3.0

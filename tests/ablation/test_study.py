@@ -31,33 +31,67 @@ def fold_runs(experiment: str) -> list:
     return tracking.find_runs(experiment, {"kind": "fold"})
 
 
-def test_a_study_trains_every_arm_and_fold_once_reports_and_reuses(project):
+def test_a_study_trains_every_arm_fold_and_seed_once_reports_and_reuses(project):
     toml, data = project
+    toml.write_text(tiny_ablation(seeds=2))
     plan = make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE)
+    assert plan.seeds == (0, 1)
     result = run_study(plan, progress=False)
 
     runs = fold_runs(plan.experiment)
-    assert sorted((r.tags["config_hash"][:8], r.tags["fold"]) for r in runs) == sorted(
-        {(r.tags["config_hash"][:8], r.tags["fold"]) for r in runs})  # no (arm, fold) twice
-    assert len(runs) == 4 and all(r.status == "FINISHED" for r in runs)
+    cells = sorted((r.tags["config_hash"], r.tags["fold"], r.tags["seed"]) for r in runs)
+    assert len(runs) == 8 and len(set(cells)) == 8 and all(r.status == "FINISHED" for r in runs)  # no (arm, fold, seed) twice
+    # The seed sets train.seed only (the arm's own + k), never the folds: both seeds of an arm and
+    # fold validate the same cases.
+    assert {(r.tags["seed"], r.params["train.seed"]) for r in runs} == {("0", "16111990"), ("1", "16111991")}
+    assert {r.params["data.seed"] for r in runs} == {"16111990"}
     (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
     arms = tracking.find_runs(plan.experiment, {"kind": "arm"})
     assert {a.parent_id for a in arms} == {study_run.id} and {r.parent_id for r in runs} == {a.id for a in arms}
+    assert sorted((a.tags["arm"], a.tags["seed"]) for a in arms) == [
+        ("att_equiunet", "0"), ("att_equiunet", "1"), ("equiunet", "0"), ("equiunet", "1")]
     assert study_run.status == "FINISHED" and {a.status for a in arms} == {"FINISHED"}
+    assert study_run.params["seeds"] == "2"
     assert list(result.table.index) == ["equiunet", "att_equiunet"]
     assert set(result.comparison["metric"]) == {f"{m}_{r}" for m in ("dice", "hd95") for r in ("ET", "TC", "WT")}
-    assert result.per_case.groupby("arm")["case"].nunique().tolist() == [4, 4]  # every case out of fold, per arm
+    assert (result.comparison[["folds", "seeds"]] == [2, 2]).all().all()
+    # Every case out of fold once per arm and seed.
+    assert result.per_case.groupby(["arm", "seed"])["case"].nunique().tolist() == [4, 4, 4, 4]
+    assert not result.per_case.duplicated(["arm", "seed", "case"]).any()
+    # The noise floor is the seed-to-seed SD of one run's mean, recomputed here by hand. (Two
+    # epochs of a tiny network predict no tumour whatever the seed, so it is 0 here; the stats
+    # tests check it on values that vary.) Measured with two seeds: a number, not NaN.
+    metric = "hd95_WT"
+    run_means = result.per_case.groupby(["arm", "fold", "seed"])[metric].mean()
+    variances = [run_means.loc[arm, fold].var(ddof=1) for arm in ("equiunet", "att_equiunet") for fold in (0, 1)]
+    row = result.comparison.set_index("metric").loc[metric]
+    assert result.comparison["noise_floor"].notna().all() and result.comparison["mde"].notna().all()
+    assert abs(row["noise_floor"] - (sum(variances) / 4) ** 0.5) < 1e-9
     text = result.text()
-    assert "att_equiunet" in text and "Wilcoxon" in text
+    assert "2 folds x 2 seeds" in text and "noise floor" in text and "runs as the unit" in text and "Wilcoxon" not in text
     artifacts = {p.name for p in study_run.artifact_dir().iterdir()}
-    assert {"report.md", "table3.csv", "comparison.csv", "per_case_out_of_fold.csv"} <= artifacts
+    assert {"report.md", "table3.csv", "comparison.csv", "comparison_per_case.csv", "seed_spread.csv",
+            "per_case_out_of_fold.csv"} <= artifacts
 
-    # The same command again does no work twice.
+    # The same command again does no work twice; nor does a study with fewer seeds (seed 0 is there).
     again = run_study(plan, progress=False)
-    assert len(fold_runs(plan.experiment)) == 4
+    assert len(fold_runs(plan.experiment)) == 8
     assert again.table.equals(result.table)
     study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
-    assert len(study.trials) == 4
+    assert sorted((t.user_attrs["arm"], t.user_attrs["fold"], t.user_attrs["seed"]) for t in study.trials) == sorted(plan.cells())
+    one_seed = run_study(make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE, seeds=1), progress=False)
+    assert len(fold_runs(plan.experiment)) == 8
+    assert "One seed: the noise floor is not measured" in one_seed.text()
+    assert one_seed.comparison["noise_floor"].isna().all()
+
+    # --plan reads the noise floor the 2-seed study measured (the newest finished one with seeds).
+    from brats_lab.ablation.study import plan_text
+    from brats_lab.evaluation.stats import minimum_detectable_effect
+
+    planned = plan_text(plan)
+    noise = result.comparison.groupby("metric")["noise_floor"].first()[metric]
+    assert f"{metric}: noise floor {noise:.4g}" in planned
+    assert f"{minimum_detectable_effect(noise, 2, 3):.4f} (12 runs)" in planned and "2 folds x 2 seeds" in planned
 
 
 def test_two_worker_processes_share_the_grid_without_duplicates(project, tmp_path):
@@ -74,7 +108,7 @@ def test_two_worker_processes_share_the_grid_without_duplicates(project, tmp_pat
     runs = fold_runs(plan.experiment)
     assert len(runs) == 4 and len({(r.tags["config_hash"], r.tags["fold"]) for r in runs}) == 4
     study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
-    assert sorted((t.user_attrs["arm"], t.user_attrs["fold"]) for t in study.trials) == sorted(plan.cells())
+    assert sorted((t.user_attrs["arm"], t.user_attrs["fold"], t.user_attrs["seed"]) for t in study.trials) == sorted(plan.cells())
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
 

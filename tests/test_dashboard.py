@@ -114,7 +114,7 @@ def test_fold_table_metric_long_and_worst_cases():
     per_case = pd.concat([_per_case(off, f).assign(arm=arm, fold=f, run_id=f"r{arm}{f}")
                           for arm, off in (("a", 0.0), ("b", 0.1)) for f in range(2)], ignore_index=True)
     table = db.fold_table(per_case)
-    assert list(table.columns) == ["ET", "TC", "WT", "folds"]
+    assert list(table.columns) == ["ET", "TC", "WT", "folds", "seeds"]
     assert table.loc["a", "ET"] == "0.600 (0.000)"  # fold means 0.9, 0.6, 0.3 -> 0.6 each fold
     assert table.loc["b", "folds"] == 2
 

@@ -172,7 +172,7 @@ def test_a_killed_worker_is_detected_and_its_fold_resumes_not_restarts(project, 
     from brats_lab.ablation import study as study_module
 
     toml, data = project
-    toml.write_text(ABLATION.replace('"train.epochs=2"', '"train.epochs=8"'))
+    toml.write_text(tiny_ablation(seeds=2).replace('"train.epochs=2"', '"train.epochs=8"'))
     plan = make_plan(str(toml), "cpu", 1, str(data), DEFAULT_STORAGE)
     launch(plan)
     env = {**__import__("os").environ, "BRATS_LAB_HEARTBEAT_SECONDS": "1", "BRATS_LAB_GRACE_SECONDS": "3"}
@@ -193,7 +193,7 @@ def test_a_killed_worker_is_detected_and_its_fold_resumes_not_restarts(project, 
     monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
     result = run_study(plan, progress=False)
     runs = fold_runs(plan.experiment)
-    assert len(runs) == 2 and all(r.status == "FINISHED" for r in runs)  # one per (arm, fold): no restart
+    assert len(runs) == 4 and all(r.status == "FINISHED" for r in runs)  # one per (arm, fold, seed): no restart
     assert killed.id in {r.id for r in runs}  # the killed fold's own run, resumed and finished
     steps = [s for s, _ in tracking.get_run(killed.id).metric_history("train_loss")]
     assert sorted(set(steps)) == list(range(8))
@@ -205,12 +205,13 @@ def test_a_killed_worker_is_detected_and_its_fold_resumes_not_restarts(project, 
     assert len(val_cases) == 2 and len(set(val_cases)) == 2  # 4 cases in 2 folds
     (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
     for table in (result.per_case, pd.read_csv(study_run.artifact_dir() / "per_case_out_of_fold.csv")):
-        assert len(table) == 4 and not table.duplicated(["arm", "case"]).any()
-        assert {arm: sorted(cases) for arm, cases in table.groupby("arm")["case"]} == {
-            "equiunet": val_cases, "att_equiunet": val_cases}
+        assert len(table) == 8 and not table.duplicated(["arm", "seed", "case"]).any()
+        assert {(arm, seed): sorted(cases) for (arm, seed), cases in table.groupby(["arm", "seed"])["case"]} == {
+            ("equiunet", 0): val_cases, ("att_equiunet", 0): val_cases, ("equiunet", 1): val_cases, ("att_equiunet", 1): val_cases}
+    assert set(result.comparison["verdict"]) == {"cannot tell: one fold gives no fold-to-fold spread to test against"}
     study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
     states = sorted(t.state.name for t in study.trials)
-    assert states == ["COMPLETE", "COMPLETE", "FAIL"]  # the dead worker's trial failed, then retried
+    assert states == ["COMPLETE"] * 4 + ["FAIL"]  # the dead worker's trial failed, then retried
 
 
 def test_an_ablation_can_ask_optuna_to_search_hyperparameters(project):

@@ -125,6 +125,40 @@ def test_shipped_ablations_load_and_bad_ones_are_named(tmp_path):
     bad.write_text(ABLATION + 'broken = 3\n')  # lands in [arms]
     with pytest.raises(ConfigError, match="arm 'broken'.*list"):
         load_ablation(str(bad))
+    bad.write_text(ABLATION.replace("seeds = 1", "seeds = 0"))
+    with pytest.raises(ConfigError, match="seeds must be a whole number of training seeds >= 1, got 0"):
+        load_ablation(str(bad))
+
+
+def test_the_shipped_a_a_study_is_two_arms_that_differ_only_in_their_training_seeds():
+    from brats_lab.config import flatten
+
+    ablation = load_ablation("seeds")
+    assert (ablation.seed_count("cpu"), ablation.seed_count("paper")) == (2, 3)
+    assert load_ablation("attention").seed_count("cpu") == 2  # the demo has seeds too
+    a, b = (flatten(ablation.arm_config(arm, "cpu")) for arm in ablation.arms)
+    assert {k for k in a if a[k] != b[k]} == {"train.seed"}
+    # Seed k adds k to the arm's own seed: the two arms' seeds never meet.
+    plan = make_plan("seeds", "cpu", None, "data/phantom", DEFAULT_STORAGE)
+    seeds = [plan.config(arm, k).train.seed for arm in ablation.arms for k in plan.seeds]
+    assert len(set(seeds)) == 4 and {str(plan.config(arm, 1).data.seed) for arm in ablation.arms} == {str(a["data.seed"])}
+
+
+def test_plan_prints_the_design_table_without_training_and_says_when_it_lacks_a_noise_floor(tmp_path):
+    def ablate(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "brats_lab.cli", "ablate", "attention", "--profile", "cpu", "--plan", *args],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    given = ablate("--noise", "0.01")
+    assert given.returncode == 0, given.stderr[-2000:]
+    from brats_lab.evaluation.stats import minimum_detectable_effect
+
+    assert f"{minimum_detectable_effect(0.01, 5, 3):.4f} (30 runs)" in given.stdout
+    assert f"{minimum_detectable_effect(0.01, 2, 1):.4f} (4 runs)" in given.stdout
+    missing = ablate()
+    assert missing.returncode == 1 and "no noise floor measured for 'attention'" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert not (tmp_path / "data").exists()  # no phantoms written, nothing trained
 
 
 REMOVAL = """

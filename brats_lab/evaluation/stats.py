@@ -629,7 +629,7 @@ def format_runs(df: pd.DataFrame) -> str:
     if df.empty:
         return f"{title}: no other arm to compare."
     ci = f"{100 * df.attrs.get('confidence', 0.95):g}% CI"
-    header = ["arm", "metric", "runs", "baseline", "arm mean", f"diff [{ci}]", "noise floor", "MDE (80%)", "p (Holm)", "verdict"]
+    header = ["arm", "metric", "runs", "baseline", "arm mean", f"diff [{ci}]", "noise floor", "MDE (80%)", "p", "p (Holm)", "verdict"]
     lines: list[list[str]] = []
     for r in df.itertuples(index=False):
         f = f"{{:.{2 if metric_direction(r.metric) == -1 else 4}f}}"
@@ -639,8 +639,8 @@ def format_runs(df: pd.DataFrame) -> str:
 
         lines.append([str(r.arm), str(r.metric), f"{r.folds}x{r.seeds}", f.format(r.mean_baseline), f.format(r.mean_arm),
                       f"{f.format(r.mean_diff)} [{num(r.ci_low)}, {num(r.ci_high)}]", num(r.noise_floor), num(r.mde),
-                      _format_p(r.p_holm).removeprefix("p="), str(r.verdict)])
-    left = {0, 1, 9}
+                      _format_p(r.p_value).removeprefix("p="), _format_p(r.p_holm).removeprefix("p="), str(r.verdict)])
+    left = {0, 1, 10}
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
 
     def fmt(cells: list[str]) -> str:

@@ -431,9 +431,12 @@ class Report:
         else:
             lines += ["One seed: the noise floor is not measured and the minimum detectable effect is unknown "
                       "(--seeds 2 or more measures them).", ""]
-        lines += [format_runs(self.comparison), "",
-                  f"The per-case paired differences over the {self.per_case['case'].nunique()} out-of-fold cases describe the cases "
-                  "(comparison_per_case.csv); they are not the test, since the cases of a run share its training noise."]
+        lines += [format_runs(self.comparison), ""]
+        if folds == 2:
+            lines += ["With 2 folds the test has one degree of freedom: it stays calibrated, but sees only differences as large "
+                      "as the MDE column. More folds buy power fastest (brats-lab ablate NAME --plan).", ""]
+        lines += [f"The per-case paired differences over the {self.per_case['case'].nunique()} out-of-fold cases describe the "
+                  "cases (comparison_per_case.csv); they are not the test, since the cases of a run share its training noise."]
         if self.search is not None:
             lines += ["", f"search around {self.plan.ablation.baseline!r} ({len(self.search)} trials, Optuna TPE, seed 0), best first:",
                       "", self.search.to_string(index=False)]

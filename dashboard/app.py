@@ -183,7 +183,7 @@ def verdict_section(metric: str) -> None:
             marker={"color": REGION_COLOURS[region], "size": 11},
             error_x={"type": "data", "symmetric": False, "array": part["ci_high"] - part["mean_diff"],
                      "arrayminus": part["mean_diff"] - part["ci_low"]},
-            text=[f"p (Holm) {p:.3g}: {v}; noise floor {nf:.4g}" for p, v, nf in
+            text=[f"p (Holm) {p:.3g}: {v}; noise floor " + (f"{nf:.4g}" if pd.notna(nf) else "n/a (one seed)") for p, v, nf in
                   zip(part["p_holm"], part["verdict"], part.get("noise_floor", pd.Series(float("nan"), index=part.index)))],
             hovertemplate="%{y}: %{x:.4f}<br>%{text}<extra></extra>"))
     fig.add_vline(x=0, line_dash="dash", line_color="grey")

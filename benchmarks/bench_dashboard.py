@@ -33,7 +33,7 @@ APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
 def build_store(root: Path, cases: int, folds: int, epochs: int, shape: tuple[int, int, int]) -> None:
     from brats_lab.data.cases import discover
     from brats_lab.data.phantom import synthesize
-    from brats_lab.evaluation.stats import compare_arms
+    from brats_lab.evaluation.stats import compare_runs
     from brats_lab.io import read_image, write_image
 
     data = root / "phantom"
@@ -65,7 +65,7 @@ def build_store(root: Path, cases: int, folds: int, epochs: int, shape: tuple[in
         arm.finish()
     per_case = pd.concat(per_case_all, ignore_index=True)
     columns = [f"dice_{r}" for r in ("ET", "TC", "WT")]
-    study.log_table(compare_arms(per_case, ARMS[0], columns), "comparison.csv")
+    study.log_table(compare_runs(per_case, ARMS[0], columns), "comparison.csv")  # as the study writes it
     study.finish()
 
 

@@ -229,15 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
         "run an ablation study (arms x folds) and say whether the difference is real",
         "Train every arm of an ablation on the same folds (one Optuna trial per arm and fold, "
         "tracked in MLflow as study -> arms -> folds), then print the paper's Table 3 layout (Dice "
-        "and HD95 per region, mean (std) over folds) and, for each arm against the baseline, the "
-        "mean difference with a bootstrap 95%% CI and a paired Wilcoxon test over the out-of-fold "
-        "cases, Holm-corrected across regions. With no options it works on a fresh machine: it "
+        "and HD95 per region, mean (std) over the runs), the noise floor (the seed-to-seed SD of a "
+        "run's mean) and, for each arm against the baseline, the mean paired difference with a t-test "
+        "that takes the training run as the unit (fold means of the paired run differences), "
+        "Holm-corrected across regions, and the smallest difference the design can detect. "
+        "--plan sizes a study without training. With no options it works on a fresh machine: it "
         "writes the phantom dataset if there is none and uses the embedded stores under mlruns/. "
         "Rerunning the same command reuses everything already done.",
     )
     ablate.add_argument("ablation", help="attention, norm, patient-removal, or a TOML file like experiments/ablations/attention.toml")
     ablate.add_argument("--profile", default=None, help="cpu or paper; default: paper with a GPU, cpu without")
     ablate.add_argument("--folds", type=int, default=None, help="run the first K folds (default: the ablation's, fewer for cpu)")
+    ablate.add_argument("--seeds", type=int, default=None, help="train every (arm, fold) with K seeds (default: the ablation's)")
+    ablate.add_argument("--plan", action="store_true", help="train nothing: print the minimum detectable effect of folds x seeds designs")
+    ablate.add_argument("--noise", type=float, default=None, help="with --plan: the noise floor to assume (default: the one measured in the store)")
     ablate.add_argument("--data", type=Path, default=None, help=f"dataset folder (default: {DEFAULT_PHANTOM}, written if missing)")
     ablate.add_argument("--workers", type=int, default=1, help="worker processes on this machine sharing the study")
     ablate.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///mlruns/optuna.db; postgresql://... to share)")
@@ -447,7 +452,7 @@ def _default_profile() -> str:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan, run_study
+    from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan, plan_text, run_study
     from brats_lab.config import ConfigError
 
     from brats_lab.ablation.spec import load_ablation
@@ -457,6 +462,16 @@ def _ablate(args: argparse.Namespace) -> int:
         ablation = load_ablation(args.ablation)
     except ConfigError as e:
         raise DataError(str(e)) from None
+    if args.noise is not None and not (args.plan and args.noise > 0):
+        raise DataError(f"--noise goes with --plan and must be above 0, got {args.noise}")
+    if args.plan:  # nothing trained, no dataset needed
+        try:
+            plan = make_plan(args.ablation, profile, args.folds, str(args.data or ablation.phantom_dataset or DEFAULT_PHANTOM),
+                             args.storage or DEFAULT_STORAGE, args.seeds)
+        except ConfigError as e:
+            raise DataError(str(e)) from None
+        print(plan_text(plan, args.noise))
+        return 0
     data = args.data or Path(ablation.phantom_dataset or DEFAULT_PHANTOM)
     if not data.is_dir():
         if args.data is not None:
@@ -468,10 +483,10 @@ def _ablate(args: argparse.Namespace) -> int:
               + (f", {corrupt:.0%} of them with corrupted labels" if corrupt else ""))
         synthesize(data, cases=40, seed=0, shape=(96, 96, 62), corrupt_fraction=corrupt)
     try:
-        plan = make_plan(args.ablation, profile, args.folds, str(data), args.storage or DEFAULT_STORAGE)
+        plan = make_plan(args.ablation, profile, args.folds, str(data), args.storage or DEFAULT_STORAGE, args.seeds)
     except ConfigError as e:
         raise DataError(str(e)) from None
-    print(f"study {plan.study_name}: {len(plan.ablation.arms)} arms x {len(plan.folds)} folds "
+    print(f"study {plan.study_name}: {len(plan.ablation.arms)} arms x {len(plan.folds)} folds x {len(plan.seeds)} seeds "
           f"(join from another machine: brats-lab worker --study {plan.study_name} --storage URL)")
     result = run_study(plan, workers=max(1, args.workers))
     print()

@@ -46,15 +46,16 @@ def _col(runs: pd.DataFrame, name: str) -> pd.Series:
 
 
 def fold_runs(runs: pd.DataFrame, study_id: str) -> pd.DataFrame:
-    """The fold runs that make up a study: columns arm, arm_run_id, fold, run_id, status.
+    """The fold runs that make up a study: columns arm, arm_run_id, fold, seed, run_id, status.
 
-    One row per (arm, fold): the newest FINISHED fold run with the arm's config hash in the
+    One row per (arm, fold, seed) (an ablation's arm run is one seed of one arm: its tags say
+    which; a run without them is seed 0 of the arm its name says): the newest FINISHED fold run with the arm's config hash in the
     study's experiment (an ablation reuses finished folds of the same configuration, whichever
     arm run they hang under), else the newest unfinished one. `runs` is newest first.
     """
     import pandas as pd
 
-    cols = ["arm", "arm_run_id", "fold", "run_id", "status"]
+    cols = ["arm", "arm_run_id", "fold", "seed", "run_id", "status"]
     study = runs[runs["run_id"] == study_id]
     if study.empty:
         return pd.DataFrame(columns=cols)
@@ -70,10 +71,11 @@ def fold_runs(runs: pd.DataFrame, study_id: str) -> pd.DataFrame:
         for fold, group in mine.groupby(_col(mine, _FOLD)):
             finished = group[group["status"] == "FINISHED"]
             best = (finished if not finished.empty else group).iloc[0]
-            rows.append({"arm": arm["name"], "arm_run_id": arm["run_id"], "fold": int(fold),
-                         "run_id": best["run_id"], "status": best["status"]})
+            name, seed = arm.get("tags.arm"), arm.get("tags.seed")
+            rows.append({"arm": name if isinstance(name, str) else arm["name"], "arm_run_id": arm["run_id"], "fold": int(fold),
+                         "seed": int(seed) if isinstance(seed, str) else 0, "run_id": best["run_id"], "status": best["status"]})
     out = pd.DataFrame(rows, columns=cols)
-    return out.sort_values(["arm", "fold"], ignore_index=True)
+    return out.sort_values(["arm", "seed", "fold"], ignore_index=True)
 
 
 def studies(runs: pd.DataFrame, now: pd.Timestamp | None = None) -> pd.DataFrame:
@@ -97,8 +99,9 @@ def studies(runs: pd.DataFrame, now: pd.Timestamp | None = None) -> pd.DataFrame
         if run["kind"] == "study":
             n_arms = len(str(run.get("params.arms") or "").split(",")) if pd.notna(run.get("params.arms")) else None
             n_folds = pd.to_numeric(run.get("params.folds"), errors="coerce")
+            n_seeds = pd.to_numeric(run.get("params.seeds", 1), errors="coerce")  # studies from before seeds: 1
             if n_arms and pd.notna(n_folds):
-                planned = int(n_arms * n_folds)
+                planned = int(n_arms * n_folds * (n_seeds if pd.notna(n_seeds) else 1))
         end = run["end_time"] if pd.notna(run["end_time"]) else now
         rows.append({
             "run_id": run["run_id"], "type": "ablation" if run["kind"] == "study" else "training",
@@ -118,20 +121,33 @@ def metric_long(per_case: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     return long
 
 
+def run_table(per_case: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
+    """One row per training run (arm, fold, seed) and region: the run's mean `metric` over its
+    cases (columns arm, fold, seed, region, value): the seeds as their own marks."""
+    table = per_case if "seed" in per_case.columns else per_case.assign(seed=0)
+    cols = [f"{metric}_{r}" for r in REGIONS if f"{metric}_{r}" in table.columns]
+    means = table.groupby(["arm", "fold", "seed"])[cols].mean().reset_index()
+    long = means.melt(id_vars=["arm", "fold", "seed"], value_vars=cols, var_name="region", value_name="value")
+    long["region"] = long["region"].str.removeprefix(f"{metric}_")
+    return long
+
+
 def fold_table(per_case: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
-    """Table 3 layout: one row per arm, one column per region, "mean (std)" over the folds' means
-    (std is blank with a single fold), plus the number of folds."""
+    """Table 3 layout: one row per arm, one column per region, "mean (std)" over the runs' means
+    (every fold and seed; std is blank with a single run), plus the number of folds and seeds."""
     import pandas as pd
 
-    cols = [f"{metric}_{r}" for r in REGIONS if f"{metric}_{r}" in per_case.columns]
-    by_fold = per_case.groupby(["arm", "fold"])[cols].mean()
-    mean, std = by_fold.groupby("arm").mean(), by_fold.groupby("arm").std()
+    table = per_case if "seed" in per_case.columns else per_case.assign(seed=0)
+    cols = [f"{metric}_{r}" for r in REGIONS if f"{metric}_{r}" in table.columns]
+    by_run = table.groupby(["arm", "fold", "seed"])[cols].mean()
+    mean, std = by_run.groupby("arm").mean(), by_run.groupby("arm").std()
     table = pd.DataFrame(index=mean.index)
     for c in cols:
         table[c.removeprefix(f"{metric}_")] = [
             f"{m:.3f}" + (f" ({s:.3f})" if pd.notna(s) else "") for m, s in zip(mean[c], std[c])
         ]
-    table["folds"] = by_fold.groupby("arm").size()
+    runs = by_run.reset_index().groupby("arm")
+    table["folds"], table["seeds"] = runs["fold"].nunique(), runs["seed"].nunique()
     return table
 
 
@@ -166,7 +182,7 @@ def read_artifact_table(run_id: str, name: str, root: Path | str | None = None) 
 
 def load_per_case(cells: pd.DataFrame, root: Path | str | None = None) -> tuple[pd.DataFrame, list[str]]:
     """The per-case metrics of the finished fold runs in `cells` (from `fold_runs`), with columns
-    arm, fold, run_id added; and a note for each cell that has none to show."""
+    arm, fold, seed, run_id added; and a note for each cell that has none to show."""
     import pandas as pd
 
     frames, notes = [], []
@@ -178,7 +194,7 @@ def load_per_case(cells: pd.DataFrame, root: Path | str | None = None) -> tuple[
         if table is None:
             notes.append(f"{cell.arm} fold {cell.fold}: run {cell.run_id} has no {PER_CASE}")
             continue
-        frames.append(table.assign(arm=cell.arm, fold=cell.fold, run_id=cell.run_id))
+        frames.append(table.assign(arm=cell.arm, fold=cell.fold, seed=getattr(cell, "seed", 0), run_id=cell.run_id))
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), notes
 
 

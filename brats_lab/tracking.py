@@ -338,8 +338,12 @@ def arm_run(
 
 
 def fold_run(arm: Run, fold: int, name: str) -> Run:
-    """A new RUNNING fold run under `arm` (tags: kind=fold, fold, the arm's config_hash)."""
-    tags = {"fold": int(fold), "config_hash": arm.tags.get("config_hash", "")}
+    """A new RUNNING fold run under `arm` (tags: kind=fold, fold, the arm's config_hash, and the
+    arm's training `seed` index when it has one: an ablation's seeds are their own arm runs)."""
+    arm_tags = arm.tags
+    tags = {"fold": int(fold), "config_hash": arm_tags.get("config_hash", "")}
+    if "seed" in arm_tags:
+        tags["seed"] = arm_tags["seed"]
     return _create_run(arm.client, arm.experiment_id, name, "fold", tags, arm)
 
 

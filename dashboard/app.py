@@ -135,7 +135,20 @@ def compare_page() -> None:
     fig.update_layout(yaxis_title=METRIC_NAMES[metric], boxmode="group", legend_title_text="fold", height=420)
     fig.for_each_annotation(lambda a: a.update(text=a.text.replace("region=", "region ")))
     st.plotly_chart(fig, width="stretch")
-    st.caption("Each dot is one validation case of one fold; each box spans the quartiles of one fold's cases.")
+    st.caption("Each dot is one validation case of one fold (all seeds); each box spans the quartiles of one fold's cases.")
+
+    st.subheader("Training runs: one mark per fold and seed")
+    run_means = db.run_table(per_case, metric).assign(seed=lambda d: "seed " + d["seed"].astype(str),
+                                                      fold=lambda d: "fold " + d["fold"].astype(str))
+    fig = px.scatter(run_means, x="arm", y="value", color="seed", symbol="fold", facet_col="region",
+                   category_orders={"region": list(REGIONS)}, hover_data=["fold", "seed"])
+    fig.update_traces(marker={"size": 11})
+    fig.update_yaxes(title_text="")
+    fig.update_layout(yaxis_title=f"run mean, {METRIC_NAMES[metric]}", legend_title_text="seed, fold", height=380)
+    fig.for_each_annotation(lambda a: a.update(text=a.text.replace("region=", "region ")))
+    st.plotly_chart(fig, width="stretch")
+    st.caption("Each mark is one training run's mean over its validation cases. Runs of one arm and fold that differ only "
+               "in their seed show the training noise the verdict is tested against (the noise floor).")
 
     if study["type"] == "ablation":
         verdict_section(metric)
@@ -170,7 +183,8 @@ def verdict_section(metric: str) -> None:
             marker={"color": REGION_COLOURS[region], "size": 11},
             error_x={"type": "data", "symmetric": False, "array": part["ci_high"] - part["mean_diff"],
                      "arrayminus": part["mean_diff"] - part["ci_low"]},
-            text=[f"p (Holm) {p:.3g}: {v}" for p, v in zip(part["p_holm"], part["verdict"])],
+            text=[f"p (Holm) {p:.3g}: {v}; noise floor " + (f"{nf:.4g}" if pd.notna(nf) else "n/a (one seed)") for p, v, nf in
+                  zip(part["p_holm"], part["verdict"], part.get("noise_floor", pd.Series(float("nan"), index=part.index)))],
             hovertemplate="%{y}: %{x:.4f}<br>%{text}<extra></extra>"))
     fig.add_vline(x=0, line_dash="dash", line_color="grey")
     unit = " mm" if metric == "hd95" else ""
@@ -178,15 +192,26 @@ def verdict_section(metric: str) -> None:
                       height=200 + 40 * len(rows), legend_title_text="region")
     st.plotly_chart(fig, width="stretch")
     baseline = runs.set_index("run_id").get("params.baseline", pd.Series(dtype=object)).get(study_id)
-    st.caption(f"Paired over the out-of-fold cases against {baseline if pd.notna(baseline) else 'the baseline'}: bootstrap 95% CI of the mean "
-               "difference; Wilcoxon signed-rank p, Holm-corrected across the regions of each metric.")
-    st.dataframe(rows[["arm", "metric", "n", "mean_baseline", "mean_arm", "mean_diff", "ci_low", "ci_high",
-                       "p_value", "p_holm", "verdict"]], hide_index=True, width="stretch")
+    against = baseline if pd.notna(baseline) else "the baseline"
+    if "noise_floor" in rows.columns:
+        st.caption(f"Against {against}, runs as the unit: the paired run differences (same fold and seed) averaged over the "
+                   "seeds of each fold, a t-test and its 95% CI over the folds, Holm-corrected across the regions of each metric. "
+                   "Noise floor: the seed-to-seed SD of one run's mean (blank with one seed); MDE: the smallest difference "
+                   "this design finds with 80% power at that noise. A difference below the noise floor is training noise.")
+        columns = ["arm", "metric", "folds", "seeds", "mean_baseline", "mean_arm", "mean_diff", "noise_floor", "mde",
+                   "ci_low", "ci_high", "p_value", "p_holm", "verdict"]
+    else:  # a study from before seeds: the per-case test it was reported with
+        st.caption(f"Paired over the out-of-fold cases against {against}: bootstrap 95% CI of the mean difference; Wilcoxon "
+                   "signed-rank p, Holm-corrected across the regions of each metric. (A study from before the run-level test: "
+                   "it treats cases as independent and overstates the evidence.)")
+        columns = ["arm", "metric", "n", "mean_baseline", "mean_arm", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "verdict"]
+    st.dataframe(rows[columns], hide_index=True, width="stretch")
 
 
 def curves_section() -> None:
     st.subheader("Training curves")
-    names = {f"{c.arm} fold {c.fold}": i for i, c in enumerate(cells.itertuples())}
+    several = cells["seed"].nunique() > 1
+    names = {f"{c.arm} fold {c.fold}" + (f" seed {c.seed}" if several else ""): i for i, c in enumerate(cells.itertuples())}
     col1, col2 = st.columns([3, 1])
     chosen = col1.multiselect("Folds", list(names), default=list(names))
     keys = db.curve_keys(runs, list(cells["run_id"]))
@@ -205,16 +230,21 @@ def curves_section() -> None:
 
 def cases_page() -> None:
     st.subheader("Cases, worst first")
+    table = per_case
+    seeds = sorted(per_case["seed"].unique()) if "seed" in per_case.columns else []
+    if len(seeds) > 1:  # one seed at a time: a case is one prediction per arm
+        seed = st.selectbox("Seed", seeds, format_func=lambda s: f"seed {s}")
+        table = per_case[per_case["seed"] == seed]
     col1, col2, col3, col4, col5 = st.columns([2, 1, 1, 2, 1])
-    arms = sorted(per_case["arm"].unique())
+    arms = sorted(table["arm"].unique())
     arm = col1.selectbox("Arm", arms)
-    region = col2.selectbox("Region", [r for r in REGIONS if f"dice_{r}" in per_case.columns])
-    rank_by = col3.selectbox("Rank by", [m for m in ("dice", "hd95") if f"{m}_{region}" in per_case.columns],
+    region = col2.selectbox("Region", [r for r in REGIONS if f"dice_{r}" in table.columns])
+    rank_by = col3.selectbox("Rank by", [m for m in ("dice", "hd95") if f"{m}_{region}" in table.columns],
                              format_func=lambda m: {"dice": "Dice", "hd95": "HD95"}[m])
-    folds = sorted(per_case["fold"].unique())
+    folds = sorted(table["fold"].unique())
     shown_folds = col4.multiselect("Folds", folds, default=folds, format_func=lambda f: f"fold {f}")
-    n = col5.number_input("How many", min_value=1, max_value=len(per_case), value=min(10, len(per_case)))
-    chosen = per_case[per_case["fold"].isin(shown_folds)]
+    n = col5.number_input("How many", min_value=1, max_value=len(table), value=min(10, len(table)))
+    chosen = table[table["fold"].isin(shown_folds)]
     worst = db.worst_cases(chosen, arm, region, int(n), by=rank_by)
     if worst.empty:
         st.info("No case matches these filters.")
@@ -224,11 +254,11 @@ def cases_page() -> None:
                           selection_mode="single-row", key=f"worst-{study_id}")
     rows = picked.selection.rows if picked is not None else []
     case = worst["case"].iloc[rows[0] if rows else 0]
-    case_view(case, arm)
+    case_view(case, arm, table)
 
 
-def case_view(case: str, arm: str) -> None:
-    mine = per_case[per_case["case"] == case].set_index("arm")
+def case_view(case: str, arm: str, table: pd.DataFrame) -> None:
+    mine = table[table["case"] == case].set_index("arm")
     st.subheader(f"{case} (fold {int(mine.loc[arm, 'fold'])})")
     others = [a for a in mine.index if a != arm]
     cards = st.columns(len(REGIONS))

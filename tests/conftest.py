@@ -25,9 +25,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_ablation(name: str = "tiny-attention", *extra: str) -> str:
-    """The TOML of a two-fold ablation of tiny networks, equiunet against att_equiunet; `extra`
-    overrides go to both arms after the tiny ones (e.g. "train.epochs=6")."""
+def tiny_ablation(name: str = "tiny-attention", *extra: str, seeds: int = 1) -> str:
+    """The TOML of a two-fold ablation of tiny networks, equiunet against att_equiunet, each
+    trained with `seeds` seeds; `extra` overrides go to both arms after the tiny ones (e.g.
+    "train.epochs=6")."""
     overrides = ", ".join(f'"{s}"' for s in (*TINY_TRAINING, *extra))
     return f"""
 name = "{name}"
@@ -35,6 +36,7 @@ description = "tiny equiunet against att_equiunet"
 pipeline = "A"
 baseline = "equiunet"
 folds = 2
+seeds = {seeds}
 
 [arms]
 equiunet = ["model.name=equiunet", {overrides}]

@@ -56,6 +56,26 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         arm2 = tracking.arm_run("ablation-norm", "n1", "instance", {}, parent=half)
         tracking.fold_run(arm2, 0, "instance fold 0")  # left RUNNING, no metrics
 
+        # An A/A study with seeds, as the ablation makes it: one arm run per (arm, seed), tagged.
+        from brats_lab.evaluation.stats import compare_runs
+
+        aa = tracking.start_run("ablation-seeds", "seeds", "study", {"study": "seeds-xyz"}, root=root)
+        aa.log_params({"arms": "equiunet,reseeded", "folds": "2", "seeds": "2", "baseline": "equiunet"})
+        frames = []
+        for k, arm_name in enumerate(("equiunet", "reseeded")):
+            for seed in range(2):
+                arm = tracking.arm_run("ablation-seeds", f"s{k}{seed}", arm_name if seed == 0 else f"{arm_name} seed {seed}",
+                                       {}, parent=aa)
+                arm.set_tags({"arm": arm_name, "seed": seed})
+                for fold in range(2):
+                    table = _per_case(0.01 * seed + 0.004 * k * fold, fold)
+                    with tracking.fold_run(arm, fold, f"{arm_name} seed {seed} fold {fold}") as run:
+                        run.log_table(table, db.PER_CASE)
+                    frames.append(table.assign(arm=arm_name, fold=fold, seed=seed))
+                arm.finish()
+        aa.log_table(compare_runs(pd.concat(frames), "equiunet", ["dice_ET", "dice_TC", "dice_WT"]), db.COMPARISON)
+        aa.finish()
+
         training = tracking.arm_run("brats-lab", "t0", "pipeline A", {"pipeline": "A"}, root=root)
         with tracking.fold_run(training, 0, "pipeline A fold 0") as run:
             run.log_table(_per_case(0.2, 0), db.PER_CASE)
@@ -78,7 +98,8 @@ def _study_id(runs: pd.DataFrame, name: str) -> str:
 def test_studies_lists_ablations_and_trainings_with_progress(in_store):
     runs = tracking.read_runs()
     table = db.studies(runs).set_index("name")
-    assert set(table.index) == {"attention", "norm", "pipeline A"}
+    assert set(table.index) == {"attention", "norm", "seeds", "pipeline A"}
+    assert (table.loc["seeds", "folds_done"], table.loc["seeds", "folds_planned"]) == (8, 8)  # 2 arms x 2 folds x 2 seeds
     assert table.loc["attention", "type"] == "ablation"
     assert table.loc["attention", "state"] == "FINISHED"
     assert (table.loc["attention", "folds_done"], table.loc["attention", "folds_planned"]) == (4, 4)
@@ -114,7 +135,7 @@ def test_fold_table_metric_long_and_worst_cases():
     per_case = pd.concat([_per_case(off, f).assign(arm=arm, fold=f, run_id=f"r{arm}{f}")
                           for arm, off in (("a", 0.0), ("b", 0.1)) for f in range(2)], ignore_index=True)
     table = db.fold_table(per_case)
-    assert list(table.columns) == ["ET", "TC", "WT", "folds"]
+    assert list(table.columns) == ["ET", "TC", "WT", "folds", "seeds"]
     assert table.loc["a", "ET"] == "0.600 (0.000)"  # fold means 0.9, 0.6, 0.3 -> 0.6 each fold
     assert table.loc["b", "folds"] == 2
 
@@ -129,6 +150,27 @@ def test_fold_table_metric_long_and_worst_cases():
     assert {"fold", "case", "run_id", "hd95_WT"} <= set(worst.columns)
     by_hd95 = db.worst_cases(per_case, "b", "WT", n=3, by="hd95")
     assert by_hd95["hd95_WT"].tolist() == [12.0, 12.0, 7.0]  # the largest distances first
+
+
+def test_a_study_with_seeds_shows_each_seed_as_its_own_run(in_store):
+    runs = tracking.read_runs()
+    cells = db.fold_runs(runs, _study_id(runs, "seeds"))
+    assert list(zip(cells["arm"], cells["seed"], cells["fold"])) == [
+        (arm, seed, fold) for arm in ("equiunet", "reseeded") for seed in (0, 1) for fold in (0, 1)]
+    fold_seed = {r.id: r.tags["seed"] for r in tracking.find_runs("ablation-seeds", {"kind": "fold"})}
+    assert [fold_seed[r] for r in cells["run_id"]] == [str(s) for s in cells["seed"]]  # the fold run's own tag agrees
+    per_case, notes = db.load_per_case(cells)
+    assert notes == [] and len(per_case) == 24 and set(per_case["seed"]) == {0, 1}
+    table = db.fold_table(per_case)
+    assert table.loc["equiunet", "folds"] == 2 and table.loc["equiunet", "seeds"] == 2
+    marks = db.run_table(per_case)
+    assert len(marks) == 2 * 2 * 2 * 3  # one mark per run and region: the seeds are not averaged away
+    # equiunet, ET: runs (fold, seed) have means 0.6 and 0.59 (seed 1 is 0.01 lower) in both folds.
+    equi = marks[(marks["arm"] == "equiunet") & (marks["region"] == "ET")].sort_values(["fold", "seed"])
+    assert [round(v, 10) for v in equi["value"]] == [0.6, 0.59, 0.6, 0.59]
+    comparison = db.read_artifact_table(_study_id(runs, "seeds"), db.COMPARISON)
+    assert {"noise_floor", "mde", "folds", "seeds"} <= set(comparison.columns)
+    assert (comparison["verdict"] == "no evidence of a difference").all()
 
 
 def test_comparison_table(in_store):
@@ -150,7 +192,7 @@ def test_app_pages_run_on_the_store(in_store):
     assert {"attention", "norm", "pipeline A"} <= set(shown["name"])
 
     for page in ("Compare", "Cases"):
-        for name in ("attention", "norm", "pipeline A"):
+        for name in ("attention", "norm", "seeds", "pipeline A"):
             at.sidebar.radio[0].set_value(page)
             at.sidebar.selectbox[0].select(_study_id(tracking.read_runs(), name))
             at.run()

@@ -87,7 +87,7 @@ def test_compare_page_shows_the_verdict_curves_and_every_fold(in_project):
     headers = [h.value for h in at.subheader]
     assert "Each arm against the baseline" in headers and "Training curves" in headers
     charts = at.get("plotly_chart")
-    assert len(charts) == 3  # per-case boxes, the verdict with CIs, the curves
+    assert len(charts) == 4  # per-case boxes, one mark per run (fold and seed), the verdict with CIs, the curves
     at.radio[0].set_value("hd95").run()
     assert not at.exception, at.exception
     assert at.multiselect[0].value == ["att_equiunet fold 0", "att_equiunet fold 1", "equiunet fold 0", "equiunet fold 1"]

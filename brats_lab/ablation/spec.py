@@ -1,9 +1,13 @@
 """An ablation as data: a base pipeline, the arms (config diffs), the baseline arm and the folds.
 
     experiments/ablations/attention.toml
-        name, description, pipeline, baseline, folds
+        name, description, pipeline, baseline, folds, seeds
         [arms]   arm name = ["key=value", ...]    (--set overrides over the pipeline + profile)
-        [cpu]    folds, set                       (the CPU demo: fewer folds, a shorter schedule)
+        [cpu]    folds, seeds, set                (the CPU demo: fewer folds, a shorter schedule)
+
+`seeds = K` trains every (arm, fold) K times: seed k sets `train.seed` to the arm's own
+`train.seed` + k (weights, patches, augmentation), never the folds. So seed 0 is the arm's config
+as written, and an A/A study is two arms that differ only in `train.seed` (seeds.toml).
         [removal] arm, metric, fraction           (patient removal: which arm trains without the
                                                    cases the baseline scores worst out of fold)
         [phantom] dataset, corrupt_fraction       (the phantoms written when there is no data)
@@ -22,8 +26,8 @@ from pathlib import Path
 from brats_lab.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, load_config, pipeline_path
 
 ABLATIONS_DIR = EXPERIMENTS_DIR / "ablations"
-_KEYS = {"name", "description", "pipeline", "baseline", "folds", "arms", "cpu", "removal", "phantom", "search"}
-_CPU_KEYS = {"folds", "set"}
+_KEYS = {"name", "description", "pipeline", "baseline", "folds", "seeds", "arms", "cpu", "removal", "phantom", "search"}
+_CPU_KEYS = {"folds", "seeds", "set"}
 _REMOVAL_KEYS = {"arm", "metric", "fraction"}
 _PHANTOM_KEYS = {"dataset", "corrupt_fraction"}
 _SEARCH_KEYS = {"trials", "seed", "params"}
@@ -58,7 +62,9 @@ class Ablation:
     baseline: str
     folds: int
     arms: dict[str, tuple[str, ...]]  # arm name -> overrides
+    seeds: int = 1
     cpu_folds: int | None = None
+    cpu_seeds: int | None = None
     cpu_set: tuple[str, ...] = ()
     removal: Removal | None = None
     search: Search | None = None
@@ -69,6 +75,9 @@ class Ablation:
 
     def fold_count(self, profile: str) -> int:
         return self.cpu_folds if profile == "cpu" and self.cpu_folds else self.folds
+
+    def seed_count(self, profile: str) -> int:
+        return self.cpu_seeds if profile == "cpu" and self.cpu_seeds else self.seeds
 
     def arm_config(self, arm: str, profile: str, extra: list[str] = ()) -> ExperimentConfig:
         """The resolved config of one arm: pipeline, profile, the profile's demo settings, the arm's
@@ -113,6 +122,9 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
     arms = {str(k): tuple(v) for k, v in data["arms"].items()}
     if len(arms) < 2 or data["baseline"] not in arms:
         raise ConfigError(f"{path}: needs at least two arms, one of them the baseline {data['baseline']!r}; got {list(arms)}")
+    for key, value in (("seeds", data.get("seeds", 1)), ("cpu.seeds", data.get("cpu", {}).get("seeds", 1))):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{path}: {key} must be a whole number of training seeds >= 1, got {value!r}")
     removal = None
     if "removal" in data:
         removal = Removal(**data["removal"])
@@ -137,7 +149,9 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
         baseline=str(data["baseline"]),
         folds=int(data.get("folds", 5)),
         arms=arms,
+        seeds=int(data.get("seeds", 1)),
         cpu_folds=data.get("cpu", {}).get("folds"),
+        cpu_seeds=data.get("cpu", {}).get("seeds"),
         cpu_set=tuple(data.get("cpu", {}).get("set", ())),
         removal=removal,
         search=search,

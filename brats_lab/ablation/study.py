@@ -1,16 +1,21 @@
-"""Run an ablation as an Optuna study: one trial is one (arm, fold), trained and validated by the
-trainer, tracked in MLflow as study run -> arm runs -> fold runs.
+"""Run an ablation as an Optuna study: one trial is one (arm, fold, seed), trained and validated by
+the trainer, tracked in MLflow as study run -> arm runs (one per arm and seed) -> fold runs.
 
-The launcher creates the MLflow study and arm runs and enqueues every (arm, fold) not done yet as a
+Seed k of an arm is the arm's config with `train.seed` + k: its own config hash, so it is found,
+reused and resumed like any configuration; its arm run and fold runs carry the tags `arm` and
+`seed` (k), and `train.seed` is a param. Seed 0 is the arm as written, so a study run before seeds
+existed is reused as seed 0.
+
+The launcher creates the MLflow study and arm runs and enqueues every (arm, fold, seed) not done yet as a
 waiting Optuna trial; workers (this process, `--workers` local processes, or `brats-lab worker`
 on other machines sharing the storage) claim waiting trials one at a time. Claiming is Optuna's
-own atomic WAITING -> RUNNING transition, so no (arm, fold) is trained twice. A worker records a
+own atomic WAITING -> RUNNING transition, so no (arm, fold, seed) is trained twice. A worker records a
 heartbeat while it trains; a trial whose worker died is failed by the next launcher or worker and
 enqueued again, and its fold resumes from its last checkpoint where the worker taking it can read
 that checkpoint (always with the embedded store; with an MLflow server serving artifacts, only on
 the machine that wrote it); elsewhere the dead run is closed as FAILED and the fold is trained
-again in a new run. A finished (arm, fold) is found by
-config hash and fold in MLflow and reused, so running the same command twice does no work twice.
+again in a new run. A finished (arm, fold, seed) is found by
+config hash (which includes the seed) and fold in MLflow and reused, so running the same command twice does no work twice.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class Plan:
     dataset: str
     storage: str
     excluded: tuple[str, ...] = ()  # patient removal: decided after the baseline's pass
+    seeds: tuple[int, ...] = (0,)  # seed k trains with the arm's train.seed + k
 
     @property
     def study_name(self) -> str:
@@ -57,7 +63,8 @@ class Plan:
         hashes = ",".join(f"{a}:{config_hash(self._base_config(a))[:12]}" for a in self.ablation.arms)
         import hashlib
 
-        digest = hashlib.sha256(f"{hashes}|{self.folds}".encode()).hexdigest()[:10]
+        seeds = f"|seeds={len(self.seeds)}" if self.seeds != (0,) else ""  # one seed: the name it had before seeds
+        digest = hashlib.sha256(f"{hashes}|{self.folds}{seeds}".encode()).hexdigest()[:10]
         return f"{self.ablation.name}-{self.profile}-{digest}"
 
     @property
@@ -67,34 +74,42 @@ class Plan:
     def _base_config(self, arm: str):
         return self.ablation.arm_config(arm, self.profile, [f"data.dataset={self.dataset}"])
 
-    def config(self, arm: str):
+    def config(self, arm: str, seed: int = 0):
+        """The resolved config of `arm` trained with seed index `seed` (train.seed + seed)."""
+        extra = [f"data.dataset={self.dataset}"]
         removal = self.ablation.removal
         if removal is not None and arm == removal.arm:
             if not self.excluded:
                 raise DataError(f"arm {arm!r} has no configuration before the baseline's pass decides what to remove")
-            return self.ablation.arm_config(arm, self.profile, [f"data.dataset={self.dataset}", f"data.exclude={list(self.excluded)}".replace("'", '"')])
-        return self._base_config(arm)
+            extra.append(f"data.exclude={list(self.excluded)}".replace("'", '"'))
+        cfg = self.ablation.arm_config(arm, self.profile, extra)
+        if seed:  # offset from the arm's own seed, so two arms with other seeds (an A/A study) stay apart
+            cfg = self.ablation.arm_config(arm, self.profile, [*extra, f"train.seed={cfg.train.seed + seed}"])
+        return cfg
 
     def ready_arms(self) -> list[str]:
         """The arms whose configuration is known now (a removal arm only after the first pass)."""
         removal = self.ablation.removal
         return [a for a in self.ablation.arms if removal is None or a != removal.arm or self.excluded]
 
-    def cells(self) -> list[tuple[str, int]]:
-        return [(arm, fold) for arm in self.ready_arms() for fold in self.folds]
+    def cells(self) -> list[tuple[str, int, int]]:
+        return [(arm, fold, seed) for arm in self.ready_arms() for seed in self.seeds for fold in self.folds]
 
     def attrs(self) -> dict:
         return {"ablation": self.ablation.source, "ablation_toml": self.ablation.text, "profile": self.profile, "folds": list(self.folds),
-                "dataset": self.dataset, "excluded": list(self.excluded)}
+                "dataset": self.dataset, "excluded": list(self.excluded), "seeds": list(self.seeds)}
 
 
-def make_plan(name_or_path: str, profile: str, folds: int | None, dataset: str, storage: str) -> Plan:
+def make_plan(name_or_path: str, profile: str, folds: int | None, dataset: str, storage: str, seeds: int | None = None) -> Plan:
     ablation = load_ablation(name_or_path)
     k = folds or ablation.fold_count(profile)
     total = ablation.arm_config(ablation.baseline, profile).data.folds
     if not 1 <= k <= total:
         raise DataError(f"--folds must be between 1 and {total} (the data is split in {total} folds), got {k}")
-    return Plan(ablation, profile, tuple(range(k)), str(dataset), storage)
+    n = seeds or ablation.seed_count(profile)
+    if n < 1:
+        raise DataError(f"--seeds must be at least 1, got {n}")
+    return Plan(ablation, profile, tuple(range(k)), str(dataset), storage, seeds=tuple(range(n)))
 
 
 def _storage(url: str):
@@ -143,26 +158,39 @@ def launch(plan: Plan):
         study_run = tracking.start_run(plan.experiment, plan.ablation.name, "study",
                                        {"study": plan.study_name, "storage": _safe(plan.storage), "profile": plan.profile})
         study_run.log_params({"ablation": plan.ablation.name, "baseline": plan.ablation.baseline,
-                              "arms": ",".join(plan.ablation.arms), "folds": str(len(plan.folds)), "profile": plan.profile})
+                              "arms": ",".join(plan.ablation.arms), "folds": str(len(plan.folds)), "seeds": str(len(plan.seeds)),
+                              "profile": plan.profile})
     elif study_run.status != "RUNNING":
         study_run.reopen()
     for arm in plan.ready_arms():
-        cfg = plan.config(arm)
-        arm_run = tracking.arm_run(plan.experiment, config_hash(cfg), arm, flatten(cfg), parent=study_run)
-        if arm_run.status != "RUNNING":  # the arm runs while its folds may
-            arm_run.reopen()
+        for seed in plan.seeds:
+            arm_run = _arm_run(plan, study_run, arm, seed)
+            if arm_run.status != "RUNNING":  # the arm runs while its folds may
+                arm_run.reopen()
 
     study = optuna.create_study(study_name=plan.study_name, storage=_storage(plan.storage), load_if_exists=True,
                                 direction="maximize")
     for key, value in {**plan.attrs(), "mlflow_study_run": study_run.id}.items():
         study.set_user_attr(key, value)
     _fail_stale(study)  # workers that died: their trials fail here, then are enqueued again
-    pending = {(t.user_attrs.get("arm"), t.user_attrs.get("fold"))
+    pending = {(t.user_attrs.get("arm"), t.user_attrs.get("fold"), t.user_attrs.get("seed", 0))
                for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE))}
-    for arm, fold in plan.cells():
-        if (arm, fold) not in pending:
-            study.enqueue_trial({}, user_attrs={"arm": arm, "fold": fold})
+    for arm, fold, seed in plan.cells():
+        if (arm, fold, seed) not in pending:
+            study.enqueue_trial({}, user_attrs={"arm": arm, "fold": fold, "seed": seed})
     return study_run
+
+
+def _arm_run(plan: Plan, study_run, arm: str, seed: int):
+    """The arm run of (arm, seed) under the study run, tagged with both (fold runs copy `seed`)."""
+    from brats_lab import tracking
+
+    cfg = plan.config(arm, seed)
+    name = arm if seed == 0 else f"{arm} seed {seed}"
+    run = tracking.arm_run(plan.experiment, config_hash(cfg), name, flatten(cfg), parent=study_run)
+    if run.tags.get("arm") != arm or run.tags.get("seed") != str(seed):
+        run.set_tags({"arm": arm, "seed": seed})
+    return run
 
 
 def work(study_name: str, storage: str, progress: bool = True) -> int:
@@ -178,7 +206,7 @@ def work(study_name: str, storage: str, progress: bool = True) -> int:
         raise DataError(f"no study {study_name!r} in {_safe(storage)}; start it with `brats-lab ablate`") from None
     attrs = study.user_attrs
     plan = Plan(parse_ablation(attrs["ablation_toml"], attrs["ablation"]), attrs["profile"], tuple(attrs["folds"]), attrs["dataset"], storage,
-                tuple(attrs.get("excluded", ())))
+                tuple(attrs.get("excluded", ())), tuple(attrs.get("seeds", (0,))))
     from brats_lab import tracking
 
     parent = tracking.get_run(attrs["mlflow_study_run"])
@@ -188,10 +216,10 @@ def work(study_name: str, storage: str, progress: bool = True) -> int:
         trial = _claim(study, store)
         if trial is None:
             return done
-        arm, fold = trial.user_attrs["arm"], trial.user_attrs["fold"]
+        arm, fold, seed = trial.user_attrs["arm"], trial.user_attrs["fold"], trial.user_attrs.get("seed", 0)
         beat = _Heartbeat(store, trial._trial_id)
         try:
-            table = run_cell(plan, parent, arm, fold, progress)
+            table = run_cell(plan, parent, arm, fold, progress, seed)
         except BaseException:
             beat.stop()
             store.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
@@ -252,13 +280,13 @@ class _Heartbeat:
         self._thread.join()
 
 
-def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True) -> pd.DataFrame:
-    """The per-case metrics of (arm, fold): reused if a finished run exists, resumed if an
+def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True, seed: int = 0) -> pd.DataFrame:
+    """The per-case metrics of (arm, fold, seed): reused if a finished run exists, resumed if an
     unfinished one has a checkpoint this machine can read, trained afresh otherwise."""
     from brats_lab import tracking
     from brats_lab.training.trainer import checkpoint_path, train_fold
 
-    cfg = plan.config(arm)
+    cfg = plan.config(arm, seed)
     chash = config_hash(cfg)
     finished = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("FINISHED",))
     if finished is not None:
@@ -272,7 +300,7 @@ def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True) 
         unfinished.set_tags({"abandoned": f"its worker died; {socket.gethostname()} found no checkpoint at "
                                           f"{checkpoint_path(unfinished)} and trained the fold again in a new run"})
         unfinished.finish("FAILED")
-    arm_run = tracking.arm_run(plan.experiment, chash, arm, flatten(cfg), parent=study_run)
+    arm_run = _arm_run(plan, study_run, arm, seed)
     return train_fold(cfg, fold, resume=resume, experiment=plan.experiment, parent=arm_run, progress=progress).per_case
 
 
@@ -383,22 +411,34 @@ def choose_removed(plan: Plan) -> tuple[str, ...]:
 @dataclass
 class Report:
     plan: Plan
-    per_case: pd.DataFrame  # arm, fold, case, metrics (out of fold)
-    table: pd.DataFrame  # Table 3: per arm, mean (std) over folds
-    comparison: pd.DataFrame  # each arm against the baseline, per region
+    per_case: pd.DataFrame  # arm, fold, seed, case, metrics (out of fold)
+    table: pd.DataFrame  # Table 3: per arm, mean (std) over the runs (folds and seeds)
+    comparison: pd.DataFrame  # the verdict: each arm against the baseline, per region, runs as the unit
     search: pd.DataFrame | None = None  # the hyperparameter search's trials, best first
+    seed_spread: pd.DataFrame | None = None  # per arm: the seed-to-seed SD of one run's mean (2+ seeds)
+    per_case_comparison: pd.DataFrame | None = None  # a description of the cases, not the test
 
     def text(self) -> str:
-        from brats_lab.evaluation.stats import format_comparison
+        from brats_lab.evaluation.stats import format_runs
 
+        folds, seeds = len(self.plan.folds), len(self.plan.seeds)
         lines = [f"Ablation {self.plan.ablation.name!r}: {self.plan.ablation.description}",
-                 f"{len(self.plan.folds)} folds, profile {self.plan.profile}; mean (std) over folds", "",
-                 self.table.to_string(), "",
-                 f"Each arm against {self.plan.ablation.baseline!r}, over {self.per_case['case'].nunique()} out-of-fold cases "
-                 "(bootstrap 95% CI of the mean difference; paired Wilcoxon signed-rank, Holm-corrected across the three regions of each metric):", "",
-                 format_comparison(self.comparison)]
+                 f"{folds} folds x {seeds} seed{'s' if seeds > 1 else ''} = {folds * seeds} training runs per arm, profile {self.plan.profile}; "
+                 "mean (std) over each arm's runs", "", self.table.to_string(), ""]
+        if self.seed_spread is not None:
+            lines += ["Seeds apart: the seed-to-seed standard deviation of one run's mean, same arm and fold (the noise floor)", "",
+                      self.seed_spread.to_string(), ""]
+        else:
+            lines += ["One seed: the noise floor is not measured and the minimum detectable effect is unknown "
+                      "(--seeds 2 or more measures them).", ""]
+        lines += [format_runs(self.comparison), ""]
+        if folds == 2:
+            lines += ["With 2 folds the test has one degree of freedom: it stays calibrated, but sees only differences as large "
+                      "as the MDE column. More folds buy power fastest (brats-lab ablate NAME --plan).", ""]
+        lines += [f"The per-case paired differences over the {self.per_case['case'].nunique()} out-of-fold cases describe the "
+                  "cases (comparison_per_case.csv); they are not the test, since the cases of a run share its training noise."]
         if self.search is not None:
-            lines += ["", f"search around {self.plan.ablation.baseline!r} ({len(self.search)} trials, Optuna TPE), best first:",
+            lines += ["", f"search around {self.plan.ablation.baseline!r} ({len(self.search)} trials, Optuna TPE, seed 0), best first:",
                       "", self.search.to_string(index=False)]
         if self.plan.excluded:
             lines += ["", f"left out of training in {self.plan.ablation.removal.arm!r} ({len(self.plan.excluded)}): "
@@ -409,6 +449,10 @@ class Report:
         study_run.log_table(self.per_case, "per_case_out_of_fold.csv")
         study_run.log_table(self.table.reset_index(), "table3.csv")
         study_run.log_table(self.comparison, "comparison.csv")
+        if self.per_case_comparison is not None:
+            study_run.log_table(self.per_case_comparison, "comparison_per_case.csv")
+        if self.seed_spread is not None:
+            study_run.log_table(self.seed_spread.reset_index(names="arm"), "seed_spread.csv")
         study_run.log_text(_markdown(self.table.reset_index(names="arm")) + "\n\n" + _markdown(self.comparison) + "\n", "report.md")
         study_run.log_text(self.text() + "\n", "report.txt")
         if self.search is not None:
@@ -416,37 +460,48 @@ class Report:
 
 
 def _gather(plan: Plan, arms: list[str]) -> pd.DataFrame:
-    """Out-of-fold per-case metrics of these arms' finished folds (columns arm, fold, case, ...)."""
+    """Out-of-fold per-case metrics of these arms' finished runs (columns arm, fold, seed, case, ...)."""
     from brats_lab import tracking
 
     frames = []
     for arm in arms:
-        chash = config_hash(plan.config(arm))
-        for fold in plan.folds:
-            run = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("FINISHED",))
-            if run is None:
-                raise DataError(f"({arm}, fold {fold}) has no finished run; rerun the ablation to finish it")
-            frames.append(_per_case(run).assign(arm=arm, fold=fold))
+        for seed in plan.seeds:
+            chash = config_hash(plan.config(arm, seed))
+            for fold in plan.folds:
+                run = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("FINISHED",))
+                if run is None:
+                    raise DataError(f"({arm}, fold {fold}, seed {seed}) has no finished run; rerun the ablation to finish it")
+                frames.append(_per_case(run).assign(arm=arm, fold=fold, seed=seed))
     return pd.concat(frames, ignore_index=True)
 
 
 def report(plan: Plan) -> Report:
-    """Gather the finished folds' per-case metrics and compare the arms."""
-    from brats_lab import tracking
-    from brats_lab.evaluation.stats import compare_arms
+    """Gather the finished runs' per-case metrics and compare the arms, runs as the unit."""
+    from brats_lab.evaluation.stats import compare_arms, compare_runs, noise_floor, run_means
 
     per_case = _gather(plan, list(plan.ablation.arms))
     metrics = [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS]
-    by_fold = per_case.groupby(["arm", "fold"])[metrics].mean()
-    mean, std = by_fold.groupby("arm").mean(), by_fold.groupby("arm").std(ddof=1).fillna(0.0)
+    by_run = run_means(per_case, metrics)
+    mean, std = by_run.groupby("arm").mean(), by_run.groupby("arm").std(ddof=1).fillna(0.0)
     table = pd.DataFrame(index=list(plan.ablation.arms))
     for m in metrics:
         digits = 3 if m.startswith("dice") else 1
         table[m] = [f"{mean.loc[a, m]:.{digits}f} ({std.loc[a, m]:.{digits}f})" for a in table.index]
+    seed_spread = None
+    if len(plan.seeds) >= 2:
+        seed_spread = pd.DataFrame(index=list(plan.ablation.arms))
+        for m in metrics:
+            digits = 4 if m.startswith("dice") else 2
+            seed_spread[m] = [f"{noise_floor(by_run.loc[a, m].unstack('seed').to_numpy()):.{digits}f}" for a in seed_spread.index]
     # Holm corrects across the three regions of one metric, as the paper's table reads.
-    comparison = pd.concat([compare_arms(per_case, plan.ablation.baseline, [f"{m}_{r}" for r in REGIONS])
+    comparison = pd.concat([compare_runs(per_case, plan.ablation.baseline, [f"{m}_{r}" for r in REGIONS])
                             for m in ("dice", "hd95")], ignore_index=True)
-    return Report(plan, per_case, table, comparison)
+    comparison.attrs.update(baseline=plan.ablation.baseline, confidence=0.95)
+    # The description: each case's scores averaged over the seeds, paired over cases.
+    cases = per_case.groupby(["arm", "case"], sort=False)[metrics].mean().reset_index()
+    described = pd.concat([compare_arms(cases, plan.ablation.baseline, [f"{m}_{r}" for r in REGIONS]) for m in ("dice", "hd95")],
+                          ignore_index=True)
+    return Report(plan, per_case, table, comparison, seed_spread=seed_spread, per_case_comparison=described)
 
 
 def _markdown(df: pd.DataFrame) -> str:
@@ -493,3 +548,67 @@ def _password(url: str) -> str:
         return credentials.split(":", 1)[1]
     found = re.search(r"(?:^|&)password=([^&]*)", query, flags=re.IGNORECASE)
     return found.group(1) if found else ""
+
+
+# --- sizing a study before paying for it (`brats-lab ablate NAME --plan`) ------------------------
+
+PLAN_SEEDS = (1, 2, 3, 5, 10)
+
+
+def measured_noise(experiment: str, profile: str) -> tuple[dict[str, float], str]:
+    """The noise floor per metric column (dice_WT, ...) measured by the newest finished study of
+    `experiment` and `profile` with two or more seeds, pooled over its arms, and which study that
+    was; ({}, "") when there is none."""
+    import numpy as np
+
+    from brats_lab import tracking
+
+    for run in tracking.find_runs(experiment, {"kind": "study", "profile": profile}, statuses=("FINISHED",)):
+        if int(run.params.get("seeds", "1")) < 2:
+            continue
+        local = run.artifact_dir()
+        try:
+            path = local / "comparison.csv" if local is not None else run.download_artifact("comparison.csv", Path("mlruns/downloads") / run.id)
+            table = pd.read_csv(path)
+        except Exception:  # a study stopped before its report: look further back
+            continue
+        if "noise_floor" not in table.columns:
+            continue
+        pooled = table.groupby("metric")["noise_floor"].apply(lambda v: float(np.sqrt(np.mean(np.square(v)))))
+        pooled = {m: v for m, v in pooled.items() if np.isfinite(v)}
+        if pooled:
+            return pooled, f"study run {run.id} ({run.tags.get('study', run.name)}, {run.params.get('folds')} folds x {run.params.get('seeds')} seeds)"
+    return {}, ""
+
+
+def design_table(noise: float, arms: int, folds: list[int], seeds: tuple[int, ...] = PLAN_SEEDS) -> pd.DataFrame:
+    """Minimum detectable effect at 80% power (alpha 0.05, before Holm) and the training runs the
+    study costs (arms x folds x seeds), for each folds x seeds design, at this noise floor."""
+    from brats_lab.evaluation.stats import minimum_detectable_effect
+
+    table = pd.DataFrame(index=pd.Index(folds, name="folds"))
+    for s in seeds:
+        table[f"{s} seed{'s' if s > 1 else ''}"] = [
+            f"{minimum_detectable_effect(noise, f, s):.4f} ({arms * f * s} runs)" if f > 1 else f"cannot tell ({arms * s} runs)"
+            for f in folds]
+    return table
+
+
+def plan_text(plan: Plan, noise: float | None = None) -> str:
+    """What `--plan` prints: the design table for the ablation's arms at the given noise floor, or
+    at the one measured in the store (per metric); raises DataError when there is neither."""
+    total = plan.ablation.arm_config(plan.ablation.baseline, plan.profile).data.folds
+    folds = list(range(2, total + 1))
+    arms = len(plan.ablation.arms)
+    head = (f"Plan for {plan.ablation.name!r} ({arms} arms, profile {plan.profile}): the smallest true difference a study finds with "
+            "80% power (alpha 0.05, before Holm; no arm-by-fold interaction assumed, so a lower bound), and the training runs it costs.")
+    if noise is not None:
+        return "\n".join([head, f"noise floor {noise:g} (given with --noise)", "", design_table(noise, arms, folds).to_string()])
+    measured, source = measured_noise(plan.experiment, plan.profile)
+    if not measured:
+        raise DataError(f"no noise floor measured for {plan.ablation.name!r} with profile {plan.profile} in this store: run the study with "
+                        "--seeds 2 or more first, or give one with --noise (e.g. --noise 0.01, a Dice SD)")
+    lines = [head, f"noise floor per metric measured by {source}"]
+    for metric, value in measured.items():
+        lines += ["", f"{metric}: noise floor {value:.4g}", design_table(value, arms, folds).to_string()]
+    return "\n".join(lines)

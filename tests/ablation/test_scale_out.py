@@ -33,7 +33,7 @@ from conftest import free_port, tiny_ablation
 PG = "127.0.0.1:5432"
 PASSWORD = "s3cret-pw"  # trust auth accepts any password, so URLs carrying it work for real
 EPOCHS = 6
-ABLATION = tiny_ablation("tiny-scale-out", f"train.epochs={EPOCHS}", "train.amp=off")
+ABLATION = tiny_ablation("tiny-scale-out", f"train.epochs={EPOCHS}", "train.amp=off", seeds=2)
 
 
 @pytest.fixture
@@ -135,11 +135,11 @@ def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite
     launcher.mkdir()
     monkeypatch.chdir(launcher)
 
-    # The launcher creates the study, its MLflow runs and the 2 x 2 waiting trials.
+    # The launcher creates the study, its MLflow runs and the 2 arms x 2 folds x 2 seeds waiting trials.
     plan = make_plan(str(toml), "cpu", None, str(data), storage)
     launch(plan)
     cells = sorted(plan.cells())
-    assert len(cells) == 4
+    assert len(cells) == 8
 
     # Three workers, each in its own folder (its "machine": checkpoints stay there with a remote
     # artifact store). Their grace period is long, as it is by default (90 s): they do not take
@@ -186,7 +186,7 @@ def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite
 
         # The third worker finishes everything else and leaves the dead workers' trials alone.
         assert c.wait(timeout=600) == 0, _read(logs / "worker2.err")[-3000:]
-        assert _read(logs / "worker2.out").splitlines() == [f"worker: ran 2 trials of {plan.study_name}; none left"]
+        assert _read(logs / "worker2.out").splitlines() == [f"worker: ran 6 trials of {plan.study_name}; none left"]
 
         # The operator restarts the worker on machine a, after the grace period: it fails both
         # stale trials, enqueues them again and takes them. Its own fold resumes from the
@@ -198,7 +198,7 @@ def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite
         # take, so it waits for that trial to finish, then reports.
         study = optuna.load_study(study_name=plan.study_name, storage=psycopg_url)
         deadline = time.monotonic() + 600
-        while Counter(t.state.name for t in study.get_trials(deepcopy=False)) != {"FAIL": 2, "COMPLETE": 3, "RUNNING": 1}:
+        while Counter(t.state.name for t in study.get_trials(deepcopy=False)) != {"FAIL": 2, "COMPLETE": 7, "RUNNING": 1}:
             assert again.poll() is None, _read(logs / "worker3.err")[-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.2)
@@ -213,16 +213,16 @@ def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite
                                     "--data", str(data), "--storage", storage], cwd=launcher, env=env, stdout=out,
                                    stderr=err, timeout=600)  # fmt: skip
         assert final.returncode == 0, _read(logs / "ablate.err")[-3000:]
-        assert "att_equiunet" in _read(logs / "ablate.out") and "Wilcoxon" in _read(logs / "ablate.out")
+        assert "att_equiunet" in _read(logs / "ablate.out") and "runs as the unit" in _read(logs / "ablate.out")
     finally:
         for proc in procs:
             _stop(proc)
 
-    # Every (arm, fold) has exactly one FINISHED fold run; nothing is left RUNNING.
-    arm_of = {r.tags["config_hash"]: r.name for r in tracking.find_runs(plan.experiment, {"kind": "arm"})}
-    assert sorted(arm_of.values()) == ["att_equiunet", "equiunet"]
+    # Every (arm, fold, seed) has exactly one FINISHED fold run; nothing is left RUNNING.
+    arm_of = {r.tags["config_hash"]: r.tags["arm"] for r in tracking.find_runs(plan.experiment, {"kind": "arm"})}
+    assert sorted(arm_of.values()) == ["att_equiunet", "att_equiunet", "equiunet", "equiunet"]  # one arm run per seed
     folds = tracking.find_runs(plan.experiment, {"kind": "fold"})
-    finished = sorted((arm_of[r.tags["config_hash"]], int(r.tags["fold"])) for r in folds if r.status == "FINISHED")
+    finished = sorted((arm_of[r.tags["config_hash"]], int(r.tags["fold"]), int(r.tags["seed"])) for r in folds if r.status == "FINISHED")
     assert finished == cells  # none missing, none twice
     everything = tracking.read_runs(plan.experiment)
     assert "RUNNING" not in set(everything["status"]), everything[["name", "kind", "status"]]
@@ -242,12 +242,12 @@ def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite
     assert sorted(s for s, _ in new_b.metric_history("train_loss")) == list(range(EPOCHS))
 
     # Optuna: every cell completed once; the two dead trials failed, then retried.
-    complete = sorted((t.user_attrs["arm"], t.user_attrs["fold"]) for t in study.trials if t.state.name == "COMPLETE")
+    complete = sorted((t.user_attrs["arm"], t.user_attrs["fold"], t.user_attrs["seed"]) for t in study.trials if t.state.name == "COMPLETE")
     assert complete == cells
-    assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 4 + ["FAIL"] * 2
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 8 + ["FAIL"] * 2
 
-    # The report has every case out of fold once per arm.
-    assert result.per_case.groupby("arm")["case"].agg(["count", "nunique"]).values.tolist() == [[4, 4], [4, 4]]
+    # The report has every case out of fold once per arm and seed.
+    assert result.per_case.groupby("arm")["case"].agg(["count", "nunique"]).values.tolist() == [[8, 4], [8, 4]]
     assert list(result.table.index) == ["equiunet", "att_equiunet"]
 
     # The password is nowhere: not in any run's params or tags, the study's attributes, any
@@ -255,7 +255,7 @@ def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite
     (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
     assert study_run.tags["storage"] == f"postgresql://root:***@{PG}/{optuna_db}"
     runs = tracking.read_runs()
-    assert len(runs) == 8  # what the scan below reads: the study, 2 arms, 5 fold runs (b's twice)
+    assert len(runs) == 14  # what the scan below reads: the study, 2 arms x 2 seeds, 9 fold runs (b's twice)
     texts = [str(v) for v in runs.filter(regex=r"^(params|tags)\.").to_numpy().ravel()]
     texts += [repr(study.user_attrs)] + [repr(t.user_attrs) + repr(t.system_attrs) for t in study.trials]
     assert not [t for t in texts if PASSWORD in t]

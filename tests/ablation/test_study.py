@@ -31,33 +31,67 @@ def fold_runs(experiment: str) -> list:
     return tracking.find_runs(experiment, {"kind": "fold"})
 
 
-def test_a_study_trains_every_arm_and_fold_once_reports_and_reuses(project):
+def test_a_study_trains_every_arm_fold_and_seed_once_reports_and_reuses(project):
     toml, data = project
+    toml.write_text(tiny_ablation(seeds=2))
     plan = make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE)
+    assert plan.seeds == (0, 1)
     result = run_study(plan, progress=False)
 
     runs = fold_runs(plan.experiment)
-    assert sorted((r.tags["config_hash"][:8], r.tags["fold"]) for r in runs) == sorted(
-        {(r.tags["config_hash"][:8], r.tags["fold"]) for r in runs})  # no (arm, fold) twice
-    assert len(runs) == 4 and all(r.status == "FINISHED" for r in runs)
+    cells = sorted((r.tags["config_hash"], r.tags["fold"], r.tags["seed"]) for r in runs)
+    assert len(runs) == 8 and len(set(cells)) == 8 and all(r.status == "FINISHED" for r in runs)  # no (arm, fold, seed) twice
+    # The seed sets train.seed only (the arm's own + k), never the folds: both seeds of an arm and
+    # fold validate the same cases.
+    assert {(r.tags["seed"], r.params["train.seed"]) for r in runs} == {("0", "16111990"), ("1", "16111991")}
+    assert {r.params["data.seed"] for r in runs} == {"16111990"}
     (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
     arms = tracking.find_runs(plan.experiment, {"kind": "arm"})
     assert {a.parent_id for a in arms} == {study_run.id} and {r.parent_id for r in runs} == {a.id for a in arms}
+    assert sorted((a.tags["arm"], a.tags["seed"]) for a in arms) == [
+        ("att_equiunet", "0"), ("att_equiunet", "1"), ("equiunet", "0"), ("equiunet", "1")]
     assert study_run.status == "FINISHED" and {a.status for a in arms} == {"FINISHED"}
+    assert study_run.params["seeds"] == "2"
     assert list(result.table.index) == ["equiunet", "att_equiunet"]
     assert set(result.comparison["metric"]) == {f"{m}_{r}" for m in ("dice", "hd95") for r in ("ET", "TC", "WT")}
-    assert result.per_case.groupby("arm")["case"].nunique().tolist() == [4, 4]  # every case out of fold, per arm
+    assert (result.comparison[["folds", "seeds"]] == [2, 2]).all().all()
+    # Every case out of fold once per arm and seed.
+    assert result.per_case.groupby(["arm", "seed"])["case"].nunique().tolist() == [4, 4, 4, 4]
+    assert not result.per_case.duplicated(["arm", "seed", "case"]).any()
+    # The noise floor is the seed-to-seed SD of one run's mean, recomputed here by hand. (Two
+    # epochs of a tiny network predict no tumour whatever the seed, so it is 0 here; the stats
+    # tests check it on values that vary.) Measured with two seeds: a number, not NaN.
+    metric = "hd95_WT"
+    run_means = result.per_case.groupby(["arm", "fold", "seed"])[metric].mean()
+    variances = [run_means.loc[arm, fold].var(ddof=1) for arm in ("equiunet", "att_equiunet") for fold in (0, 1)]
+    row = result.comparison.set_index("metric").loc[metric]
+    assert result.comparison["noise_floor"].notna().all() and result.comparison["mde"].notna().all()
+    assert abs(row["noise_floor"] - (sum(variances) / 4) ** 0.5) < 1e-9
     text = result.text()
-    assert "att_equiunet" in text and "Wilcoxon" in text
+    assert "2 folds x 2 seeds" in text and "noise floor" in text and "runs as the unit" in text and "Wilcoxon" not in text
     artifacts = {p.name for p in study_run.artifact_dir().iterdir()}
-    assert {"report.md", "table3.csv", "comparison.csv", "per_case_out_of_fold.csv"} <= artifacts
+    assert {"report.md", "table3.csv", "comparison.csv", "comparison_per_case.csv", "seed_spread.csv",
+            "per_case_out_of_fold.csv"} <= artifacts
 
-    # The same command again does no work twice.
+    # The same command again does no work twice; nor does a study with fewer seeds (seed 0 is there).
     again = run_study(plan, progress=False)
-    assert len(fold_runs(plan.experiment)) == 4
+    assert len(fold_runs(plan.experiment)) == 8
     assert again.table.equals(result.table)
     study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
-    assert len(study.trials) == 4
+    assert sorted((t.user_attrs["arm"], t.user_attrs["fold"], t.user_attrs["seed"]) for t in study.trials) == sorted(plan.cells())
+    one_seed = run_study(make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE, seeds=1), progress=False)
+    assert len(fold_runs(plan.experiment)) == 8
+    assert "One seed: the noise floor is not measured" in one_seed.text()
+    assert one_seed.comparison["noise_floor"].isna().all()
+
+    # --plan reads the noise floor the 2-seed study measured (the newest finished one with seeds).
+    from brats_lab.ablation.study import plan_text
+    from brats_lab.evaluation.stats import minimum_detectable_effect
+
+    planned = plan_text(plan)
+    noise = result.comparison.groupby("metric")["noise_floor"].first()[metric]
+    assert f"{metric}: noise floor {noise:.4g}" in planned
+    assert f"{minimum_detectable_effect(noise, 2, 3):.4f} (12 runs)" in planned and "2 folds x 2 seeds" in planned
 
 
 def test_two_worker_processes_share_the_grid_without_duplicates(project, tmp_path):
@@ -74,7 +108,7 @@ def test_two_worker_processes_share_the_grid_without_duplicates(project, tmp_pat
     runs = fold_runs(plan.experiment)
     assert len(runs) == 4 and len({(r.tags["config_hash"], r.tags["fold"]) for r in runs}) == 4
     study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
-    assert sorted((t.user_attrs["arm"], t.user_attrs["fold"]) for t in study.trials) == sorted(plan.cells())
+    assert sorted((t.user_attrs["arm"], t.user_attrs["fold"], t.user_attrs["seed"]) for t in study.trials) == sorted(plan.cells())
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
 
@@ -91,6 +125,40 @@ def test_shipped_ablations_load_and_bad_ones_are_named(tmp_path):
     bad.write_text(ABLATION + 'broken = 3\n')  # lands in [arms]
     with pytest.raises(ConfigError, match="arm 'broken'.*list"):
         load_ablation(str(bad))
+    bad.write_text(ABLATION.replace("seeds = 1", "seeds = 0"))
+    with pytest.raises(ConfigError, match="seeds must be a whole number of training seeds >= 1, got 0"):
+        load_ablation(str(bad))
+
+
+def test_the_shipped_a_a_study_is_two_arms_that_differ_only_in_their_training_seeds():
+    from brats_lab.config import flatten
+
+    ablation = load_ablation("seeds")
+    assert (ablation.seed_count("cpu"), ablation.seed_count("paper")) == (2, 3)
+    assert load_ablation("attention").seed_count("cpu") == 2  # the demo has seeds too
+    a, b = (flatten(ablation.arm_config(arm, "cpu")) for arm in ablation.arms)
+    assert {k for k in a if a[k] != b[k]} == {"train.seed"}
+    # Seed k adds k to the arm's own seed: the two arms' seeds never meet.
+    plan = make_plan("seeds", "cpu", None, "data/phantom", DEFAULT_STORAGE)
+    seeds = [plan.config(arm, k).train.seed for arm in ablation.arms for k in plan.seeds]
+    assert len(set(seeds)) == 4 and {str(plan.config(arm, 1).data.seed) for arm in ablation.arms} == {str(a["data.seed"])}
+
+
+def test_plan_prints_the_design_table_without_training_and_says_when_it_lacks_a_noise_floor(tmp_path):
+    def ablate(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "brats_lab.cli", "ablate", "attention", "--profile", "cpu", "--plan", *args],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    given = ablate("--noise", "0.01")
+    assert given.returncode == 0, given.stderr[-2000:]
+    from brats_lab.evaluation.stats import minimum_detectable_effect
+
+    assert f"{minimum_detectable_effect(0.01, 5, 3):.4f} (30 runs)" in given.stdout
+    assert f"{minimum_detectable_effect(0.01, 2, 1):.4f} (4 runs)" in given.stdout
+    missing = ablate()
+    assert missing.returncode == 1 and "no noise floor measured for 'attention'" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert not (tmp_path / "data").exists()  # no phantoms written, nothing trained
 
 
 REMOVAL = """
@@ -138,7 +206,7 @@ def test_a_killed_worker_is_detected_and_its_fold_resumes_not_restarts(project, 
     from brats_lab.ablation import study as study_module
 
     toml, data = project
-    toml.write_text(ABLATION.replace('"train.epochs=2"', '"train.epochs=8"'))
+    toml.write_text(tiny_ablation(seeds=2).replace('"train.epochs=2"', '"train.epochs=8"'))
     plan = make_plan(str(toml), "cpu", 1, str(data), DEFAULT_STORAGE)
     launch(plan)
     env = {**__import__("os").environ, "BRATS_LAB_HEARTBEAT_SECONDS": "1", "BRATS_LAB_GRACE_SECONDS": "3"}
@@ -159,7 +227,7 @@ def test_a_killed_worker_is_detected_and_its_fold_resumes_not_restarts(project, 
     monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
     result = run_study(plan, progress=False)
     runs = fold_runs(plan.experiment)
-    assert len(runs) == 2 and all(r.status == "FINISHED" for r in runs)  # one per (arm, fold): no restart
+    assert len(runs) == 4 and all(r.status == "FINISHED" for r in runs)  # one per (arm, fold, seed): no restart
     assert killed.id in {r.id for r in runs}  # the killed fold's own run, resumed and finished
     steps = [s for s, _ in tracking.get_run(killed.id).metric_history("train_loss")]
     assert sorted(set(steps)) == list(range(8))
@@ -171,12 +239,13 @@ def test_a_killed_worker_is_detected_and_its_fold_resumes_not_restarts(project, 
     assert len(val_cases) == 2 and len(set(val_cases)) == 2  # 4 cases in 2 folds
     (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
     for table in (result.per_case, pd.read_csv(study_run.artifact_dir() / "per_case_out_of_fold.csv")):
-        assert len(table) == 4 and not table.duplicated(["arm", "case"]).any()
-        assert {arm: sorted(cases) for arm, cases in table.groupby("arm")["case"]} == {
-            "equiunet": val_cases, "att_equiunet": val_cases}
+        assert len(table) == 8 and not table.duplicated(["arm", "seed", "case"]).any()
+        assert {(arm, seed): sorted(cases) for (arm, seed), cases in table.groupby(["arm", "seed"])["case"]} == {
+            ("equiunet", 0): val_cases, ("att_equiunet", 0): val_cases, ("equiunet", 1): val_cases, ("att_equiunet", 1): val_cases}
+    assert set(result.comparison["verdict"]) == {"cannot tell: one fold gives no fold-to-fold spread to test against"}
     study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
     states = sorted(t.state.name for t in study.trials)
-    assert states == ["COMPLETE", "COMPLETE", "FAIL"]  # the dead worker's trial failed, then retried
+    assert states == ["COMPLETE"] * 4 + ["FAIL"]  # the dead worker's trial failed, then retried
 
 
 def test_an_ablation_can_ask_optuna_to_search_hyperparameters(project):

@@ -292,3 +292,68 @@ def test_format_comparison_is_readable() -> None:
     assert sum("better_wt" in line for line in lines) == 4
     only_baseline = compare_arms(_table()[lambda t: t["arm"] == "unet"], "unet", COLUMNS)
     assert "no other arm" in format_comparison(only_baseline)
+
+
+# --- the verdict's test: runs as the unit ----------------------------------------------------------
+
+from brats_lab.evaluation.stats import (  # noqa: E402
+    ONE_FOLD,
+    compare_runs,
+    minimum_detectable_effect,
+    noise_floor,
+    run_level_test,
+)
+
+
+def test_run_level_test_is_a_t_test_on_fold_means_of_the_seeds():
+    # d[fold, seed]: fold means 0.02, 0.04, 0.00 -> mean 0.02, sd 0.02, se 0.02/sqrt(3), t = sqrt(3), df 2.
+    d = np.array([[0.01, 0.03], [0.05, 0.03], [0.0, 0.0]])
+    mean, low, high, p = run_level_test(d)
+    assert abs(mean - 0.02) < 1e-12
+    expected_p = 2 * sps.t.sf(np.sqrt(3), 2)
+    assert abs(p - expected_p) < 1e-12
+    half = sps.t.ppf(0.975, 2) * 0.02 / np.sqrt(3)
+    assert abs(low - (0.02 - half)) < 1e-12 and abs(high - (0.02 + half)) < 1e-12
+    # One fold: nothing to test against.
+    assert run_level_test(np.array([[0.1, 0.2, 0.3]]))[3] == 1.0
+    with pytest.raises(ValueError, match="non-finite"):
+        run_level_test(np.array([[0.1], [np.nan]]))
+
+
+def test_noise_floor_pools_the_seed_variance_of_each_group():
+    # Group 1 seeds 0.70, 0.72 (var 0.0002); group 2 seeds 0.50, 0.56 (var 0.0018): pooled sqrt(0.001).
+    assert abs(noise_floor(np.array([[0.70, 0.72], [0.50, 0.56]])) - np.sqrt(0.001)) < 1e-12
+    assert np.isnan(noise_floor(np.array([[0.7], [0.5]])))  # one seed: not measured
+
+
+def test_minimum_detectable_effect_grows_with_noise_and_shrinks_with_runs():
+    assert minimum_detectable_effect(0.02, 5, 3) == pytest.approx(2 * minimum_detectable_effect(0.01, 5, 3), rel=1e-9)
+    assert minimum_detectable_effect(0.01, 5, 3) < minimum_detectable_effect(0.01, 5, 1) < minimum_detectable_effect(0.01, 2, 1)
+    assert minimum_detectable_effect(0.01, 1, 3) == float("inf")
+    # Checked against the noncentral t: at the MDE the test's power is 80%.
+    mde, df = minimum_detectable_effect(1.0, 4, 2), 3
+    ncp = mde / np.sqrt(2 / (4 * 2))
+    crit = sps.t.ppf(0.975, df)
+    assert abs(sps.nct.sf(crit, df, ncp) + sps.nct.cdf(-crit, df, ncp) - 0.8) < 1e-6
+
+
+def _runs_table(offsets: dict[tuple[str, int, int], float]) -> pd.DataFrame:
+    cases = {0: ["a", "b"], 1: ["c", "d"]}
+    return pd.DataFrame([{"arm": arm, "fold": f, "seed": s, "case": c, "dice_WT": 0.7 + off + (0.1 if c in "ac" else 0.0)}
+                         for (arm, f, s), off in offsets.items() for c in cases[f]])
+
+
+def test_compare_runs_pairs_runs_by_fold_and_seed_and_says_what_it_cannot_tell():
+    offsets = {("base", f, s): 0.0 for f in (0, 1) for s in (0, 1)}
+    offsets |= {("new", 0, 0): 0.01, ("new", 0, 1): 0.03, ("new", 1, 0): 0.02, ("new", 1, 1): 0.04}
+    result = compare_runs(_runs_table(offsets), "base", ["dice_WT"])
+    row = result.iloc[0]
+    assert (row["folds"], row["seeds"], row["n"]) == (2, 2, 4)
+    assert abs(row["mean_diff"] - 0.025) < 1e-12  # fold means 0.02 and 0.03
+    assert abs(row["noise_floor"] - np.sqrt((0 + 0 + 0.0002 + 0.0002) / 4)) < 1e-12
+    assert row["verdict"] == "no evidence of a difference"  # one degree of freedom: t = 5 is not enough
+    one_fold = _runs_table({k: v for k, v in offsets.items() if k[1] == 0})
+    assert compare_runs(one_fold, "base", ["dice_WT"]).iloc[0]["verdict"] == ONE_FOLD
+    missing = _runs_table({k: v for k, v in offsets.items() if k != ("new", 1, 1)})
+    with pytest.raises(ValueError, match="arm 'new' has runs"):
+        compare_runs(missing, "base", ["dice_WT"])

@@ -239,6 +239,20 @@ def _open_runs(
     return arm, run, state
 
 
+def _model(cfg: ExperimentConfig, device: torch.device, processes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the model, the module the training steps call): seeded, on `device`, wrapped in DDP with
+    several processes and compiled with `train.compile`."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    # Training patches have one shape: let cuDNN pick its fastest kernels for it (measured 1.15x on
+    # an H100). Validation volumes vary in shape, so they run on the uncompiled `model`.
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    forward = model if processes == 1 else torch.nn.parallel.DistributedDataParallel(model)  # averages gradients
+    return model, torch.compile(forward) if cfg.train.compile else forward
+
+
 def _restore(
     state: dict[str, Any] | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
     average: WeightAverage, cfg: ExperimentConfig, device: torch.device, processes: int,
@@ -256,20 +270,6 @@ def _restore(
     average.load_state_dict(state["average"])
     checkpoint.restore_rng(state, device)
     return optimizer, state["best"], state["epoch"] + 1
-
-
-def _model(cfg: ExperimentConfig, device: torch.device, processes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(the model, the module the training steps call): seeded, on `device`, wrapped in DDP with
-    several processes and compiled with `train.compile`."""
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    # Training patches have one shape: let cuDNN pick its fastest kernels for it (measured 1.15x on
-    # an H100). Validation volumes vary in shape, so they run on the uncompiled `model`.
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    forward = model if processes == 1 else torch.nn.parallel.DistributedDataParallel(model)  # averages gradients
-    return model, torch.compile(forward) if cfg.train.compile else forward
 
 
 def _tag_run(run: RunLog, resumed: bool, model: torch.nn.Module, device: torch.device, amp_dtype, processes: int) -> None:

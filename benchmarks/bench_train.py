@@ -125,10 +125,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on a GPU, 5 on CPU)")
     parser.add_argument("--skip-loader", action="store_true", help="skip the data-loader measurement (needs SimpleITK)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, as `brats-lab train --set` (gpu_e2e.sh times the step it trains)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = load_config(pipeline_path(args.pipeline), args.profile)
+    cfg = load_config(pipeline_path(args.pipeline), args.profile, args.overrides)
     steps = args.steps or (20 if device.type == "cuda" else 5)
     peak = device_peak(device)
     batch = cfg.train.batch_size

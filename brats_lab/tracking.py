@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
@@ -98,6 +98,18 @@ def get_or_create_experiment(name: str, root: Path | str | None = None) -> str:
 
 
 # --- runs ------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class RunLog(Protocol):
+    """What a training writes to its runs on every process: `Run` on rank 0, and
+    `training.distributed.NoRun` on the other processes of a `torchrun` group, which log nothing."""
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def finish(self, status: Literal["FINISHED", "FAILED", "KILLED"] = "FINISHED") -> None: ...
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Pictures of a case: one axial slice through the tumour, the four modalities and label overlays.
+"""Pictures of a case: one axial slice through the tumour, the four modalities and label overlays
+(`render_case`, from arrays; `render_overview`, from a case folder on disk), and the slices the
+dashboard's viewer shows.
 
 Overlays use the paper's colours: ET red, NCR/NET green, ED yellow. matplotlib is imported only
 when a picture is drawn.
@@ -10,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from brats_lab.data.cases import MODALITIES
+from brats_lab import DataError
+from brats_lab.data.cases import MODALITIES, discover
+from brats_lab.io import read_image
 from brats_lab.labels import LabelConvention
 
 COLOURS = ("#30d030", "#ffd700", "#ff3030")  # NCR/NET green, ED yellow, ET red (the paper's)
@@ -87,6 +91,24 @@ def render_case(
     fig.savefig(png, dpi=80, facecolor="black")
     plt.close(fig)
     return z
+
+
+def render_overview(case_dir: Path, png: Path, seg: Path | None = None, title: str | None = None) -> None:
+    """Draw one axial slice through the tumour: the four modalities, then T1ce and FLAIR with labels.
+
+    `case_dir` is any case folder of a known layout; `seg` overrides its label file (e.g. to show a
+    prediction). Without labels the slice through the middle of the brain is shown and the overlay
+    panels are left without overlay. Radiological convention: anterior at the top, the patient's
+    right on the left of the image.
+    """
+    case_dir = Path(case_dir)
+    case = next((c for c in discover(case_dir.parent) if c.dir.resolve() == case_dir.resolve()), None)
+    if case is None:
+        raise DataError(f"{case_dir}: not a case folder of a known BraTS layout")
+    images = np.stack([read_image(path, np.float32)[0] for path in case.images])
+    seg_path = Path(seg) if seg is not None else case.seg
+    labels = read_image(seg_path, np.int16)[0] if seg_path is not None and seg_path.is_file() else None
+    render_case(images, case.convention, png, reference=labels, title=title or f"{case.id}  {{slice}}")
 
 
 def _only(convention: LabelConvention, region: str) -> int:

@@ -10,7 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from brats_lab.data.phantom import render_overview, synthesize
+from brats_lab.data.phantom import synthesize
+from brats_lab.viz import render_overview
 
 
 def main() -> None:

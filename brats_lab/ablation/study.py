@@ -284,7 +284,8 @@ def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True, 
     """The per-case metrics of (arm, fold, seed): reused if a finished run exists, resumed if an
     unfinished one has a checkpoint this machine can read, trained afresh otherwise."""
     from brats_lab import tracking
-    from brats_lab.training.trainer import checkpoint_path, train_fold
+    from brats_lab.training.checkpoint import checkpoint_path
+    from brats_lab.training.trainer import train_fold
 
     cfg = plan.config(arm, seed)
     chash = config_hash(cfg)

@@ -26,10 +26,9 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from brats_lab import DataError
-from brats_lab.data.cases import LAYOUTS, MODALITIES, discover
-from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, read_image, write_image, write_text
+from brats_lab.data.cases import LAYOUTS, MODALITIES
+from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, write_image, write_text
 from brats_lab.labels import BRATS_2020, BRATS_2023
-from brats_lab.viz import render_case
 
 FIELD_MM = (240.0, 240.0, 155.0)  # physical field of view (x, y, z), whatever the voxel shape
 CASE_PREFIX = "BraTS20_Training_"
@@ -230,24 +229,6 @@ def tissue_maps(case_dir: Path) -> dict[str, np.ndarray]:
         maps[name] = np.zeros(brain.shape, np.float32)
         maps[name][brain] = values
     return maps
-
-
-def render_overview(case_dir: Path, png: Path, seg: Path | None = None, title: str | None = None) -> None:
-    """Draw one axial slice through the tumour: the four modalities, then T1ce and FLAIR with labels.
-
-    `case_dir` is any case folder of a known layout; `seg` overrides its label file (e.g. to show a
-    prediction). Without labels the slice through the middle of the brain is shown and the overlay
-    panels are left without overlay. Radiological convention: anterior at the top, the patient's
-    right on the left of the image.
-    """
-    case_dir = Path(case_dir)
-    case = next((c for c in discover(case_dir.parent) if c.dir.resolve() == case_dir.resolve()), None)
-    if case is None:
-        raise DataError(f"{case_dir}: not a case folder of a known BraTS layout")
-    images = np.stack([read_image(path, np.float32)[0] for path in case.images])
-    seg_path = Path(seg) if seg is not None else case.seg
-    labels = read_image(seg_path, np.int16)[0] if seg_path is not None and seg_path.is_file() else None
-    render_case(images, case.convention, png, reference=labels, title=title or f"{case.id}  {{slice}}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,6 +52,15 @@ class RegionMetrics:
         return {m: getattr(self, m) for m in METRICS}
 
 
+def dice_from_counts(overlap: int, n_pred: int, n_ref: int) -> float:
+    """Dice from voxel counts (true positives, predicted, reference), with the BraTS rule for
+    empty masks: both empty is a perfect score, 1. For callers that count on their own (the
+    trainer's per-epoch validation counts on the GPU)."""
+    if n_pred == 0 and n_ref == 0:
+        return 1.0
+    return 2.0 * overlap / (n_pred + n_ref)
+
+
 def region_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> RegionMetrics:
     """BraTS 2020 metrics of a predicted binary mask against the reference mask.
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
@@ -126,7 +126,8 @@ def broadcast(obj: Any) -> Any:
 
 
 class NoRun:
-    """Stands in for the MLflow run on the processes other than rank 0, which log nothing."""
+    """Stands in for the MLflow run on the processes other than rank 0, which log nothing: a
+    `tracking.RunLog`, as `tracking.Run` is."""
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass
@@ -134,5 +135,5 @@ class NoRun:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         pass
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: Literal["FINISHED", "FAILED", "KILLED"] = "FINISHED") -> None:
         pass

@@ -11,9 +11,10 @@ from scipy import ndimage
 
 from brats_lab.data import phantom
 from brats_lab.data.cases import MODALITIES, discover
-from brats_lab.data.phantom import phantom_geometry, render_overview, synthesize, tissue_maps
+from brats_lab.data.phantom import phantom_geometry, synthesize, tissue_maps
 from brats_lab.io import BRATS_ORIGIN, IDENTITY, read_header, read_image
 from brats_lab.labels import BRATS_2020
+from brats_lab.viz import render_overview
 
 ET = BRATS_2020.regions["ET"][0]
 NCR = 1

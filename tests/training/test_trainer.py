@@ -144,3 +144,55 @@ def test_resume_without_an_unfinished_run_is_a_clear_error(dataset, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="nothing to resume"):
         train_fold(tiny_config("B", dataset), 0, resume=True, progress=False)
+
+
+def test_a_non_finite_loss_stops_the_run_as_failed_naming_epoch_and_step(dataset, tmp_path, monkeypatch):
+    import dataclasses
+
+    from brats_lab.training.trainer import TrainingDiverged
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config("B", dataset)
+    # Built past the config loader (which may refuse inf itself): the trainer's own guard is tested.
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=float("inf")))
+    # 2 folds of 4 cases: 2 training cases in one batch of 2, one step per epoch. The first step's
+    # loss is finite; its update (inf x gradient) leaves weights that are inf or NaN, so the loss
+    # of the next step, epoch 1's only one, is not finite.
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1 of 1.*optim\.lr"):
+        train_fold(cfg, 0, progress=False)
+    run = tracking.find_runs(tracking_experiment(), {"kind": "fold"})[0]
+    assert run.status == "FAILED"
+    assert tracking.find_runs(tracking_experiment(), {"kind": "arm"})[0].status == "FAILED"
+    assert [step for step, _ in run.metric_history("train_loss")] == [0]  # the diverged epoch is not logged
+    assert not (run.artifact_dir() / FINAL_MODEL).exists()
+
+
+def test_cli_with_an_infinite_learning_rate_does_not_finish(dataset, tmp_path, monkeypatch, capsys):
+    from brats_lab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--pipeline", "B", "--fold", "0", "--profile", "cpu", "--data", str(dataset)]
+    for item in [*TINY, "train.epochs=3", "optim.lr=inf"]:
+        argv += ["--set", item]
+    assert main(argv) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("brats-lab: error:")]
+    assert len(errors) == 1 and "optim.lr" in errors[0], errors
+    assert tracking.find_runs(tracking_experiment(), {"kind": "fold"}, statuses=("FINISHED", "RUNNING")) == []
+
+
+def test_epochs_log_their_time_split_and_both_run_kinds_share_the_run_protocol(dataset, tmp_path, monkeypatch):
+    from brats_lab.training.distributed import NoRun
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config("B", dataset, "train.epochs=2", "train.val_every=2")
+    result = train_fold(cfg, 0, progress=False)
+    run = tracking_run(result.run_id)
+    assert isinstance(run, tracking.RunLog) and isinstance(NoRun(), tracking.RunLog)
+    history = {key: dict(run.metric_history(key)) for key in
+               ("epoch_data_seconds", "epoch_step_seconds", "epoch_val_seconds", "epoch_seconds")}
+    for epoch in (0, 1):
+        parts = [history[k][epoch] for k in ("epoch_data_seconds", "epoch_step_seconds", "epoch_val_seconds")]
+        assert min(parts) >= 0
+        # Three consecutive intervals inside the epoch's (to rounding of the subtraction).
+        assert sum(parts) <= history["epoch_seconds"][epoch] + 1e-9
+    assert [s for s, _ in run.metric_history("val_loss")] == [1]

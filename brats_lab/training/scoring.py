@@ -1,0 +1,101 @@
+"""How the trainer scores a model on its fold's held-out cases.
+
+- `validate`, after an epoch: mean loss and Dice per region on whole padded brain crops, counted
+  on the device (one transfer per volume) with the metrics module's Dice rule.
+- `score_cases`, once at the end: each case predicted whole and written as `predict` writes it
+  (`inference.predict.write_label_map`: unpad, regions to labels, paste back into the original
+  geometry), scored against its segmentation file with the BraTS 2020 metrics, the best and the
+  worst case drawn (`viz`).
+
+The trainer imports this module and neither `io` nor `viz`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from brats_lab.data.cache import Cache
+from brats_lab.data.cases import discover
+from brats_lab.data.dataset import WholeVolumes
+from brats_lab.data.preprocess import paste_back
+from brats_lab.evaluation.metrics import case_metrics, dice_from_counts
+from brats_lab.io import atomic_path, read_image
+from brats_lab.labels import REGIONS
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, volumes: WholeVolumes, loss_fn, device: torch.device, amp_dtype) -> dict[str, float]:
+    """Mean loss and Dice per region (threshold 0.5) over whole padded brain crops.
+
+    In eval mode the models return the main output only, so this is the main head's loss.
+    """
+    model.eval()
+    losses, dice = [], {r: [] for r in REGIONS}
+    for item in volumes:
+        logits = predict_logits(model, item.image, device, amp_dtype)  # (3, Z, Y, X) float32
+        target = item.target.to(device)
+        pred = logits > 0  # sigmoid > 0.5
+        # (4, 3): loss, then overlap, predicted and reference voxels per region; one transfer.
+        counts = torch.stack([(pred & target).flatten(1).sum(1), pred.flatten(1).sum(1), target.flatten(1).sum(1)], dim=1)
+        losses.append(loss_fn(logits[None], target[None]).item())
+        for region, (overlap, n_pred, n_ref) in zip(REGIONS, counts.tolist()):
+            dice[region].append(dice_from_counts(overlap, n_pred, n_ref))
+    return {"val_loss": float(np.mean(losses)), **{f"val_dice_{r}": float(np.mean(v)) for r, v in dice.items()}}
+
+
+@torch.no_grad()
+def score_cases(
+    model: torch.nn.Module,
+    cache: Cache,
+    volumes: WholeVolumes,
+    dataset: Path,
+    device: torch.device,
+    amp_dtype,
+    workdir: Path,
+    progress: bool,
+) -> pd.DataFrame:
+    """Predict each validation case whole, write it to `workdir/predictions/<case>.nii.gz` in its
+    original geometry and score it against its segmentation file with the BraTS 2020 metrics
+    (one row per case: case, dice_ET, ..., hd95_WT); draw the best and worst cases to
+    `workdir/overlays/`."""
+    from tqdm import tqdm
+
+    from brats_lab.inference.predict import write_label_map
+    from brats_lab.viz import render_case
+
+    model.eval()
+    segs = {c.id: c.seg for c in discover(dataset)}
+    rows, predictions = [], {}
+    for item in tqdm(volumes, desc="validation", total=len(volumes), disable=not progress, dynamic_ncols=True):
+        entry = cache.entry(item.case_id)
+        regions = (predict_logits(model, item.image, device, amp_dtype) > 0).cpu().numpy()
+        path = workdir / "predictions" / f"{item.case_id}.nii.gz"
+        labels = write_label_map(regions, item.pads, entry.convention, entry.bbox, entry.geometry, path)
+        reference, _ = read_image(segs[item.case_id])
+        scores = case_metrics(labels, reference, entry.geometry.spacing_zyx, entry.convention)
+        rows.append({"case": item.case_id, **{f"{m}_{r}": v for r, s in scores.items() for m, v in s.as_dict().items()}})
+        predictions[item.case_id] = (labels, reference)
+    table = pd.DataFrame(rows)
+    if len(table):
+        order = table[[f"dice_{r}" for r in REGIONS]].mean(axis=1).sort_values()
+        for tag, index in (("worst", order.index[0]), ("best", order.index[-1])):
+            case_id = table.loc[index, "case"]
+            entry = cache.entry(case_id)
+            images = paste_back(np.asarray(cache.load(case_id)[0]), entry.bbox, entry.original_shape)
+            labels, reference = predictions[case_id]
+            dice = ", ".join(f"{r} {table.loc[index, f'dice_{r}']:.2f}" for r in REGIONS)
+            with atomic_path(workdir / "overlays" / f"{tag}_{case_id}.png", suffix=".png") as tmp:
+                render_case(images, entry.convention, tmp, reference=reference, prediction=labels,
+                            title=f"{tag}: {case_id}, Dice {dice}; {{slice}}")
+    return table
+
+
+def predict_logits(model: torch.nn.Module, image: torch.Tensor, device: torch.device, amp_dtype) -> torch.Tensor:
+    """Logits (3, Z, Y, X) in float32 for one padded volume (4, Z, Y, X)."""
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(image[None].to(device))
+    return logits[0].float()

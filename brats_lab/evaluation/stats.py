@@ -222,9 +222,10 @@ def metric_direction(column: str) -> int:
     """+1 if higher is better for this column's metric, -1 if lower is better, 0 if unknown.
 
     The metric is the column's prefix before the first "_" (`hd95_WT` -> `hd95`), or the whole
-    name (`dice`).
+    name (`dice`); a lesion-wise or whole-volume column reads as its metric
+    (`lesion_dice_ET` -> `dice`, `volume_hd95_WT` -> `hd95`).
     """
-    metric = column.split("_", 1)[0].lower()
+    metric = column.lower().removeprefix("lesion_").removeprefix("volume_").split("_", 1)[0]
     if metric in HIGHER_IS_BETTER:
         return 1
     if metric in LOWER_IS_BETTER:

@@ -36,7 +36,7 @@ from brats_lab.data.cases import discover
 from brats_lab.data.dataset import EpochSampler, TrainPatches, WholeVolumes
 from brats_lab.data.preprocess import paste_back, unpad
 from brats_lab.data.splits import load_splits, make_splits, save_splits
-from brats_lab.evaluation.metrics import case_metrics
+from brats_lab.evaluation.lesionwise import case_scores
 from brats_lab.io import atomic_path, read_image, write_image
 from brats_lab.labels import REGIONS
 from brats_lab.models import build_model, count_parameters
@@ -307,8 +307,9 @@ def validate(model, volumes: WholeVolumes, loss_fn, device: torch.device, amp_dt
 @torch.no_grad()
 def evaluate_cases(model, cache: Cache, volumes: WholeVolumes, dataset: Path, device, amp_dtype, workdir: Path, progress: bool) -> pd.DataFrame:
     """Predict each validation case whole, paste it back into its original geometry (written to
-    `predictions/<case>.nii.gz`) and score it against its segmentation file with the BraTS 2020
-    metrics; draw the best and worst cases."""
+    `predictions/<case>.nii.gz`) and score it against its segmentation file with the rules of the
+    data (`lesionwise.case_scores`: BraTS 2020 metrics, plus lesion-wise ones on 2023+ labels);
+    draw the best and worst cases."""
     from brats_lab.viz import render_case
 
     model.eval()
@@ -321,8 +322,8 @@ def evaluate_cases(model, cache: Cache, volumes: WholeVolumes, dataset: Path, de
         labels = paste_back(entry.convention.from_regions(regions), entry.bbox, entry.original_shape)
         reference, _ = read_image(segs[item.case_id])
         write_image(labels, entry.geometry, workdir / "predictions" / f"{item.case_id}.nii.gz")
-        scores = case_metrics(labels, reference, entry.geometry.spacing_zyx, entry.convention)
-        rows.append({"case": item.case_id, **{f"{m}_{r}": v for r, s in scores.items() for m, v in s.as_dict().items()}})
+        # The rules of the data: the BraTS 2020 columns always, the lesion-wise ones on 2023+ labels.
+        rows.append({"case": item.case_id, **case_scores(labels, reference, entry.geometry.spacing_zyx, entry.convention)})
         predictions[item.case_id] = (labels, reference)
     table = pd.DataFrame(rows)
     if len(table):

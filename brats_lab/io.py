@@ -227,8 +227,8 @@ def nonfinite(path: Path, array: np.ndarray) -> str | None:
 def _scaling(path: Path) -> str:
     import nibabel
 
-    header = nibabel.load(str(path)).header
-    slope, inter = (header.get(k) for k in ("scl_slope", "scl_inter"))
+    proxy = nibabel.load(str(path)).dataobj  # nibabel moves the header's scaling onto the proxy
+    slope, inter = getattr(proxy, "slope", None), getattr(proxy, "inter", None)
     return f"scl_slope {float(slope):g}, scl_inter {float(inter):g}" if slope is not None else "scaled"
 
 

@@ -21,6 +21,7 @@ import gzip
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -76,6 +77,21 @@ def plain_nifti_bytes(path: Path, tmp: Path) -> bytes:
     data = (tmp / "plain.nii").read_bytes()
     (tmp / "plain.nii").unlink()
     return data
+
+
+def set_scl_slope(path: Path, slope: float) -> None:
+    """Rewrite a .nii.gz's header field scl_slope (bytes 112-116 of the NIfTI-1 header)."""
+    data = bytearray(gzip.decompress(path.read_bytes()))
+    assert struct.unpack("<i", data[:4])[0] == 348  # little-endian NIfTI-1, as SimpleITK writes it
+    data[112:116] = struct.pack("<f", slope)
+    path.write_bytes(gzip.compress(bytes(data)))
+
+
+def copy_case(root: Path, case: str, folder: Path, new_id: str) -> None:
+    """Case `case`'s files, renamed for `new_id`, in `folder`."""
+    folder.mkdir()
+    for path in (root / case).iterdir():
+        shutil.copy(path, folder / path.name.replace(case, new_id))
 
 
 def four_d(path: Path) -> None:
@@ -203,6 +219,14 @@ def _dataset_corpus() -> list[Entry]:
     def _(root, tmp):
         rewrite(image(root, "t1"), lambda a, g: (np.zeros_like(a), g))
 
+    @add("infinite once scaled by the header (scl_slope 1e38)", r"NaN or infinite voxels once scaled", T1CE, IMAGES)
+    def _(root, tmp):
+        set_scl_slope(image(root, "t1ce"), 1e38)  # int16 voxels of ~500: +inf as float32
+
+    @add("constant modality (one value inside the brain)", r"every non-zero voxel has the value 7\b", T1, IMAGES)
+    def _(root, tmp):
+        rewrite(image(root, "t1"), lambda a, g: (np.where(a != 0, 7, 0).astype(a.dtype), g))
+
     @add("label 3 in a 2020 dataset", r"label[^:]*\b3\b", SEG, ALL)
     def _(root, tmp):
         rewrite(image(root, "seg"), lambda a, g: (np.where(a == 1, 3, a).astype(np.uint8), g))
@@ -284,6 +308,19 @@ def _dataset_corpus() -> list[Entry]:
         twin.mkdir()
         for path in (root / CASE).iterdir():
             shutil.copy(path, twin / path.name.replace(CASE, twin.name))
+
+    # Folder names that are almost a case id: not silently a case, not silently ignored.
+    for label, name in (("newline after a case folder's name", f"{CASE[:-1]}3\n"),
+                        ("fullwidth digits in a case folder's name", "BraTS20_Training_\uff10\uff10\uff13"),
+                        ("Arabic-Indic digits in a case folder's name", "BraTS20_Training_\u0660\u0660\u0663")):
+        @add(label, r"named like a case folder but not a case id", None, ALL, case=ascii(name)[1:-1])
+        def _(root, tmp, name=name):
+            copy_case(root, OTHER, root / name, name)
+
+    @add("another case's files in a case folder", rf"a file of case {OTHER} in the folder of case {CASE[:-1]}3",
+         f"{OTHER}_seg.nii.gz", ALL, case=f"{CASE[:-1]}3")
+    def _(root, tmp):
+        shutil.copytree(root / OTHER, root / f"{CASE[:-1]}3")
 
     # Permissions.
     @add("unreadable file (chmod 000)", r"permission denied", T1, IMAGES, unreadable=True)

@@ -632,6 +632,24 @@ def _can_drop_read_override() -> bool:
         return False
 
 
+@pytest.mark.parametrize("pipeline, method", [("A", "minmax"), ("B", "zscore")])
+def test_huge_and_tiny_intensities_are_normalised_not_zeroed(pipeline, method, valid, tmp_path):
+    """float64 modalities near the limits of float64 (1e300: the variance overflows; 1e-310:
+    subnormal) are valid images: `data prepare` caches every channel finite and non-constant,
+    where it used to cache an all-zero channel and exit 0."""
+    from brats_lab.data.cache import open_cache
+
+    data = tmp_path / "data"
+    shutil.copytree(valid / "data", data)
+    rewrite(image(data, "t1"), lambda a, g: (a.astype(np.float64) * 1e297, g))
+    rewrite(image(data, "t2"), lambda a, g: (a.astype(np.float64) * 1e-313, g))
+    result = cli(["data", "prepare", str(data), "--pipeline", pipeline], tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    images, _ = open_cache(data, method).load(CASE)
+    for channel in images:
+        assert np.isfinite(channel).all() and channel.min() < channel.max()
+
+
 def test_corpus_names_are_unique():
     assert len(DATASET_CORPUS) == len({e.name for e in DATASET_CORPUS})
     assert len(PREDICTION_CORPUS) == len({e.name for e in PREDICTION_CORPUS})

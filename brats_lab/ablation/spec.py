@@ -168,16 +168,17 @@ _NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a
 _TEXT = (lambda v: isinstance(v, str), "a string")
 _BOOL = (lambda v: isinstance(v, bool), "a boolean (true/false)")
 _TABLE = (lambda v: isinstance(v, dict), "a table")
+_ANY = (lambda v: True, "anything")  # a key this table does not know yet: `_known` decides
 _TEXTS = (lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v), 'a list of "key=value" strings')
 _TYPES: dict[str, tuple[Any, str]] = {
     "name": _TEXT, "description": _TEXT, "pipeline": _TEXT, "baseline": _TEXT, "folds": _INT,
     "arms": _TABLE, "cpu": _TABLE, "removal": _TABLE, "phantom": _TABLE, "search": _TABLE,
-    "cpu.folds": _INT, "cpu.set": _TEXTS,
+    "seeds": _INT, "cpu.folds": _INT, "cpu.seeds": _INT, "cpu.set": _TEXTS,
     "removal.arm": _TEXT, "removal.metric": _TEXT, "removal.fraction": _NUMBER,
     "phantom.dataset": _TEXT, "phantom.corrupt_fraction": _NUMBER,
     "search.trials": _INT, "search.seed": _INT, "search.params": _TABLE,
 }
-_AT_LEAST_ONE = ("folds", "cpu.folds", "search.trials")
+_AT_LEAST_ONE = ("folds", "seeds", "cpu.folds", "cpu.seeds", "search.trials")
 
 
 def _check_types(data: dict, path: Path) -> None:
@@ -189,10 +190,10 @@ def _check_types(data: dict, path: Path) -> None:
             raise ConfigError(f"{path}: {key} must be {kind[1]}, got {value!r}")
 
     for key, value in data.items():
-        expect(key, value, _TYPES[key])
+        expect(key, value, _TYPES.get(key, _ANY))
         if isinstance(value, dict) and key != "arms":
             for sub, subvalue in value.items():
-                expect(f"{key}.{sub}", subvalue, _TYPES[f"{key}.{sub}"])
+                expect(f"{key}.{sub}", subvalue, _TYPES.get(f"{key}.{sub}", _ANY))
     for key in _AT_LEAST_ONE:
         section, _, sub = key.rpartition(".")
         value = data.get(section, {}).get(sub) if section else data.get(key)

@@ -632,6 +632,88 @@ def _can_drop_read_override() -> bool:
         return False
 
 
+# --- bad configurations, ablations and storage URLs -------------------------------------------
+# Each refused with one `brats-lab: error:` line saying what was expected, no traceback, before
+# anything is written: no MLflow store, no Optuna storage.
+
+ABLATION_TOML = """
+name = "bad"
+pipeline = "B"
+baseline = "small"
+folds = 2
+
+[arms]
+small = ["model.width=4", "data.patch_size=[32, 32, 32]"]
+wide = ["model.width=8", "data.patch_size=[32, 32, 32]"]
+"""
+
+
+def _ablation(replace: dict[str, str] | None = None, append: str = "") -> str:
+    text = ABLATION_TOML
+    for old, new in (replace or {}).items():
+        assert old in text
+        text = text.replace(old, new)
+    return text + append
+
+
+SECRET = "Secret77"  # the part of each password that must never be shown
+CONFIG_CORPUS = {  # name -> (argv after `brats-lab`, with {data} and {toml}; the ablation TOML or None; why)
+    "model.in_channels=5": (["train", "--set", "model.in_channels=5"], None, r"model.in_channels.*must be 4"),
+    "model.out_channels=2": (["train", "--set", "model.out_channels=2"], None, r"model.out_channels.*must be 3"),
+    "data.seed=-1": (["train", "--set", "data.seed=-1"], None, r"data.seed.*between 0 and 2\*\*32 - 1, got -1"),
+    "train.seed=-1": (["train", "--set", "train.seed=-1"], None, r"train.seed.*between 0 and 2\*\*32 - 1, got -1"),
+    "8^3 patch (one voxel at the bottom)": (["train", "--set", "data.patch_size=[8, 8, 8]"], None,
+                                            r"data.patch_size.*larger than 8 on at least one axis"),
+    "data.exclude lists every training case": (["train", "--set", f'data.exclude=["{CASE}", "{OTHER}"]'], None,
+                                               r"data.exclude leaves no case to train on in fold 0"),
+    "ablation: folds = \"two\"": (["ablate", "{toml}"], _ablation({"folds = 2": 'folds = "two"'}),
+                                  r"folds must be an integer, got 'two'"),
+    "ablation: folds = 0": (["ablate", "{toml}"], _ablation({"folds = 2": "folds = 0"}), r"folds must be >= 1, got 0"),
+    "ablation: --folds 0": (["ablate", "{toml}", "--folds", "0"], _ablation(), r"--folds must be between 1 and \d+.*got 0"),
+    "ablation: arms as a list": (["ablate", "{toml}"], ABLATION_TOML.split("[arms]")[0] + 'arms = ["small", "wide"]\n',
+                                 r"arms must be a table"),
+    "ablation: two arms resolve alike": (["ablate", "{toml}"], _ablation({"model.width=8": "model.width=4"}),
+                                         r"arms 'small' and 'wide' resolve to the same configuration.*brats-lab ablate seeds"),
+    "ablation: [cpu] folds = \"x\"": (["ablate", "{toml}"], _ablation(append='[cpu]\nfolds = "x"\n'),
+                                      r"cpu.folds must be an integer, got 'x'"),
+    "ablation: [removal] fraction as words": (
+        ["ablate", "{toml}"], _ablation(append='[removal]\narm = "wide"\nfraction = "ten percent"\n'),
+        r"removal.fraction must be a number, got 'ten percent'"),
+    "ablation: trials = \"many\"": (
+        ["ablate", "{toml}"], _ablation(append='[search]\ntrials = "many"\n[search.params]\n"optim.lr" = {low = 1e-5, high = 1e-3}\n'),
+        r"search.trials must be an integer, got 'many'"),
+    "ablation: search bounds as strings": (
+        ["ablate", "{toml}"], _ablation(append='[search]\ntrials = 2\n[search.params]\n"optim.lr" = {low = "1e-5", high = "1e-3"}\n'),
+        r"search.params.optim.lr.low must be a number, got '1e-5'"),
+    "worker: SQLite storage that does not exist": (
+        ["worker", "--study", "x", "--storage", "sqlite:///{work}/nowhere/x.db"], None, r"no Optuna storage at .*nowhere/x.db"),
+    **{f"worker: password holding {c!r}": (
+        ["worker", "--study", "x", "--storage", f"postgresql://user:Qm{c}{SECRET}@127.0.0.1:1/db"], None,
+        r"cannot open the Optuna storage postgresql://user:\*\*\*@127.0.0.1:1/db") for c in "?#/@%:"},
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIG_CORPUS))
+def test_bad_configuration_is_refused_in_one_line_before_anything_is_written(name, valid, tmp_path):
+    argv, toml, why = CONFIG_CORPUS[name]
+    data = tmp_path / "data"
+    shutil.copytree(valid / "data", data)
+    if toml is not None:
+        (tmp_path / "bad.toml").write_text(toml)
+    if argv[0] == "train":
+        argv = ["train", "--pipeline", "B", "--profile", "cpu", "--data", str(data), *_sets(TINY_TRAIN), *argv[1:]]
+    if argv[0] == "ablate":
+        argv = [*argv, "--data", str(data), "--storage", f"sqlite:///{tmp_path}/optuna.db"]
+    argv = [a.replace("{toml}", str(tmp_path / "bad.toml")).replace("{work}", str(tmp_path)) for a in argv]
+    result = cli(argv, tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("brats-lab: error:")]
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert len(errors) == 1 and re.search(why, errors[0]), output[-3000:]
+    assert SECRET not in output
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "optuna.db").exists() and not (tmp_path / "nowhere").exists()
+
+
 @pytest.mark.parametrize("pipeline, method", [("A", "minmax"), ("B", "zscore")])
 def test_huge_and_tiny_intensities_are_normalised_not_zeroed(pipeline, method, valid, tmp_path):
     """float64 modalities near the limits of float64 (1e300: the variance overflows; 1e-310:

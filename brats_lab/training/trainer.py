@@ -35,7 +35,7 @@ from brats_lab.data.cache import Cache, prepare
 from brats_lab.data.cases import discover
 from brats_lab.data.dataset import EpochSampler, TrainPatches, WholeVolumes
 from brats_lab.data.preprocess import paste_back, unpad
-from brats_lab.data.splits import load_splits, make_splits, save_splits
+from brats_lab.data.splits import load_splits, make_splits, save_splits, training_cases
 from brats_lab.evaluation.metrics import case_metrics
 from brats_lab.io import atomic_path, read_image, write_image
 from brats_lab.labels import REGIONS
@@ -113,9 +113,7 @@ def train_fold(
     if not 0 <= fold < len(splits):
         raise DataError(f"fold {fold} does not exist: the splits have folds 0 to {len(splits) - 1}")
     train_ids, val_ids = splits[fold]["train"], splits[fold]["val"]
-    if unknown := sorted(set(cfg.data.exclude) - set(cache.case_ids)):
-        raise DataError(f"data.exclude names cases that are not in {cfg.data.dataset}: {', '.join(unknown)}")
-    train_ids = [c for c in train_ids if c not in set(cfg.data.exclude)]
+    train_ids = training_cases(splits, fold, cfg.data.exclude, cfg.data.dataset)
     if processes > 1:
         distributed.check_batches(len(train_ids), cfg.train.batch_size, processes)
 

@@ -714,6 +714,18 @@ def test_bad_configuration_is_refused_in_one_line_before_anything_is_written(nam
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "optuna.db").exists() and not (tmp_path / "nowhere").exists()
 
 
+@pytest.mark.parametrize("char", list("?#/@%:"))
+def test_storage_urls_are_masked_whatever_the_password_holds(char):
+    """What the study run's `storage` tag and every message show of a storage URL."""
+    from brats_lab.ablation.study import _password, _safe
+
+    url = f"postgresql://user:Qm{char}{SECRET}@db.example:5432/optuna?sslmode=require"
+    assert _safe(url) == "postgresql://user:***@db.example:5432/optuna?sslmode=require"
+    assert _password(url) == f"Qm{char}{SECRET}"
+    query = f"postgresql://user@db.example/optuna?sslmode=require&password=Qm{char.replace('&', '')}{SECRET}"
+    assert SECRET not in _safe(query) and _safe(query).startswith("postgresql://user@db.example/optuna?sslmode=require&password=***")
+
+
 @pytest.mark.parametrize("pipeline, method", [("A", "minmax"), ("B", "zscore")])
 def test_huge_and_tiny_intensities_are_normalised_not_zeroed(pipeline, method, valid, tmp_path):
     """float64 modalities near the limits of float64 (1e300: the variance overflows; 1e-310:

@@ -491,38 +491,41 @@ def _phantom_truth(plan: Plan) -> str:
 def _safe(url: str) -> str:
     """A storage URL without its password (after the user name, or a `password=` parameter),
     for logs, messages and tags."""
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     credentials, at, host = _split_credentials(rest)
     if at and ":" in credentials:
         credentials = credentials.split(":", 1)[0] + ":***"
-    host, qsep, query = host.partition("?")
-    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", query, flags=re.IGNORECASE)
-    return scheme + sep + credentials + at + host + qsep + query
+    return scheme + sep + credentials + at + host
 
 
 def _password(url: str) -> str:
     """The password written in a database URL ('' if none)."""
-    credentials, at, host = _split_credentials(url.partition("://")[2])
+    credentials, at, _ = _split_credentials(_QUERY_PASSWORD.sub(r"\1", url).partition("://")[2])
     if at and ":" in credentials:
         return credentials.split(":", 1)[1]
-    query = host.partition("?")[2]
-    found = re.search(r"(?:^|&)password=([^&]*)", query, flags=re.IGNORECASE)
-    return found.group(1) if found else ""
+    found = _QUERY_PASSWORD.search(url)
+    return found.group(2) if found else ""
+
+
+# A `password=` query parameter, masked first: its value may hold an '@' too.
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&]*)", flags=re.IGNORECASE)
 
 
 def _split_credentials(rest: str) -> tuple[str, str, str]:
     """`user:password@host/db?query` -> (`user:password`, `@`, `host/db?query`). The credentials
     end at the last '@': a password may hold '?', '#', '/', ':', '%' and even a raw '@', none of
-    which a host holds (an '@' in the query is taken as part of the password: masked too much
-    rather than too little)."""
+    which a host holds."""
     return rest.rpartition("@") if "@" in rest else ("", "", rest)
 
 
 def _quote_at(url: str) -> str:
     """The URL with each raw '@' of its password written %40, as SQLAlchemy expects."""
-    scheme, sep, rest = url.partition("://")
+    found = _QUERY_PASSWORD.search(url)
+    head, tail = (url[: found.start()], url[found.start():]) if found else (url, "")
+    scheme, sep, rest = head.partition("://")
     credentials, at, host = _split_credentials(rest)
     if not at or ":" not in credentials:
         return url
     user, password = credentials.split(":", 1)
-    return f"{scheme}{sep}{user}:{password.replace('@', '%40')}@{host}"
+    return f"{scheme}{sep}{user}:{password.replace('@', '%40')}@{host}{tail}"

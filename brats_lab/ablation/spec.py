@@ -199,6 +199,8 @@ def _check_types(data: dict, path: Path) -> None:
         value = data.get(section, {}).get(sub) if section else data.get(key)
         if value is not None and value < 1:
             raise ConfigError(f"{path}: {key} must be >= 1, got {value}")
+    if "removal" in data and "arm" not in data["removal"]:
+        raise ConfigError(f"{path}: [removal] needs arm = \"...\" (the arm that trains without the removed cases)")
     for arm, overrides in data["arms"].items():
         if not _TEXTS[0](overrides):
             raise ConfigError(f"{path}: arm {arm!r} must be a list of \"key=value\" overrides, got {overrides!r}")

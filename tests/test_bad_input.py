@@ -666,6 +666,8 @@ CONFIG_CORPUS = {  # name -> (argv after `brats-lab`, with {data} and {toml}; th
                                             r"data.patch_size.*larger than 8 on at least one axis"),
     "data.exclude lists every training case": (["train", "--set", f'data.exclude=["{CASE}", "{OTHER}"]'], None,
                                                r"data.exclude leaves no case to train on in fold 0"),
+    "data.exclude names a case not in the data": (["train", "--set", 'data.exclude=["BraTS20_Training_999"]'], None,
+                                                   r"data.exclude names cases that are not in .*: BraTS20_Training_999"),
     "ablation: folds = \"two\"": (["ablate", "{toml}"], _ablation({"folds = 2": 'folds = "two"'}),
                                   r"folds must be an integer, got 'two'"),
     "ablation: folds = 0": (["ablate", "{toml}"], _ablation({"folds = 2": "folds = 0"}), r"folds must be >= 1, got 0"),

@@ -121,9 +121,6 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
     arms = {str(k): tuple(v) for k, v in data["arms"].items()}
     if len(arms) < 2 or data["baseline"] not in arms:
         raise ConfigError(f"{path}: needs at least two arms, one of them the baseline {data['baseline']!r}; got {list(arms)}")
-    for key, value in (("seeds", data.get("seeds", 1)), ("cpu.seeds", data.get("cpu", {}).get("seeds", 1))):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{path}: {key} must be a whole number of training seeds >= 1, got {value!r}")
     removal = None
     if "removal" in data:
         removal = Removal(**data["removal"])

@@ -151,13 +151,22 @@ def fold_table(per_case: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     return table
 
 
+def ranking_metrics(per_case: pd.DataFrame) -> tuple[str, str]:
+    """The Dice and HD95 metrics that rank this data: lesion-wise (`lesion_dice`, `lesion_hd95`)
+    when the per-case table has them (2023+ labels), else `dice` and `hd95`."""
+    if any(c.startswith("lesion_dice_") for c in per_case.columns):
+        return ("lesion_dice", "lesion_hd95")
+    return ("dice", "hd95")
+
+
 def worst_cases(per_case: pd.DataFrame, arm: str, region: str, n: int = 10, by: str = "dice") -> pd.DataFrame:
-    """The `n` cases of `arm` worst for `region` by `by` (lowest Dice, or highest HD95) first: fold,
-    case, run_id (when given), and that case's Dice and HD95 of every region."""
+    """The `n` cases of `arm` worst for `region` by `by` (lowest Dice, or highest HD95; lesion-wise
+    too) first, a case where `by` is undefined (NaN: the region absent from both maps) last: fold,
+    case, run_id (when given), and that case's Dice and HD95 (lesion-wise ones first) of every region."""
     rows = per_case[per_case["arm"] == arm].sort_values(
-        [f"{by}_{region}", "case"], ascending=[by != "hd95", True], kind="stable")
+        [f"{by}_{region}", "case"], ascending=[not by.endswith("hd95"), True], kind="stable", na_position="last")
     keep = [c for c in ["fold", "case", "run_id"] if c in rows.columns]
-    keep += [f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS if f"{m}_{r}" in rows.columns]
+    keep += [f"{m}_{r}" for m in ("lesion_dice", "lesion_hd95", "dice", "hd95") for r in REGIONS if f"{m}_{r}" in rows.columns]
     return rows[keep].head(n).reset_index(drop=True)
 
 

@@ -22,7 +22,9 @@ st.set_page_config(page_title="brats-lab review", layout="wide")
 PAGES = ("Studies", "Compare", "Cases")
 # The paper's colours, one per region, so a region looks the same on every chart.
 REGION_COLOURS = {"ET": "#d62728", "TC": "#2ca02c", "WT": "#e6b800"}
-METRIC_NAMES = {"dice": "Dice (0-1, higher is better)", "hd95": "HD95 (mm, lower is better)",
+# Lesion-wise metrics first: on 2023+ data they are what the challenge ranks by (and the verdict compares).
+METRIC_NAMES = {"lesion_dice": "lesion-wise Dice (0-1, higher is better)", "lesion_hd95": "lesion-wise HD95 (mm, lower is better)",
+                "dice": "Dice (0-1, higher is better)", "hd95": "HD95 (mm, lower is better)",
                 "sensitivity": "sensitivity (0-1, higher is better)", "specificity": "specificity (0-1, higher is better)"}
 TTL = 10  # seconds: a running study shows new folds on the next reload after this
 
@@ -121,7 +123,7 @@ metrics = [m for m in METRIC_NAMES if any(f"{m}_{r}" in per_case.columns for r i
 
 def compare_page() -> None:
     st.subheader("Mean (std) over folds, Table 3 layout")
-    for metric, col in zip(("dice", "hd95"), st.columns(2)):
+    for metric, col in zip(db.ranking_metrics(per_case), st.columns(2)):
         if metric in metrics:
             col.caption(METRIC_NAMES[metric])
             col.dataframe(db.fold_table(per_case, metric), width="stretch")
@@ -187,7 +189,7 @@ def verdict_section(metric: str) -> None:
                   zip(part["p_holm"], part["verdict"], part.get("noise_floor", pd.Series(float("nan"), index=part.index)))],
             hovertemplate="%{y}: %{x:.4f}<br>%{text}<extra></extra>"))
     fig.add_vline(x=0, line_dash="dash", line_color="grey")
-    unit = " mm" if metric == "hd95" else ""
+    unit = " mm" if metric.endswith("hd95") else ""
     fig.update_layout(xaxis_title=f"arm - baseline, mean {metric}{unit} with 95% CI", yaxis_title="arm and region",
                       height=200 + 40 * len(rows), legend_title_text="region")
     st.plotly_chart(fig, width="stretch")
@@ -239,8 +241,8 @@ def cases_page() -> None:
     arms = sorted(table["arm"].unique())
     arm = col1.selectbox("Arm", arms)
     region = col2.selectbox("Region", [r for r in REGIONS if f"dice_{r}" in table.columns])
-    rank_by = col3.selectbox("Rank by", [m for m in ("dice", "hd95") if f"{m}_{region}" in table.columns],
-                             format_func=lambda m: {"dice": "Dice", "hd95": "HD95"}[m])
+    rank_by = col3.selectbox("Rank by", [m for m in (*db.ranking_metrics(table), "dice", "hd95") if f"{m}_{region}" in table.columns],
+                             format_func=lambda m: METRIC_NAMES[m].split(" (")[0])
     folds = sorted(table["fold"].unique())
     shown_folds = col4.multiselect("Folds", folds, default=folds, format_func=lambda f: f"fold {f}")
     n = col5.number_input("How many", min_value=1, max_value=len(table), value=min(10, len(table)))
@@ -263,7 +265,7 @@ def case_view(case: str, arm: str, table: pd.DataFrame) -> None:
     others = [a for a in mine.index if a != arm]
     cards = st.columns(len(REGIONS))
     for region, card in zip(REGIONS, cards):
-        for metric, unit in (("dice", ""), ("hd95", " mm")):
+        for metric, unit in (("lesion_dice", ""), ("lesion_hd95", " mm"), ("dice", ""), ("hd95", " mm")):
             column = f"{metric}_{region}"
             if column not in mine.columns:
                 continue
@@ -271,10 +273,11 @@ def case_view(case: str, arm: str, table: pd.DataFrame) -> None:
             delta, changed = None, False
             if others:
                 diff = value - mine.loc[others[0], column]
-                changed = bool(round(diff, 3))
-                delta = f"{diff:+.3f}{unit} vs {others[0]}" if changed else f"same as {others[0]}"
-            colour = "off" if not changed else "normal" if metric == "dice" else "inverse"  # a smaller HD95 is better
-            card.metric(f"{metric.upper() if metric == 'hd95' else 'Dice'} {region} ({arm})", f"{value:.3f}{unit}",
+                changed = bool(pd.notna(diff) and round(diff, 3))  # NaN: a lesion-wise region absent from both maps
+                delta = (f"{diff:+.3f}{unit} vs {others[0]}" if changed else f"same as {others[0]}" if pd.notna(diff)
+                         else f"n/a vs {others[0]}")
+            colour = "off" if not changed else "normal" if metric.endswith("dice") else "inverse"  # a smaller HD95 is better
+            card.metric(f"{METRIC_NAMES[metric].split(' (')[0]} {region} ({arm})", f"{value:.3f}{unit}" if pd.notna(value) else "n/a",
                         delta=delta, delta_color=colour, delta_arrow="auto" if changed else "off")
 
     run_of = {a: mine.loc[a, "run_id"] for a in [arm, *others]}

@@ -425,7 +425,7 @@ class Report:
         folds, seeds = len(self.plan.folds), len(self.plan.seeds)
         lines = [f"Ablation {self.plan.ablation.name!r}: {self.plan.ablation.description}",
                  f"{folds} folds x {seeds} seed{'s' if seeds > 1 else ''} = {folds * seeds} training runs per arm, profile {self.plan.profile}; "
-                 "mean (std) over each arm's runs", "", self.table.to_string(), ""]
+                 "mean (std) over each arm's runs", *self._rules_note(), "", self.table.to_string(), ""]
         if self.seed_spread is not None:
             lines += ["Seeds apart: the seed-to-seed standard deviation of one run's mean, same arm and fold (the noise floor)", "",
                       self.seed_spread.to_string(), ""]
@@ -445,6 +445,14 @@ class Report:
             lines += ["", f"left out of training in {self.plan.ablation.removal.arm!r} ({len(self.plan.excluded)}): "
                       + ", ".join(self.plan.excluded) + _phantom_truth(self.plan)]
         return "\n".join(lines)
+
+    def _rules_note(self) -> list[str]:
+        """How the metrics were scored: one line for lesion-wise data, none for BraTS 2020 rules."""
+        if ranking_metrics(self.per_case)[0] != "lesion_dice":
+            return []
+        return ["Scored lesion-wise (BraTS 2023+ labels, brats-evaluation's gli rules): lesion_dice and lesion_hd95. A region "
+                "absent from both the reference and the prediction is undefined (NaN) and left out of that run's mean; "
+                "an arm's false-positive lesion there still counts (Dice 0, HD95 373)."]
 
     def log(self, study_run) -> None:
         study_run.log_table(self.per_case, "per_case_out_of_fold.csv")
@@ -476,33 +484,86 @@ def _gather(plan: Plan, arms: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def ranking_metrics(per_case: pd.DataFrame) -> tuple[str, ...]:
+    """The metrics an ablation's Table 3 and verdict compare, by the rules of the data: lesion-wise
+    Dice and HD95 (`lesion_dice`, `lesion_hd95`) when the per-case table has them (2023+ labels,
+    see `evaluation/lesionwise.py`), else the BraTS 2020 `dice` and `hd95`."""
+    if any(c.startswith("lesion_dice_") for c in per_case.columns):
+        return ("lesion_dice", "lesion_hd95")
+    return ("dice", "hd95")
+
+
+def _defined_run_means(per_case: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """One row per run (arm, fold, seed) with each column's mean over the run's cases where it is
+    defined, as a per-case table with one pseudo-case per run: what `compare_runs` tests.
+
+    A lesion-wise value is NaN where a region is absent from both the reference and the
+    prediction (nothing to score). Each run's mean skips those cases, as brats-evaluation's
+    parser skips them when it averages a team's cases; the cases are not dropped from the other
+    arm, since an arm that predicts a false-positive lesion there scores Dice 0 / HD95 373 and
+    that penalty is the point. `compare_runs` refuses NaN on purpose, so the dropping happens
+    here, explicitly. A run with no defined case in a column cannot be compared: DataError.
+    """
+    means = per_case.groupby(["arm", "fold", "seed"], sort=False)[columns].mean().reset_index()
+    for col in columns:
+        empty = means[means[col].isna()]
+        if not empty.empty:
+            first = empty.iloc[0]
+            raise DataError(f"{col}: run ({first['arm']}, fold {first['fold']}, seed {first['seed']}) has no case where the region "
+                            "is present in the reference or the prediction; it cannot be compared")
+    return means.assign(case="(run mean)")
+
+
 def report(plan: Plan) -> Report:
-    """Gather the finished runs' per-case metrics and compare the arms, runs as the unit."""
-    from brats_lab.evaluation.stats import compare_arms, compare_runs, noise_floor, run_means
+    """Gather the finished runs' per-case metrics and compare the arms, runs as the unit, on the
+    metrics of the data's rules (`ranking_metrics`)."""
+    from brats_lab.evaluation.stats import compare_arms, noise_floor, run_means
 
     per_case = _gather(plan, list(plan.ablation.arms))
-    metrics = [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS]
-    by_run = run_means(per_case, metrics)
+    families = ranking_metrics(per_case)
+    regions = [r for r in REGIONS if f"{families[0]}_{r}" in per_case.columns]
+    metrics = [f"{m}_{r}" for m in families for r in regions]
+    by_run = run_means(per_case, metrics)  # pandas skips NaN: each run's mean over its defined cases
     mean, std = by_run.groupby("arm").mean(), by_run.groupby("arm").std(ddof=1).fillna(0.0)
     table = pd.DataFrame(index=list(plan.ablation.arms))
     for m in metrics:
-        digits = 3 if m.startswith("dice") else 1
+        digits = 3 if "dice" in m else 1
         table[m] = [f"{mean.loc[a, m]:.{digits}f} ({std.loc[a, m]:.{digits}f})" for a in table.index]
     seed_spread = None
     if len(plan.seeds) >= 2:
         seed_spread = pd.DataFrame(index=list(plan.ablation.arms))
         for m in metrics:
-            digits = 4 if m.startswith("dice") else 2
+            digits = 4 if "dice" in m else 2
             seed_spread[m] = [f"{noise_floor(by_run.loc[a, m].unstack('seed').to_numpy()):.{digits}f}" for a in seed_spread.index]
     # Holm corrects across the three regions of one metric, as the paper's table reads.
-    comparison = pd.concat([compare_runs(per_case, plan.ablation.baseline, [f"{m}_{r}" for r in REGIONS])
-                            for m in ("dice", "hd95")], ignore_index=True)
+    lesionwise = families[0] == "lesion_dice"
+    comparison = pd.concat([_compare_runs(per_case, plan.ablation.baseline, [f"{m}_{r}" for r in regions], lesionwise)
+                            for m in families], ignore_index=True)
     comparison.attrs.update(baseline=plan.ablation.baseline, confidence=0.95)
-    # The description: each case's scores averaged over the seeds, paired over cases.
+    # The description: each case's scores averaged over the seeds, paired over cases. Pairs need a
+    # value on both sides: with lesion-wise metrics the cases undefined in any arm (for any region
+    # of the metric) are left out of that metric's description; its n column counts the rest.
     cases = per_case.groupby(["arm", "case"], sort=False)[metrics].mean().reset_index()
-    described = pd.concat([compare_arms(cases, plan.ablation.baseline, [f"{m}_{r}" for r in REGIONS]) for m in ("dice", "hd95")],
-                          ignore_index=True)
-    return Report(plan, per_case, table, comparison, seed_spread=seed_spread, per_case_comparison=described)
+    described = []
+    for m in families:
+        cols = [f"{m}_{r}" for r in regions]
+        undefined = set(cases.loc[cases[cols].isna().any(axis=1), "case"])
+        described.append(compare_arms(cases[~cases["case"].isin(undefined)], plan.ablation.baseline, cols))
+    return Report(plan, per_case, table, comparison, seed_spread=seed_spread,
+                  per_case_comparison=pd.concat(described, ignore_index=True))
+
+
+def _compare_runs(per_case: pd.DataFrame, baseline: str, columns: list[str], lesionwise: bool) -> pd.DataFrame:
+    """`compare_runs` on these columns; lesion-wise ones on the run means over their defined cases
+    (`_defined_run_means`), with `n` still the number of distinct cases the arm was scored on."""
+    from brats_lab.evaluation.stats import compare_runs
+
+    if not lesionwise:
+        return compare_runs(per_case, baseline, columns)
+    result = compare_runs(_defined_run_means(per_case, columns), baseline, columns)
+    defined = {(arm, col): int(part.loc[part[col].notna(), "case"].nunique()) for arm, part in per_case.groupby("arm") for col in columns}
+    result["n"] = [defined[(r.arm, r.metric)] for r in result.itertuples(index=False)]
+    return result
 
 
 def _markdown(df: pd.DataFrame) -> str:

@@ -45,6 +45,8 @@ NaN policy: nothing here ever drops a NaN. Our metrics never produce NaN or inf 
 `metrics.py`), so a non-finite value means a bug upstream, and silently dropping the case would
 bias the comparison towards the cases that worked. Every function raises `ValueError` naming how
 many values and which positions (or, in `compare_arms`/`compare_runs`, which arm, case and column).
+(The lesion-wise metrics of 2023+ data are NaN by definition where a region is absent from both
+maps: `ablation/study.py` drops those explicitly, per run, before calling here, and says so.)
 (The noise floor of a study with one seed is reported as NaN: it was not measured.)
 """
 
@@ -222,9 +224,10 @@ def metric_direction(column: str) -> int:
     """+1 if higher is better for this column's metric, -1 if lower is better, 0 if unknown.
 
     The metric is the column's prefix before the first "_" (`hd95_WT` -> `hd95`), or the whole
-    name (`dice`).
+    name (`dice`); a lesion-wise or whole-volume column reads as its metric
+    (`lesion_dice_ET` -> `dice`, `volume_hd95_WT` -> `hd95`).
     """
-    metric = column.split("_", 1)[0].lower()
+    metric = column.lower().removeprefix("lesion_").removeprefix("volume_").split("_", 1)[0]
     if metric in HIGHER_IS_BETTER:
         return 1
     if metric in LOWER_IS_BETTER:

@@ -22,7 +22,8 @@ from brats_lab.data.cache import Cache
 from brats_lab.data.cases import discover
 from brats_lab.data.dataset import WholeVolumes
 from brats_lab.data.preprocess import paste_back
-from brats_lab.evaluation.metrics import case_metrics, dice_from_counts
+from brats_lab.evaluation.lesionwise import case_scores
+from brats_lab.evaluation.metrics import dice_from_counts
 from brats_lab.io import atomic_path, read_image
 from brats_lab.labels import REGIONS
 
@@ -59,8 +60,9 @@ def score_cases(
     progress: bool,
 ) -> pd.DataFrame:
     """Predict each validation case whole, write it to `workdir/predictions/<case>.nii.gz` in its
-    original geometry and score it against its segmentation file with the BraTS 2020 metrics
-    (one row per case: case, dice_ET, ..., hd95_WT); draw the best and worst cases to
+    original geometry and score it against its segmentation file with the rules of the data
+    (`lesionwise.case_scores`: one row per case with the BraTS 2020 columns dice_ET, ..., hd95_WT,
+    plus the lesion-wise ones on 2023+ labels); draw the best and worst cases to
     `workdir/overlays/`."""
     from tqdm import tqdm
 
@@ -76,8 +78,8 @@ def score_cases(
         path = workdir / "predictions" / f"{item.case_id}.nii.gz"
         labels = write_label_map(regions, item.pads, entry.convention, entry.bbox, entry.geometry, path)
         reference, _ = read_image(segs[item.case_id])
-        scores = case_metrics(labels, reference, entry.geometry.spacing_zyx, entry.convention)
-        rows.append({"case": item.case_id, **{f"{m}_{r}": v for r, s in scores.items() for m, v in s.as_dict().items()}})
+        # The rules of the data: the BraTS 2020 columns always, the lesion-wise ones on 2023+ labels.
+        rows.append({"case": item.case_id, **case_scores(labels, reference, entry.geometry.spacing_zyx, entry.convention)})
         predictions[item.case_id] = (labels, reference)
     table = pd.DataFrame(rows)
     if len(table):

@@ -42,6 +42,9 @@ TINY_WIDTH = 4  # the width a `*_tiny` model name pins
 DEFAULT_WIDTH = 48
 # The networks pool three times: every spatial size they see must be a multiple of 2**3.
 MODEL_STRIDE = 8
+IN_CHANNELS = 4  # the modalities, brats_lab.data.cases.MODALITIES; a test keeps the two equal
+OUT_CHANNELS = 3  # the regions ET, TC, WT, brats_lab.labels.REGIONS; likewise
+SEED_LIMIT = 2**32  # seeds are in [0, 2**32): what every numpy and torch seeding call accepts
 
 
 class ConfigError(ValueError):
@@ -91,12 +94,21 @@ class DataConfig:
             f"every size must be a positive multiple of {MODEL_STRIDE} (the networks pool three "
             f"times), got {list(self.patch_size)}",
         )
+        # A patch of 8^3 is one voxel at the bottom of the network, where a normalisation layer
+        # (InstanceNorm, GroupNorm of one channel per group) has nothing to normalise over.
+        _require(
+            any(p > MODEL_STRIDE for p in self.patch_size),
+            "patch_size",
+            f"must be larger than {MODEL_STRIDE} on at least one axis (the networks pool three times, "
+            f"leaving one voxel to normalise), got {list(self.patch_size)}",
+        )
         _require(
             self.pad_multiple > 0 and self.pad_multiple % MODEL_STRIDE == 0,
             "pad_multiple",
             f"must be a positive multiple of {MODEL_STRIDE}, got {self.pad_multiple}",
         )
         _require(self.folds >= 2, "folds", f"cross-validation needs at least 2 folds, got {self.folds}")
+        _require(0 <= self.seed < SEED_LIMIT, "seed", f"must be between 0 and 2**32 - 1, got {self.seed}")
         _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
 
 
@@ -127,8 +139,10 @@ class ModelConfig:
             object.__setattr__(self, "width", TINY_WIDTH)
         _require(self.width >= 1, "width", f"must be >= 1, got {self.width}")
         _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
-        _require(self.in_channels >= 1, "in_channels", f"must be >= 1, got {self.in_channels}")
-        _require(self.out_channels >= 1, "out_channels", f"must be >= 1, got {self.out_channels}")
+        _require(self.in_channels == IN_CHANNELS, "in_channels",
+                 f"must be {IN_CHANNELS} (one per modality: T1, T1ce, T2, FLAIR), got {self.in_channels}")
+        _require(self.out_channels == OUT_CHANNELS, "out_channels",
+                 f"must be {OUT_CHANNELS} (one per region: ET, TC, WT), got {self.out_channels}")
 
 
 @dataclass(frozen=True)
@@ -213,6 +227,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "val_every", "checkpoint_every"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _require(0 <= self.seed < SEED_LIMIT, "seed", f"must be between 0 and 2**32 - 1, got {self.seed}")
         _require(0.0 <= self.decay_start <= 1.0, "decay_start", f"must be in [0, 1], got {self.decay_start}")
         _require(self.dice_eps > 0, "dice_eps", f"must be > 0, got {self.dice_eps}")
         _require(self.min_lr >= 0, "min_lr", f"must be >= 0, got {self.min_lr}")

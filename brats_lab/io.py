@@ -113,8 +113,8 @@ def read_volume(path: Path, full_check: bool = False) -> tuple[np.ndarray, Geome
     if array.ndim != 3 or len(geometry.size) != 3:
         components = f" x {array.shape[-1]} components" if array.ndim > len(geometry.size) else ""
         raise DataError(f"{path}: not 3-D (size {geometry.size}{components})")
-    if np.issubdtype(array.dtype, np.floating) and (bad := count_nonfinite(path)):
-        raise DataError(f"{path}: {bad} NaN or infinite voxels")
+    if why := nonfinite(path, array):
+        raise DataError(f"{path}: {why}")
     return array, geometry
 
 
@@ -204,6 +204,32 @@ def why_not_a_file(path: Path) -> str:
             return "permission denied (a folder on the way cannot be searched)"
         return "file not found"
     return "not a file" + (" (a folder)" if path.is_dir() else "")
+
+
+def nonfinite(path: Path, array: np.ndarray) -> str | None:
+    """Why the voxels of `path`, as read into `array`, are not all finite; None when they are.
+
+    Two ways in: NaN or infinite values stored in a float file (ITK reads NaN as 0, so the raw
+    voxels are counted), and finite stored values that the header's scaling (`scl_slope`,
+    `scl_inter`) turns infinite as read, e.g. int16 voxels times a slope of 1e38.
+    """
+    if not np.issubdtype(array.dtype, np.floating):  # ITK reads a scaled file as floats
+        return None
+    stored = count_nonfinite(path)
+    read = int(np.count_nonzero(~np.isfinite(array)))
+    if stored:
+        return f"{stored} NaN or infinite voxels"
+    if read:
+        return f"{read} NaN or infinite voxels once scaled by the header ({_scaling(path)})"
+    return None
+
+
+def _scaling(path: Path) -> str:
+    import nibabel
+
+    proxy = nibabel.load(str(path)).dataobj  # nibabel moves the header's scaling onto the proxy
+    slope, inter = getattr(proxy, "slope", None), getattr(proxy, "inter", None)
+    return f"scl_slope {float(slope):g}, scl_inter {float(inter):g}" if slope is not None else "scaled"
 
 
 def count_nonfinite(path: Path) -> int:

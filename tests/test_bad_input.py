@@ -21,6 +21,7 @@ import gzip
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -76,6 +77,21 @@ def plain_nifti_bytes(path: Path, tmp: Path) -> bytes:
     data = (tmp / "plain.nii").read_bytes()
     (tmp / "plain.nii").unlink()
     return data
+
+
+def set_scl_slope(path: Path, slope: float) -> None:
+    """Rewrite a .nii.gz's header field scl_slope (bytes 112-116 of the NIfTI-1 header)."""
+    data = bytearray(gzip.decompress(path.read_bytes()))
+    assert struct.unpack("<i", data[:4])[0] == 348  # little-endian NIfTI-1, as SimpleITK writes it
+    data[112:116] = struct.pack("<f", slope)
+    path.write_bytes(gzip.compress(bytes(data)))
+
+
+def copy_case(root: Path, case: str, folder: Path, new_id: str) -> None:
+    """Case `case`'s files, renamed for `new_id`, in `folder`."""
+    folder.mkdir()
+    for path in (root / case).iterdir():
+        shutil.copy(path, folder / path.name.replace(case, new_id))
 
 
 def four_d(path: Path) -> None:
@@ -203,6 +219,14 @@ def _dataset_corpus() -> list[Entry]:
     def _(root, tmp):
         rewrite(image(root, "t1"), lambda a, g: (np.zeros_like(a), g))
 
+    @add("infinite once scaled by the header (scl_slope 1e38)", r"NaN or infinite voxels once scaled", T1CE, IMAGES)
+    def _(root, tmp):
+        set_scl_slope(image(root, "t1ce"), 1e38)  # int16 voxels of ~500: +inf as float32
+
+    @add("constant modality (one value inside the brain)", r"every non-zero voxel has the value 7\b", T1, IMAGES)
+    def _(root, tmp):
+        rewrite(image(root, "t1"), lambda a, g: (np.where(a != 0, 7, 0).astype(a.dtype), g))
+
     @add("label 3 in a 2020 dataset", r"label[^:]*\b3\b", SEG, ALL)
     def _(root, tmp):
         rewrite(image(root, "seg"), lambda a, g: (np.where(a == 1, 3, a).astype(np.uint8), g))
@@ -284,6 +308,19 @@ def _dataset_corpus() -> list[Entry]:
         twin.mkdir()
         for path in (root / CASE).iterdir():
             shutil.copy(path, twin / path.name.replace(CASE, twin.name))
+
+    # Folder names that are almost a case id: not silently a case, not silently ignored.
+    for label, name in (("newline after a case folder's name", f"{CASE[:-1]}3\n"),
+                        ("fullwidth digits in a case folder's name", "BraTS20_Training_\uff10\uff10\uff13"),
+                        ("Arabic-Indic digits in a case folder's name", "BraTS20_Training_\u0660\u0660\u0663")):
+        @add(label, r"named like a case folder but not a case id", None, ALL, case=ascii(name)[1:-1])
+        def _(root, tmp, name=name):
+            copy_case(root, OTHER, root / name, name)
+
+    @add("another case's files in a case folder", rf"a file of case {OTHER} in the folder of case {CASE[:-1]}3",
+         f"{OTHER}_seg.nii.gz", ALL, case=f"{CASE[:-1]}3")
+    def _(root, tmp):
+        shutil.copytree(root / OTHER, root / f"{CASE[:-1]}3")
 
     # Permissions.
     @add("unreadable file (chmod 000)", r"permission denied", T1, IMAGES, unreadable=True)
@@ -593,6 +630,120 @@ def _can_drop_read_override() -> bool:
         return subprocess.run(["true"], preexec_fn=_drop_read_override).returncode == 0
     except subprocess.SubprocessError:  # the preexec function failed: no CAP_SETPCAP
         return False
+
+
+# --- bad configurations, ablations and storage URLs -------------------------------------------
+# Each refused with one `brats-lab: error:` line saying what was expected, no traceback, before
+# anything is written: no MLflow store, no Optuna storage.
+
+ABLATION_TOML = """
+name = "bad"
+pipeline = "B"
+baseline = "small"
+folds = 2
+
+[arms]
+small = ["model.width=4", "data.patch_size=[32, 32, 32]"]
+wide = ["model.width=8", "data.patch_size=[32, 32, 32]"]
+"""
+
+
+def _ablation(replace: dict[str, str] | None = None, append: str = "") -> str:
+    text = ABLATION_TOML
+    for old, new in (replace or {}).items():
+        assert old in text
+        text = text.replace(old, new)
+    return text + append
+
+
+SECRET = "Secret77"  # the part of each password that must never be shown
+CONFIG_CORPUS = {  # name -> (argv after `brats-lab`, with {data} and {toml}; the ablation TOML or None; why)
+    "model.in_channels=5": (["train", "--set", "model.in_channels=5"], None, r"model.in_channels.*must be 4"),
+    "model.out_channels=2": (["train", "--set", "model.out_channels=2"], None, r"model.out_channels.*must be 3"),
+    "data.seed=-1": (["train", "--set", "data.seed=-1"], None, r"data.seed.*between 0 and 2\*\*32 - 1, got -1"),
+    "train.seed=-1": (["train", "--set", "train.seed=-1"], None, r"train.seed.*between 0 and 2\*\*32 - 1, got -1"),
+    "8^3 patch (one voxel at the bottom)": (["train", "--set", "data.patch_size=[8, 8, 8]"], None,
+                                            r"data.patch_size.*larger than 8 on at least one axis"),
+    "data.exclude lists every training case": (["train", "--set", f'data.exclude=["{CASE}", "{OTHER}"]'], None,
+                                               r"data.exclude leaves no case to train on in fold 0"),
+    "data.exclude names a case not in the data": (["train", "--set", 'data.exclude=["BraTS20_Training_999"]'], None,
+                                                   r"data.exclude names cases that are not in .*: BraTS20_Training_999"),
+    "ablation: folds = \"two\"": (["ablate", "{toml}"], _ablation({"folds = 2": 'folds = "two"'}),
+                                  r"folds must be an integer, got 'two'"),
+    "ablation: folds = 0": (["ablate", "{toml}"], _ablation({"folds = 2": "folds = 0"}), r"folds must be >= 1, got 0"),
+    "ablation: --folds 0": (["ablate", "{toml}", "--folds", "0"], _ablation(), r"--folds must be between 1 and \d+.*got 0"),
+    "ablation: arms as a list": (["ablate", "{toml}"], ABLATION_TOML.split("[arms]")[0] + 'arms = ["small", "wide"]\n',
+                                 r"arms must be a table"),
+    "ablation: two arms resolve alike": (["ablate", "{toml}"], _ablation({"model.width=8": "model.width=4"}),
+                                         r"arms 'small' and 'wide' resolve to the same configuration.*brats-lab ablate seeds"),
+    "ablation: [cpu] folds = \"x\"": (["ablate", "{toml}"], _ablation(append='[cpu]\nfolds = "x"\n'),
+                                      r"cpu.folds must be an integer, got 'x'"),
+    "ablation: [removal] fraction as words": (
+        ["ablate", "{toml}"], _ablation(append='[removal]\narm = "wide"\nfraction = "ten percent"\n'),
+        r"removal.fraction must be a number, got 'ten percent'"),
+    "ablation: trials = \"many\"": (
+        ["ablate", "{toml}"], _ablation(append='[search]\ntrials = "many"\n[search.params]\n"optim.lr" = {low = 1e-5, high = 1e-3}\n'),
+        r"search.trials must be an integer, got 'many'"),
+    "ablation: search bounds as strings": (
+        ["ablate", "{toml}"], _ablation(append='[search]\ntrials = 2\n[search.params]\n"optim.lr" = {low = "1e-5", high = "1e-3"}\n'),
+        r"search.params.optim.lr.low must be a number, got '1e-5'"),
+    "worker: SQLite storage that does not exist": (
+        ["worker", "--study", "x", "--storage", "sqlite:///{work}/nowhere/x.db"], None, r"no Optuna storage at .*nowhere/x.db"),
+    **{f"worker: password holding {c!r}": (
+        ["worker", "--study", "x", "--storage", f"postgresql://user:Qm{c}{SECRET}@127.0.0.1:1/db"], None,
+        r"cannot open the Optuna storage postgresql://user:\*\*\*@127.0.0.1:1/db") for c in "?#/@%:"},
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIG_CORPUS))
+def test_bad_configuration_is_refused_in_one_line_before_anything_is_written(name, valid, tmp_path):
+    argv, toml, why = CONFIG_CORPUS[name]
+    data = tmp_path / "data"
+    shutil.copytree(valid / "data", data)
+    if toml is not None:
+        (tmp_path / "bad.toml").write_text(toml)
+    if argv[0] == "train":
+        argv = ["train", "--pipeline", "B", "--profile", "cpu", "--data", str(data), *_sets(TINY_TRAIN), *argv[1:]]
+    if argv[0] == "ablate":
+        argv = [*argv, "--data", str(data), "--storage", f"sqlite:///{tmp_path}/optuna.db"]
+    argv = [a.replace("{toml}", str(tmp_path / "bad.toml")).replace("{work}", str(tmp_path)) for a in argv]
+    result = cli(argv, tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("brats-lab: error:")]
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert len(errors) == 1 and re.search(why, errors[0]), output[-3000:]
+    assert SECRET not in output
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "optuna.db").exists() and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("char", list("?#/@%:"))
+def test_storage_urls_are_masked_whatever_the_password_holds(char):
+    """What the study run's `storage` tag and every message show of a storage URL."""
+    from brats_lab.ablation.study import _password, _safe
+
+    url = f"postgresql://user:Qm{char}{SECRET}@db.example:5432/optuna?sslmode=require"
+    assert _safe(url) == "postgresql://user:***@db.example:5432/optuna?sslmode=require"
+    assert _password(url) == f"Qm{char}{SECRET}"
+    query = f"postgresql://user@db.example/optuna?sslmode=require&password=Qm{char.replace('&', '')}{SECRET}"
+    assert SECRET not in _safe(query) and _safe(query).startswith("postgresql://user@db.example/optuna?sslmode=require&password=***")
+
+
+@pytest.mark.parametrize("pipeline, method", [("A", "minmax"), ("B", "zscore")])
+def test_huge_and_tiny_intensities_are_normalised_not_zeroed(pipeline, method, valid, tmp_path):
+    """float64 modalities near the limits of float64 (1e300: the variance overflows; 1e-310:
+    subnormal) are valid images: `data prepare` caches every channel finite and non-constant,
+    where it used to cache an all-zero channel and exit 0."""
+    from brats_lab.data.cache import open_cache
+
+    data = tmp_path / "data"
+    shutil.copytree(valid / "data", data)
+    rewrite(image(data, "t1"), lambda a, g: (a.astype(np.float64) * 1e297, g))
+    rewrite(image(data, "t2"), lambda a, g: (a.astype(np.float64) * 1e-313, g))
+    result = cli(["data", "prepare", str(data), "--pipeline", pipeline], tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    images, _ = open_cache(data, method).load(CASE)
+    for channel in images:
+        assert np.isfinite(channel).all() and channel.min() < channel.max()
 
 
 def test_corpus_names_are_unique():

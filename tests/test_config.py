@@ -218,3 +218,13 @@ def test_excluded_cases_are_a_list_of_names_that_round_trips():
     assert config_hash(cfg) != config_hash(load_config(pipeline_path("A"), "cpu"))
     with pytest.raises(ConfigError, match="data.exclude.*expected a string"):
         load_config(pipeline_path("A"), "cpu", ["data.exclude=[1, 2]"])
+
+
+def test_channel_counts_are_the_modalities_and_the_regions():
+    """config.py sits below data/ and labels.py in the import graph: its constants are kept equal
+    to theirs here."""
+    from brats_lab.config import IN_CHANNELS, OUT_CHANNELS
+    from brats_lab.data.cases import MODALITIES
+    from brats_lab.labels import REGIONS
+
+    assert (IN_CHANNELS, OUT_CHANNELS) == (len(MODALITIES), len(REGIONS))

@@ -170,6 +170,26 @@ def test_a_terminated_worker_fails_its_trial_and_marks_its_fold_run_killed(datas
     assert sorted(t.state.name for t in study.trials) == ["FAIL", "WAITING", "WAITING"]
 
 
+def test_a_relaunch_whose_storage_cannot_be_opened_leaves_finished_runs_finished(dataset, tmp_path):
+    """Relaunching a finished study with a storage URL that cannot be opened (a wrong password,
+    a server down) is refused by name, masked, and changes no run's state: both stores are
+    opened before any run is reopened."""
+    from brats_lab import DataError
+    from brats_lab.ablation.study import DEFAULT_STORAGE, launch, make_plan
+
+    toml = str(tiny_ablation(tmp_path, epochs=1))
+    study_run = launch(make_plan(toml, "cpu", 1, str(dataset), DEFAULT_STORAGE))
+    runs = [study_run, *tracking.find_runs("ablation-tiny", {"kind": "arm"})]
+    assert len(runs) == 3
+    for run in runs:  # as run_study leaves a study it has finished
+        run.finish("FINISHED")
+    down = "postgresql://user:Qm?Secret77@127.0.0.1:1/db"  # nothing listens on port 1
+    with pytest.raises(DataError, match=r"cannot open the Optuna storage postgresql://user:\*\*\*@127.0.0.1:1/db") as e:
+        launch(make_plan(toml, "cpu", 1, str(dataset), down))
+    assert "Secret77" not in str(e.value)
+    assert [tracking.get_run(r.id).status for r in runs] == ["FINISHED"] * 3
+
+
 def test_a_terminated_ablation_stops_its_helper_workers_too(dataset, tmp_path):
     from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan
 

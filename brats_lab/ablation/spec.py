@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import difflib
 import tomllib
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
-from brats_lab.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, load_config, pipeline_path
+from brats_lab.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, config_hash, load_config, pipeline_path
 
 ABLATIONS_DIR = EXPERIMENTS_DIR / "ablations"
 CPU_DEMO = EXPERIMENTS_DIR / "cpu_demo.toml"  # the one CPU demo schedule every ablation's [cpu] shares
@@ -118,9 +119,7 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
     for key in ("name", "pipeline", "baseline", "arms"):
         if key not in data:
             raise ConfigError(f"{path}: missing key {key!r}")
-    for arm, overrides in data["arms"].items():
-        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-            raise ConfigError(f"{path}: arm {arm!r} must be a list of \"key=value\" overrides, got {overrides!r}")
+    _check_types(data, path)
     arms = {str(k): tuple(v) for k, v in data["arms"].items()}
     if len(arms) < 2 or data["baseline"] not in arms:
         raise ConfigError(f"{path}: needs at least two arms, one of them the baseline {data['baseline']!r}; got {list(arms)}")
@@ -165,6 +164,7 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
     for arm in arms:  # every arm must resolve to a valid config, now rather than mid-study
         ablation.arm_config(arm, "cpu")
         ablation.arm_config(arm, "paper")
+    _refuse_identical_arms(ablation)
     if search is not None:  # and every searched key must exist
         ablation.arm_config(ablation.baseline, "cpu", [f"{k}={low}" for k, (low, _, _) in search.params.items()])
     return ablation
@@ -186,3 +186,73 @@ def _known(data: dict, keys: set[str], path: Path, prefix: str) -> None:
             close = difflib.get_close_matches(key, sorted(keys), n=1)
             hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
             raise ConfigError(f"{path}: unknown key {prefix}{key!r} (allowed: {', '.join(sorted(keys))}){hint}")
+
+
+# Each key's expected type: (checks, what to say). Integers are accepted where numbers are.
+_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+_NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
+_TEXT = (lambda v: isinstance(v, str), "a string")
+_BOOL = (lambda v: isinstance(v, bool), "a boolean (true/false)")
+_TABLE = (lambda v: isinstance(v, dict), "a table")
+_ANY = (lambda v: True, "anything")  # a key this table does not know yet: `_known` decides
+_TEXTS = (lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v), 'a list of "key=value" strings')
+_TYPES: dict[str, tuple[Any, str]] = {
+    "name": _TEXT, "description": _TEXT, "pipeline": _TEXT, "baseline": _TEXT, "folds": _INT,
+    "arms": _TABLE, "cpu": _TABLE, "removal": _TABLE, "phantom": _TABLE, "search": _TABLE,
+    "seeds": _INT, "cpu.folds": _INT, "cpu.seeds": _INT, "cpu.set": _TEXTS,
+    "removal.arm": _TEXT, "removal.metric": _TEXT, "removal.fraction": _NUMBER,
+    "phantom.dataset": _TEXT, "phantom.corrupt_fraction": _NUMBER,
+    "search.trials": _INT, "search.seed": _INT, "search.params": _TABLE,
+}
+_AT_LEAST_ONE = ("folds", "seeds", "cpu.folds", "cpu.seeds", "search.trials")
+
+
+def _check_types(data: dict, path: Path) -> None:
+    """Every value of the right type (and fold and trial counts >= 1), so a typo such as
+    `folds = "two"` is one line naming the key and what was expected, not a traceback later."""
+
+    def expect(key: str, value: Any, kind: tuple[Any, str]) -> None:
+        if not kind[0](value):
+            raise ConfigError(f"{path}: {key} must be {kind[1]}, got {value!r}")
+
+    for key, value in data.items():
+        expect(key, value, _TYPES.get(key, _ANY))
+        if isinstance(value, dict) and key != "arms":
+            for sub, subvalue in value.items():
+                expect(f"{key}.{sub}", subvalue, _TYPES.get(f"{key}.{sub}", _ANY))
+    for key in _AT_LEAST_ONE:
+        section, _, sub = key.rpartition(".")
+        value = data.get(section, {}).get(sub) if section else data.get(key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{path}: {key} must be >= 1, got {value}")
+    if "removal" in data and "arm" not in data["removal"]:
+        raise ConfigError(f"{path}: [removal] needs arm = \"...\" (the arm that trains without the removed cases)")
+    for arm, overrides in data["arms"].items():
+        if not _TEXTS[0](overrides):
+            raise ConfigError(f"{path}: arm {arm!r} must be a list of \"key=value\" overrides, got {overrides!r}")
+    for param, spec in data.get("search", {}).get("params", {}).items():
+        where = f"search.params.{param}"
+        expect(where, spec, _TABLE)
+        for bound in ("low", "high"):
+            if bound in spec:
+                expect(f"{where}.{bound}", spec[bound], _NUMBER)
+        if "log" in spec:
+            expect(f"{where}.log", spec["log"], _BOOL)
+
+
+def _refuse_identical_arms(ablation: Ablation) -> None:
+    """Two arms that resolve to the same config would be one arm run compared with itself (a
+    removal arm differs only once its excluded cases are known, so it is left out)."""
+    removal = ablation.removal.arm if ablation.removal is not None else None
+    for profile in ("cpu", "paper"):
+        seen: dict[str, str] = {}
+        for arm in ablation.arms:
+            if arm == removal:
+                continue
+            chash = config_hash(ablation.arm_config(arm, profile))
+            if chash in seen:
+                raise ConfigError(
+                    f"{ablation.source}: arms {seen[chash]!r} and {arm!r} resolve to the same configuration "
+                    f"(profile {profile}): they would train the same runs and compare an arm with itself; "
+                    "make them differ, or for an A/A comparison use seeds (brats-lab ablate seeds)")
+            seen[chash] = arm

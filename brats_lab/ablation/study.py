@@ -30,6 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import pandas as pd
 
@@ -102,7 +103,7 @@ class Plan:
 
 def make_plan(name_or_path: str, profile: str, folds: int | None, dataset: str, storage: str, seeds: int | None = None) -> Plan:
     ablation = load_ablation(name_or_path)
-    k = folds or ablation.fold_count(profile)
+    k = ablation.fold_count(profile) if folds is None else folds  # --folds 0 is refused, not the default
     total = ablation.arm_config(ablation.baseline, profile).data.folds
     if not 1 <= k <= total:
         raise DataError(f"--folds must be between 1 and {total} (the data is split in {total} folds), got {k}")
@@ -112,7 +113,9 @@ def make_plan(name_or_path: str, profile: str, folds: int | None, dataset: str, 
     return Plan(ablation, profile, tuple(range(k)), str(dataset), storage, seeds=tuple(range(n)))
 
 
-def _storage(url: str):
+def _storage(url: str, create: bool = True):
+    """Optuna's storage at `url`; with `create` false (a worker), refuse a SQLite file or an
+    empty database instead of creating it: a worker given a wrong URL must leave nothing behind."""
     import warnings
 
     import optuna
@@ -120,7 +123,12 @@ def _storage(url: str):
 
     given = url
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        file = Path(url.removeprefix("sqlite:///").partition("?")[0])
+        if not create and not file.is_file():
+            raise DataError(f"no Optuna storage at {file} (a worker does not create one); "
+                            "start the study with `brats-lab ablate`, and give workers its --storage")
+        file.parent.mkdir(parents=True, exist_ok=True)
+    url = _quote_at(url)  # a raw '@' in the password would end it early for SQLAlchemy
     # The driver we depend on is psycopg 3; SQLAlchemy before 2.1 reads a plain postgresql:// as
     # psycopg2, and never accepts postgres://.
     for prefix in ("postgresql://", "postgres://"):
@@ -136,12 +144,17 @@ def _storage(url: str):
             retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
             callback = ({"heartbeat_stale_trial_callback": retry(max_retry=3)} if retry is not None
                         else {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)})
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS, **callback)
-        except (SQLAlchemyError, ImportError) as e:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                                              skip_table_creation=not create, **callback)
+        except (SQLAlchemyError, ImportError, optuna.exceptions.StorageInternalError) as e:
+            if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None:
+                e = e.__cause__  # Optuna's own words say nothing of the cause
             reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+            if not create and "version_info" in reason:  # a database without Optuna's tables
+                reason += " (a worker does not create a storage: start the study with `brats-lab ablate`)"
             password = _password(given)
-            if password:
-                reason = reason.replace(password, "***")
+            for form in {password, unquote(password)} - {""}:  # drivers may echo it decoded
+                reason = reason.replace(form, "***")
             raise DataError(f"cannot open the Optuna storage {_safe(given)}: {reason}") from None
 
 
@@ -153,6 +166,9 @@ def launch(plan: Plan):
     from brats_lab import tracking
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Both stores open before any run changes state: a relaunch with a storage that cannot be
+    # opened must leave finished runs FINISHED.
+    store = _storage(plan.storage)
     study_run = next(iter(tracking.find_runs(plan.experiment, {"kind": "study", "study": plan.study_name})), None)
     if study_run is None:
         study_run = tracking.start_run(plan.experiment, plan.ablation.name, "study",
@@ -168,7 +184,7 @@ def launch(plan: Plan):
             if arm_run.status != "RUNNING":  # the arm runs while its folds may
                 arm_run.reopen()
 
-    study = optuna.create_study(study_name=plan.study_name, storage=_storage(plan.storage), load_if_exists=True,
+    study = optuna.create_study(study_name=plan.study_name, storage=store, load_if_exists=True,
                                 direction="maximize")
     for key, value in {**plan.attrs(), "mlflow_study_run": study_run.id}.items():
         study.set_user_attr(key, value)
@@ -199,10 +215,12 @@ def work(study_name: str, storage: str, progress: bool = True) -> int:
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    store = _storage(storage)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    store = _storage(storage, create=False)
     try:
         study = optuna.load_study(study_name=study_name, storage=store)
-    except KeyError:
+    except (KeyError, SQLAlchemyError):  # no such study, or no Optuna tables at all
         raise DataError(f"no study {study_name!r} in {_safe(storage)}; start it with `brats-lab ablate`") from None
     attrs = study.user_attrs
     plan = Plan(parse_ablation(attrs["ablation_toml"], attrs["ablation"]), attrs["profile"], tuple(attrs["folds"]), attrs["dataset"], storage,
@@ -590,26 +608,44 @@ def _phantom_truth(plan: Plan) -> str:
 def _safe(url: str) -> str:
     """A storage URL without its password (after the user name, or a `password=` parameter),
     for logs, messages and tags."""
-    password = _password(url)
-    if not password:
-        return url
-    base, sep, query = url.partition("?")
-    scheme, _, rest = base.partition("://")
-    credentials, at, host = rest.rpartition("@")
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = _split_credentials(rest)
     if at and ":" in credentials:
-        base = f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
-    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", query, flags=re.IGNORECASE)
-    return base + sep + query
+        credentials = credentials.split(":", 1)[0] + ":***"
+    return scheme + sep + credentials + at + host
 
 
 def _password(url: str) -> str:
     """The password written in a database URL ('' if none)."""
-    base, _, query = url.partition("?")
-    credentials = base.partition("://")[2].rpartition("@")[0]
-    if ":" in credentials:
+    credentials, at, _ = _split_credentials(_QUERY_PASSWORD.sub(r"\1", url).partition("://")[2])
+    if at and ":" in credentials:
         return credentials.split(":", 1)[1]
-    found = re.search(r"(?:^|&)password=([^&]*)", query, flags=re.IGNORECASE)
-    return found.group(1) if found else ""
+    found = _QUERY_PASSWORD.search(url)
+    return found.group(2) if found else ""
+
+
+# A `password=` query parameter, masked first: its value may hold an '@' too.
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&]*)", flags=re.IGNORECASE)
+
+
+def _split_credentials(rest: str) -> tuple[str, str, str]:
+    """`user:password@host/db?query` -> (`user:password`, `@`, `host/db?query`). The credentials
+    end at the last '@': a password may hold '?', '#', '/', ':', '%' and even a raw '@', none of
+    which a host holds."""
+    return rest.rpartition("@") if "@" in rest else ("", "", rest)
+
+
+def _quote_at(url: str) -> str:
+    """The URL with each raw '@' of its password written %40, as SQLAlchemy expects."""
+    found = _QUERY_PASSWORD.search(url)
+    head, tail = (url[: found.start()], url[found.start():]) if found else (url, "")
+    scheme, sep, rest = head.partition("://")
+    credentials, at, host = _split_credentials(rest)
+    if not at or ":" not in credentials:
+        return url
+    user, password = credentials.split(":", 1)
+    return f"{scheme}{sep}{user}:{password.replace('@', '%40')}@{host}{tail}"
 
 
 # --- sizing a study before paying for it (`brats-lab ablate NAME --plan`) ------------------------

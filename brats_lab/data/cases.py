@@ -23,7 +23,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
 @dataclass(frozen=True)
 class Layout:
     name: str
-    case_dir: re.Pattern[str]  # a case folder's name
+    case_dir: re.Pattern[str]  # a case folder's whole name, ASCII only: use `is_case_dir`
     separator: str  # between the case id and the file suffix
     suffixes: tuple[str, ...]  # file suffix of each modality, in MODALITIES order
     seg_suffix: str
@@ -33,11 +33,22 @@ class Layout:
     def file_name(self, case_id: str, suffix: str) -> str:
         return f"{case_id}{self.separator}{suffix}.nii.gz"
 
+    def is_case_dir(self, name: str) -> bool:
+        """Whether `name` is a case folder of this layout: the whole name, ASCII digits only (a
+        trailing newline or fullwidth digits would put odd characters in every file and run name)."""
+        return self.case_dir.fullmatch(name) is not None
+
+    def looks_like_case_dir(self, name: str) -> bool:
+        """Not a case folder, but one with whitespace around the name or non-ASCII digits: a
+        mistake to report rather than a folder to ignore."""
+        loose = self.case_dir.pattern.replace("[0-9]", r"\d")
+        return not self.is_case_dir(name) and re.fullmatch(loose, name.strip()) is not None
+
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout(
         name="brats2020",
-        case_dir=re.compile(r"^BraTS20_(Training|Validation|Testing)_\d+$"),
+        case_dir=re.compile(r"BraTS20_(Training|Validation|Testing)_[0-9]+"),
         separator="_",
         suffixes=("t1", "t1ce", "t2", "flair"),
         seg_suffix="seg",
@@ -46,7 +57,7 @@ LAYOUTS: tuple[Layout, ...] = (
     ),
     Layout(
         name="brats2021",
-        case_dir=re.compile(r"^BraTS2021_\d+$"),
+        case_dir=re.compile(r"BraTS2021_[0-9]+"),
         separator="_",
         suffixes=("t1", "t1ce", "t2", "flair"),
         seg_suffix="seg",
@@ -55,7 +66,7 @@ LAYOUTS: tuple[Layout, ...] = (
     ),
     Layout(
         name="brats2023",
-        case_dir=re.compile(r"^BraTS-[A-Z]+-\d+-\d+$"),
+        case_dir=re.compile(r"BraTS-[A-Z]+-[0-9]+-[0-9]+"),
         separator="-",
         suffixes=("t1n", "t1c", "t2w", "t2f"),
         seg_suffix="seg",
@@ -111,7 +122,11 @@ def detect_layout(root: Path) -> tuple[Layout, Path]:
         raise DataError(f"{root}: not a folder")
     for folder in (root, *_only_subfolder(root)):
         names = sorted(p.name for p in _list(folder))
-        found = {l.name: [n for n in names if l.case_dir.match(n)] for l in LAYOUTS}
+        if odd := [n for n in names if any(l.looks_like_case_dir(n) for l in LAYOUTS)]:
+            raise DataError(f"{folder}: {ascii(odd[0])}: named like a case folder but not a case id "
+                            "(whitespace around it or non-ASCII digits); rename it or move it out"
+                            + (f" (and {len(odd) - 1} more such folders)" if len(odd) > 1 else ""))
+        found = {l.name: [n for n in names if l.is_case_dir(n)] for l in LAYOUTS}
         found = {name: cases for name, cases in found.items() if cases}
         if len(found) > 1:  # e.g. a 2021 copy of 2020 cases: the same patients twice
             kinds = "; ".join(f"{name}: {len(cases)} ({', '.join(cases[:3])}{', ...' if len(cases) > 3 else ''})"
@@ -142,7 +157,7 @@ def discover(root: Path) -> list[Case]:
     for one modality is still returned, with `problems` saying why it cannot be used.
     """
     layout, folder = detect_layout(root)
-    entries = sorted(p for p in _list(folder) if layout.case_dir.match(p.name))
+    entries = sorted(p for p in _list(folder) if layout.is_case_dir(p.name))
     return [_case(d, layout) for d in entries]
 
 
@@ -163,6 +178,11 @@ def _case(folder: Path, layout: Layout) -> Case:
     for p in sorted(listed):
         files.setdefault(p.name.lower(), []).append(p)
     problems: list[tuple[str, str]] = []
+    for path in sorted(listed):  # e.g. case 002's files copied into the folder of case 003
+        other = re.match(layout.case_dir.pattern, path.name, flags=re.IGNORECASE)
+        if other and other.group(0).lower() != case_id.lower():
+            problems.append((path.name, f"a file of case {other.group(0)} in the folder of case {case_id}; "
+                                        "move it to its own case folder"))
     images = tuple(_find(files, folder, case_id, layout, s, problems) for s in layout.suffixes)
     seg = _find(files, folder, case_id, layout, layout.seg_suffix, problems)
     notes: tuple[str, ...] = ()
@@ -191,6 +211,7 @@ def _find_odd_seg(
         p
         for name, p in sorted(files.items())
         if name not in taken and "seg" in name and name.endswith(IMAGE_EXTENSIONS)
+        and not re.match(layout.case_dir.pattern, name, flags=re.IGNORECASE)  # another case's seg
     ]
     if len(odd) != 1:
         return None, ()

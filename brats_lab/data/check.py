@@ -10,7 +10,8 @@ import numpy as np
 
 from brats_lab import DataError
 from brats_lab.data.cases import MODALITIES, Case, discover
-from brats_lab.io import Geometry, count_nonfinite, read_image, why_not_a_file
+from brats_lab.data.preprocess import flat_channel
+from brats_lab.io import Geometry, nonfinite, read_image, why_not_a_file
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,10 @@ def check_case(case: Case, expect_seg: bool = False) -> list[Problem]:
         if volume is None:
             continue
         array, geometry = volume
-        if np.issubdtype(array.dtype, np.floating) and (bad := count_nonfinite(path)):
-            add(path, f"{bad} NaN or infinite voxels")
-        if not np.any(array):
-            add(path, "all voxels are zero")
+        if why := nonfinite(path, array):
+            add(path, why)
+        elif why := flat_channel(array):  # normalisation would leave nothing of this modality
+            add(path, why)
         if reference is None:
             reference = (modality, geometry)
         elif diffs := reference[1].differences(geometry):

@@ -24,7 +24,7 @@ METHODS: tuple[str, ...] = ("minmax", "zscore")  # pipeline A, pipeline B
 PERCENTILES: tuple[float, float] = (1.0, 99.0)  # minmax clipping, of the non-zero voxels
 BBOX_MARGIN = 1  # voxels kept around the brain on each side (the seed code kept one before)
 # Bump when preprocess_case's output changes for the same input: caches built before then rebuild.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: huge or tiny intensities no longer zero a channel
 
 BBox = tuple[slice, slice, slice]  # (z, y, x), into the original volume
 
@@ -36,13 +36,17 @@ def normalize(volume: np.ndarray, method: str) -> np.ndarray:
     """One modality (z, y, x) -> float32, normalised on its non-zero (brain) voxels; background stays 0.
 
     - "minmax" (pipeline A): clip to the 1st/99th percentiles of the non-zero voxels, then scale
-      that range to [0, 1].
+      that range to [0, 1]. When the two percentiles agree although the brain is not constant
+      (more than 98% of it at one value), the full range is used instead, so what varies is kept.
     - "zscore" (pipeline B): subtract the mean and divide by the std of the non-zero voxels.
 
-    Only non-zero voxels change, so the background stays exactly 0 whatever the intensities. An
-    all-zero modality stays zeros and a constant one becomes zeros (no division by zero);
-    `preprocess_case` refuses an all-zero modality and `data check` reports it. The input is
-    never modified.
+    Only non-zero voxels change, so the background stays exactly 0 whatever the intensities. Any
+    finite input gives a finite output: the statistics are taken in float64 after dividing by a
+    power of two that brings the largest magnitude into [0.5, 1), which is exact (ordinary
+    intensities give the same bits as without it) and keeps values near the float64 limits
+    (1e300, 1e-310) from overflowing the variance or underflowing. An all-zero modality stays
+    zeros and a constant one becomes zeros (no division by zero); `preprocess_case` refuses both
+    (`flat_channel`) and `data check` reports them. The input is never modified.
     """
     if method not in METHODS:
         raise ValueError(f"unknown normalisation {method!r}; expected one of {METHODS}")
@@ -52,8 +56,11 @@ def normalize(volume: np.ndarray, method: str) -> np.ndarray:
     values = volume[brain].astype(np.float64)
     if values.size == 0:
         return out
+    values = np.ldexp(values, -int(np.frexp(np.abs(values).max())[1]))
     if method == "minmax":
         low, high = np.percentile(values, PERCENTILES)
+        if high == low:
+            low, high = values.min(), values.max()
         if high > low:
             out[brain] = (np.clip(values, low, high) - low) / (high - low)
     else:
@@ -61,6 +68,19 @@ def normalize(volume: np.ndarray, method: str) -> np.ndarray:
         if std > 0:
             out[brain] = (values - mean) / std
     return out
+
+
+def flat_channel(volume: np.ndarray) -> str | None:
+    """Why `normalize` would turn this modality into an all-zero channel (every voxel zero, or
+    every non-zero voxel one value); None when it would not. A blank channel would train and
+    predict as if it were data."""
+    values = volume[volume != 0]
+    if values.size == 0:
+        return "all voxels are zero"
+    if values.min() == values.max():
+        return (f"every non-zero voxel has the value {values.flat[0]:g} ({values.size} voxels): "
+                "normalised, the modality would be all zeros")
+    return None
 
 
 # --- brain bounding box and paste-back -------------------------------------------------------
@@ -228,13 +248,20 @@ def preprocess_case(case: Case, method: str) -> Preprocessed:
     volumes, geometry = [], None
     for name, path in zip(MODALITIES, case.images):
         array, geo = _read(case, path)
-        if not np.any(array):  # a blank channel would train and predict as if it were data
-            raise DataError(f"{case.id}: {path}: all voxels are zero")
         if geometry is None:
             geometry = geo
         else:
             _check_same_geometry(case, path, geo, geometry, case.images[0])
-        volumes.append(normalize(array, method))
+        if why := flat_channel(array):
+            raise DataError(f"{case.id}: {path}: {why}")
+        channel = normalize(array, method)
+        # A guard: for finite, non-constant input `normalize` gives neither; a cache must never
+        # hold such a channel silently.
+        if not np.isfinite(channel).all() or not channel.any():
+            raise DataError(f"{case.id}: {path}: {method} normalisation gave a "
+                            f"{'non-finite' if not np.isfinite(channel).all() else 'all-zero'} channel "
+                            f"(intensities {array.min():g} to {array.max():g})")
+        volumes.append(channel)
     assert geometry is not None
     # Stacking after the check: a shape mismatch would otherwise surface as a bare numpy error.
     images = np.stack(volumes)

@@ -77,6 +77,25 @@ def authors_folds(n: int, folds: int, seed: int) -> list[np.ndarray]:
     return [indices[bounds[k] : bounds[k + 1]] for k in range(folds)]
 
 
+def training_cases(splits: Sequence[Split], fold: int, exclude: Iterable[str], dataset: str) -> list[str]:
+    """Fold `fold`'s training cases without the `exclude`d ones (data.exclude, patient removal).
+
+    Raises DataError when `exclude` names a case that is not in the splits (a typo would
+    otherwise exclude nothing), and when it leaves no case to train on: a run on 0 cases ends
+    with a NaN loss and nothing learnt.
+    """
+    known = {c for s in splits for c in s["val"]}
+    if unknown := sorted(set(exclude) - known):
+        raise DataError(f"data.exclude names cases that are not in {dataset}: {', '.join(unknown)}")
+    train = splits[fold]["train"]
+    kept = [c for c in train if c not in set(exclude)]
+    if not kept:
+        raise DataError(f"data.exclude leaves no case to train on in fold {fold} of {dataset}: it lists "
+                        f"all {len(train)} of the fold's training cases ({', '.join(train[:3])}"
+                        f"{', ...' if len(train) > 3 else ''}); exclude fewer cases")
+    return kept
+
+
 def save_splits(path: Path | str, splits: Sequence[Split], manifest_hash: str, seed: int | None = None) -> None:
     """Write `splits` as JSON (atomically) with the manifest hash of the data they were made for.
 

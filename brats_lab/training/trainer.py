@@ -44,7 +44,7 @@ from brats_lab import DataError
 from brats_lab.config import ExperimentConfig, config_hash, flatten, to_dict
 from brats_lab.data.cache import Cache, prepare
 from brats_lab.data.dataset import EpochSampler, TrainPatches, WholeVolumes
-from brats_lab.data.splits import load_splits, make_splits, save_splits
+from brats_lab.data.splits import load_splits, make_splits, save_splits, training_cases
 from brats_lab.labels import REGIONS
 from brats_lab.models import build_model, count_parameters
 from brats_lab.training import checkpoint, distributed
@@ -201,9 +201,7 @@ def _fold_data(cfg: ExperimentConfig, fold: int, processes: int, is_main: bool, 
     if not 0 <= fold < len(splits):
         raise DataError(f"fold {fold} does not exist: the splits have folds 0 to {len(splits) - 1}")
     train_ids, val_ids = splits[fold]["train"], splits[fold]["val"]
-    if unknown := sorted(set(cfg.data.exclude) - set(cache.case_ids)):
-        raise DataError(f"data.exclude names cases that are not in {cfg.data.dataset}: {', '.join(unknown)}")
-    train_ids = [c for c in train_ids if c not in set(cfg.data.exclude)]
+    train_ids = training_cases(splits, fold, cfg.data.exclude, cfg.data.dataset)
     if processes > 1:
         distributed.check_batches(len(train_ids), cfg.train.batch_size, processes)
     return cache, train_ids, val_ids

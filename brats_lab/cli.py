@@ -493,7 +493,9 @@ def _default_profile() -> str:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan, plan_text, run_study
+    from brats_lab.ablation.report import plan_text
+    from brats_lab.ablation.storage import DEFAULT_STORAGE
+    from brats_lab.ablation.study import make_plan, run_study
     from brats_lab.config import ConfigError
 
     from brats_lab.ablation.spec import load_ablation

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brats_lab import dashboard as db
+from brats_lab import review as db
 from brats_lab import tracking
 from brats_lab.ablation.report import _compare_runs
 from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan, run_study

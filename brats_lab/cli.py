@@ -77,6 +77,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `brats-lab` parser: each command's options are added by its own `_<command>_parser` below,
+    in the order `--help` lists them; each handler `_<command>` follows further down."""
     parser = argparse.ArgumentParser(
         prog="brats-lab",
         description="Reproduce and take apart a top-10 BraTS 2020 solution: data, evaluation, "
@@ -85,11 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"brats-lab {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _data_parser(commands)
+    _baseline_parser(commands)
+    _train_parser(commands)
+    _predict_parser(commands)
+    _merge_parser(commands)
+    _ablate_parser(commands)
+    _worker_parser(commands)
+    _evaluate_parser(commands)
+    _ui_parser(commands)
+    _dashboard_parser(commands)
+    return parser
 
+
+def _data_parser(commands: argparse._SubParsersAction) -> None:
     data = _command(commands, "data", "make, check and prepare datasets", "Make, check and prepare BraTS datasets.")
     data_commands = data.add_subparsers(title="data commands", metavar="DATA_COMMAND")
     data.set_defaults(run=lambda a: data.print_help() or 2)
+    _synth_parser(data_commands)
+    _check_parser(data_commands)
+    _prepare_parser(data_commands)
 
+
+def _synth_parser(data_commands: argparse._SubParsersAction) -> None:
     synth = _command(
         data_commands,
         "synth",
@@ -114,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.set_defaults(run=_synth)
 
+
+def _check_parser(data_commands: argparse._SubParsersAction) -> None:
     check = _command(
         data_commands,
         "check",
@@ -129,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("dataset", type=Path, help="dataset folder (the one holding the case folders, or its parent)")
     check.set_defaults(run=_check)
 
+
+def _prepare_parser(data_commands: argparse._SubParsersAction) -> None:
     prepare = _command(
         data_commands,
         "prepare",
@@ -145,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", type=Path, default=None, help="cache folder (default: inside the dataset folder)")
     prepare.set_defaults(run=_prepare)
 
+
+def _baseline_parser(commands: argparse._SubParsersAction) -> None:
     baseline = _command(
         commands,
         "baseline",
@@ -158,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--output", type=Path, required=True, help="folder for the label maps")
     baseline.set_defaults(run=_baseline)
 
+
+def _train_parser(commands: argparse._SubParsersAction) -> None:
     train = _command(
         commands,
         "train",
@@ -180,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the newest unfinished run of this configuration and fold")
     train.set_defaults(run=_train)
 
+
+def _predict_parser(commands: argparse._SubParsersAction) -> None:
     predict = _command(
         commands,
         "predict",
@@ -209,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="autocast dtype of the networks; auto: bf16 on a GPU, fp32 on a CPU (the paper: fp16)")
     predict.set_defaults(run=_predict)
 
+
+def _merge_parser(commands: argparse._SubParsersAction) -> None:
     merge = _command(
         commands,
         "merge",
@@ -223,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--labels", choices=("brats2020", "brats2023"), default="brats2020", help="the label convention of the maps")
     merge.set_defaults(run=_merge)
 
+
+def _ablate_parser(commands: argparse._SubParsersAction) -> None:
     ablate = _command(
         commands,
         "ablate",
@@ -248,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///mlruns/optuna.db; postgresql://... to share)")
     ablate.set_defaults(run=_ablate)
 
+
+def _worker_parser(commands: argparse._SubParsersAction) -> None:
     worker = _command(
         commands,
         "worker",
@@ -261,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--quiet", action="store_true", help="no progress bars")
     worker.set_defaults(run=_worker)
 
+
+def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     evaluate = _command(
         commands,
         "evaluate",
@@ -283,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.set_defaults(run=_evaluate)
 
+
+def _ui_parser(commands: argparse._SubParsersAction) -> None:
     ui = _command(
         commands,
         "ui",
@@ -297,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind; the default keeps the UI to this machine")
     ui.set_defaults(run=_ui)
 
+
+def _dashboard_parser(commands: argparse._SubParsersAction) -> None:
     dashboard = _command(
         commands,
         "dashboard",
@@ -309,7 +351,6 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--port", type=int, default=8501, help="port to listen on")
     dashboard.add_argument("--host", default="127.0.0.1", help="interface to bind; the default keeps the dashboard to this machine")
     dashboard.set_defaults(run=_dashboard)
-    return parser
 
 
 def _command(subparsers, name: str, help: str, description: str) -> argparse.ArgumentParser:
@@ -452,7 +493,9 @@ def _default_profile() -> str:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan, plan_text, run_study
+    from brats_lab.ablation.report import plan_text
+    from brats_lab.ablation.storage import DEFAULT_STORAGE
+    from brats_lab.ablation.study import make_plan, run_study
     from brats_lab.config import ConfigError
 
     from brats_lab.ablation.spec import load_ablation

@@ -2,7 +2,7 @@
 
 Run it with `brats-lab dashboard` (or `streamlit run dashboard/app.py` from the project root). It
 reads the store through `brats_lab.tracking` (mlruns/ here, or MLFLOW_TRACKING_URI) and never
-writes to it. Data shaping lives in `brats_lab.dashboard` and pictures in `brats_lab.viz`; this file
+writes to it. Data shaping lives in `brats_lab.review` and pictures in `brats_lab.viz`; this file
 only lays pages out.
 """
 
@@ -13,7 +13,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from brats_lab import dashboard as db
+from brats_lab import review
 from brats_lab import tracking, viz
 from brats_lab.data.cases import MODALITIES
 from brats_lab.labels import REGIONS
@@ -37,22 +37,22 @@ def load_runs(uri: str) -> pd.DataFrame:
 
 @st.cache_data(ttl=TTL, show_spinner="Reading per-case metrics...")
 def load_per_case(uri: str, cells: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    return db.load_per_case(cells)
+    return review.load_per_case(cells)
 
 
 @st.cache_data(ttl=TTL, show_spinner=False)
 def load_table(uri: str, run_id: str, name: str) -> pd.DataFrame | None:
-    return db.read_artifact_table(run_id, name)
+    return review.read_artifact_table(run_id, name)
 
 
 @st.cache_data(ttl=TTL, show_spinner="Reading training curves...")
 def load_curves(uri: str, cells: pd.DataFrame, key: str) -> pd.DataFrame:
-    return db.fold_curves(cells, key)
+    return review.fold_curves(cells, key)
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading the case's images and predictions...")
-def load_case(uri: str, dataset: str | None, case: str, fold_run_ids: tuple[tuple[str, str], ...]) -> db.CaseVolumes:
-    return db.case_volumes(dataset, case, dict(fold_run_ids))
+def load_case(uri: str, dataset: str | None, case: str, fold_run_ids: tuple[tuple[str, str], ...]) -> review.CaseVolumes:
+    return review.case_volumes(dataset, case, dict(fold_run_ids))
 
 
 def open_study() -> None:
@@ -68,7 +68,7 @@ st.sidebar.title("brats-lab review")
 page = st.sidebar.radio("Page", PAGES, key="page")
 st.sidebar.caption(f"store: `{uri}`")
 
-if not db.store_exists():
+if not review.store_exists():
     st.info(f"No runs yet: there is no store at `{uri}`. Train with `brats-lab train` or run an "
             "ablation with `brats-lab ablate attention`, then reload this page.")
     st.stop()
@@ -79,7 +79,7 @@ except Exception as e:  # a store that cannot be read: say so on the page, not a
     st.error(f"Cannot read the store `{uri}`: {e}")
     st.stop()
 
-table = db.studies(runs)
+table = review.studies(runs)
 if table.empty:
     st.info("The store has no ablation study and no training yet. Run `brats-lab ablate attention` "
             "or `brats-lab train --pipeline A`, then reload this page.")
@@ -107,7 +107,7 @@ if page == "Studies":
     st.stop()
 
 # --- pages of one study --------------------------------------------------------------------------
-cells = db.fold_runs(runs, study_id)
+cells = review.fold_runs(runs, study_id)
 st.header(f"{study['name']} ({study['type']}, {study['state'].lower()})")
 if cells.empty:
     st.info("This study has no fold runs yet: its trials have not started. Reload once one has finished.")
@@ -123,14 +123,14 @@ metrics = [m for m in METRIC_NAMES if any(f"{m}_{r}" in per_case.columns for r i
 
 def compare_page() -> None:
     st.subheader("Mean (std) over folds, Table 3 layout")
-    for metric, col in zip(db.ranking_metrics(per_case), st.columns(2)):
+    for metric, col in zip(review.ranking_metrics(per_case), st.columns(2)):
         if metric in metrics:
             col.caption(METRIC_NAMES[metric])
-            col.dataframe(db.fold_table(per_case, metric), width="stretch")
+            col.dataframe(review.fold_table(per_case, metric), width="stretch")
 
     metric = st.radio("Metric", metrics, format_func=lambda m: METRIC_NAMES[m].split(" (")[0], horizontal=True)
     st.subheader(f"Per-case {METRIC_NAMES[metric].split(' (')[0]} by arm, fold and region")
-    long = db.metric_long(per_case, metric).assign(fold=lambda d: "fold " + d["fold"].astype(str))
+    long = review.metric_long(per_case, metric).assign(fold=lambda d: "fold " + d["fold"].astype(str))
     fig = px.box(long, x="arm", y="value", color="fold", facet_col="region", points="all",
                  hover_data=["case"], category_orders={"region": list(REGIONS)})
     fig.update_yaxes(title_text="")
@@ -140,7 +140,7 @@ def compare_page() -> None:
     st.caption("Each dot is one validation case of one fold (all seeds); each box spans the quartiles of one fold's cases.")
 
     st.subheader("Training runs: one mark per fold and seed")
-    run_means = db.run_table(per_case, metric).assign(seed=lambda d: "seed " + d["seed"].astype(str),
+    run_means = review.run_table(per_case, metric).assign(seed=lambda d: "seed " + d["seed"].astype(str),
                                                       fold=lambda d: "fold " + d["fold"].astype(str))
     fig = px.scatter(run_means, x="arm", y="value", color="seed", symbol="fold", facet_col="region",
                    category_orders={"region": list(REGIONS)}, hover_data=["fold", "seed"])
@@ -155,7 +155,7 @@ def compare_page() -> None:
     if study["type"] == "ablation":
         verdict_section(metric)
     curves_section()
-    search = load_table(uri, study_id, db.SEARCH) if study["type"] == "ablation" else None
+    search = load_table(uri, study_id, review.SEARCH) if study["type"] == "ablation" else None
     if search is not None and not search.empty:
         st.subheader("Hyperparameter search")
         score = next(c for c in search.columns if c.startswith("mean_"))
@@ -167,11 +167,11 @@ def compare_page() -> None:
 
 def verdict_section(metric: str) -> None:
     st.subheader("Each arm against the baseline")
-    comparison = load_table(uri, study_id, db.COMPARISON)
+    comparison = load_table(uri, study_id, review.COMPARISON)
     if comparison is None:
         st.info("No comparison yet: the study writes comparison.csv once every fold has finished.")
         return
-    rows = db.comparison_rows(comparison, metric)
+    rows = review.comparison_rows(comparison, metric)
     if rows.empty:
         st.info(f"The comparison has no {metric} rows.")
         return
@@ -216,7 +216,7 @@ def curves_section() -> None:
     names = {f"{c.arm} fold {c.fold}" + (f" seed {c.seed}" if several else ""): i for i, c in enumerate(cells.itertuples())}
     col1, col2 = st.columns([3, 1])
     chosen = col1.multiselect("Folds", list(names), default=list(names))
-    keys = db.curve_keys(runs, list(cells["run_id"]))
+    keys = review.curve_keys(runs, list(cells["run_id"]))
     if not keys:
         st.info("These runs logged no per-epoch metrics.")
         return
@@ -241,13 +241,13 @@ def cases_page() -> None:
     arms = sorted(table["arm"].unique())
     arm = col1.selectbox("Arm", arms)
     region = col2.selectbox("Region", [r for r in REGIONS if f"dice_{r}" in table.columns])
-    rank_by = col3.selectbox("Rank by", [m for m in (*db.ranking_metrics(table), "dice", "hd95") if f"{m}_{region}" in table.columns],
+    rank_by = col3.selectbox("Rank by", [m for m in (*review.ranking_metrics(table), "dice", "hd95") if f"{m}_{region}" in table.columns],
                              format_func=lambda m: METRIC_NAMES[m].split(" (")[0])
     folds = sorted(table["fold"].unique())
     shown_folds = col4.multiselect("Folds", folds, default=folds, format_func=lambda f: f"fold {f}")
     n = col5.number_input("How many", min_value=1, max_value=len(table), value=min(10, len(table)))
     chosen = table[table["fold"].isin(shown_folds)]
-    worst = db.worst_cases(chosen, arm, region, int(n), by=rank_by)
+    worst = review.worst_cases(chosen, arm, region, int(n), by=rank_by)
     if worst.empty:
         st.info("No case matches these filters.")
         return

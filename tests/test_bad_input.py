@@ -719,7 +719,7 @@ def test_bad_configuration_is_refused_in_one_line_before_anything_is_written(nam
 @pytest.mark.parametrize("char", list("?#/@%:"))
 def test_storage_urls_are_masked_whatever_the_password_holds(char):
     """What the study run's `storage` tag and every message show of a storage URL."""
-    from brats_lab.ablation.study import _password, _safe
+    from brats_lab.ablation.storage import safe_url as _safe, url_password as _password
 
     url = f"postgresql://user:Qm{char}{SECRET}@db.example:5432/optuna?sslmode=require"
     assert _safe(url) == "postgresql://user:***@db.example:5432/optuna?sslmode=require"

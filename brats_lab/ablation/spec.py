@@ -3,7 +3,8 @@
     experiments/ablations/attention.toml
         name, description, pipeline, baseline, folds, seeds
         [arms]   arm name = ["key=value", ...]    (--set overrides over the pipeline + profile)
-        [cpu]    folds, seeds, set                (the CPU demo: fewer folds, a shorter schedule)
+        [cpu]    folds, seeds, set                (the CPU demo: fewer folds and seeds, on the shared
+                                                   schedule of experiments/cpu_demo.toml, then `set`)
 
 `seeds = K` trains every (arm, fold) K times: seed k sets `train.seed` to the arm's own
 `train.seed` + k (weights, patches, augmentation), never the folds. So seed 0 is the arm's config
@@ -27,6 +28,7 @@ from pathlib import Path
 from brats_lab.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, config_hash, load_config, pipeline_path
 
 ABLATIONS_DIR = EXPERIMENTS_DIR / "ablations"
+CPU_DEMO = EXPERIMENTS_DIR / "cpu_demo.toml"  # the one CPU demo schedule every ablation's [cpu] shares
 _KEYS = {"name", "description", "pipeline", "baseline", "folds", "seeds", "arms", "cpu", "removal", "phantom", "search"}
 _CPU_KEYS = {"folds", "seeds", "set"}
 _REMOVAL_KEYS = {"arm", "metric", "fraction"}
@@ -148,7 +150,7 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
         seeds=int(data.get("seeds", 1)),
         cpu_folds=data.get("cpu", {}).get("folds"),
         cpu_seeds=data.get("cpu", {}).get("seeds"),
-        cpu_set=tuple(data.get("cpu", {}).get("set", ())),
+        cpu_set=(*_cpu_demo(), *data["cpu"].get("set", ())) if "cpu" in data else (),
         removal=removal,
         search=search,
         phantom_dataset=data.get("phantom", {}).get("dataset"),
@@ -163,6 +165,16 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
     if search is not None:  # and every searched key must exist
         ablation.arm_config(ablation.baseline, "cpu", [f"{k}={low}" for k, (low, _, _) in search.params.items()])
     return ablation
+
+
+def _cpu_demo() -> tuple[str, ...]:
+    """The overrides of experiments/cpu_demo.toml: one schedule for every ablation's CPU demo."""
+    try:
+        data = tomllib.loads(CPU_DEMO.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{CPU_DEMO}: cannot read the CPU demo schedule ({e})") from None
+    _known(data, {"set"}, CPU_DEMO, "")
+    return tuple(data.get("set", ()))
 
 
 def _known(data: dict, keys: set[str], path: Path, prefix: str) -> None:

@@ -46,7 +46,7 @@ NaN policy: nothing here ever drops a NaN. Our metrics never produce NaN or inf 
 bias the comparison towards the cases that worked. Every function raises `ValueError` naming how
 many values and which positions (or, in `compare_arms`/`compare_runs`, which arm, case and column).
 (The lesion-wise metrics of 2023+ data are NaN by definition where a region is absent from both
-maps: `ablation/study.py` drops those explicitly, per run, before calling here, and says so.)
+maps: `ablation/report.py` drops those explicitly, per run, before calling here, and says so.)
 (The noise floor of a study with one seed is reported as NaN: it was not measured.)
 """
 

@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brats_lab import dashboard as db
+from brats_lab import review as db
 from brats_lab import tracking
-from brats_lab.ablation.study import DEFAULT_STORAGE, _compare_runs, make_plan, run_study
+from brats_lab.ablation.report import _compare_runs
+from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan, run_study
 from brats_lab.cli import main
 from brats_lab.data.cases import discover
 from brats_lab.evaluation.evaluate import evaluate_folder

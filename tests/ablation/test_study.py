@@ -85,7 +85,7 @@ def test_a_study_trains_every_arm_fold_and_seed_once_reports_and_reuses(project)
     assert one_seed.comparison["noise_floor"].isna().all()
 
     # --plan reads the noise floor the 2-seed study measured (the newest finished one with seeds).
-    from brats_lab.ablation.study import plan_text
+    from brats_lab.ablation.report import plan_text
     from brats_lab.evaluation.stats import minimum_detectable_effect
 
     planned = plan_text(plan)

@@ -1,0 +1,271 @@
+"""The report of an ablation: the finished runs' out-of-fold per-case metrics gathered, the paper's
+Table 3 (mean (std) over each arm's runs), the seed-to-seed noise floor, the run-level verdict of
+`evaluation.stats` (each arm against the baseline, runs as the unit, Holm across regions), the
+per-case description, the phantom truth of a patient removal, and the files logged to the study
+run (CSV tables, report.md, report.txt). Also `--plan`: the design table that sizes a study before
+it is paid for, at the noise floor a finished study measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from brats_lab import DataError
+from brats_lab.config import config_hash
+from brats_lab.labels import REGIONS
+
+if TYPE_CHECKING:
+    from brats_lab.ablation.study import Plan  # only for the annotations: study imports this module
+
+
+def run_per_case(run) -> pd.DataFrame:
+    """A finished fold run's out-of-fold per-case metrics (its per_case_metrics.csv artifact)."""
+    local = run.artifact_dir()
+    path = local / "per_case_metrics.csv" if local is not None else run.download_artifact("per_case_metrics.csv", Path("mlruns/downloads") / run.id)
+    return pd.read_csv(path)
+
+
+@dataclass
+class Report:
+    """What `brats-lab ablate` prints (`text`) and logs to the study run (`log`)."""
+
+    plan: Plan
+    per_case: pd.DataFrame  # arm, fold, seed, case, metrics (out of fold)
+    table: pd.DataFrame  # Table 3: per arm, mean (std) over the runs (folds and seeds)
+    comparison: pd.DataFrame  # the verdict: each arm against the baseline, per region, runs as the unit
+    search: pd.DataFrame | None = None  # the hyperparameter search's trials, best first
+    seed_spread: pd.DataFrame | None = None  # per arm: the seed-to-seed SD of one run's mean (2+ seeds)
+    per_case_comparison: pd.DataFrame | None = None  # a description of the cases, not the test
+
+    def text(self) -> str:
+        from brats_lab.evaluation.stats import format_runs
+
+        folds, seeds = len(self.plan.folds), len(self.plan.seeds)
+        lines = [f"Ablation {self.plan.ablation.name!r}: {self.plan.ablation.description}",
+                 f"{folds} folds x {seeds} seed{'s' if seeds > 1 else ''} = {folds * seeds} training runs per arm, profile {self.plan.profile}; "
+                 "mean (std) over each arm's runs", *self._rules_note(), "", self.table.to_string(), ""]
+        if self.seed_spread is not None:
+            lines += ["Seeds apart: the seed-to-seed standard deviation of one run's mean, same arm and fold (the noise floor)", "",
+                      self.seed_spread.to_string(), ""]
+        else:
+            lines += ["One seed: the noise floor is not measured and the minimum detectable effect is unknown "
+                      "(--seeds 2 or more measures them).", ""]
+        lines += [format_runs(self.comparison), ""]
+        if folds == 2:
+            lines += ["With 2 folds the test has one degree of freedom: it stays calibrated, but sees only differences as large "
+                      "as the MDE column. More folds buy power fastest (brats-lab ablate NAME --plan).", ""]
+        lines += [f"The per-case paired differences over the {self.per_case['case'].nunique()} out-of-fold cases describe the "
+                  "cases (comparison_per_case.csv); they are not the test, since the cases of a run share its training noise."]
+        if self.search is not None:
+            lines += ["", f"search around {self.plan.ablation.baseline!r} ({len(self.search)} trials, Optuna TPE, seed 0), best first:",
+                      "", self.search.to_string(index=False)]
+        if self.plan.excluded:
+            lines += ["", f"left out of training in {self.plan.ablation.removal.arm!r} ({len(self.plan.excluded)}): "
+                      + ", ".join(self.plan.excluded) + _phantom_truth(self.plan)]
+        return "\n".join(lines)
+
+    def _rules_note(self) -> list[str]:
+        """How the metrics were scored: one line for lesion-wise data, none for BraTS 2020 rules."""
+        if ranking_metrics(self.per_case)[0] != "lesion_dice":
+            return []
+        return ["Scored lesion-wise (BraTS 2023+ labels, brats-evaluation's gli rules): lesion_dice and lesion_hd95. A region "
+                "absent from both the reference and the prediction is undefined (NaN) and left out of that run's mean; "
+                "an arm's false-positive lesion there still counts (Dice 0, HD95 373)."]
+
+    def log(self, study_run) -> None:
+        study_run.log_table(self.per_case, "per_case_out_of_fold.csv")
+        study_run.log_table(self.table.reset_index(), "table3.csv")
+        study_run.log_table(self.comparison, "comparison.csv")
+        if self.per_case_comparison is not None:
+            study_run.log_table(self.per_case_comparison, "comparison_per_case.csv")
+        if self.seed_spread is not None:
+            study_run.log_table(self.seed_spread.reset_index(names="arm"), "seed_spread.csv")
+        study_run.log_text(_markdown(self.table.reset_index(names="arm")) + "\n\n" + _markdown(self.comparison) + "\n", "report.md")
+        study_run.log_text(self.text() + "\n", "report.txt")
+        if self.search is not None:
+            study_run.log_table(self.search, "search.csv")
+
+
+def gather(plan: Plan, arms: list[str]) -> pd.DataFrame:
+    """Out-of-fold per-case metrics of these arms' finished runs (columns arm, fold, seed, case, ...)."""
+    from brats_lab import tracking
+
+    frames = []
+    for arm in arms:
+        for seed in plan.seeds:
+            chash = config_hash(plan.config(arm, seed))
+            for fold in plan.folds:
+                run = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("FINISHED",))
+                if run is None:
+                    raise DataError(f"({arm}, fold {fold}, seed {seed}) has no finished run; rerun the ablation to finish it")
+                frames.append(run_per_case(run).assign(arm=arm, fold=fold, seed=seed))
+    return pd.concat(frames, ignore_index=True)
+
+
+def ranking_metrics(per_case: pd.DataFrame) -> tuple[str, ...]:
+    """The metrics an ablation's Table 3 and verdict compare, by the rules of the data: lesion-wise
+    Dice and HD95 (`lesion_dice`, `lesion_hd95`) when the per-case table has them (2023+ labels,
+    see `evaluation/lesionwise.py`), else the BraTS 2020 `dice` and `hd95`."""
+    if any(c.startswith("lesion_dice_") for c in per_case.columns):
+        return ("lesion_dice", "lesion_hd95")
+    return ("dice", "hd95")
+
+
+def _defined_run_means(per_case: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """One row per run (arm, fold, seed) with each column's mean over the run's cases where it is
+    defined, as a per-case table with one pseudo-case per run: what `compare_runs` tests.
+
+    A lesion-wise value is NaN where a region is absent from both the reference and the
+    prediction (nothing to score). Each run's mean skips those cases, as brats-evaluation's
+    parser skips them when it averages a team's cases; the cases are not dropped from the other
+    arm, since an arm that predicts a false-positive lesion there scores Dice 0 / HD95 373 and
+    that penalty is the point. `compare_runs` refuses NaN on purpose, so the dropping happens
+    here, explicitly. A run with no defined case in a column cannot be compared: DataError.
+    """
+    means = per_case.groupby(["arm", "fold", "seed"], sort=False)[columns].mean().reset_index()
+    for col in columns:
+        empty = means[means[col].isna()]
+        if not empty.empty:
+            first = empty.iloc[0]
+            raise DataError(f"{col}: run ({first['arm']}, fold {first['fold']}, seed {first['seed']}) has no case where the region "
+                            "is present in the reference or the prediction; it cannot be compared")
+    return means.assign(case="(run mean)")
+
+
+def report(plan: Plan) -> Report:
+    """Gather the finished runs' per-case metrics and compare the arms, runs as the unit, on the
+    metrics of the data's rules (`ranking_metrics`)."""
+    from brats_lab.evaluation.stats import compare_arms, noise_floor, run_means
+
+    per_case = gather(plan, list(plan.ablation.arms))
+    families = ranking_metrics(per_case)
+    regions = [r for r in REGIONS if f"{families[0]}_{r}" in per_case.columns]
+    metrics = [f"{m}_{r}" for m in families for r in regions]
+    by_run = run_means(per_case, metrics)  # pandas skips NaN: each run's mean over its defined cases
+    mean, std = by_run.groupby("arm").mean(), by_run.groupby("arm").std(ddof=1).fillna(0.0)
+    table = pd.DataFrame(index=list(plan.ablation.arms))
+    for m in metrics:
+        digits = 3 if "dice" in m else 1
+        table[m] = [f"{mean.loc[a, m]:.{digits}f} ({std.loc[a, m]:.{digits}f})" for a in table.index]
+    seed_spread = None
+    if len(plan.seeds) >= 2:
+        seed_spread = pd.DataFrame(index=list(plan.ablation.arms))
+        for m in metrics:
+            digits = 4 if "dice" in m else 2
+            seed_spread[m] = [f"{noise_floor(by_run.loc[a, m].unstack('seed').to_numpy()):.{digits}f}" for a in seed_spread.index]
+    # Holm corrects across the three regions of one metric, as the paper's table reads.
+    lesionwise = families[0] == "lesion_dice"
+    comparison = pd.concat([_compare_runs(per_case, plan.ablation.baseline, [f"{m}_{r}" for r in regions], lesionwise)
+                            for m in families], ignore_index=True)
+    comparison.attrs.update(baseline=plan.ablation.baseline, confidence=0.95)
+    # The description: each case's scores averaged over the seeds, paired over cases. Pairs need a
+    # value on both sides: with lesion-wise metrics the cases undefined in any arm (for any region
+    # of the metric) are left out of that metric's description; its n column counts the rest.
+    cases = per_case.groupby(["arm", "case"], sort=False)[metrics].mean().reset_index()
+    described = []
+    for m in families:
+        cols = [f"{m}_{r}" for r in regions]
+        undefined = set(cases.loc[cases[cols].isna().any(axis=1), "case"])
+        described.append(compare_arms(cases[~cases["case"].isin(undefined)], plan.ablation.baseline, cols))
+    return Report(plan, per_case, table, comparison, seed_spread=seed_spread,
+                  per_case_comparison=pd.concat(described, ignore_index=True))
+
+
+def _compare_runs(per_case: pd.DataFrame, baseline: str, columns: list[str], lesionwise: bool) -> pd.DataFrame:
+    """`compare_runs` on these columns; lesion-wise ones on the run means over their defined cases
+    (`_defined_run_means`), with `n` still the number of distinct cases the arm was scored on."""
+    from brats_lab.evaluation.stats import compare_runs
+
+    if not lesionwise:
+        return compare_runs(per_case, baseline, columns)
+    result = compare_runs(_defined_run_means(per_case, columns), baseline, columns)
+    defined = {(arm, col): int(part.loc[part[col].notna(), "case"].nunique()) for arm, part in per_case.groupby("arm") for col in columns}
+    result["n"] = [defined[(r.arm, r.metric)] for r in result.itertuples(index=False)]
+    return result
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    def cell(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    rows = [" | ".join(map(str, df.columns)), " | ".join("---" for _ in df.columns)]
+    rows += [" | ".join(cell(v) for v in row) for row in df.itertuples(index=False)]
+    return "\n".join(f"| {r} |" for r in rows)
+
+
+def _phantom_truth(plan: Plan) -> str:
+    """For phantoms: which removed cases really had corrupted labels (phantom.json knows)."""
+    import json
+
+    manifest = Path(plan.dataset) / "phantom.json"
+    if not manifest.is_file():
+        return ""
+    corrupted = {c["id"] for c in json.loads(manifest.read_text())["cases"] if c.get("corrupted")}
+    hits = sorted(set(plan.excluded) & corrupted)
+    return f"\n  of which {len(hits)} had deliberately corrupted labels (the dataset has {len(corrupted)} such cases)"
+
+
+PLAN_SEEDS = (1, 2, 3, 5, 10)
+
+
+def measured_noise(experiment: str, profile: str) -> tuple[dict[str, float], str]:
+    """The noise floor per metric column (dice_WT, ...) measured by the newest finished study of
+    `experiment` and `profile` with two or more seeds, pooled over its arms, and which study that
+    was; ({}, "") when there is none."""
+    import numpy as np
+
+    from brats_lab import tracking
+
+    for run in tracking.find_runs(experiment, {"kind": "study", "profile": profile}, statuses=("FINISHED",)):
+        if int(run.params.get("seeds", "1")) < 2:
+            continue
+        local = run.artifact_dir()
+        try:
+            path = local / "comparison.csv" if local is not None else run.download_artifact("comparison.csv", Path("mlruns/downloads") / run.id)
+            table = pd.read_csv(path)
+        except Exception:  # a study stopped before its report: look further back
+            continue
+        if "noise_floor" not in table.columns:
+            continue
+        pooled = table.groupby("metric")["noise_floor"].apply(lambda v: float(np.sqrt(np.mean(np.square(v)))))
+        pooled = {m: v for m, v in pooled.items() if np.isfinite(v)}
+        if pooled:
+            return pooled, f"study run {run.id} ({run.tags.get('study', run.name)}, {run.params.get('folds')} folds x {run.params.get('seeds')} seeds)"
+    return {}, ""
+
+
+def design_table(noise: float, arms: int, folds: list[int], seeds: tuple[int, ...] = PLAN_SEEDS) -> pd.DataFrame:
+    """Minimum detectable effect at 80% power (alpha 0.05, before Holm) and the training runs the
+    study costs (arms x folds x seeds), for each folds x seeds design, at this noise floor."""
+    from brats_lab.evaluation.stats import minimum_detectable_effect
+
+    table = pd.DataFrame(index=pd.Index(folds, name="folds"))
+    for s in seeds:
+        table[f"{s} seed{'s' if s > 1 else ''}"] = [
+            f"{minimum_detectable_effect(noise, f, s):.4f} ({arms * f * s} runs)" if f > 1 else f"cannot tell ({arms * s} runs)"
+            for f in folds]
+    return table
+
+
+def plan_text(plan: Plan, noise: float | None = None) -> str:
+    """What `--plan` prints: the design table for the ablation's arms at the given noise floor, or
+    at the one measured in the store (per metric); raises DataError when there is neither."""
+    total = plan.ablation.arm_config(plan.ablation.baseline, plan.profile).data.folds
+    folds = list(range(2, total + 1))
+    arms = len(plan.ablation.arms)
+    head = (f"Plan for {plan.ablation.name!r} ({arms} arms, profile {plan.profile}): the smallest true difference a study finds with "
+            "80% power (alpha 0.05, before Holm; no arm-by-fold interaction assumed, so a lower bound), and the training runs it costs.")
+    if noise is not None:
+        return "\n".join([head, f"noise floor {noise:g} (given with --noise)", "", design_table(noise, arms, folds).to_string()])
+    measured, source = measured_noise(plan.experiment, plan.profile)
+    if not measured:
+        raise DataError(f"no noise floor measured for {plan.ablation.name!r} with profile {plan.profile} in this store: run the study with "
+                        "--seeds 2 or more first, or give one with --noise (e.g. --noise 0.01, a Dice SD)")
+    lines = [head, f"noise floor per metric measured by {source}"]
+    for metric, value in measured.items():
+        lines += ["", f"{metric}: noise floor {value:.4g}", design_table(value, arms, folds).to_string()]
+    return "\n".join(lines)

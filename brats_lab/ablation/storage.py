@@ -1,0 +1,108 @@
+"""Where an ablation's Optuna study lives: opening the storage URL, and that URL without its password.
+
+    sqlite:///mlruns/optuna.db             the embedded default (one machine)
+    postgresql://user@host:5432/db         shared by workers on several machines (psycopg 3)
+
+A password written in the URL (`user:secret@host`, or `?password=secret`) never reaches a log, a
+message or an MLflow tag: `safe_url` replaces it with `***`, and a connection error has it removed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import unquote
+
+from brats_lab import DataError
+
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+
+
+def open_storage(url: str, heartbeat_seconds: int, grace_seconds: int, create: bool = True):
+    """Optuna's storage at `url`, its workers' heartbeat every `heartbeat_seconds` and a trial
+    silent for `grace_seconds` stale; with `create` false (a worker), refuse a SQLite file or an
+    empty database instead of creating it: a worker given a wrong URL must leave nothing behind.
+    Any failure is one DataError line, the URL and the driver's words without the password."""
+    import warnings
+
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    given = url
+    if url.startswith("sqlite:///"):
+        file = Path(url.removeprefix("sqlite:///").partition("?")[0])
+        if not create and not file.is_file():
+            raise DataError(f"no Optuna storage at {file} (a worker does not create one); "
+                            "start the study with `brats-lab ablate`, and give workers its --storage")
+        file.parent.mkdir(parents=True, exist_ok=True)
+    url = _quote_at(url)  # a raw '@' in the password would end it early for SQLAlchemy
+    # The driver we depend on is psycopg 3; SQLAlchemy before 2.1 reads a plain postgresql:// as
+    # psycopg2, and never accepts postgres://.
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            url = "postgresql+psycopg://" + url.removeprefix(prefix)
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9, and what we need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            # A stale trial (its worker died) is failed by whichever worker or launcher sees it
+            # first, and that one process enqueues it again, so the workers still running finish
+            # the grid without a new launch. Three retries: a fold that kills every worker taking
+            # it (out of memory, say) waits for the launcher to be run again.
+            retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
+            callback = ({"heartbeat_stale_trial_callback": retry(max_retry=3)} if retry is not None
+                        else {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)})
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_seconds, grace_period=grace_seconds,
+                                              skip_table_creation=not create, **callback)
+        except (SQLAlchemyError, ImportError, optuna.exceptions.StorageInternalError) as e:
+            if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None:
+                e = e.__cause__  # Optuna's own words say nothing of the cause
+            reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+            if not create and "version_info" in reason:  # a database without Optuna's tables
+                reason += " (a worker does not create a storage: start the study with `brats-lab ablate`)"
+            password = url_password(given)
+            for form in {password, unquote(password)} - {""}:  # drivers may echo it decoded
+                reason = reason.replace(form, "***")
+            raise DataError(f"cannot open the Optuna storage {safe_url(given)}: {reason}") from None
+
+
+def safe_url(url: str) -> str:
+    """A storage URL without its password (after the user name, or a `password=` parameter),
+    for logs, messages and tags."""
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = _split_credentials(rest)
+    if at and ":" in credentials:
+        credentials = credentials.split(":", 1)[0] + ":***"
+    return scheme + sep + credentials + at + host
+
+
+def url_password(url: str) -> str:
+    """The password written in a database URL ('' if none)."""
+    credentials, at, _ = _split_credentials(_QUERY_PASSWORD.sub(r"\1", url).partition("://")[2])
+    if at and ":" in credentials:
+        return credentials.split(":", 1)[1]
+    found = _QUERY_PASSWORD.search(url)
+    return found.group(2) if found else ""
+
+
+# A `password=` query parameter, masked first: its value may hold an '@' too.
+_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&]*)", flags=re.IGNORECASE)
+
+
+def _split_credentials(rest: str) -> tuple[str, str, str]:
+    """`user:password@host/db?query` -> (`user:password`, `@`, `host/db?query`). The credentials
+    end at the last '@': a password may hold '?', '#', '/', ':', '%' and even a raw '@', none of
+    which a host holds."""
+    return rest.rpartition("@") if "@" in rest else ("", "", rest)
+
+
+def _quote_at(url: str) -> str:
+    """The URL with each raw '@' of its password written %40, as SQLAlchemy expects."""
+    found = _QUERY_PASSWORD.search(url)
+    head, tail = (url[: found.start()], url[found.start():]) if found else (url, "")
+    scheme, sep, rest = head.partition("://")
+    credentials, at, host = _split_credentials(rest)
+    if not at or ":" not in credentials:
+        return url
+    user, password = credentials.split(":", 1)
+    return f"{scheme}{sep}{user}:{password.replace('@', '%40')}@{host}{tail}"

@@ -1,0 +1,41 @@
+"""The ablation TOMLs as data: the CPU demo schedule they share (experiments/cpu_demo.toml)."""
+
+from __future__ import annotations
+
+import tomllib
+
+from brats_lab.ablation.spec import available, load_ablation
+from brats_lab.config import EXPERIMENTS_DIR, load_config, pipeline_path, to_dict
+from conftest import TINY_TRAINING, tiny_ablation
+
+
+def _values(overrides: list[str]) -> dict[str, str]:
+    return dict(o.split("=", 1) for o in overrides)
+
+
+def test_every_shipped_ablation_demo_trains_on_the_one_shared_schedule():
+    shared = tomllib.loads((EXPERIMENTS_DIR / "cpu_demo.toml").read_text())["set"]
+    assert _values(shared)["train.epochs"] == "12"  # shorter than the cpu profile's own schedule
+    assert load_config(pipeline_path("A"), "cpu").train.epochs != 12
+    for name in available():
+        ablation = load_ablation(name)
+        assert ablation.cpu_folds == 2 and ablation.cpu_set == tuple(shared), name
+        for arm in ablation.arms:
+            cfg = to_dict(ablation.arm_config(arm, "cpu"))
+            assert cfg["train"]["epochs"] == 12 and cfg["train"]["swa"]["cycles"] == 2, (name, arm)
+            paper = to_dict(ablation.arm_config(arm, "paper"))
+            assert paper["train"]["epochs"] != 12, (name, arm)  # the paper profile never takes the demo's
+
+
+def test_an_ablation_without_a_cpu_table_takes_no_demo_schedule_and_a_cpu_set_adds_to_it(tmp_path):
+    plain = tmp_path / "plain.toml"
+    plain.write_text(tiny_ablation())
+    assert load_ablation(str(plain)).cpu_set == ()
+    demo = tmp_path / "demo.toml"
+    demo.write_text(tiny_ablation() + '\n[cpu]\nfolds = 2\nset = ["train.swa.cycles=3"]\n')
+    ablation = load_ablation(str(demo))
+    shared = tomllib.loads((EXPERIMENTS_DIR / "cpu_demo.toml").read_text())["set"]
+    assert ablation.cpu_set == (*shared, "train.swa.cycles=3")
+    cfg = ablation.arm_config("equiunet", "cpu")
+    assert cfg.train.swa.cycles == 3  # its own set after the shared one: its own wins
+    assert cfg.train.epochs == int(_values(list(TINY_TRAINING))["train.epochs"])  # and the arm's overrides after both

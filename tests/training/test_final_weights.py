@@ -12,6 +12,7 @@ Only the command line and what it writes (MLflow runs, the final model's file) a
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,13 @@ SWA = [*TINY_NETWORK, "train.epochs=1", "train.amp=off", "train.val_every=100", 
 # went down over 6 epochs, and the test would not see the last weights kept instead of the best).
 BEST = [*TINY_NETWORK, "train.amp=off", "train.schedule=constant", "optim.lr=1.0", "train.val_every=1"]
 BEST_EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def dataset(phantom_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    copy = tmp_path_factory.mktemp("final") / "phantom"  # the cache is written inside the dataset folder
+    shutil.copytree(phantom_dataset, copy)
+    return copy
 
 
 @pytest.fixture(autouse=True)
@@ -69,15 +77,15 @@ def _largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     return max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
 
 
-def test_the_swa_model_is_the_mean_of_the_weights_at_the_snapshot_epochs(phantom_dataset, tmp_path):
+def test_the_swa_model_is_the_mean_of_the_weights_at_the_snapshot_epochs(dataset, tmp_path):
     # A 4-epoch cycle with a snapshot every 2 epochs averages the weights after SWA epochs 1 and 3.
-    averaged = _train(tmp_path / "average", phantom_dataset, "A",
+    averaged = _train(tmp_path / "average", dataset, "A",
                       [*SWA, "train.swa.cycle_epochs=4", "train.swa.snapshot_every=2"])
     # The same training with one snapshot at the end of a 2-epoch and of a 4-epoch cycle: its final
     # model is the weights after SWA epoch 1, resp. 3 (an average of one).
-    after_1 = _weights(_train(tmp_path / "one", phantom_dataset, "A",
+    after_1 = _weights(_train(tmp_path / "one", dataset, "A",
                               [*SWA, "train.swa.cycle_epochs=2", "train.swa.snapshot_every=2"]))
-    after_3 = _weights(_train(tmp_path / "three", phantom_dataset, "A",
+    after_3 = _weights(_train(tmp_path / "three", dataset, "A",
                               [*SWA, "train.swa.cycle_epochs=4", "train.swa.snapshot_every=4"]))
     assert averaged.tags["final_model"] == "average of 2 snapshots"
     final = _weights(averaged)
@@ -89,8 +97,8 @@ def test_the_swa_model_is_the_mean_of_the_weights_at_the_snapshot_epochs(phantom
     assert _largest_difference(final, expected) <= 1e-12
 
 
-def test_pipeline_b_keeps_the_weights_of_the_lowest_validation_loss(phantom_dataset, tmp_path):
-    kept = _train(tmp_path / "best", phantom_dataset, "B", [*BEST, f"train.epochs={BEST_EPOCHS}"])
+def test_pipeline_b_keeps_the_weights_of_the_lowest_validation_loss(dataset, tmp_path):
+    kept = _train(tmp_path / "best", dataset, "B", [*BEST, f"train.epochs={BEST_EPOCHS}"])
     losses = dict(kept.metric_history("val_loss"))
     assert sorted(losses) == list(range(BEST_EPOCHS))
     best = min(losses, key=lambda epoch: (losses[epoch], epoch))  # the first of equal losses
@@ -98,6 +106,6 @@ def test_pipeline_b_keeps_the_weights_of_the_lowest_validation_loss(phantom_data
     assert best < BEST_EPOCHS - 1, "the last epoch is the best: keeping the last weights would not show"
     assert kept.tags["final_model"] == f"best validation loss (epoch {best})"
     # The same training stopped after the best epoch, keeping its last weights.
-    last = _train(tmp_path / "last", phantom_dataset, "B", [*BEST, f"train.epochs={best + 1}", "train.keep=last"])
+    last = _train(tmp_path / "last", dataset, "B", [*BEST, f"train.epochs={best + 1}", "train.keep=last"])
     assert last.tags["final_model"] == "last epoch"
     assert _largest_difference(_weights(kept), _weights(last)) <= 1e-12

@@ -17,6 +17,8 @@ from brats_lab.cli import main
 from brats_lab.training.trainer import EXPERIMENT
 from conftest import TINY_NETWORK
 
+pytestmark = pytest.mark.xdist_group("predict-outputs")  # one worker trains the two folds once
+
 NCR, ED, ET = 1, 2, 4  # BraTS 2020's labels (the phantoms' layout)
 
 

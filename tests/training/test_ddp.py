@@ -21,6 +21,10 @@ from brats_lab.training.distributed import RankBatches, check_batches
 from brats_lab.training.trainer import CHECKPOINT, EXPERIMENT, FINAL_MODEL
 from conftest import TINY_NETWORK, free_port
 
+# One xdist worker runs them all: the one-process reference is trained once, and each two-process
+# training already keeps both cores busy.
+pytestmark = pytest.mark.xdist_group("ddp")
+
 FLOAT64_CLI = Path(__file__).with_name("float64_cli.py")
 ROOT = Path(__file__).parents[2]  # the repository, for `import brats_lab` from the script
 

@@ -25,6 +25,8 @@ from brats_lab import tracking
 from brats_lab.training.trainer import EXPERIMENT, FINAL_MODEL
 from conftest import TINY_NETWORK
 
+pytestmark = pytest.mark.xdist_group("final-weights")  # one worker copies the phantoms once
+
 FLOAT64_CLI = Path(__file__).with_name("float64_cli.py")
 ROOT = Path(__file__).parents[2]
 

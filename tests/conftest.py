@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -16,6 +17,46 @@ TINY_SHAPE = (48, 48, 32)  # (x, y, z) of the phantoms the tests use
 # schedule without weight averaging.
 TINY_NETWORK = ("model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2")
 TINY_TRAINING = (*TINY_NETWORK, "train.epochs=2", "train.swa.enabled=false", "train.val_every=1")
+
+
+# The skips CI accepts: where the machine, not the project, decides whether a check can run. With
+# BRATS_LAB_STRICT_SKIPS=1 (`.ci/run` sets it) any other skip fails the run, so that a missing dev
+# dependency or an import error cannot switch a check off without anyone noticing.
+ALLOWED_SKIPS = (
+    # tests/test_bad_input.py: a container whose root cannot drop its right to read a chmod 000 file.
+    "running as root without CAP_SETPCAP",
+)
+_UNLISTED_SKIPS: list[str] = []
+
+
+def _note_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if not reason.startswith(ALLOWED_SKIPS):
+        _UNLISTED_SKIPS.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _note_skip(report)  # with xdist the controller sees every worker's reports too
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _note_skip(report)  # a module-level pytest.skip or importorskip
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    if _UNLISTED_SKIPS and not hasattr(config, "workerinput"):
+        terminalreporter.section("skips not on ALLOWED_SKIPS (tests/conftest.py)")
+        for line in _UNLISTED_SKIPS:
+            terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    strict = os.environ.get("BRATS_LAB_STRICT_SKIPS") == "1"
+    if strict and _UNLISTED_SKIPS and not hasattr(session.config, "workerinput") and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def free_port() -> int:

@@ -11,7 +11,9 @@ def test_labels_to_regions_and_back_is_identity(convention):
     seg = rng.choice([0, *tumour_labels], size=(9, 10, 11)).astype(np.uint8)
     regions = convention.to_regions(seg)
     assert regions.shape == (3, 9, 10, 11) and regions.dtype == bool
-    np.testing.assert_array_equal(convention.from_regions(regions), seg)
+    labels = convention.from_regions(regions)
+    np.testing.assert_array_equal(labels, seg)
+    assert labels.dtype == np.uint8  # what the label maps are written as (found by scripts/mutation.sh)
 
 
 def test_regions_are_nested_as_brats_defines_them():

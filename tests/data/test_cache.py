@@ -217,7 +217,6 @@ def test_progress_bar_goes_to_stderr(dataset: Path, capsys) -> None:
 
 
 def test_phantom_dataset_round_trip(request: pytest.FixtureRequest) -> None:
-    pytest.importorskip("brats_lab.data.phantom")  # written alongside; skip until it exists
     root = request.getfixturevalue("phantom_dataset")
     cache_dir = request.getfixturevalue("tmp_path") / "cache"  # the session fixture is read-only
     cache = prepare(root, "minmax", cache_dir=cache_dir, progress=False)

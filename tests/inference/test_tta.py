@@ -186,3 +186,15 @@ def test_with_a_real_tiny_model_batched_equals_one_at_a_time() -> None:
     one = predict_tta(model, x, batch_views=1)
     assert batched.shape == (1, 3, 8, 16, 24)
     torch.testing.assert_close(batched, one, atol=1e-6, rtol=0)
+
+
+def test_a_view_of_a_bare_volume_and_the_checks_of_its_arguments() -> None:
+    # (Found by scripts/mutation.sh: no test gave a bare (Z, Y, X) volume, a 2-D array or View(k=2).)
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    half_turn = View(k=2)
+    torch.testing.assert_close(apply(half_turn, x), x.flip(-1).flip(-2), rtol=0, atol=0)  # 180° in (Y, X)
+    torch.testing.assert_close(invert(half_turn, apply(half_turn, x)), x, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"ending in \(Z, Y, X\), got shape \(3, 4\)"):
+        apply(half_turn, x[0])
+    with pytest.raises(ValueError, match="View.k must be 0, 1, 2 or 3"):
+        View(k=4)

@@ -21,14 +21,17 @@ from brats_lab.training.distributed import RankBatches, check_batches
 from brats_lab.training.trainer import CHECKPOINT, EXPERIMENT, FINAL_MODEL
 from conftest import TINY_NETWORK, free_port
 
+# One xdist worker runs them all: the one-process reference is trained once, and each two-process
+# training already keeps both cores busy.
+pytestmark = pytest.mark.xdist_group("ddp")
+
+FLOAT64_CLI = Path(__file__).with_name("float64_cli.py")
+ROOT = Path(__file__).parents[2]  # the repository, for `import brats_lab` from the script
+
 # Pipeline B's InstanceNorm (per sample: no batch statistics to synchronise) with Ranger (and
 # Lookahead every 2 steps) for 4 epochs, then an SWA phase (Adam, a snapshot every 2 epochs, the
 # average on rank 0's unwrapped model): 12 epochs of one global batch of 2, one case per process.
 # The learning rates are raised so that 12 steps learn enough for non-zero Dice to compare.
-# float32: under bf16 autocast each process rounds its own case's weight gradients to bf16 where
-# one process rounds the batch's sum, and the runs drift much further apart (measured: 0.13
-# relative L2 in the weights after these 12 steps, 5e-3 in a training loss; one process run
-# twice in bf16 is bitwise the same).
 SETTINGS = [
     *TINY_NETWORK,
     "train.val_every=4",
@@ -38,18 +41,22 @@ SETTINGS = [
 ]
 EPOCHS = 12
 
-# Why not bitwise: the two runs add the same float32 numbers in another order. One process sums
-# the two cases' weight gradients inside each convolution's backward and the two cases' Dice sums
-# in one reduction; two processes compute each case alone and add the results in an all-reduce.
-# The first epochs agree to the last printed digit; the differences grow through 12 steps at a high
-# learning rate, by the same amount as between one process on 1 thread and on 2 threads (measured
-# on this model: weights 1.4e-4 relative L2, 1.8e-3 at most, in both comparisons). A DDP port with
-# the Dice of each process's own case, as plain DDP would have it, misses by 0.24 relative L2,
-# 0.2 in a weight, 0.03 in the training loss and 0.35 in a case's Dice: far outside these.
-LOSS_TOLERANCE = 5e-4  # absolute, per epoch: train_loss and val_loss
-WEIGHT_TOLERANCE = 2e-3  # relative L2 over the whole state dict ...
-WEIGHT_MAX_TOLERANCE = 2e-2  # ... and the largest difference of any one weight
-DICE_TOLERANCE = 0.02  # absolute, per case and region: a few voxels of these small tumours
+# Every training here runs in float64 (tests/training/float64_cli.py), so the tolerances do not
+# depend on the CPU. The two runs add the same numbers in another order (one process sums the two
+# cases inside each convolution's backward and the Dice's sums; two processes add per-case results
+# in gloo's all-reduce), and every CPU rounds each float64 operation to within 1.1e-16 relative
+# (IEEE 754; a vendor's kernels change only the order and grouping of the sums). In float32 the
+# same reordering, 1e-7 at the start, grew through these 12 steps to 5e-4 in a loss on one CPU and
+# 2.4e-3 on another (an AMD EPYC): an amplification of about 2e4. In float64, measured here (Intel,
+# AVX-512): losses 9e-16, weights 1.3e-14 relative L2 and 1.7e-13 at most, Dice identical. The
+# tolerances below sit 1e5 above those, and still 400x above 1.1e-16 amplified 2e4 times, the
+# worst seen in float32. A wrong sharing of the gradients (test_a_wrong_gradient_sharing_is_caught)
+# moves the training losses by 0.02 to 0.04 and the weights by 0.1 to 0.55 relative L2: 7 orders
+# of magnitude above the tolerances, on any CPU.
+LOSS_TOLERANCE = 1e-9  # absolute, per epoch: train_loss and val_loss
+WEIGHT_TOLERANCE = 1e-9  # relative L2 over the whole state dict ...
+WEIGHT_MAX_TOLERANCE = 1e-8  # ... and the largest difference of any one weight
+DICE_TOLERANCE = 1e-9  # absolute, per case and region: the same voxels
 
 
 @pytest.fixture(scope="module")
@@ -140,30 +147,53 @@ def test_torchrun_with_a_batch_it_cannot_share_gives_one_clear_error(dataset, tm
     assert not (tmp_path / "two" / "mlruns").exists()  # refused before any run was opened
 
 
-def _assert_same_training(reference, run) -> None:
+@pytest.mark.parametrize("fault", ["not_shared", "summed", "dice_not_shared"])
+def test_a_wrong_gradient_sharing_is_caught(dataset, one_process, tmp_path, fault):
+    """The equivalence check is not vacuous: the same two-process training with the sharing broken
+    on purpose (float64_cli.py: gradients not all-reduced, summed instead of averaged, or each
+    process's loss the Dice of its own case) lies far outside every tolerance."""
+    two = tmp_path / "two"
+    with _train(two, dataset, processes=2, fault=fault) as ddp:
+        assert ddp.wait(timeout=300) == 0, ddp.stderr_tail()
+    (run,) = tracking.find_runs(EXPERIMENT, {"kind": "fold"}, root=two)
+    (reference,) = tracking.find_runs(EXPERIMENT, {"kind": "fold"}, root=one_process)
+    found = _differences(reference, run)
+    # Measured: train_loss 0.022-0.036, weights 0.12-0.55 relative L2 and 0.14-0.21 at most.
+    assert found["train_loss"] > 1000 * LOSS_TOLERANCE, found
+    assert found["relative"] > 1000 * WEIGHT_TOLERANCE and found["largest"] > 1000 * WEIGHT_MAX_TOLERANCE, found
+
+
+def _differences(reference, run) -> dict[str, float]:
+    """The largest differences between two trainings of the same fold: per-epoch losses, final
+    weights (relative L2 and largest), per-case Dice of the final model."""
+    found = {}
     for key, steps in (("train_loss", range(EPOCHS)), ("val_loss", range(3, EPOCHS, 4))):
         # The latest value of each epoch: a resumed run logs again the epochs after its checkpoint.
         a, b = dict(reference.metric_history(key)), dict(run.metric_history(key))
         assert list(a) == list(b) == list(steps), key
-        worst = max(abs(a[step] - b[step]) for step in steps)
-        print(f"{key}: largest difference over the epochs {worst:.2e}")
-        assert worst <= LOSS_TOLERANCE, key
+        found[key] = max(abs(a[step] - b[step]) for step in steps)
 
     a = torch.load(reference.artifact_dir() / FINAL_MODEL, weights_only=True)["model"]
     b = torch.load(run.artifact_dir() / FINAL_MODEL, weights_only=True)["model"]
     assert a.keys() == b.keys()
-    relative = (sum(((a[k] - b[k]) ** 2).sum() for k in a) / sum((a[k] ** 2).sum() for k in a)).sqrt().item()
-    largest = max((a[k] - b[k]).abs().max().item() for k in a)
-    print(f"weights: relative L2 difference {relative:.2e}, largest {largest:.2e}")
-    assert relative <= WEIGHT_TOLERANCE and largest <= WEIGHT_MAX_TOLERANCE
+    assert all(a[k].dtype == torch.float64 for k in a if a[k].is_floating_point())  # the float64 program ran
+    found["relative"] = (sum(((a[k] - b[k]) ** 2).sum() for k in a) / sum((a[k] ** 2).sum() for k in a)).sqrt().item()
+    found["largest"] = max((a[k] - b[k]).abs().max().item() for k in a)
 
     x, y = _per_case(reference), _per_case(run)
     assert list(x["case"]) == list(y["case"])
     dice = [c for c in x.columns if c.startswith("dice_")]
     assert (x[dice] > 0).any().any(), "nothing learnt: the Dice comparison would say nothing"
-    worst = (x[dice] - y[dice]).abs().max().max()
-    print(f"per-case Dice: largest difference {worst:.2e}")
-    assert worst <= DICE_TOLERANCE
+    found["dice"] = (x[dice] - y[dice]).abs().max().max()
+    print(", ".join(f"{k}: {v:.2e}" for k, v in found.items()))
+    return found
+
+
+def _assert_same_training(reference, run) -> None:
+    found = _differences(reference, run)
+    assert found["train_loss"] <= LOSS_TOLERANCE and found["val_loss"] <= LOSS_TOLERANCE, found
+    assert found["relative"] <= WEIGHT_TOLERANCE and found["largest"] <= WEIGHT_MAX_TOLERANCE, found
+    assert found["dice"] <= DICE_TOLERANCE, found
 
 
 def _per_case(run):
@@ -175,19 +205,20 @@ def _per_case(run):
 class _Training:
     """A `brats-lab train` subprocess (under torchrun for several processes), output to files."""
 
-    def __init__(self, folder: Path, dataset: Path, extra: tuple[str, ...], processes: int, resume: bool) -> None:
+    def __init__(self, folder: Path, dataset: Path, extra: tuple[str, ...], processes: int, resume: bool, fault: str) -> None:
         folder.mkdir(exist_ok=True)
         argv = ["train", "--pipeline", "B", "--fold", "0", "--profile", "cpu", "--data", str(dataset)]
         for item in [*SETTINGS, *extra]:
             argv += ["--set", item]
         argv += ["--resume"] if resume else []
-        launcher = ["-m", "brats_lab.cli"]
+        launcher = [str(FLOAT64_CLI)]  # `brats-lab` in float64 (module docstring of float64_cli.py)
         if processes > 1:
             launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *launcher]
-        # One thread per process: the thread count changes the order of float32 sums.
+        # One thread per process: two processes on the cores of a small machine.
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the store: mlruns/ in `folder`
-        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", BRATS_LAB_TEST_FAULT=fault)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # the script's own folder would replace the cwd
         self.out, self.err = folder / f"stdout{processes}.txt", folder / f"stderr{processes}.txt"
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen([sys.executable, *launcher, *argv], cwd=folder, env=env, stdout=out, stderr=err)
@@ -223,8 +254,8 @@ class _Training:
         self.kill()  # after a failed assert, leave no training behind; after success, nothing is left
 
 
-def _train(folder: Path, dataset: Path, *extra: str, processes: int = 1, resume: bool = False) -> _Training:
-    return _Training(folder, dataset, extra, processes, resume)
+def _train(folder: Path, dataset: Path, *extra: str, processes: int = 1, resume: bool = False, fault: str = "") -> _Training:
+    return _Training(folder, dataset, extra, processes, resume, fault)
 
 
 def _descendants(pid: int) -> list[int]:

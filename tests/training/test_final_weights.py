@@ -1,0 +1,113 @@
+"""The weights a training leaves as its final model, rebuilt from other trainings of the same fold:
+the SWA average is the mean of the weights at the snapshot epochs, and pipeline B keeps the
+weights of the epoch with the lowest logged validation loss.
+
+A training's weights after epoch k do not depend on how many epochs follow (the data order and
+augmentations are seeded per epoch, the SWA learning rate depends on the epoch within the cycle
+and `anneal_epochs` only, and a constant schedule on nothing), so a shorter training of the same
+fold yields them. The trainings run in float64 (float64_cli.py, as the DDP tests), so the
+validation losses that choose pipeline B's epoch and the weights compared are the same on any CPU.
+Only the command line and what it writes (MLflow runs, the final model's file) are used."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from brats_lab import tracking
+from brats_lab.training.trainer import EXPERIMENT, FINAL_MODEL
+from conftest import TINY_NETWORK
+
+pytestmark = pytest.mark.xdist_group("final-weights")  # one worker copies the phantoms once
+
+FLOAT64_CLI = Path(__file__).with_name("float64_cli.py")
+ROOT = Path(__file__).parents[2]
+
+# Pipeline A with one main epoch, then one SWA cycle of `cycle_epochs` (the lr annealing over 4).
+SWA = [*TINY_NETWORK, "train.epochs=1", "train.amp=off", "train.val_every=100", "train.swa.enabled=true",
+       "train.swa.cycles=1", "train.swa.anneal_epochs=4", "train.swa.lr=1e-2"]
+# Pipeline B (keep = best, validation every epoch) at a constant learning rate so high that the
+# validation loss goes up again (measured in float64: down to epoch 4, up at 5; at 3e-2 it only
+# went down over 6 epochs, and the test would not see the last weights kept instead of the best).
+BEST = [*TINY_NETWORK, "train.amp=off", "train.schedule=constant", "optim.lr=1.0", "train.val_every=1"]
+BEST_EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def dataset(phantom_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    copy = tmp_path_factory.mktemp("final") / "phantom"  # the cache is written inside the dataset folder
+    shutil.copytree(phantom_dataset, copy)
+    return copy
+
+
+@pytest.fixture(autouse=True)
+def local_store(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # each training's store: mlruns/ in its folder
+
+
+def _train(folder: Path, dataset: Path, pipeline: str, settings: list[str]):
+    """`brats-lab train` (in float64) of fold 0 in `folder`; returns its MLflow fold run."""
+    folder.mkdir()
+    argv = [sys.executable, str(FLOAT64_CLI), "train", "--pipeline", pipeline, "--fold", "0", "--profile", "cpu",
+            "--data", str(dataset)]
+    for item in settings:
+        argv += ["--set", item]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    done = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = tracking.find_runs(EXPERIMENT, {"kind": "fold"}, root=folder)
+    assert run.status == "FINISHED"
+    return run
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    state = torch.load(run.artifact_dir() / FINAL_MODEL, weights_only=True)["model"]
+    assert all(v.dtype == torch.float64 for v in state.values() if v.is_floating_point())
+    return state
+
+
+def _largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def test_the_swa_model_is_the_mean_of_the_weights_at_the_snapshot_epochs(dataset, tmp_path):
+    # A 4-epoch cycle with a snapshot every 2 epochs averages the weights after SWA epochs 1 and 3.
+    averaged = _train(tmp_path / "average", dataset, "A",
+                      [*SWA, "train.swa.cycle_epochs=4", "train.swa.snapshot_every=2"])
+    # The same training with one snapshot at the end of a 2-epoch and of a 4-epoch cycle: its final
+    # model is the weights after SWA epoch 1, resp. 3 (an average of one).
+    after_1 = _weights(_train(tmp_path / "one", dataset, "A",
+                              [*SWA, "train.swa.cycle_epochs=2", "train.swa.snapshot_every=2"]))
+    after_3 = _weights(_train(tmp_path / "three", dataset, "A",
+                              [*SWA, "train.swa.cycle_epochs=4", "train.swa.snapshot_every=4"]))
+    assert averaged.tags["final_model"] == "average of 2 snapshots"
+    final = _weights(averaged)
+    expected = {k: (after_1[k] + after_3[k]) / 2 if after_1[k].is_floating_point() else after_1[k] for k in after_1}
+    moved = _largest_difference(after_1, after_3)
+    print(f"weights: epoch 1 to 3 moved {moved:.2e}; the average is off by {_largest_difference(final, expected):.2e}")
+    assert moved > 1e-3  # the last weights are far from the average: keeping them would show
+    # float64 trainings of one fold in one configuration: the same numbers in the same order.
+    assert _largest_difference(final, expected) <= 1e-12
+
+
+def test_pipeline_b_keeps_the_weights_of_the_lowest_validation_loss(dataset, tmp_path):
+    kept = _train(tmp_path / "best", dataset, "B", [*BEST, f"train.epochs={BEST_EPOCHS}"])
+    losses = dict(kept.metric_history("val_loss"))
+    assert sorted(losses) == list(range(BEST_EPOCHS))
+    best = min(losses, key=lambda epoch: (losses[epoch], epoch))  # the first of equal losses
+    print(f"validation losses: {[f'{losses[e]:.6f}' for e in sorted(losses)]}; best epoch {best}")
+    assert best < BEST_EPOCHS - 1, "the last epoch is the best: keeping the last weights would not show"
+    assert kept.tags["final_model"] == f"best validation loss (epoch {best})"
+    # The same training stopped after the best epoch, keeping its last weights.
+    last = _train(tmp_path / "last", dataset, "B", [*BEST, f"train.epochs={best + 1}", "train.keep=last"])
+    assert last.tags["final_model"] == "last epoch"
+    assert _largest_difference(_weights(kept), _weights(last)) <= 1e-12

@@ -139,9 +139,15 @@ def _defined_run_means(per_case: pd.DataFrame, columns: list[str]) -> pd.DataFra
 def report(plan: Plan) -> Report:
     """Gather the finished runs' per-case metrics and compare the arms, runs as the unit, on the
     metrics of the data's rules (`ranking_metrics`)."""
+    return summarise(plan, gather(plan, list(plan.ablation.arms)))
+
+
+def summarise(plan: Plan, per_case: pd.DataFrame) -> Report:
+    """The report of these out-of-fold per-case metrics (columns arm, fold, seed, case, metrics, as
+    `gather` returns them): Table 3, the seed spread, the run-level verdict and the per-case
+    description. Separate from `gather` so that a per-case table made by hand can be reported."""
     from brats_lab.evaluation.stats import compare_arms, noise_floor, run_means
 
-    per_case = gather(plan, list(plan.ablation.arms))
     families = ranking_metrics(per_case)
     regions = [r for r in REGIONS if f"{families[0]}_{r}" in per_case.columns]
     metrics = [f"{m}_{r}" for m in families for r in regions]

@@ -1,0 +1,282 @@
+"""The ablation report pinned on a per-case table made by hand: Table 3's mean (std) over each arm's
+runs (folds and seeds), the seed-spread (noise floor) table, the run-level verdict's numbers with
+Holm across the regions of one metric, and the text of report.md.
+
+The table is built from run means chosen by hand: each run's cases scatter symmetrically around its
+mean, and fold 0 has three cases where the other folds have two, so a mean over cases is not a mean
+over runs. Every expected number is derived from those run means by a second, simple
+implementation here (numpy, a hand-written Holm, scipy's one-sample t-test on the fold means,
+statsmodels' t-test power), never from the code under test. No training: the report is built
+with `summarise` directly, and once through a real MLflow store (`gather`, `Report.log`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats as sps
+from statsmodels.stats.power import TTestPower
+
+from brats_lab import tracking
+from brats_lab.ablation.report import report, summarise
+from brats_lab.ablation.spec import load_ablation
+from brats_lab.ablation.study import DEFAULT_STORAGE, Plan
+from brats_lab.config import config_hash
+
+from conftest import tiny_ablation
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+
+BASE, ARM = "equiunet", "att_equiunet"
+REGIONS = ("ET", "TC", "WT")
+METRICS = [f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS]
+FOLDS, SEEDS = (0, 1, 2), (0, 1)
+CASES = {0: ["BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003"],
+         1: ["BraTS20_Training_004", "BraTS20_Training_005"],
+         2: ["BraTS20_Training_006", "BraTS20_Training_007"]}
+# How far a run's cases sit from its mean (symmetric, so the run mean is the chosen one).
+SPREAD = {"dice": 0.02, "hd95": 1.0}
+
+# The baseline's run means [fold][seed], and the arm's differences from them (arm - baseline).
+BASE_MEANS = {
+    "dice_ET": [[0.70, 0.72], [0.80, 0.78], [0.75, 0.75]],
+    "dice_TC": [[0.60, 0.64], [0.70, 0.66], [0.65, 0.65]],
+    "dice_WT": [[0.85, 0.87], [0.90, 0.88], [0.86, 0.86]],
+    "hd95_ET": [[10.0, 12.0], [8.0, 9.0], [11.0, 10.0]],
+    "hd95_TC": [[6.0, 7.0], [5.0, 5.0], [6.0, 8.0]],
+    "hd95_WT": [[4.0, 4.5], [5.0, 5.0], [4.0, 6.0]],
+}
+DIFFS = {
+    "dice_ET": [[0.05, 0.07], [0.04, 0.06], [0.06, 0.06]],  # fold means 0.06, 0.05, 0.06: clear
+    "dice_TC": [[0.03, 0.01], [-0.02, 0.00], [0.02, 0.04]],  # fold means 0.02, -0.01, 0.03: noise
+    "dice_WT": [[0.01, 0.01], [0.013, 0.011], [0.008, 0.008]],  # fold means 0.010, 0.012, 0.008
+    "hd95_ET": [[-2.0, -1.0], [-1.5, -2.5], [-2.0, -2.0]],
+    "hd95_TC": [[1.0, 0.0], [0.5, -0.5], [0.0, 1.0]],
+    "hd95_WT": [[0.5, 0.3], [-0.2, 0.0], [0.1, 0.1]],
+}
+
+
+def run_means(arm: str, metric: str) -> np.ndarray:
+    """The chosen means of `arm`'s runs, shape (folds, seeds)."""
+    base = np.array(BASE_MEANS[metric])
+    return base if arm == BASE else base + np.array(DIFFS[metric])
+
+
+def hand_table() -> pd.DataFrame:
+    """Per-case rows (arm, fold, seed, case, metrics) whose run means are `run_means`."""
+    rows = []
+    for arm in (BASE, ARM):
+        for fold in FOLDS:
+            offsets = [-1.0, 0.0, 1.0] if len(CASES[fold]) == 3 else [-1.0, 1.0]
+            for seed in SEEDS:
+                for case, k in zip(CASES[fold], offsets):
+                    row = {"arm": arm, "fold": fold, "seed": seed, "case": case}
+                    for m in METRICS:
+                        row[m] = run_means(arm, m)[fold, seed] + k * SPREAD[m.split("_")[0]]
+                    rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def hand_holm(p: list[float]) -> list[float]:
+    """Holm's step-down adjustment written out: the k-th smallest p times (m - k), kept monotone."""
+    m = len(p)
+    adjusted = [0.0] * m
+    running = 0.0
+    for k, i in enumerate(sorted(range(m), key=lambda j: p[j])):
+        running = max(running, min(1.0, (m - k) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def hand_noise(*groups: np.ndarray) -> float:
+    """Pooled seed-to-seed SD: each row (one arm and fold) holds two seeds, whose variance (ddof 1)
+    is half their squared difference; pooled as the mean variance over all rows."""
+    rows = np.concatenate(groups)
+    return math.sqrt(np.mean([(r[0] - r[1]) ** 2 / 2 for r in rows]))
+
+
+def expected_verdict() -> dict[str, dict[str, object]]:
+    """Per metric column, the verdict's numbers derived without the report code."""
+    rows: dict[str, dict[str, object]] = {}
+    for family in ("dice", "hd95"):
+        cols = [f"{family}_{r}" for r in REGIONS]
+        for col in cols:
+            base, arm = run_means(BASE, col), run_means(ARM, col)
+            fold_means = (arm - base).mean(axis=1)  # seeds averaged within a fold
+            test = sps.ttest_1samp(fold_means, 0.0)
+            ci = test.confidence_interval(0.95)
+            noise = hand_noise(base, arm)
+            # Effect size (in SDs of a fold mean difference, noise * sqrt(2 / seeds)) at 80% power.
+            effect = TTestPower().solve_power(nobs=len(FOLDS), alpha=0.05, power=0.8, alternative="two-sided")
+            rows[col] = {"mean_baseline": base.mean(), "mean_arm": arm.mean(), "mean_diff": fold_means.mean(),
+                         "ci_low": ci.low, "ci_high": ci.high, "p_value": test.pvalue, "noise_floor": noise,
+                         "mde": effect * noise * math.sqrt(2 / len(SEEDS))}
+        # Holm within one metric, across its three regions.
+        for col, p in zip(cols, hand_holm([rows[c]["p_value"] for c in cols])):
+            rows[col]["p_holm"] = p
+            mean = rows[col]["mean_diff"]
+            if p >= 0.05:
+                rows[col]["verdict"] = "no evidence of a difference"
+            else:
+                better = mean > 0 if family == "dice" else mean < 0
+                rows[col]["verdict"] = f"{'better' if better else 'worse'} (p={p:.3f})" if p >= 0.001 else f"{'better' if better else 'worse'} (p<0.001)"
+    return rows
+
+
+@pytest.fixture
+def plan(tmp_path: Path) -> Plan:
+    """A plan of the two-arm tiny ablation with three folds and two seeds (nothing trained)."""
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(tiny_ablation("tiny-report", "data.folds=3", seeds=2))
+    return Plan(load_ablation(toml), "cpu", FOLDS, str(tmp_path / "data"), DEFAULT_STORAGE, seeds=SEEDS)
+
+
+def test_hand_table_has_the_chosen_run_means_and_unequal_folds():
+    # The fixture itself: a mean over cases differs from the mean over runs, so the tests below
+    # can tell them apart.
+    table = hand_table()
+    base = table[table["arm"] == BASE]
+    assert base.groupby(["fold", "seed"])["dice_ET"].mean().to_numpy() == pytest.approx(np.ravel(BASE_MEANS["dice_ET"]), abs=1e-12)
+    assert abs(base["dice_ET"].mean() - np.mean(BASE_MEANS["dice_ET"])) > 1e-3
+
+
+def test_table3_is_mean_and_std_over_each_arms_runs_folds_and_seeds(plan):
+    result = summarise(plan, hand_table())
+    assert list(result.table.index) == [BASE, ARM]
+    assert list(result.table.columns) == METRICS
+    # By hand: the baseline's six dice_ET run means 0.70 0.72 0.80 0.78 0.75 0.75 have mean 0.75
+    # and squared deviations summing to 0.0068, so SD sqrt(0.0068 / 5) = 0.0369.
+    assert result.table.loc[BASE, "dice_ET"] == "0.750 (0.037)"
+    # hd95_ET: 10 12 8 9 11 10, mean 10, squared deviations 10, SD sqrt(10 / 5) = 1.414.
+    assert result.table.loc[BASE, "hd95_ET"] == "10.0 (1.4)"
+    for arm in (BASE, ARM):
+        for m in METRICS:
+            runs = run_means(arm, m).ravel()
+            digits = 3 if m.startswith("dice") else 1
+            assert result.table.loc[arm, m] == f"{runs.mean():.{digits}f} ({runs.std(ddof=1):.{digits}f})", (arm, m)
+
+
+def test_seed_spread_is_the_pooled_seed_to_seed_sd_of_each_arm(plan):
+    result = summarise(plan, hand_table())
+    assert result.seed_spread is not None
+    assert list(result.seed_spread.index) == [BASE, ARM] and list(result.seed_spread.columns) == METRICS
+    # By hand: dice_ET seed pairs (0.70, 0.72), (0.80, 0.78), (0.75, 0.75) have variances 0.0002,
+    # 0.0002 and 0; their mean 0.000133 is the square of 0.01155.
+    assert result.seed_spread.loc[BASE, "dice_ET"] == "0.0115"
+    for arm in (BASE, ARM):
+        for m in METRICS:
+            digits = 4 if m.startswith("dice") else 2
+            assert result.seed_spread.loc[arm, m] == f"{hand_noise(run_means(arm, m)):.{digits}f}", (arm, m)
+
+
+def test_the_verdict_tests_fold_means_with_holm_across_the_regions_of_one_metric(plan):
+    result = summarise(plan, hand_table())
+    got = result.comparison.set_index("metric")
+    assert list(result.comparison["metric"]) == METRICS
+    assert set(result.comparison["arm"]) == {ARM}
+    assert (got["n"] == 7).all() and (got["folds"] == 3).all() and (got["seeds"] == 2).all()
+    expected = expected_verdict()
+    for col, want in expected.items():
+        for key, value in want.items():
+            if key == "verdict":
+                assert got.loc[col, key] == value, col
+            else:
+                assert got.loc[col, key] == pytest.approx(value, rel=1e-9, abs=1e-12), (col, key)
+    # The design of the table, read off by hand: dice ET and WT improve clearly, TC is noise; HD95
+    # ET drops (better), TC and WT are noise. Holm makes the two dice wins' p larger than raw.
+    assert [got.loc[c, "verdict"].split(" (")[0] for c in METRICS] == [
+        "better", "no evidence of a difference", "better", "better", "no evidence of a difference", "no evidence of a difference"]
+    assert got.loc["dice_ET", "p_holm"] == pytest.approx(3 * got.loc["dice_ET", "p_value"], rel=1e-12)
+
+
+def test_one_seed_reports_no_noise_floor_and_says_so(plan, tmp_path):
+    import dataclasses
+
+    table = hand_table()
+    one = dataclasses.replace(plan, seeds=(0,))
+    result = summarise(one, table[table["seed"] == 0].reset_index(drop=True))
+    assert result.seed_spread is None
+    # Table 3 over the three fold runs of seed 0 only.
+    runs = np.array(BASE_MEANS["dice_ET"])[:, 0]
+    assert result.table.loc[BASE, "dice_ET"] == f"{runs.mean():.3f} ({runs.std(ddof=1):.3f})"
+    assert result.comparison["noise_floor"].isna().all() and result.comparison["mde"].isna().all()
+    assert "One seed: the noise floor is not measured" in result.text()
+    # With one seed the fold means are the runs' differences themselves.
+    d = (run_means(ARM, "dice_ET") - run_means(BASE, "dice_ET"))[:, 0]
+    row = result.comparison.set_index("metric").loc["dice_ET"]
+    assert row["p_value"] == pytest.approx(sps.ttest_1samp(d, 0.0).pvalue, rel=1e-9)
+
+
+def test_the_text_names_the_design_tables_and_verdict(plan):
+    result = summarise(plan, hand_table())
+    text = result.text()
+    assert "3 folds x 2 seeds = 6 training runs per arm" in text
+    assert "0.750 (0.037)" in text and "0.0115" in text
+    assert "Seeds apart: the seed-to-seed standard deviation of one run's mean" in text
+    assert "Holm across the regions of each metric" in text
+    assert "over the 7 out-of-fold cases" in text
+
+
+def markdown_rows(block: str) -> list[list[str]]:
+    lines = block.split("\n")
+    assert all(line.startswith("| ") and line.endswith(" |") for line in lines), block
+    return [line[2:-2].split(" | ") for line in lines]
+
+
+def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_both_tables(plan, tmp_path, monkeypatch):
+    # A real store holding the finished fold runs a study would leave, each with its
+    # per_case_metrics.csv; report() must gather them by config hash, fold and seed.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    table = hand_table()
+    for arm in (BASE, ARM):
+        for seed in SEEDS:
+            arm_run = tracking.arm_run(plan.experiment, config_hash(plan.config(arm, seed)), f"{arm}-{seed}", {})
+            arm_run.set_tags({"arm": arm, "seed": seed})
+            for fold in FOLDS:
+                run = tracking.fold_run(arm_run, fold, f"{arm}-{seed}-{fold}")
+                part = table[(table["arm"] == arm) & (table["fold"] == fold) & (table["seed"] == seed)]
+                run.log_table(part.drop(columns=["arm", "fold", "seed"]).reset_index(drop=True), "per_case_metrics.csv")
+                run.finish()
+    # A newer, failed run of one cell with other numbers must not be read.
+    arm_run = tracking.arm_run(plan.experiment, config_hash(plan.config(BASE, 0)), f"{BASE}-0", {})
+    failed = tracking.fold_run(arm_run, 0, "failed")
+    bad = table[(table["arm"] == BASE) & (table["fold"] == 0) & (table["seed"] == 0)].drop(columns=["arm", "fold", "seed"])
+    failed.log_table(bad.assign(dice_ET=0.0).reset_index(drop=True), "per_case_metrics.csv")
+    failed.finish("FAILED")
+
+    result = report(plan)
+    key = ["arm", "fold", "seed", "case"]
+    gathered = result.per_case.sort_values(key).reset_index(drop=True)
+    assert gathered[key + METRICS].equals(table.sort_values(key).reset_index(drop=True)[key + METRICS])
+    assert result.table.loc[BASE, "dice_ET"] == "0.750 (0.037)"
+
+    study = tracking.start_run(plan.experiment, "study", "study")
+    result.log(study)
+    md = (study.artifact_dir() / "report.md").read_text()
+    table3, comparison = md.rstrip("\n").split("\n\n")
+    # Table 3 as markdown, read by hand from the chosen run means (mean (std), ddof 1).
+    assert table3 == "\n".join([
+        "| arm | dice_ET | dice_TC | dice_WT | hd95_ET | hd95_TC | hd95_WT |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {BASE} | 0.750 (0.037) | 0.650 (0.032) | 0.870 (0.018) | 10.0 (1.4) | 6.2 (1.2) | 4.8 (0.8) |",
+        f"| {ARM} | 0.807 (0.034) | 0.663 (0.022) | 0.880 (0.019) | 8.2 (1.7) | 6.5 (1.5) | 4.9 (0.7) |",
+    ])
+    rows = markdown_rows(comparison)
+    assert rows[0] == ["arm", "metric", "n", "folds", "seeds", "mean_baseline", "mean_arm", "mean_diff", "ci_low", "ci_high",
+                       "noise_floor", "mde", "p_value", "p_holm", "verdict"]
+    assert rows[1] == ["---"] * 15
+    expected = expected_verdict()
+    assert [r[1] for r in rows[2:]] == METRICS
+    for r in rows[2:]:
+        want = expected[r[1]]
+        assert r[0] == ARM and r[2:5] == ["7", "3", "2"]
+        numbers = dict(zip(rows[0][5:14], r[5:14]))
+        for name, cell in numbers.items():
+            assert float(cell) == pytest.approx(float(want[name]), rel=1e-3), (r[1], name)
+        assert r[14] == want["verdict"]
+    assert "0.750 (0.037)" in (study.artifact_dir() / "report.txt").read_text()

@@ -27,6 +27,7 @@ declare -A TESTS=(
   [brats_lab/training/optim.py]="tests/training/test_optim.py"
   [brats_lab/training/trainer.py]="tests/training/test_trainer.py tests/training/test_final_weights.py"
   [brats_lab/ablation/study.py]="tests/ablation/test_study.py"
+  [brats_lab/ablation/report.py]="tests/ablation/test_report.py"
 )
 
 if [[ "${1:-}" == "--list" || $# -eq 0 ]]; then

@@ -280,3 +280,45 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
             assert cell == f"{float(want[name]):.4g}", (r[1], name)
         assert r[14] == want["verdict"]
     assert "0.750 (0.037)" in (study.artifact_dir() / "report.txt").read_text()
+
+
+def test_lesion_wise_table3_and_verdict_average_each_run_over_its_defined_cases(plan):
+    # Lesion-wise scoring: a region absent from the reference and the prediction is NaN. Here the
+    # baseline leaves case 002's ET undefined while the arm predicts a false-positive lesion there
+    # (Dice 0, HD95 373, which must count), and the arm leaves case 005's ET undefined.
+    table = hand_table().rename(columns={m: f"lesion_{m}" for m in METRICS})
+    et = ["lesion_dice_ET", "lesion_hd95_ET"]
+    table.loc[(table["arm"] == BASE) & (table["case"] == "BraTS20_Training_002"), et] = np.nan
+    table.loc[(table["arm"] == ARM) & (table["case"] == "BraTS20_Training_002"), et] = [0.0, 373.0]
+    table.loc[(table["arm"] == ARM) & (table["case"] == "BraTS20_Training_005"), et] = np.nan
+    result = summarise(plan, table)
+    assert list(result.table.columns) == [f"lesion_{m}" for m in METRICS]
+
+    def runs(arm: str, col: str) -> np.ndarray:  # (folds, seeds): each run's mean over its defined cases
+        out = np.empty((len(FOLDS), len(SEEDS)))
+        for f in FOLDS:
+            for s in SEEDS:
+                values = table.loc[(table["arm"] == arm) & (table["fold"] == f) & (table["seed"] == s), col].to_numpy(dtype=float)
+                out[f, s] = np.mean(values[~np.isnan(values)])
+        return out
+
+    # By hand: the baseline's fold-0 ET runs skip the middle case (offset 0), so their means stay
+    # 0.70 and 0.72; the arm's fold-0 runs average (m - 0.02, 0, m + 0.02) = 2m/3 and its fold-1
+    # runs keep only case 004, at m - 0.02.
+    assert runs(BASE, "lesion_dice_ET") == pytest.approx(np.array(BASE_MEANS["dice_ET"]), abs=1e-12)
+    arm_et = run_means(ARM, "dice_ET")
+    assert runs(ARM, "lesion_dice_ET") == pytest.approx(np.vstack([2 * arm_et[0] / 3, arm_et[1] - 0.02, arm_et[2]]), abs=1e-12)
+    for arm in (BASE, ARM):
+        for col in result.table.columns:
+            r = runs(arm, col).ravel()
+            digits = 3 if "dice" in col else 1
+            assert result.table.loc[arm, col] == f"{r.mean():.{digits}f} ({r.std(ddof=1):.{digits}f})", (arm, col)
+    got = result.comparison.set_index("metric")
+    for family in ("lesion_dice", "lesion_hd95"):
+        cols = [f"{family}_{r}" for r in REGIONS]
+        p = [sps.ttest_1samp((runs(ARM, c) - runs(BASE, c)).mean(axis=1), 0.0).pvalue for c in cols]
+        assert got.loc[cols, "p_value"].to_numpy() == pytest.approx(p, rel=1e-9)
+        assert got.loc[cols, "p_holm"].to_numpy() == pytest.approx(hand_holm(p), rel=1e-9)
+    # n: the cases the arm was scored on, its undefined case 005 left out of ET only.
+    assert got.loc["lesion_dice_ET", "n"] == 6 and got.loc["lesion_hd95_ET", "n"] == 6 and got.loc["lesion_dice_WT", "n"] == 7
+    assert "Scored lesion-wise" in result.text()

@@ -307,8 +307,13 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 def write_text(path: Path, text: str) -> None:
-    with atomic_path(Path(path)) as tmp:
-        tmp.write_text(text)
+    """Write `text` to `path` atomically; a failed write (disk full, file-size limit) names the file
+    and leaves the previous one as it was."""
+    try:
+        with atomic_path(Path(path)) as tmp:
+            tmp.write_text(text)
+    except OSError as e:
+        raise OSError(f"{path}: could not write the file ({e.strerror or e})") from None
 
 
 def _itk_reason(error: RuntimeError) -> str:

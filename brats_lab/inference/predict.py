@@ -134,6 +134,8 @@ def write_ensemble_record(out_dir: Path, members: list["Member"], selection: dic
                 f"{path}: this folder holds the label maps of another ensemble ({len(old.get('members', []))} other models); "
                 "use another --output folder, or delete it first"
             )
+        if old == record:
+            return  # a rerun of the same ensemble: the record already says it
     write_text(path, json.dumps(record, indent=1) + "\n")
 
 

@@ -371,6 +371,17 @@ def compare_arms(
     return result
 
 
+def _aligned(header: list[str], lines: list[list[str]], left: set[int]) -> list[str]:
+    """A plain-text table: the header, a rule and the lines, text columns (`left`) left-aligned,
+    numbers right-aligned."""
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [fmt(header), fmt(["-" * w for w in widths]), *(fmt(line) for line in lines)]
+
+
 def format_comparison(df: pd.DataFrame) -> str:
     """`compare_arms`' result as a plain-text table for the terminal, with a note on the method.
 
@@ -399,15 +410,7 @@ def format_comparison(df: pd.DataFrame) -> str:
                 str(r.verdict),
             ]
         )
-    # Text columns left-aligned, numbers right-aligned.
-    left = {0, 1, 8}
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    out = [title, "", fmt(header), fmt(["-" * w for w in widths])]
-    out += [fmt(line) for line in lines]
+    out = [title, "", *_aligned(header, lines, left={0, 1, 8})]
     out += [
         "",
         f"diff = arm - baseline, paired over cases; {ci}: percentile bootstrap over cases;",
@@ -643,14 +646,7 @@ def format_runs(df: pd.DataFrame) -> str:
         lines.append([str(r.arm), str(r.metric), f"{r.folds}x{r.seeds}", f.format(r.mean_baseline), f.format(r.mean_arm),
                       f"{f.format(r.mean_diff)} [{num(r.ci_low)}, {num(r.ci_high)}]", num(r.noise_floor), num(r.mde),
                       _format_p(r.p_value).removeprefix("p="), _format_p(r.p_holm).removeprefix("p="), str(r.verdict)])
-    left = {0, 1, 10}
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    out = [title, "", fmt(header), fmt(["-" * w for w in widths])]
-    out += [fmt(line) for line in lines]
+    out = [title, "", *_aligned(header, lines, left={0, 1, 10})]
     out += [
         "",
         "runs = folds x seeds per arm; diff = arm - baseline, paired by fold and seed over the same cases;",

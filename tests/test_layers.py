@@ -42,3 +42,10 @@ def test_outside_training_the_trainer_is_imported_only_to_train():
         for module, names in imports(path):
             if module == "brats_lab.training.trainer":
                 assert names == ["train_fold"], f"{path.relative_to(PACKAGE)} imports {names} from the trainer"
+
+
+def test_training_imports_nothing_from_inference():
+    # inference/ reads training's checkpoint format; the arrow must not also run the other way.
+    for path in sorted((PACKAGE / "training").glob("*.py")):
+        for module, _ in imports(path):
+            assert not module.startswith("brats_lab.inference"), f"training/{path.name} imports {module}"

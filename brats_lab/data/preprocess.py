@@ -125,6 +125,15 @@ def paste_back(pred_crop: np.ndarray, bbox: BBox, original_shape: Sequence[int])
     return out
 
 
+def label_map(regions: np.ndarray, pads: Pads, convention: LabelConvention, bbox: BBox, original_shape: Sequence[int]) -> np.ndarray:
+    """The uint8 label map, in the case's original (z, y, x) shape, of region masks (3, Z, Y, X:
+    ET, TC, WT) predicted on a brain crop padded by `pad_to_multiple` with `pads`: unpadded, the
+    labels rebuilt from the regions (`convention.from_regions`) and pasted back at `bbox`.
+    `brats-lab predict` and the trainer's final scoring both go this way, so validation scores
+    exactly what `predict` writes."""
+    return paste_back(convention.from_regions(unpad(regions, pads)), bbox, original_shape).astype(np.uint8)
+
+
 def bbox_to_list(bbox: BBox) -> list[list[int]]:
     """[[start, stop], ...] for JSON."""
     return [[int(s.start), int(s.stop)] for s in bbox]

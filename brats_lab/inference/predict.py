@@ -20,9 +20,8 @@ import torch
 from brats_lab import DataError
 from brats_lab.config import ExperimentConfig, from_dict
 from brats_lab.data.cases import Case
-from brats_lab.data.preprocess import BBox, Pads, pad_to_multiple, paste_back, preprocess_case, unpad
-from brats_lab.io import Geometry, write_image, write_text
-from brats_lab.labels import LabelConvention
+from brats_lab.data.preprocess import label_map, pad_to_multiple, paste_back, preprocess_case, unpad
+from brats_lab.io import write_image, write_text
 from brats_lab.models import build_model
 from brats_lab.training.checkpoint import FINAL_MODEL, MODEL_KEYS, load
 
@@ -253,39 +252,16 @@ def predict_case(
     padded, pads = pad_to_multiple(pre.images, config.data.pad_multiple)
     probs = predict_probabilities(members, padded, device, tta, precision)  # (3, Z, Y, X) padded brain crop
     path = Path(out_dir) / f"{case.id}.nii.gz"
-    write_label_map(probs > 0.5, pads, case.convention, pre.bbox, pre.geometry, path, small_et)
+    labels = label_map(probs > 0.5, pads, case.convention, pre.bbox, pre.geometry.shape)
+    if small_et:
+        from brats_lab.inference.merge import small_et_to_ncr
+
+        labels = small_et_to_ncr(labels, case.convention, small_et)
+    write_image(labels.astype(np.uint8), pre.geometry, path)
     if probabilities:
         full = paste_back(unpad(probs, pads).astype(np.float32), pre.bbox, pre.geometry.shape)
         write_image(np.moveaxis(full, 0, -1), pre.geometry, Path(out_dir) / "probabilities" / f"{case.id}.nii.gz")
     return path
-
-
-def write_label_map(
-    regions: np.ndarray,
-    pads: Pads,
-    convention: LabelConvention,
-    bbox: BBox,
-    geometry: Geometry,
-    path: Path,
-    small_et: int = 0,
-) -> np.ndarray:
-    """The label map of region masks predicted on a padded brain crop, in the case's original
-    geometry, written to `path` (uint8) and returned (z, y, x).
-
-    `regions` is (3, Z, Y, X) bool, ET, TC, WT, on the crop padded by `pad_to_multiple` with
-    `pads`; the crop is unpadded, the labels rebuilt from the regions (`convention.from_regions`),
-    pasted back at `bbox` into a volume of `geometry`'s shape, optionally `small_et` applied
-    (`merge.small_et_to_ncr`), and written. `predict_case` and the trainer's final scoring
-    (`training/scoring.py`) both go this way, so validation scores exactly what `predict` writes.
-    """
-    labels = paste_back(convention.from_regions(unpad(regions, pads)), bbox, geometry.shape)
-    if small_et:
-        from brats_lab.inference.merge import small_et_to_ncr
-
-        labels = small_et_to_ncr(labels, convention, small_et)
-    labels = labels.astype(np.uint8)
-    write_image(labels, geometry, path)
-    return labels
 
 
 def predict_folder(

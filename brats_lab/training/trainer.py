@@ -168,7 +168,7 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
             return None  # rank 0 makes, scores and logs the final model
 
         # --- final weights, scored in the original geometry -----------------------------------
-        chosen = _final_weights(model, average, best, cfg.train.keep)
+        chosen = load_final_weights(model, average, best, cfg.train.keep)
         checkpoint.save(workdir / FINAL_MODEL, checkpoint.model_state(model, cfg, fold))
         per_case = score_cases(model, cache, volumes, Path(cfg.data.dataset), device, amp_dtype, workdir, progress)
         run.log_metrics({f"final_{c}": float(per_case[c].mean()) for c in per_case.columns if c != "case"}, step=epochs - 1)
@@ -321,9 +321,11 @@ def _stop_if_diverged(losses: list[float], epoch: int, fold: int, cfg: Experimen
         f"(--set optim.lr=..., now {cfg.optim.lr:g}) or train.amp=off")
 
 
-def _final_weights(model: torch.nn.Module, average: WeightAverage, best: dict[str, Any], keep: str) -> str:
+def load_final_weights(model: torch.nn.Module, average: WeightAverage, best: dict[str, Any], keep: str) -> str:
     """Load the final weights into `model`: the self-ensemble if there are snapshots, else the
-    best validation loss's (with `keep="best"`), else the last epoch's. Says which."""
+    best validation loss's (with `keep="best"`; `best` as `train_fold` keeps it: loss, epoch and a
+    copy of the weights, state None before any validation), else the last epoch's. Says which (the
+    run's `final_model` tag)."""
     if average.count:
         model.load_state_dict(average.average())
         return f"average of {average.count} snapshots"

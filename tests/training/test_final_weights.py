@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from brats_lab import tracking
-from brats_lab.training.trainer import EXPERIMENT, FINAL_MODEL
+from brats_lab.training.optim import WeightAverage
+from brats_lab.training.trainer import EXPERIMENT, FINAL_MODEL, load_final_weights
 from conftest import TINY_NETWORK
 
 pytestmark = pytest.mark.xdist_group("final-weights")  # one worker copies the phantoms once
@@ -111,3 +112,51 @@ def test_pipeline_b_keeps_the_weights_of_the_lowest_validation_loss(dataset, tmp
     last = _train(tmp_path / "last", dataset, "B", [*BEST, f"train.epochs={best + 1}", "train.keep=last"])
     assert last.tags["final_model"] == "last epoch"
     assert _largest_difference(_weights(kept), _weights(last)) <= 1e-12
+
+
+# --- the rule alone, on a two-parameter model whose weights are set by hand (no training) ---------
+
+
+def _model(weight: float) -> torch.nn.Module:
+    model = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(weight)
+        model.bias.fill_(-weight)
+    return model
+
+
+def _state(weight: float) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in _model(weight).state_dict().items()}
+
+
+def _weight(model: torch.nn.Module) -> tuple[float, float]:
+    return model.weight.item(), model.bias.item()
+
+
+NO_BEST = {"loss": float("inf"), "epoch": -1, "state": None}
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_snapshots_win_over_best_and_last_and_their_mean_is_loaded(keep):
+    average = WeightAverage()
+    for w in (1.0, 2.0, 6.0):
+        average.update(_state(w))
+    model = _model(10.0)  # the last epoch's weights
+    said = load_final_weights(model, average, {"loss": 0.1, "epoch": 4, "state": _state(7.0)}, keep)
+    assert said == "average of 3 snapshots"
+    assert _weight(model) == (3.0, -3.0)  # (1 + 2 + 6) / 3
+
+
+def test_without_snapshots_keep_best_loads_the_best_weights_and_names_their_epoch():
+    model = _model(10.0)
+    said = load_final_weights(model, WeightAverage(), {"loss": 0.2, "epoch": 3, "state": _state(7.0)}, "best")
+    assert said == "best validation loss (epoch 3)"
+    assert _weight(model) == (7.0, -7.0)
+
+
+@pytest.mark.parametrize(("keep", "best"), [("last", {"loss": 0.2, "epoch": 3, "state": _state(7.0)}), ("best", NO_BEST)])
+def test_otherwise_the_last_weights_stay(keep, best):
+    """keep = last; or keep = best before any validation (no best weights to load)."""
+    model = _model(10.0)
+    assert load_final_weights(model, WeightAverage(), best, keep) == "last epoch"
+    assert _weight(model) == (10.0, -10.0)

@@ -29,14 +29,16 @@ declare -A TESTS=(
   [brats_lab/evaluation/metrics.py]="tests/evaluation/test_metrics.py"
   [brats_lab/evaluation/stats.py]="tests/evaluation/test_stats.py tests/evaluation/test_bootstrap_interval.py"
   [brats_lab/training/optim.py]="tests/training/test_optim.py"
-  [brats_lab/training/trainer.py]="tests/training/test_final_weights.py"
+  [brats_lab/training/trainer.py]="tests/training/test_final_weights.py::test_snapshots_win_over_best_and_last_and_their_mean_is_loaded tests/training/test_final_weights.py::test_without_snapshots_keep_best_loads_the_best_weights_and_names_their_epoch tests/training/test_final_weights.py::test_otherwise_the_last_weights_stay"
   [brats_lab/training/scoring.py]="tests/training/test_scoring.py"
   [brats_lab/ablation/study.py]="tests/ablation/test_study.py"
   [brats_lab/ablation/report.py]="tests/ablation/test_report.py"
 )
 
 # Parts of a module: the trainer's final weights (the rest of train_fold costs a training per
-# mutant; its final-weight lines are broken by hand, docs/mutation.md).
+# mutant; its final-weight lines are broken by hand, docs/mutation.md). The trainings of
+# test_final_weights.py run the CLI in a subprocess, which cannot import mutmut's mutated copy:
+# only its in-process tests are selected.
 declare -A PARTS=(
   [brats_lab/training/trainer.py]="brats_lab.training.trainer.*load_final_weights*"
 )

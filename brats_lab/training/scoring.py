@@ -28,7 +28,6 @@ from brats_lab.io import atomic_path, read_image, write_image
 from brats_lab.labels import REGIONS
 
 
-@torch.no_grad()
 def validate(model: torch.nn.Module, volumes: WholeVolumes, loss_fn, device: torch.device, amp_dtype) -> dict[str, float]:
     """Mean loss and Dice per region (threshold 0.5) over whole padded brain crops.
 
@@ -48,7 +47,6 @@ def validate(model: torch.nn.Module, volumes: WholeVolumes, loss_fn, device: tor
     return {"val_loss": float(np.mean(losses)), **{f"val_dice_{r}": float(np.mean(v)) for r, v in dice.items()}}
 
 
-@torch.no_grad()
 def score_cases(
     model: torch.nn.Module,
     cache: Cache,
@@ -97,7 +95,8 @@ def score_cases(
 
 
 def predict_logits(model: torch.nn.Module, image: torch.Tensor, device: torch.device, amp_dtype) -> torch.Tensor:
-    """Logits (3, Z, Y, X) in float32 for one padded volume (4, Z, Y, X)."""
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    """Logits (3, Z, Y, X) in float32 for one padded volume (4, Z, Y, X), without gradients (all
+    that `validate` and `score_cases` compute comes from them, so no graph is ever built)."""
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits = model(image[None].to(device))
     return logits[0].float()

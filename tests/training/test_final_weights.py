@@ -23,7 +23,7 @@ import torch
 
 from brats_lab import tracking
 from brats_lab.training.optim import WeightAverage
-from brats_lab.training.trainer import EXPERIMENT, FINAL_MODEL, load_final_weights
+from brats_lab.training.trainer import CHECKPOINT, EXPERIMENT, FINAL_MODEL, load_final_weights
 from conftest import TINY_NETWORK
 
 pytestmark = pytest.mark.xdist_group("final-weights")  # one worker copies the phantoms once
@@ -86,10 +86,14 @@ def test_the_swa_model_is_the_mean_of_the_weights_at_the_snapshot_epochs(dataset
                       [*SWA, "train.swa.cycle_epochs=4", "train.swa.snapshot_every=2"])
     # The same training with one snapshot at the end of a 2-epoch and of a 4-epoch cycle: its final
     # model is the weights after SWA epoch 1, resp. 3 (an average of one).
-    after_1 = _weights(_train(tmp_path / "one", dataset, "A",
-                              [*SWA, "train.swa.cycle_epochs=2", "train.swa.snapshot_every=2"]))
-    after_3 = _weights(_train(tmp_path / "three", dataset, "A",
-                              [*SWA, "train.swa.cycle_epochs=4", "train.swa.snapshot_every=4"]))
+    one = _train(tmp_path / "one", dataset, "A", [*SWA, "train.swa.cycle_epochs=2", "train.swa.snapshot_every=2"])
+    three = _train(tmp_path / "three", dataset, "A", [*SWA, "train.swa.cycle_epochs=4", "train.swa.snapshot_every=4"])
+    after_1, after_3 = _weights(one), _weights(three)
+    # Their one snapshot is the last epoch's weights (the checkpoint's): this pins the snapshot
+    # epochs themselves, which a shift common to all three trainings would not show above.
+    for run, weights in ((one, after_1), (three, after_3)):
+        last = torch.load(run.artifact_dir() / CHECKPOINT, weights_only=True)["model"]
+        assert _largest_difference(weights, last) <= 1e-12
     assert averaged.tags["final_model"] == "average of 2 snapshots"
     final = _weights(averaged)
     expected = {k: (after_1[k] + after_3[k]) / 2 if after_1[k].is_floating_point() else after_1[k] for k in after_1}

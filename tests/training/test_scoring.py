@@ -130,17 +130,20 @@ def test_no_case_no_table_and_no_drawing(data, tmp_path):
 
 
 def test_logits_are_float32_from_the_precision_asked():
-    """Without AMP the logits are the model's own, bit for bit; with bfloat16 autocast the
-    convolution runs in bfloat16 (differences of its rounding, ~1e-2) and comes back as float32."""
+    """Without AMP the logits are the model's own, bit for bit, with no graph; with autocast the
+    convolution runs in bfloat16 or float16 (differences of their rounding, ~1e-2) and comes back
+    as float32."""
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(4, 3, 1)
     image = torch.rand(4, 6, 6, 6)
     with torch.no_grad():
         exact = conv(image[None])[0]
     full = predict_logits(conv, image, CPU, None)
-    assert full.shape == (3, 6, 6, 6) and full.dtype == torch.float32
+    assert full.shape == (3, 6, 6, 6) and full.dtype == torch.float32 and not full.requires_grad
     assert torch.equal(full, exact)
-    with torch.no_grad():
-        half = predict_logits(conv, image, CPU, torch.bfloat16)
-    assert half.dtype == torch.float32
-    assert 0 < (half - exact).abs().max().item() < 0.05
+    reduced = {dtype: predict_logits(conv, image, CPU, dtype) for dtype in (torch.bfloat16, torch.float16)}
+    for dtype, logits in reduced.items():
+        assert logits.dtype == torch.float32, dtype
+        assert 0 < (logits - exact).abs().max().item() < 0.05, dtype
+    # Each in the precision asked, not autocast's default for the device (bfloat16 on the CPU).
+    assert not torch.equal(reduced[torch.bfloat16], reduced[torch.float16])

@@ -11,7 +11,6 @@ from scipy import stats as sps
 from brats_lab.evaluation.stats import (
     RESULT_COLUMNS,
     compare_arms,
-    format_comparison,
     holm,
     metric_direction,
     paired_bootstrap_ci,
@@ -272,17 +271,6 @@ def test_verdict_words() -> None:
     # Many small gains and one large loss: the mean and the ranks point opposite ways.
     mixed = np.array([0.01] * 20 + [-1.0])
     assert verdict("dice_ET", mixed, 0.001).startswith("different, direction unclear")
-
-
-def test_format_comparison_is_readable() -> None:
-    text = format_comparison(compare_arms(_table(), "unet", COLUMNS))
-    assert "baseline 'unet'" in text
-    assert "diff [95% CI]" in text
-    assert "better (p<0.001)" in text and "no evidence of a difference" in text
-    lines = text.splitlines()
-    assert sum("better_wt" in line for line in lines) == 4
-    only_baseline = compare_arms(_table()[lambda t: t["arm"] == "unet"], "unet", COLUMNS)
-    assert "no other arm" in format_comparison(only_baseline)
 
 
 # --- the verdict's test: runs as the unit ----------------------------------------------------------

@@ -602,8 +602,8 @@ def format_runs(df: pd.DataFrame) -> str:
     for r in df.itertuples(index=False):
         f = f"{{:.{2 if metric_direction(r.metric) == -1 else 4}f}}"
 
-        def num(v: float) -> str:
-            return "n/a" if np.isnan(v) else ("inf" if np.isinf(v) else f.format(v))
+        def num(v: float) -> str:  # NaN: not measured (one seed); an infinite bound keeps its sign: [-inf, inf]
+            return "n/a" if np.isnan(v) else f.format(v)
 
         lines.append([str(r.arm), str(r.metric), f"{r.folds}x{r.seeds}", f.format(r.mean_baseline), f.format(r.mean_arm),
                       f"{f.format(r.mean_diff)} [{num(r.ci_low)}, {num(r.ci_high)}]", num(r.noise_floor), num(r.mde),

@@ -1,7 +1,9 @@
-"""Paired statistics: bootstrap CI, Wilcoxon against scipy, Holm, and the arm comparison table."""
+"""Paired statistics: bootstrap CI, Wilcoxon against scipy, Holm, and the arm comparison table;
+the verdict's run-level test, noise floor, MDE and the verdict table `format_runs` prints."""
 
 from __future__ import annotations
 
+import re
 
 import numpy as np
 import pandas as pd
@@ -69,6 +71,29 @@ def test_bootstrap_rejects_bad_arguments(kwargs: dict, match: str) -> None:
         paired_bootstrap_ci([1.0, 2.0], [1.0, 3.0], **kwargs)
 
 
+def test_bootstrap_with_one_resample_is_that_resample() -> None:
+    # One case: every resample is that case, so the single resample's mean is its difference.
+    assert paired_bootstrap_ci([0.5], [0.75], n_resamples=1) == (0.25, 0.25, 0.25)
+
+
+def test_bootstrap_of_many_cases_draws_its_resamples_in_blocks() -> None:
+    # 1000 cases x 4200 resamples is more than one block of 2**22 indices (4194 resamples), so the
+    # resamples come in two blocks. Differences 0 and 1 alternating: mean 1/2, and the resampled
+    # mean has standard error sqrt(1/4 / 1000) = 0.0158, so the 95% interval is 1/2 +- 1.96 x 0.0158.
+    a = np.zeros(1000)
+    b = np.tile([0.0, 1.0], 500)
+    mean, low, high = paired_bootstrap_ci(a, b, n_resamples=4200)
+    assert mean == 0.5
+    se = np.sqrt(0.25 / 1000)
+    assert low == pytest.approx(0.5 - 1.96 * se, abs=0.003) and high == pytest.approx(0.5 + 1.96 * se, abs=0.003)
+
+
+def test_a_round_off_difference_is_zero_not_minus_zero() -> None:
+    # 0.3 - (0.1 + 0.2) is -5.6e-17 in floating point: the same score, so a difference of 0.0.
+    result = paired_bootstrap_ci([0.1 + 0.2], [0.3])
+    assert result == (0.0, 0.0, 0.0) and [str(v) for v in result] == ["0.0", "0.0", "0.0"]
+
+
 # ---------------------------------------------------------------- Wilcoxon
 
 
@@ -95,6 +120,12 @@ def test_wilcoxon_round_off_does_not_break_ties() -> None:
     a = np.array([0.8, 0.6, 0.5, 0.3, 0.2])
     b = np.array([0.9, 0.7, 0.6, 0.4, 0.3])
     assert wilcoxon_paired(a, b) == pytest.approx(sps.wilcoxon([0.1] * 5).pvalue)
+
+
+def test_wilcoxon_with_two_nonzero_differences_is_exact() -> None:
+    # Two positive differences: the four sign patterns are equally likely under the null and the
+    # observed one has the largest W+ (3 of 0, 1, 2, 3), so the two-sided p is 2 x 1/4.
+    assert wilcoxon_paired([0.5, 0.5], [0.6, 0.7]) == pytest.approx(0.5, abs=1e-12)
 
 
 @pytest.mark.filterwarnings("error")
@@ -130,6 +161,11 @@ def test_holm_caps_at_one_and_is_monotone() -> None:
     assert holm([]).size == 0
 
 
+def test_holm_takes_a_zero_p_value() -> None:
+    # 0 is a p-value (a test whose statistic is infinite): sorted 0 x 2 = 0, then 0.3 x 1.
+    np.testing.assert_array_equal(holm([0.3, 0.0]), [0.3, 0.0])
+
+
 def test_holm_matches_statsmodels() -> None:
     multitest = pytest.importorskip("statsmodels.stats.multitest")
     p = np.random.default_rng(7).uniform(0, 0.2, 12)
@@ -139,7 +175,7 @@ def test_holm_matches_statsmodels() -> None:
 def test_holm_rejects_invalid_p() -> None:
     with pytest.raises(ValueError, match=r"position\(s\) \[1\]"):
         holm([0.1, 1.5])
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match=r"^p_values has 1 NaN value\(s\) at position\(s\) \[1\]; they are not dropped"):
         holm([0.1, float("nan")])
 
 
@@ -157,11 +193,21 @@ def test_nan_raises_naming_count_and_positions(fn) -> None:
 
 
 @pytest.mark.parametrize("fn", [paired_bootstrap_ci, wilcoxon_paired])
-def test_length_mismatch_and_empty_raise(fn) -> None:
+def test_inf_raises_naming_it_non_finite(fn) -> None:
+    message = ("a has 1 non-finite (NaN or inf) value(s) at position(s) [2]; they are not dropped silently: "
+               "fix the upstream metric or drop the case(s) explicitly")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        fn([0.1, 0.2, np.inf], [0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("fn", [paired_bootstrap_ci, wilcoxon_paired])
+def test_length_mismatch_empty_and_2d_raise(fn) -> None:
     with pytest.raises(ValueError, match="same length"):
         fn([0.1, 0.2, 0.3], [0.1, 0.2])
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="^paired samples are empty: need at least one case$"):
         fn([], [])
+    with pytest.raises(ValueError, match=re.escape("a must be 1-D (one value per case), but has shape (1, 2)")):
+        fn([[0.1, 0.2]], [0.1, 0.2])
 
 
 # ---------------------------------------------------------------- compare_arms
@@ -237,7 +283,9 @@ def test_compare_arms_extra_case_in_arm_is_named() -> None:
 def test_compare_arms_nan_is_named_by_case() -> None:
     table = _table()
     table.loc[(table["arm"] == "unet") & (table["case"] == "BraTS20_Training_003"), "dice_TC"] = np.nan
-    with pytest.raises(ValueError, match="'dice_TC' of arm 'unet'.*BraTS20_Training_003"):
+    message = ("column 'dice_TC' of arm 'unet' has 1 NaN/inf value(s), for case(s) ['BraTS20_Training_003']; not dropped "
+               "silently: fix the upstream metric or remove the case(s) from every arm explicitly")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         compare_arms(table, "unet", COLUMNS)
 
 
@@ -247,8 +295,44 @@ def test_compare_arms_rejects_bad_input() -> None:
         compare_arms(table, "nope", COLUMNS)
     with pytest.raises(ValueError, match="dice_XX"):
         compare_arms(table, "unet", ["dice_XX"])
-    with pytest.raises(ValueError, match="more than once"):
-        compare_arms(pd.concat([table, table.iloc[:1]]), "unet", COLUMNS)
+    with pytest.raises(ValueError, match="^metric_columns is empty: name at least one metric column to compare$"):
+        compare_arms(table, "unet", [])
+    # The same (arm, case) twice with different scores: a duplicate by its key, not a repeated row.
+    twice = table[(table["arm"] == "unet") & (table["case"] == "BraTS20_Training_001")].assign(dice_ET=0.1)
+    with pytest.raises(ValueError, match=re.escape("more than once: [('unet', 'BraTS20_Training_001')]")):
+        compare_arms(pd.concat([table, twice]), "unet", COLUMNS)
+
+
+def test_compare_arms_names_cases_missing_on_both_sides_at_once() -> None:
+    table = _table()
+    table = table[~((table["arm"] == "better_wt") & (table["case"] == "BraTS20_Training_007"))]
+    extra = table[table["arm"] == "better_wt"].iloc[:1].assign(case="BraTS20_Training_999")
+    message = ("cases must be paired; in baseline 'unet' but not in arm 'better_wt': ['BraTS20_Training_007']; "
+               "in arm 'better_wt' but not in baseline 'unet': ['BraTS20_Training_999']")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        compare_arms(pd.concat([table, extra]), "unet", COLUMNS)
+
+
+def test_compare_arms_passes_its_bootstrap_arguments_and_alpha_on() -> None:
+    # The interval of each row is `paired_bootstrap_ci` of that column with the same arguments, by
+    # default and when given; an alpha below every Holm p leaves no verdict but "no evidence".
+    table = _table(n=12)
+    base = table[table["arm"] == "unet"].set_index("case").sort_index()
+    arm = table[table["arm"] == "better_wt"].set_index("case").sort_index()
+    for kwargs in ({}, {"n_resamples": 300, "confidence": 0.8, "seed": 5}):
+        row = compare_arms(table, "unet", ["dice_WT"], **kwargs).iloc[0]
+        expected = paired_bootstrap_ci(base["dice_WT"], arm["dice_WT"], **kwargs)
+        assert (row["mean_diff"], row["ci_low"], row["ci_high"]) == expected
+    result = compare_arms(table, "unet", ["dice_WT"])
+    assert result.attrs == {"baseline": "unet", "confidence": 0.95}
+    assert result.iloc[0]["verdict"] == "better (p<0.001)"  # 12 gains of 12: exact p 2 / 2**12
+    strict = compare_arms(table, "unet", ["dice_WT"], confidence=0.8, alpha=1e-4)
+    assert strict.iloc[0]["verdict"] == "no evidence of a difference" and strict.attrs["confidence"] == 0.8
+
+
+def test_compare_arms_with_only_the_baseline_is_an_empty_table_with_the_columns() -> None:
+    result = compare_arms(_table()[lambda t: t["arm"] == "unet"], "unet", COLUMNS)
+    assert result.empty and list(result.columns) == RESULT_COLUMNS
 
 
 def test_metric_direction() -> None:
@@ -259,6 +343,10 @@ def test_metric_direction() -> None:
         -1,
         0,
     ]
+    # Lesion-wise and whole-volume columns read as their metric; the metric is the part before the
+    # first "_" whatever follows, in any case.
+    columns = ("lesion_dice_ET", "volume_hd95_WT", "lesion_hd95_TC", "dice_ET_tta", "HD95_WT", "lesion_loss")
+    assert [metric_direction(c) for c in columns] == [1, -1, -1, 1, -1, 0]
 
 
 def test_verdict_words() -> None:
@@ -268,9 +356,18 @@ def test_verdict_words() -> None:
     assert verdict("dice_WT", up, 0.003) == "better (p=0.003)"
     assert verdict("hd95_WT", up, 0.003) == "worse (p=0.003)"
     assert verdict("loss", -up, 0.0001) == "lower (p<0.001)"
+    assert verdict("loss", up, 0.01) == "higher (p=0.010)"
+    assert verdict("dice_WT", up, 0.001) == "better (p=0.001)"  # p<0.001 only below 0.001
     # Many small gains and one large loss: the mean and the ranks point opposite ways.
     mixed = np.array([0.01] * 20 + [-1.0])
-    assert verdict("dice_ET", mixed, 0.001).startswith("different, direction unclear")
+    assert verdict("dice_ET", mixed, 0.001) == "different, direction unclear: mean and ranks disagree (p=0.001)"
+
+
+def test_verdict_ranks_zeros_but_does_not_count_them_for_either_side() -> None:
+    # Pratt: |d| ranks the three zeros 1, 2, 3, then 0.1 -> 4 and 0.2 -> 5. The signed ranks are
+    # +4 and -5 (zeros dropped): the ranks point down, like the mean -0.02, so the verdict is worse.
+    assert verdict("dice_ET", np.array([0.0, 0.0, 0.0, 0.1, -0.2]), 0.01) == "worse (p=0.010)"
+    assert verdict("dice_ET", np.array([0.0, 0.0, 0.0, -0.1, 0.2]), 0.01) == "better (p=0.010)"
 
 
 # --- the verdict's test: runs as the unit ----------------------------------------------------------

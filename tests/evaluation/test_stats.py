@@ -11,11 +11,20 @@ import pytest
 from scipy import stats as sps
 
 from brats_lab.evaluation.stats import (
+    ONE_FOLD,
     RESULT_COLUMNS,
+    RUN_COLUMNS,
     compare_arms,
+    compare_runs,
+    format_runs,
     holm,
     metric_direction,
+    minimum_detectable_effect,
+    noise_floor,
     paired_bootstrap_ci,
+    run_level_test,
+    run_means,
+    run_verdict,
     verdict,
     wilcoxon_paired,
 )
@@ -200,6 +209,17 @@ def test_inf_raises_naming_it_non_finite(fn) -> None:
         fn([0.1, 0.2, np.inf], [0.1, 0.2, 0.3])
 
 
+def test_none_is_a_missing_value_named_like_nan() -> None:
+    # A metric that returned None (a missing value in Python) is reported by position, like NaN,
+    # not with numpy's TypeError about objects.
+    with pytest.raises(ValueError, match=re.escape("a has 1 NaN value(s) at position(s) [1]")):
+        paired_bootstrap_ci([0.1, None, 0.3], [0.2, 0.3, 0.4])
+    with pytest.raises(ValueError, match=re.escape("run differences have 1 non-finite value(s), at (..., fold, seed) [[1, 0]]")):
+        run_level_test([[0.1], [None]])
+    with pytest.raises(ValueError, match=re.escape("run means have 1 non-finite value(s), at (group, seed) [[0, 1]]")):
+        noise_floor([[0.1, None]])
+
+
 @pytest.mark.parametrize("fn", [paired_bootstrap_ci, wilcoxon_paired])
 def test_length_mismatch_empty_and_2d_raise(fn) -> None:
     with pytest.raises(ValueError, match="same length"):
@@ -330,6 +350,21 @@ def test_compare_arms_passes_its_bootstrap_arguments_and_alpha_on() -> None:
     assert strict.iloc[0]["verdict"] == "no evidence of a difference" and strict.attrs["confidence"] == 0.8
 
 
+def test_compare_arms_and_runs_report_a_missing_value_given_as_none_by_case() -> None:
+    # One arm's table built with None for a metric it could not compute: concatenated, the column
+    # holds objects (floats and None), and None is reported as a missing value, naming the case.
+    table = _table(n=5)
+    none_arm = table[table["arm"] == "better_wt"].assign(dice_WT=None)
+    mixed = pd.concat([table[table["arm"] != "better_wt"], none_arm])
+    assert mixed["dice_WT"].dtype == object
+    with pytest.raises(ValueError, match=re.escape("column 'dice_WT' of arm 'better_wt' has 5 NaN/inf value(s)")):
+        compare_arms(mixed, "unet", ["dice_WT"])
+    runs = _hand_runs()
+    none_runs = pd.concat([runs[runs["arm"] != "new"], runs[runs["arm"] == "new"].assign(dice_WT=None)])
+    with pytest.raises(ValueError, match=re.escape("column 'dice_WT' has 12 NaN/inf value(s), first for arm 'new'")):
+        compare_runs(none_runs, "base", ["dice_WT"])
+
+
 def test_compare_arms_with_only_the_baseline_is_an_empty_table_with_the_columns() -> None:
     result = compare_arms(_table()[lambda t: t["arm"] == "unet"], "unet", COLUMNS)
     assert result.empty and list(result.columns) == RESULT_COLUMNS
@@ -371,15 +406,6 @@ def test_verdict_ranks_zeros_but_does_not_count_them_for_either_side() -> None:
 
 
 # --- the verdict's test: runs as the unit ----------------------------------------------------------
-
-from brats_lab.evaluation.stats import (  # noqa: E402
-    ONE_FOLD,
-    compare_runs,
-    minimum_detectable_effect,
-    noise_floor,
-    run_level_test,
-)
-
 
 def test_run_level_test_is_a_t_test_on_fold_means_of_the_seeds():
     # d[fold, seed]: fold means 0.02, 0.04, 0.00 -> mean 0.02, sd 0.02, se 0.02/sqrt(3), t = sqrt(3), df 2.
@@ -430,6 +456,8 @@ def test_compare_runs_pairs_runs_by_fold_and_seed_and_says_what_it_cannot_tell()
     assert row["verdict"] == "no evidence of a difference"  # one degree of freedom: t = 5 is not enough
     one_fold = _runs_table({k: v for k, v in offsets.items() if k[1] == 0})
     assert compare_runs(one_fold, "base", ["dice_WT"]).iloc[0]["verdict"] == ONE_FOLD
+    only_baseline = compare_runs(_runs_table({k: v for k, v in offsets.items() if k[0] == "base"}), "base", ["dice_WT"])
+    assert only_baseline.empty and list(only_baseline.columns) == RUN_COLUMNS
     missing = _runs_table({k: v for k, v in offsets.items() if k != ("new", 1, 1)})
     with pytest.raises(ValueError, match="arm 'new' has runs"):
         compare_runs(missing, "base", ["dice_WT"])
@@ -544,9 +572,6 @@ def test_minimum_detectable_effect_edge_cases():
 
 
 # --- run means, compare_runs ---------------------------------------------------------------------
-
-from brats_lab.evaluation.stats import RUN_COLUMNS, format_runs, run_means, run_verdict  # noqa: E402
-
 
 def test_run_means_averages_each_run_sorted_and_reads_no_seed_column_as_seed_0():
     per_case = pd.DataFrame({"arm": ["b", "b", "a", "a", "a"], "fold": [1, 1, 0, 1, 0], "case": list("pqrst"),

@@ -39,7 +39,7 @@ The paired per-case statistics stay, as a description of the cases, not as the t
 - `paired_bootstrap_ci`: the mean difference (arm - baseline) with a percentile bootstrap
   confidence interval, resampling cases;
 - `wilcoxon_paired`: the two-sided Wilcoxon signed-rank test on the per-case differences;
-- `compare_arms` / `format_comparison`: both for every arm and metric column of a per-case table.
+- `compare_arms`: both for every arm and metric column of a per-case table.
 
 NaN policy: nothing here ever drops a NaN. Our metrics never produce NaN or inf (see
 `metrics.py`), so a non-finite value means a bug upstream, and silently dropping the case would
@@ -382,44 +382,6 @@ def _aligned(header: list[str], lines: list[list[str]], left: set[int]) -> list[
     return [fmt(header), fmt(["-" * w for w in widths]), *(fmt(line) for line in lines)]
 
 
-def format_comparison(df: pd.DataFrame) -> str:
-    """`compare_arms`' result as a plain-text table for the terminal, with a note on the method.
-
-    HD95 values get 2 decimals (mm), other metrics 4, like `format_summary`.
-    """
-    baseline = df.attrs.get("baseline")
-    title = f"Paired comparison against baseline {baseline!r}" if baseline else "Paired comparison against the baseline"
-    if df.empty:
-        return f"{title}: no other arm to compare."
-    ci = f"{100 * df.attrs.get('confidence', 0.95):g}% CI"
-    header = ["arm", "metric", "n", "baseline", "arm mean", f"diff [{ci}]", "p", "p (Holm)", "verdict"]
-    lines: list[list[str]] = []
-    for r in df.itertuples(index=False):
-        digits = 2 if metric_direction(r.metric) == -1 else 4
-        f = f"{{:.{digits}f}}"
-        lines.append(
-            [
-                str(r.arm),
-                str(r.metric),
-                str(r.n),
-                f.format(r.mean_baseline),
-                f.format(r.mean_arm),
-                f"{f.format(r.mean_diff)} [{f.format(r.ci_low)}, {f.format(r.ci_high)}]",
-                _format_p(r.p_value).removeprefix("p="),
-                _format_p(r.p_holm).removeprefix("p="),
-                str(r.verdict),
-            ]
-        )
-    out = [title, "", *_aligned(header, lines, left={0, 1, 8})]
-    out += [
-        "",
-        f"diff = arm - baseline, paired over cases; {ci}: percentile bootstrap over cases;",
-        "p: two-sided Wilcoxon signed-rank (Pratt zeros); Holm across the metrics compared together within each arm.",
-        "Dice, sensitivity, specificity: higher is better; HD95: lower is better.",
-    ]
-    return "\n".join(out)
-
-
 # --- the verdict: runs as the unit of replication ------------------------------------------------
 
 RUN_COLUMNS = [
@@ -640,8 +602,8 @@ def format_runs(df: pd.DataFrame) -> str:
     for r in df.itertuples(index=False):
         f = f"{{:.{2 if metric_direction(r.metric) == -1 else 4}f}}"
 
-        def num(v: float) -> str:
-            return "n/a" if np.isnan(v) else ("inf" if np.isinf(v) else f.format(v))
+        def num(v: float) -> str:  # NaN: not measured (one seed); an infinite bound keeps its sign: [-inf, inf]
+            return "n/a" if np.isnan(v) else f.format(v)
 
         lines.append([str(r.arm), str(r.metric), f"{r.folds}x{r.seeds}", f.format(r.mean_baseline), f.format(r.mean_arm),
                       f"{f.format(r.mean_diff)} [{num(r.ci_low)}, {num(r.ci_high)}]", num(r.noise_floor), num(r.mde),

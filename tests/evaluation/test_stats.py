@@ -1,7 +1,9 @@
-"""Paired statistics: bootstrap CI, Wilcoxon against scipy, Holm, and the arm comparison table."""
+"""Paired statistics: bootstrap CI, Wilcoxon against scipy, Holm, and the arm comparison table;
+the verdict's run-level test, noise floor, MDE and the verdict table `format_runs` prints."""
 
 from __future__ import annotations
 
+import re
 
 import numpy as np
 import pandas as pd
@@ -9,12 +11,20 @@ import pytest
 from scipy import stats as sps
 
 from brats_lab.evaluation.stats import (
+    ONE_FOLD,
     RESULT_COLUMNS,
+    RUN_COLUMNS,
     compare_arms,
-    format_comparison,
+    compare_runs,
+    format_runs,
     holm,
     metric_direction,
+    minimum_detectable_effect,
+    noise_floor,
     paired_bootstrap_ci,
+    run_level_test,
+    run_means,
+    run_verdict,
     verdict,
     wilcoxon_paired,
 )
@@ -70,6 +80,29 @@ def test_bootstrap_rejects_bad_arguments(kwargs: dict, match: str) -> None:
         paired_bootstrap_ci([1.0, 2.0], [1.0, 3.0], **kwargs)
 
 
+def test_bootstrap_with_one_resample_is_that_resample() -> None:
+    # One case: every resample is that case, so the single resample's mean is its difference.
+    assert paired_bootstrap_ci([0.5], [0.75], n_resamples=1) == (0.25, 0.25, 0.25)
+
+
+def test_bootstrap_of_many_cases_draws_its_resamples_in_blocks() -> None:
+    # 1000 cases x 4200 resamples is more than one block of 2**22 indices (4194 resamples), so the
+    # resamples come in two blocks. Differences 0 and 1 alternating: mean 1/2, and the resampled
+    # mean has standard error sqrt(1/4 / 1000) = 0.0158, so the 95% interval is 1/2 +- 1.96 x 0.0158.
+    a = np.zeros(1000)
+    b = np.tile([0.0, 1.0], 500)
+    mean, low, high = paired_bootstrap_ci(a, b, n_resamples=4200)
+    assert mean == 0.5
+    se = np.sqrt(0.25 / 1000)
+    assert low == pytest.approx(0.5 - 1.96 * se, abs=0.003) and high == pytest.approx(0.5 + 1.96 * se, abs=0.003)
+
+
+def test_a_round_off_difference_is_zero_not_minus_zero() -> None:
+    # 0.3 - (0.1 + 0.2) is -5.6e-17 in floating point: the same score, so a difference of 0.0.
+    result = paired_bootstrap_ci([0.1 + 0.2], [0.3])
+    assert result == (0.0, 0.0, 0.0) and [str(v) for v in result] == ["0.0", "0.0", "0.0"]
+
+
 # ---------------------------------------------------------------- Wilcoxon
 
 
@@ -96,6 +129,12 @@ def test_wilcoxon_round_off_does_not_break_ties() -> None:
     a = np.array([0.8, 0.6, 0.5, 0.3, 0.2])
     b = np.array([0.9, 0.7, 0.6, 0.4, 0.3])
     assert wilcoxon_paired(a, b) == pytest.approx(sps.wilcoxon([0.1] * 5).pvalue)
+
+
+def test_wilcoxon_with_two_nonzero_differences_is_exact() -> None:
+    # Two positive differences: the four sign patterns are equally likely under the null and the
+    # observed one has the largest W+ (3 of 0, 1, 2, 3), so the two-sided p is 2 x 1/4.
+    assert wilcoxon_paired([0.5, 0.5], [0.6, 0.7]) == pytest.approx(0.5, abs=1e-12)
 
 
 @pytest.mark.filterwarnings("error")
@@ -131,6 +170,11 @@ def test_holm_caps_at_one_and_is_monotone() -> None:
     assert holm([]).size == 0
 
 
+def test_holm_takes_a_zero_p_value() -> None:
+    # 0 is a p-value (a test whose statistic is infinite): sorted 0 x 2 = 0, then 0.3 x 1.
+    np.testing.assert_array_equal(holm([0.3, 0.0]), [0.3, 0.0])
+
+
 def test_holm_matches_statsmodels() -> None:
     from statsmodels.stats import multitest  # a dev dependency: missing, the test fails rather than skips
     p = np.random.default_rng(7).uniform(0, 0.2, 12)
@@ -140,7 +184,7 @@ def test_holm_matches_statsmodels() -> None:
 def test_holm_rejects_invalid_p() -> None:
     with pytest.raises(ValueError, match=r"position\(s\) \[1\]"):
         holm([0.1, 1.5])
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match=r"^p_values has 1 NaN value\(s\) at position\(s\) \[1\]; they are not dropped"):
         holm([0.1, float("nan")])
 
 
@@ -158,11 +202,32 @@ def test_nan_raises_naming_count_and_positions(fn) -> None:
 
 
 @pytest.mark.parametrize("fn", [paired_bootstrap_ci, wilcoxon_paired])
-def test_length_mismatch_and_empty_raise(fn) -> None:
+def test_inf_raises_naming_it_non_finite(fn) -> None:
+    message = ("a has 1 non-finite (NaN or inf) value(s) at position(s) [2]; they are not dropped silently: "
+               "fix the upstream metric or drop the case(s) explicitly")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        fn([0.1, 0.2, np.inf], [0.1, 0.2, 0.3])
+
+
+def test_none_is_a_missing_value_named_like_nan() -> None:
+    # A metric that returned None (a missing value in Python) is reported by position, like NaN,
+    # not with numpy's TypeError about objects.
+    with pytest.raises(ValueError, match=re.escape("a has 1 NaN value(s) at position(s) [1]")):
+        paired_bootstrap_ci([0.1, None, 0.3], [0.2, 0.3, 0.4])
+    with pytest.raises(ValueError, match=re.escape("run differences have 1 non-finite value(s), at (..., fold, seed) [[1, 0]]")):
+        run_level_test([[0.1], [None]])
+    with pytest.raises(ValueError, match=re.escape("run means have 1 non-finite value(s), at (group, seed) [[0, 1]]")):
+        noise_floor([[0.1, None]])
+
+
+@pytest.mark.parametrize("fn", [paired_bootstrap_ci, wilcoxon_paired])
+def test_length_mismatch_empty_and_2d_raise(fn) -> None:
     with pytest.raises(ValueError, match="same length"):
         fn([0.1, 0.2, 0.3], [0.1, 0.2])
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="^paired samples are empty: need at least one case$"):
         fn([], [])
+    with pytest.raises(ValueError, match=re.escape("a must be 1-D (one value per case), but has shape (1, 2)")):
+        fn([[0.1, 0.2]], [0.1, 0.2])
 
 
 # ---------------------------------------------------------------- compare_arms
@@ -238,7 +303,9 @@ def test_compare_arms_extra_case_in_arm_is_named() -> None:
 def test_compare_arms_nan_is_named_by_case() -> None:
     table = _table()
     table.loc[(table["arm"] == "unet") & (table["case"] == "BraTS20_Training_003"), "dice_TC"] = np.nan
-    with pytest.raises(ValueError, match="'dice_TC' of arm 'unet'.*BraTS20_Training_003"):
+    message = ("column 'dice_TC' of arm 'unet' has 1 NaN/inf value(s), for case(s) ['BraTS20_Training_003']; not dropped "
+               "silently: fix the upstream metric or remove the case(s) from every arm explicitly")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         compare_arms(table, "unet", COLUMNS)
 
 
@@ -248,8 +315,59 @@ def test_compare_arms_rejects_bad_input() -> None:
         compare_arms(table, "nope", COLUMNS)
     with pytest.raises(ValueError, match="dice_XX"):
         compare_arms(table, "unet", ["dice_XX"])
-    with pytest.raises(ValueError, match="more than once"):
-        compare_arms(pd.concat([table, table.iloc[:1]]), "unet", COLUMNS)
+    with pytest.raises(ValueError, match="^metric_columns is empty: name at least one metric column to compare$"):
+        compare_arms(table, "unet", [])
+    # The same (arm, case) twice with different scores: a duplicate by its key, not a repeated row.
+    twice = table[(table["arm"] == "unet") & (table["case"] == "BraTS20_Training_001")].assign(dice_ET=0.1)
+    with pytest.raises(ValueError, match=re.escape("more than once: [('unet', 'BraTS20_Training_001')]")):
+        compare_arms(pd.concat([table, twice]), "unet", COLUMNS)
+
+
+def test_compare_arms_names_cases_missing_on_both_sides_at_once() -> None:
+    table = _table()
+    table = table[~((table["arm"] == "better_wt") & (table["case"] == "BraTS20_Training_007"))]
+    extra = table[table["arm"] == "better_wt"].iloc[:1].assign(case="BraTS20_Training_999")
+    message = ("cases must be paired; in baseline 'unet' but not in arm 'better_wt': ['BraTS20_Training_007']; "
+               "in arm 'better_wt' but not in baseline 'unet': ['BraTS20_Training_999']")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        compare_arms(pd.concat([table, extra]), "unet", COLUMNS)
+
+
+def test_compare_arms_passes_its_bootstrap_arguments_and_alpha_on() -> None:
+    # The interval of each row is `paired_bootstrap_ci` of that column with the same arguments, by
+    # default and when given; an alpha below every Holm p leaves no verdict but "no evidence".
+    table = _table(n=12)
+    base = table[table["arm"] == "unet"].set_index("case").sort_index()
+    arm = table[table["arm"] == "better_wt"].set_index("case").sort_index()
+    for kwargs in ({}, {"n_resamples": 300, "confidence": 0.8, "seed": 5}):
+        row = compare_arms(table, "unet", ["dice_WT"], **kwargs).iloc[0]
+        expected = paired_bootstrap_ci(base["dice_WT"], arm["dice_WT"], **kwargs)
+        assert (row["mean_diff"], row["ci_low"], row["ci_high"]) == expected
+    result = compare_arms(table, "unet", ["dice_WT"])
+    assert result.attrs == {"baseline": "unet", "confidence": 0.95}
+    assert result.iloc[0]["verdict"] == "better (p<0.001)"  # 12 gains of 12: exact p 2 / 2**12
+    strict = compare_arms(table, "unet", ["dice_WT"], confidence=0.8, alpha=1e-4)
+    assert strict.iloc[0]["verdict"] == "no evidence of a difference" and strict.attrs["confidence"] == 0.8
+
+
+def test_compare_arms_and_runs_report_a_missing_value_given_as_none_by_case() -> None:
+    # One arm's table built with None for a metric it could not compute: concatenated, the column
+    # holds objects (floats and None), and None is reported as a missing value, naming the case.
+    table = _table(n=5)
+    none_arm = table[table["arm"] == "better_wt"].assign(dice_WT=None)
+    mixed = pd.concat([table[table["arm"] != "better_wt"], none_arm])
+    assert mixed["dice_WT"].dtype == object
+    with pytest.raises(ValueError, match=re.escape("column 'dice_WT' of arm 'better_wt' has 5 NaN/inf value(s)")):
+        compare_arms(mixed, "unet", ["dice_WT"])
+    runs = _hand_runs()
+    none_runs = pd.concat([runs[runs["arm"] != "new"], runs[runs["arm"] == "new"].assign(dice_WT=None)])
+    with pytest.raises(ValueError, match=re.escape("column 'dice_WT' has 12 NaN/inf value(s), first for arm 'new'")):
+        compare_runs(none_runs, "base", ["dice_WT"])
+
+
+def test_compare_arms_with_only_the_baseline_is_an_empty_table_with_the_columns() -> None:
+    result = compare_arms(_table()[lambda t: t["arm"] == "unet"], "unet", COLUMNS)
+    assert result.empty and list(result.columns) == RESULT_COLUMNS
 
 
 def test_metric_direction() -> None:
@@ -260,6 +378,10 @@ def test_metric_direction() -> None:
         -1,
         0,
     ]
+    # Lesion-wise and whole-volume columns read as their metric; the metric is the part before the
+    # first "_" whatever follows, in any case.
+    columns = ("lesion_dice_ET", "volume_hd95_WT", "lesion_hd95_TC", "dice_ET_tta", "HD95_WT", "lesion_loss")
+    assert [metric_direction(c) for c in columns] == [1, -1, -1, 1, -1, 0]
 
 
 def test_verdict_words() -> None:
@@ -269,32 +391,21 @@ def test_verdict_words() -> None:
     assert verdict("dice_WT", up, 0.003) == "better (p=0.003)"
     assert verdict("hd95_WT", up, 0.003) == "worse (p=0.003)"
     assert verdict("loss", -up, 0.0001) == "lower (p<0.001)"
+    assert verdict("loss", up, 0.01) == "higher (p=0.010)"
+    assert verdict("dice_WT", up, 0.001) == "better (p=0.001)"  # p<0.001 only below 0.001
     # Many small gains and one large loss: the mean and the ranks point opposite ways.
     mixed = np.array([0.01] * 20 + [-1.0])
-    assert verdict("dice_ET", mixed, 0.001).startswith("different, direction unclear")
+    assert verdict("dice_ET", mixed, 0.001) == "different, direction unclear: mean and ranks disagree (p=0.001)"
 
 
-def test_format_comparison_is_readable() -> None:
-    text = format_comparison(compare_arms(_table(), "unet", COLUMNS))
-    assert "baseline 'unet'" in text
-    assert "diff [95% CI]" in text
-    assert "better (p<0.001)" in text and "no evidence of a difference" in text
-    lines = text.splitlines()
-    assert sum("better_wt" in line for line in lines) == 4
-    only_baseline = compare_arms(_table()[lambda t: t["arm"] == "unet"], "unet", COLUMNS)
-    assert "no other arm" in format_comparison(only_baseline)
+def test_verdict_ranks_zeros_but_does_not_count_them_for_either_side() -> None:
+    # Pratt: |d| ranks the three zeros 1, 2, 3, then 0.1 -> 4 and 0.2 -> 5. The signed ranks are
+    # +4 and -5 (zeros dropped): the ranks point down, like the mean -0.02, so the verdict is worse.
+    assert verdict("dice_ET", np.array([0.0, 0.0, 0.0, 0.1, -0.2]), 0.01) == "worse (p=0.010)"
+    assert verdict("dice_ET", np.array([0.0, 0.0, 0.0, -0.1, 0.2]), 0.01) == "better (p=0.010)"
 
 
 # --- the verdict's test: runs as the unit ----------------------------------------------------------
-
-from brats_lab.evaluation.stats import (  # noqa: E402
-    ONE_FOLD,
-    compare_runs,
-    minimum_detectable_effect,
-    noise_floor,
-    run_level_test,
-)
-
 
 def test_run_level_test_is_a_t_test_on_fold_means_of_the_seeds():
     # d[fold, seed]: fold means 0.02, 0.04, 0.00 -> mean 0.02, sd 0.02, se 0.02/sqrt(3), t = sqrt(3), df 2.
@@ -345,6 +456,303 @@ def test_compare_runs_pairs_runs_by_fold_and_seed_and_says_what_it_cannot_tell()
     assert row["verdict"] == "no evidence of a difference"  # one degree of freedom: t = 5 is not enough
     one_fold = _runs_table({k: v for k, v in offsets.items() if k[1] == 0})
     assert compare_runs(one_fold, "base", ["dice_WT"]).iloc[0]["verdict"] == ONE_FOLD
+    only_baseline = compare_runs(_runs_table({k: v for k, v in offsets.items() if k[0] == "base"}), "base", ["dice_WT"])
+    assert only_baseline.empty and list(only_baseline.columns) == RUN_COLUMNS
     missing = _runs_table({k: v for k, v in offsets.items() if k != ("new", 1, 1)})
     with pytest.raises(ValueError, match="arm 'new' has runs"):
         compare_runs(missing, "base", ["dice_WT"])
+
+
+def test_run_level_test_with_two_folds_is_a_cauchy_t():
+    # Fold means 0.01 and 0.03: mean 0.02, sd 0.01 sqrt(2), se 0.01, t = 2 with one degree of
+    # freedom, whose t is a Cauchy: two-sided p = 1 - 2 atan(2) / pi, critical t = tan(0.475 pi).
+    mean, low, high, p = run_level_test(np.array([[0.01], [0.03]]))
+    assert mean == pytest.approx(0.02, abs=1e-15)
+    assert p == pytest.approx(1 - 2 * np.arctan(2.0) / np.pi, abs=1e-12)
+    half = np.tan(0.475 * np.pi) * 0.01
+    assert (low, high) == (pytest.approx(0.02 - half, abs=1e-12), pytest.approx(0.02 + half, abs=1e-12))
+
+
+def test_run_level_test_is_vectorised_over_leading_axes():
+    # Two studies stacked on a leading axis give each study's own result, at any confidence.
+    d1 = np.array([[0.01, 0.03], [0.05, 0.03], [0.0, 0.0]])
+    d2 = np.array([[0.02, -0.01], [0.0, 0.01], [-0.04, -0.02]])
+    both = run_level_test(np.stack([d1, d2]), confidence=0.9)
+    for i, d in enumerate((d1, d2)):
+        np.testing.assert_allclose([v[i] for v in both], run_level_test(d, confidence=0.9), rtol=0, atol=1e-15)
+    # d1 at 90%: se 0.02 / sqrt(3), critical t of 2 degrees of freedom at 0.95: 0.9 / sqrt(2 x 0.95 x 0.05).
+    half = 0.9 / np.sqrt(2 * 0.95 * 0.05) * 0.02 / np.sqrt(3)
+    assert both[1][0] == pytest.approx(0.02 - half, abs=1e-12) and both[2][0] == pytest.approx(0.02 + half, abs=1e-12)
+
+
+@pytest.mark.filterwarnings("error")
+def test_run_level_test_without_spread_between_folds():
+    # Equal fold means (0.1 each; their sd is round-off, ~1e-17): p = 0 and a zero-width interval.
+    mean, low, high, p = run_level_test(np.full((3, 2), 0.1))
+    assert p == 0.0 and low == high == mean == pytest.approx(0.1, abs=1e-15)
+    # Fold means that are round-off around zero: no difference at all, p = 1, an interval [0, 0].
+    mean, low, high, p = run_level_test(np.array([[-1e-12, 2e-13], [-3e-12, 0.0], [0.0, 1e-13]]))
+    assert (mean, low, high, p) == (0.0, 0.0, 0.0, 1.0)
+    # One fold: p = 1 and an interval that says nothing.
+    assert run_level_test(np.array([[0.1, 0.3]])) == (pytest.approx(0.2), -np.inf, np.inf, 1.0)
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 0), (0, 2), (1, 2, 0)])
+def test_run_level_test_needs_a_fold_and_a_seed(shape):
+    message = f"run differences must have shape (..., folds, seeds) with at least one of each, got {shape}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        run_level_test(np.zeros(shape))
+
+
+def test_run_level_test_names_the_first_five_non_finite_runs():
+    d = np.zeros((4, 2))
+    d[:3] = np.nan
+    message = "run differences have 6 non-finite value(s), at (..., fold, seed) [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0]]"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        run_level_test(d)
+
+
+# --- the noise floor and the minimum detectable effect ---------------------------------------------
+
+
+@pytest.mark.filterwarnings("error")
+def test_noise_floor_of_one_group_and_of_too_few_seeds_or_groups():
+    # One group, seeds 0.70 and 0.74: variance 0.04**2 / 2 = 0.0008. Three seeds 1, 2, 3 (variance 1)
+    # pooled with 2, 2, 2 (variance 0): sqrt(1/2).
+    assert noise_floor(np.array([[0.70, 0.74]])) == pytest.approx(np.sqrt(0.0008), abs=1e-15)
+    assert noise_floor(np.array([[1.0, 2.0, 3.0], [2.0, 2.0, 2.0]])) == pytest.approx(np.sqrt(0.5), abs=1e-15)
+    # No seed-to-seed spread can be measured with one seed or no group: NaN, without a warning.
+    assert np.isnan(noise_floor(np.zeros((3, 1)))) and np.isnan(noise_floor(np.zeros((0, 2))))
+
+
+def test_noise_floor_rejects_bad_input():
+    with pytest.raises(ValueError, match=f"^{re.escape('run means must have shape (groups, seeds), got (3,)')}$"):
+        noise_floor(np.zeros(3))
+    x = np.zeros((4, 2))
+    x[:3] = np.inf
+    message = "run means have 6 non-finite value(s), at (group, seed) [[0, 0], [0, 1], [1, 0], [1, 1], [2, 0]]"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        noise_floor(x)
+
+
+def _power(effect: float, noise: float, folds: int, seeds: int, alpha: float = 0.05) -> float:
+    """Power of the two-sided t-test on `folds` fold means of paired differences, each the mean of
+    `seeds` run differences (sd noise sqrt(2 / seeds)), at a true difference `effect`: the
+    probability that a noncentral t with folds - 1 degrees of freedom falls beyond either critical value
+    (the lower tail as the upper tail of -T, whose noncentrality is -ncp: scipy's cdf is NaN there at
+    some large noncentralities)."""
+    df = folds - 1
+    ncp = effect / (noise * np.sqrt(2 / seeds) / np.sqrt(folds))
+    crit = sps.t.ppf(1 - alpha / 2, df)
+    return float(sps.nct.sf(crit, df, ncp) + sps.nct.sf(crit, df, -ncp))
+
+
+@pytest.mark.parametrize("folds, seeds, alpha", [(2, 1, 0.05), (3, 2, 0.05), (5, 3, 0.05), (4, 2, 0.01)])
+def test_minimum_detectable_effect_is_where_the_power_reaches_80_percent(folds, seeds, alpha):
+    mde = minimum_detectable_effect(0.01, folds, seeds, alpha)
+    assert _power(mde, 0.01, folds, seeds, alpha) == pytest.approx(0.8, abs=1e-6)
+    assert _power(0.98 * mde, 0.01, folds, seeds, alpha) < 0.799
+
+
+def test_minimum_detectable_effect_at_a_low_power_counts_both_tails():
+    # At 10% power with 30 folds the effect is small (noncentrality ~0.6), and a significant result
+    # of the wrong sign is a fair part of the power: the MDE is where both tails add up to 10%.
+    mde = minimum_detectable_effect(1.0, 30, 1, power=0.1)
+    assert _power(mde, 1.0, 30, 1) == pytest.approx(0.1, abs=1e-9)
+    assert mde / np.sqrt(2 / 30) < 1.0
+
+
+def test_minimum_detectable_effect_edge_cases():
+    assert minimum_detectable_effect(0.0, 3, 2) == 0.0  # no noise: any difference is seen
+    assert np.isnan(minimum_detectable_effect(float("nan"), 3, 2))  # one seed: noise not measured
+    assert minimum_detectable_effect(0.01, 1, 2) == np.inf
+    for folds, seeds in ((0, 3), (3, 0)):
+        with pytest.raises(ValueError, match=re.escape(f"folds and seeds must be at least 1, got {folds} and {seeds}")):
+            minimum_detectable_effect(0.01, folds, seeds)
+
+
+# --- run means, compare_runs ---------------------------------------------------------------------
+
+def test_run_means_averages_each_run_sorted_and_reads_no_seed_column_as_seed_0():
+    per_case = pd.DataFrame({"arm": ["b", "b", "a", "a", "a"], "fold": [1, 1, 0, 1, 0], "case": list("pqrst"),
+                             "dice": [0.5, 0.7, 0.2, 0.9, 0.4]})
+    means = run_means(per_case, ["dice"])
+    assert list(means.index) == [("a", 0, 0), ("a", 1, 0), ("b", 1, 0)]
+    np.testing.assert_allclose(means["dice"], [0.3, 0.9, 0.6])
+
+
+# Run means (dice_WT, hd95_WT) per (fold, seed) of each arm; every run has two cases, at the mean
+# +- 0.05 (Dice) and +- 1 (HD95). "same" scores exactly as the baseline.
+BASE_RUNS = {(0, 0): (0.70, 5.0), (0, 1): (0.72, 5.0), (1, 0): (0.60, 6.0), (1, 1): (0.62, 6.0), (2, 0): (0.80, 4.0),
+             (2, 1): (0.80, 4.0)}
+NEW_RUNS = {(0, 0): (0.73, 5.5), (0, 1): (0.75, 5.5), (1, 0): (0.61, 6.5), (1, 1): (0.65, 6.5), (2, 0): (0.84, 4.5),
+            (2, 1): (0.82, 4.5)}
+
+
+def _hand_runs() -> pd.DataFrame:
+    rows = []
+    for arm, runs in (("same", BASE_RUNS), ("new", NEW_RUNS), ("base", BASE_RUNS)):  # not in alphabetical order
+        for (fold, seed), (dice, hd) in runs.items():
+            for case, sign in ((f"c{2 * fold}", 1), (f"c{2 * fold + 1}", -1)):
+                rows.append({"arm": arm, "fold": fold, "seed": seed, "case": case, "dice_WT": dice + 0.05 * sign,
+                             "hd95_WT": hd + sign})
+    table = pd.DataFrame(rows)
+    # Shuffled within each arm (the arms stay in their order of first appearance): row order must not matter.
+    return pd.concat([part.sample(frac=1.0, random_state=0) for _, part in table.groupby("arm", sort=False)])
+
+
+def test_compare_runs_on_a_table_worked_by_hand():
+    # new - base, Dice: fold means of the paired run differences 0.03, 0.02, 0.03 -> mean 0.08/3,
+    # sd 0.01/sqrt(3), se 0.01/3, t = 8 with 2 degrees of freedom, whose two-sided p is
+    # 1 - t/sqrt(t^2 + 2) and critical value at 97.5% is 0.95/sqrt(2 x 0.975 x 0.025).
+    # Seed variances (x - y)^2 / 2 of each arm's fold: base 2, 2, 0 and new 2, 8, 2 (x 1e-4), pooled
+    # over the 6 groups: noise floor sqrt(16e-4 / 6).
+    # HD95: every fold mean is 0.5, no spread: p = 0, interval [0.5, 0.5], noise 0 and MDE 0.
+    # Holm of (p_dice, 0): 0 x 2 = 0, then p_dice x 1.
+    result = compare_runs(_hand_runs(), "base", ["dice_WT", "hd95_WT"])
+    assert list(result.columns) == RUN_COLUMNS
+    assert result.attrs == {"baseline": "base", "confidence": 0.95, "alpha": 0.05}
+    assert list(zip(result["arm"], result["metric"])) == [("same", "dice_WT"), ("same", "hd95_WT"), ("new", "dice_WT"),
+                                                        ("new", "hd95_WT")]
+    assert (result["n"] == 6).all() and (result["folds"] == 3).all() and (result["seeds"] == 2).all()
+    p_dice = 1 - 8 / np.sqrt(66)
+    half = 0.95 / np.sqrt(2 * 0.975 * 0.025) * 0.01 / 3
+    noise = np.sqrt(16e-4 / 6)
+    dice = result.iloc[2]
+    expected = {"mean_baseline": 4.24 / 6, "mean_arm": 4.40 / 6, "mean_diff": 0.08 / 3, "ci_low": 0.08 / 3 - half,
+                "ci_high": 0.08 / 3 + half, "noise_floor": noise, "p_value": p_dice, "p_holm": p_dice}
+    assert {k: dice[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+    assert _power(dice["mde"], noise, 3, 2) == pytest.approx(0.8, abs=1e-6)
+    assert dice["verdict"] == "better (p=0.015)"
+    hd = result.iloc[3]
+    expected = {"mean_baseline": 5.0, "mean_arm": 5.5, "mean_diff": 0.5, "ci_low": 0.5, "ci_high": 0.5, "noise_floor": 0.0,
+                "mde": 0.0, "p_value": 0.0, "p_holm": 0.0}
+    assert {k: hd[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+    assert hd["verdict"] == "worse (p<0.001)"  # a higher HD95 is worse
+    for _, same in result.iloc[:2].iterrows():
+        assert (same["mean_diff"], same["ci_low"], same["ci_high"], same["p_value"], same["p_holm"]) == (0, 0, 0, 1, 1)
+        assert same["verdict"] == "no evidence of a difference"
+
+
+def test_compare_runs_passes_confidence_and_alpha_on():
+    # At 90%: the critical t of 2 degrees of freedom at 95% is 0.9/sqrt(2 x 0.95 x 0.05); at alpha
+    # 0.01 the MDE is the one of that level and p = 0.015 is no longer a difference.
+    result = compare_runs(_hand_runs(), "base", ["dice_WT", "hd95_WT"], confidence=0.9, alpha=0.01)
+    assert result.attrs == {"baseline": "base", "confidence": 0.9, "alpha": 0.01}
+    dice = result.iloc[2]
+    half = 0.9 / np.sqrt(2 * 0.95 * 0.05) * 0.01 / 3
+    assert (dice["ci_low"], dice["ci_high"]) == (pytest.approx(0.08 / 3 - half, abs=1e-12), pytest.approx(0.08 / 3 + half, abs=1e-12))
+    assert _power(dice["mde"], dice["noise_floor"], 3, 2, alpha=0.01) == pytest.approx(0.8, abs=1e-6)
+    assert dice["verdict"] == "no evidence of a difference"
+    assert result.iloc[3]["verdict"] == "worse (p<0.001)"
+
+
+def test_compare_runs_without_a_seed_column_is_one_seed():
+    table = _hand_runs()
+    one_seed = table[table["seed"] == 0].drop(columns="seed")
+    row = compare_runs(one_seed, "base", ["dice_WT"]).iloc[1]  # new: fold means 0.03, 0.01, 0.04
+    assert (row["folds"], row["seeds"]) == (3, 1) and np.isnan(row["noise_floor"]) and np.isnan(row["mde"])
+    assert row["mean_diff"] == pytest.approx(0.08 / 3, abs=1e-12)
+    extra = one_seed[(one_seed["arm"] == "new") & (one_seed["case"] == "c2")].assign(case="x")
+    with pytest.raises(ValueError, match=re.escape("fold 1, seed 0 has cases ['x'] in only one of 'new' and 'base'")):
+        compare_runs(pd.concat([one_seed, extra]), "base", ["dice_WT"])
+
+
+def test_compare_runs_rejects_bad_tables_naming_what_is_wrong():
+    table = _hand_runs()[["arm", "fold", "seed", "case", "dice_WT", "hd95_WT"]].sort_values(["arm", "fold", "seed", "case"],
+                                                                                            key=lambda c: c.map(str))
+    table = pd.concat([table[table["arm"] == "same"], table[table["arm"] != "same"]], ignore_index=True)
+
+    def raises(message: str, bad: pd.DataFrame, columns: list[str] = ["dice_WT"]) -> None:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            compare_runs(bad, "base", columns)
+
+    raises("per-case table lacks column(s) ['fold']; it has ['arm', 'seed', 'case', 'dice_WT', 'hd95_WT']",
+           table.drop(columns="fold"))
+    raises("metric_columns is empty: name at least one metric column to compare", table, [])
+    with pytest.raises(ValueError, match=re.escape("baseline arm 'nope' is not in the table, which has arms ['same', 'base', 'new']")):
+        compare_runs(table, "nope", ["dice_WT"])
+    # The first row (same, fold 0, seed 0, c0) again, after a later one again, both with new scores.
+    twice = table.iloc[[7, 0]].assign(dice_WT=0.0)
+    raises("(arm, fold, seed, case) must be unique, but (same, fold 0, seed 0, c0) appears more than once",
+           pd.concat([table, twice]))
+    bad = table.copy()
+    bad.loc[(bad["arm"] == "new") & (bad["case"] == "c2") & (bad["seed"] == 0), "dice_WT"] = np.nan
+    bad.loc[(bad["arm"] == "base") & (bad["case"] == "c5") & (bad["seed"] == 1), "dice_WT"] = np.inf
+    raises("column 'dice_WT' has 2 NaN/inf value(s), first for arm 'base' case 'c5'; not dropped silently: fix the upstream "
+           "metric or remove the case(s) from every arm", bad)
+    raises("arm 'base' does not have the same seeds in every fold: it has (fold, seed) [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]",
+           table[~((table["arm"] == "base") & (table["fold"] == 2) & (table["seed"] == 1))])
+    extra = pd.DataFrame([{"arm": "new", "fold": 1, "seed": 0, "case": f"x{i}", "dice_WT": 0.5, "hd95_WT": 5.0} for i in range(6)])
+    raises("cases must be paired: fold 1, seed 0 has cases ['x0', 'x1', 'x2', 'x3', 'x4'] in only one of 'new' and 'base'",
+           pd.concat([table, extra]))
+
+
+def test_run_verdict_words():
+    assert run_verdict("dice_WT", 0.02, 0.001, folds=1) == ONE_FOLD
+    assert run_verdict("dice_WT", 0.02, 0.2, folds=3) == "no evidence of a difference"  # default alpha 0.05
+    assert run_verdict("dice_WT", 0.02, 0.05, folds=3) == "no evidence of a difference"  # p_holm >= alpha
+    assert run_verdict("dice_WT", 0.0, 0.001, folds=3) == "no evidence of a difference"  # no direction to name
+    assert run_verdict("dice_WT", 0.02, 0.049, folds=2) == "better (p=0.049)"
+    assert run_verdict("dice_WT", 1.0, 0.001, folds=3) == "better (p=0.001)"
+    assert run_verdict("dice_WT", 0.5, 0.0009, folds=3) == "better (p<0.001)"
+    assert run_verdict("dice_WT", -0.02, 0.01, folds=3) == "worse (p=0.010)"
+    assert run_verdict("hd95_WT", 0.7, 0.01, folds=3) == "worse (p=0.010)"
+    assert run_verdict("hd95_WT", -0.7, 0.01, folds=3) == "better (p=0.010)"
+    assert run_verdict("loss", 0.5, 0.01, folds=3) == "higher (p=0.010)"
+    assert run_verdict("loss", -0.5, 0.01, folds=3) == "lower (p=0.010)"
+    assert run_verdict("dice_WT", 0.02, 0.08, folds=3, alpha=0.1) == "better (p=0.080)"
+
+
+# --- format_runs: the verdict table every ablation prints -------------------------------------------
+
+
+def _verdict_rows() -> pd.DataFrame:
+    """Rows of four designs, so that every number format shows in one table (4 decimals, 2 for HD95;
+    n/a for what one seed cannot measure; the infinite interval and MDE of one fold)."""
+    rows = [
+        ("att_unet", "dice_ET", 10, 3, 2, 0.71234, 0.73456, 0.02222, 0.00512, 0.03932, 0.00612, 0.01523, 0.0234, 0.0468,
+         "better (p=0.047)"),
+        ("att_unet", "hd95_ET", 10, 3, 2, 5.678, 4.321, -1.357, -2.5, -0.2, 0.347, 1.234, 0.0004, 0.0008, "better (p<0.001)"),
+        ("one_fold", "dice_ET", 10, 1, 2, 0.7, 0.65, -0.05, -np.inf, np.inf, 0.004, np.inf, 1.0, 1.0, ONE_FOLD),
+        ("loss_arm", "loss", 10, 2, 1, 0.31, 0.35, 0.04, -0.05, 0.13, np.nan, np.nan, 0.12, 0.12, "no evidence of a difference"),
+    ]
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def test_format_runs_prints_the_verdict_table_exactly():
+    # Worked by hand: column widths 8, 7, 4, 8, 8, 24 (the loss row's interval), 11, 9, 7 ("p<0.001"
+    # keeps its "p<", only "p=" is dropped), 8 and the verdict's, two spaces apart; arm, metric and
+    # verdict left-aligned, the numbers right-aligned.
+    df = _verdict_rows()
+    df.attrs.update(baseline="unet", confidence=0.9)
+    expected = [
+        "Each arm against 'unet', runs as the unit",
+        "",
+        "arm       metric   runs  baseline  arm mean             diff [90% CI]  noise floor  MDE (80%)        p  p (Holm)  verdict",
+        "  ".join("-" * w for w in (8, 7, 4, 8, 8, 24, 11, 9, 7, 8, len(ONE_FOLD))),
+        "att_unet  dice_ET   3x2    0.7123    0.7346   0.0222 [0.0051, 0.0393]       0.0061     0.0152    0.023     0.047  better (p=0.047)",
+        "att_unet  hd95_ET   3x2      5.68      4.32      -1.36 [-2.50, -0.20]         0.35       1.23  p<0.001   p<0.001  better (p<0.001)",
+        "one_fold  dice_ET   1x2    0.7000    0.6500       -0.0500 [-inf, inf]       0.0040        inf    1.000     1.000  " + ONE_FOLD,
+        "loss_arm  loss      2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]          n/a        n/a    0.120     0.120  no evidence of a difference",
+        "",
+        "runs = folds x seeds per arm; diff = arm - baseline, paired by fold and seed over the same cases;",
+        "p: two-sided t-test on the fold means of the paired run differences (seeds averaged within a fold), 90% CI its t interval;",
+        "Holm across the regions of each metric. noise floor: seed-to-seed SD of one run's mean (n/a with one seed);",
+        "MDE: the smallest true difference this design finds with 80% power at the noise floor (alpha 0.05, before Holm).",
+        "Dice, sensitivity, specificity: higher is better; HD95: lower is better.",
+    ]
+    assert format_runs(df).split("\n") == expected
+
+
+def test_format_runs_without_attrs_and_without_rows():
+    df = _verdict_rows().iloc[[3]]
+    lines = format_runs(df).split("\n")
+    assert lines[0] == "Each arm against the baseline, runs as the unit"
+    assert lines[2].split()[6:9] == ["diff", "[95%", "CI]"]
+    # Alone, the loss row sets the widths of metric (6, its header) and p (5).
+    assert lines[4] == "loss_arm  loss     2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]          n/a        n/a  0.120     0.120  no evidence of a difference"
+    empty = _verdict_rows().iloc[:0]
+    assert format_runs(empty) == "Each arm against the baseline, runs as the unit: no other arm to compare."
+    empty.attrs["baseline"] = "unet"
+    assert format_runs(empty) == "Each arm against 'unet', runs as the unit: no other arm to compare."

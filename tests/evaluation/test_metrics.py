@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from brats_lab.evaluation.metrics import EMPTY_HD95, RegionMetrics, case_metrics, region_metrics
+from brats_lab.evaluation.metrics import (
+    EMPTY_HD95,
+    METRICS,
+    RegionMetrics,
+    case_metrics,
+    dice_from_counts,
+    region_metrics,
+)
 from brats_lab.labels import BRATS_2020, BRATS_2023
 
 TOL = 1e-9
@@ -262,3 +269,89 @@ def test_full_size_case_matches_medpy() -> None:
     result = case_metrics(pred, ref, (1.0, 1.0, 1.0), BRATS_2020)
     for region, labels in BRATS_2020.regions.items():
         assert_same(result[region], oracle(np.isin(pred, labels), np.isin(ref, labels), (1.0, 1.0, 1.0)))
+
+
+@pytest.mark.parametrize(
+    ("overlap", "n_pred", "n_ref", "expected"),
+    [
+        (0, 0, 0, 1.0),  # both empty: the BraTS rule, a perfect score
+        (0, 0, 3, 0.0),  # prediction empty
+        (0, 0, 1, 0.0),
+        (0, 3, 0, 0.0),  # reference empty
+        (0, 1, 0, 0.0),
+        (3, 4, 6, 0.6),  # 2 * 3 / (4 + 6)
+        (5, 5, 5, 1.0),
+    ],
+)
+def test_dice_from_counts_by_hand(overlap: int, n_pred: int, n_ref: int, expected: float) -> None:
+    assert dice_from_counts(overlap, n_pred, n_ref) == pytest.approx(expected, abs=1e-15)
+
+
+def test_dice_from_counts_equals_the_dice_of_the_masks() -> None:
+    # The trainer's validation counts on its own; its Dice must be the one `evaluate` reports.
+    rng = np.random.default_rng(11)
+    pred, ref = rng.random((2, 6, 7, 8)) < 0.3
+    counts = int((pred & ref).sum()), int(pred.sum()), int(ref.sum())
+    assert dice_from_counts(*counts) == region_metrics(pred, ref, (1.0, 1.0, 1.0)).dice
+
+
+def test_region_metrics_as_dict_names_each_metric() -> None:
+    m = RegionMetrics(dice=0.25, sensitivity=0.5, specificity=0.75, hd95=3.0)
+    assert m.as_dict() == {"dice": 0.25, "sensitivity": 0.5, "specificity": 0.75, "hd95": 3.0}
+    assert tuple(m.as_dict()) == METRICS
+
+
+@pytest.mark.parametrize(
+    ("pred_dtype", "ref_dtype"),
+    [(np.uint8, np.uint8), (np.float32, np.int16), (np.uint8, np.float32), (np.float32, np.float32), (np.int16, np.int16)],
+)
+def test_case_metrics_finds_labels_in_whole_slabs_of_any_dtype(pred_dtype, ref_dtype) -> None:
+    """Two slabs of necrosis (label 1) at the bottom of the prediction, two at the top of the
+    reference, nothing in between: the box of the case must hold all four slabs, whatever the dtypes.
+
+    By hand, 6 x 5 x 4 voxels, 40 in each mask, none shared: TC and WT have Dice 0, sensitivity 0,
+    specificity TN / (TN + FP) = (120 - 80) / (40 + 40) = 0.5. Every voxel of a 2-voxel slab is
+    on its surface; a predicted voxel at z = 0 or 1 is 4 or 3 mm from the reference at z = 4, and
+    a reference voxel at z = 5 or 4 is 4 or 3 mm from the prediction at z = 1: 40 distances of 3
+    and 40 of 4, whose 95th percentile is 4. ET is empty in both: perfect.
+    """
+    pred = np.zeros((6, 5, 4), pred_dtype)
+    ref = np.zeros((6, 5, 4), ref_dtype)
+    pred[0:2] = 1
+    ref[4:6] = 1
+    m = case_metrics(pred, ref, (1.0, 1.0, 1.0), BRATS_2020)
+    assert m["ET"] == RegionMetrics(1.0, 1.0, 1.0, 0.0)
+    assert m["TC"] == m["WT"] == RegionMetrics(dice=0.0, sensitivity=0.0, specificity=0.5, hd95=4.0)
+
+
+@pytest.mark.parametrize(
+    ("spacing", "near", "far"),
+    [((2.0, 1.0, 0.5), (0, 0, 1), (0, 1, 0)), ((0.5, 1.0, 2.0), (1, 0, 0), (0, 1, 0))],
+)
+def test_hd95_takes_the_nearest_voxel_along_the_finest_axis(
+    spacing: tuple[float, ...], near: tuple[int, ...], far: tuple[int, ...]
+) -> None:
+    """One predicted voxel; the reference has one voxel 0.5 mm away along the finest axis and one
+    1 mm away along the middle one. By hand: the pooled distances are 0.5 (the prediction to its
+    nearest), 0.5 and 1.0 (each reference voxel to the prediction); numpy's 95th percentile of
+    three sorted values is v[1] + 0.9 * (v[2] - v[1]) = 0.95."""
+    pred = np.zeros((7, 7, 7), bool)
+    ref = np.zeros_like(pred)
+    centre = np.array([3, 3, 3])
+    pred[tuple(centre)] = True
+    ref[tuple(centre + near)] = True
+    ref[tuple(centre + far)] = True
+    assert region_metrics(pred, ref, spacing).hd95 == pytest.approx(0.95, abs=1e-12)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.0, 0.5)])
+def test_hd95_of_two_voxels_is_their_distance_for_every_offset(spacing: tuple[float, ...]) -> None:
+    # One voxel each, every offset within 2 voxels per axis: both directed distances are the
+    # offset's length in mm, so HD95 is too (0 when they coincide).
+    pred = np.zeros((5, 5, 5), bool)
+    pred[2, 2, 2] = True
+    for offset in np.ndindex(5, 5, 5):
+        ref = np.zeros_like(pred)
+        ref[offset] = True
+        expected = float(np.sqrt(sum(((o - 2) * s) ** 2 for o, s in zip(offset, spacing))))
+        assert region_metrics(pred, ref, spacing).hd95 == pytest.approx(expected, abs=1e-12), offset

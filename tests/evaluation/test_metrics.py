@@ -3,6 +3,8 @@ BraTS rules for empty masks laid over them."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -177,13 +179,27 @@ def test_two_dimensional_masks() -> None:
     assert_same(region_metrics(pred, ref, (0.9, 1.3)), oracle(pred, ref, (0.9, 1.3)))
 
 
-def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="shape"):
-        region_metrics(np.zeros((3, 4, 5), bool), np.zeros((3, 4, 6), bool), (1.0, 1.0, 1.0))
-    with pytest.raises(ValueError, match="spacing"):
-        region_metrics(np.zeros((3, 4, 5), bool), np.zeros((3, 4, 5), bool), (1.0, 1.0))
-    with pytest.raises(ValueError, match="positive"):
-        case_metrics(np.zeros((3, 4, 5), np.uint8), np.zeros((3, 4, 5), np.uint8), (1.0, 0.0, 1.0), BRATS_2020)
+@pytest.mark.parametrize("score", ["region", "case"])
+@pytest.mark.parametrize(
+    ("ref_shape", "spacing", "message"),
+    [
+        ((3, 4, 6), (1.0, 1.0, 1.0), "prediction shape (3, 4, 5) differs from reference shape (3, 4, 6)"),
+        ((3, 4, 5), (1.0, 1.0), "spacing (1.0, 1.0) has 2 values for a 3-d array"),
+        ((3, 4, 5), (1.0, 1.0, 1.0, 1.0), "spacing (1.0, 1.0, 1.0, 1.0) has 4 values for a 3-d array"),
+        ((3, 4, 5), (1.0, 0.0, 1.0), "spacing (1.0, 0.0, 1.0) must be positive and finite (mm)"),
+        ((3, 4, 5), (-1.0, 1.0, 1.0), "spacing (-1.0, 1.0, 1.0) must be positive and finite (mm)"),
+        ((3, 4, 5), (1.0, 1.0, np.inf), "spacing (1.0, 1.0, inf) must be positive and finite (mm)"),
+        ((3, 4, 5), (np.nan, 1.0, 1.0), "spacing (nan, 1.0, 1.0) must be positive and finite (mm)"),
+    ],
+)
+def test_bad_arguments_are_named_in_the_error(score: str, ref_shape, spacing, message: str) -> None:
+    pred = np.zeros((3, 4, 5), np.uint8)
+    ref = np.zeros(ref_shape, np.uint8)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        if score == "region":
+            region_metrics(pred, ref, spacing)
+        else:
+            case_metrics(pred, ref, spacing, BRATS_2020)
 
 
 def label_map(rng: np.random.Generator, shape: tuple[int, ...], et: int) -> np.ndarray:
@@ -243,7 +259,8 @@ def test_case_metrics_rejects_unknown_prediction_labels() -> None:
     pred = ref.copy()
     pred[1, 1, 1] = 3  # a 2023 ET in a 2020 map
     pred[2, 2, 2] = 7
-    with pytest.raises(ValueError, match=r"\[3, 7\].*brats2020"):
+    message = "prediction holds labels [3, 7] unknown to the brats2020 convention (expected [0, 1, 2, 4])"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         case_metrics(pred, ref, (1.0, 1.0, 1.0), BRATS_2020)
 
 

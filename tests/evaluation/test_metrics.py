@@ -363,12 +363,28 @@ def test_hd95_takes_the_nearest_voxel_along_the_finest_axis(
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.0, 0.5)])
 def test_hd95_of_two_voxels_is_their_distance_for_every_offset(spacing: tuple[float, ...]) -> None:
-    # One voxel each, every offset within 2 voxels per axis: both directed distances are the
+    # One voxel each, every offset within 3 voxels per axis: both directed distances are the
     # offset's length in mm, so HD95 is too (0 when they coincide).
-    pred = np.zeros((5, 5, 5), bool)
-    pred[2, 2, 2] = True
-    for offset in np.ndindex(5, 5, 5):
+    pred = np.zeros((7, 7, 7), bool)
+    pred[3, 3, 3] = True
+    for offset in np.ndindex(7, 7, 7):
         ref = np.zeros_like(pred)
         ref[offset] = True
-        expected = float(np.sqrt(sum(((o - 2) * s) ** 2 for o, s in zip(offset, spacing))))
+        expected = float(np.sqrt(sum(((o - 3) * s) ** 2 for o, s in zip(offset, spacing))))
         assert region_metrics(pred, ref, spacing).hd95 == pytest.approx(expected, abs=1e-12), offset
+
+
+@pytest.mark.parametrize("side", [1, -1])
+def test_hd95_takes_the_nearest_voxel_when_farther_ones_surround_it(side: int) -> None:
+    """2-D, 1 x 2 mm pixels. The prediction's centre pixel c has one reference pixel 1 mm away
+    (c + (side, 0)) and four 2 mm away (c + (+-2, 0), c + (0, +-1)); the prediction also holds
+    every reference pixel. By hand: each reference pixel and each prediction pixel but c is at 0,
+    c is at 1 mm: 11 pooled distances, ten 0 and one 1; numpy's 95th percentile of 11 sorted values
+    is v[9] + 0.5 * (v[10] - v[9]) = 0.5."""
+    ref = np.zeros((7, 5), bool)
+    c = np.array([3, 2])
+    for offset in [(side, 0), (2, 0), (-2, 0), (0, 1), (0, -1)]:
+        ref[tuple(c + offset)] = True
+    pred = ref.copy()
+    pred[tuple(c)] = True
+    assert region_metrics(pred, ref, (1.0, 2.0)).hd95 == pytest.approx(0.5, abs=1e-12)

@@ -388,3 +388,26 @@ def test_hd95_takes_the_nearest_voxel_when_farther_ones_surround_it(side: int) -
     pred = ref.copy()
     pred[tuple(c)] = True
     assert region_metrics(pred, ref, (1.0, 2.0)).hd95 == pytest.approx(0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize("extra", ["pred", "ref"])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_one_voxel_more_than_the_other_mask(extra: str, axis: int) -> None:
+    """Both masks hold voxel v; one of them also holds v's neighbour along `axis`. By hand: the
+    surface distances are 0 (v to v, in both directions) and the spacing along `axis` (the extra
+    voxel to v), so HD95 of the three is 0 + 0.9 * spacing[axis]; Dice 2 * 1 / 3; sensitivity 1
+    with the extra voxel predicted, 1/2 with it missed; specificity TN / (TN + FP), TN = 60 - 2
+    voxels, FP = 1 when the extra voxel is predicted (58/59), 0 when it is missed (1)."""
+    spacing = (2.0, 1.0, 0.5)
+    one = np.zeros((3, 4, 5), bool)
+    one[1, 2, 2] = True
+    two = one.copy()
+    neighbour = [1, 2, 2]
+    neighbour[axis] += 1
+    two[tuple(neighbour)] = True
+    pred, ref = (two, one) if extra == "pred" else (one, two)
+    m = region_metrics(pred, ref, spacing)
+    assert m.hd95 == pytest.approx(0.9 * spacing[axis], abs=1e-12)
+    assert m.dice == pytest.approx(2 / 3, abs=1e-12)
+    assert m.sensitivity == (1.0 if extra == "pred" else 0.5)
+    assert m.specificity == pytest.approx(58 / 59 if extra == "pred" else 1.0, abs=1e-12)

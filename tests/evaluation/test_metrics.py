@@ -320,7 +320,13 @@ def test_region_metrics_as_dict_names_each_metric() -> None:
 
 @pytest.mark.parametrize(
     ("pred_dtype", "ref_dtype"),
-    [(np.uint8, np.uint8), (np.float32, np.int16), (np.uint8, np.float32), (np.float32, np.float32), (np.int16, np.int16)],
+    [
+        (np.uint8, np.uint8),
+        (np.int16, np.int16),
+        (np.float32, np.float32),
+        (np.float32, np.int16),
+        (np.uint8, np.float32),
+    ],
 )
 def test_case_metrics_finds_labels_in_whole_slabs_of_any_dtype(pred_dtype, ref_dtype) -> None:
     """Two slabs of necrosis (label 1) at the bottom of the prediction, two at the top of the
@@ -411,3 +417,52 @@ def test_one_voxel_more_than_the_other_mask(extra: str, axis: int) -> None:
     assert m.dice == pytest.approx(2 / 3, abs=1e-12)
     assert m.sensitivity == (1.0 if extra == "pred" else 0.5)
     assert m.specificity == pytest.approx(58 / 59 if extra == "pred" else 1.0, abs=1e-12)
+
+
+# The helpers below only make the metrics fast (a small box, a short list of offsets, a padded
+# surface): a wrong one still gives the right numbers, only slower or with more memory, so their
+# documented contracts are checked directly.
+
+
+def test_bbox_is_the_smallest_box_plus_one_voxel_clipped_to_the_array() -> None:
+    from brats_lab.evaluation.metrics import _bbox
+
+    mask = np.zeros((6, 7, 8), bool)
+    assert _bbox(mask) is None
+    mask[2, 3, 4] = mask[3, 5, 4] = True
+    # By hand: z 2..3, y 3..5, x 4..4, one more voxel on each side, y clipped at 7.
+    assert [s.indices(n) for s, n in zip(_bbox(mask), mask.shape)] == [(1, 5, 1), (2, 7, 1), (3, 6, 1)]
+    corner = np.zeros((6, 7, 8), bool)
+    corner[0, 6, 7] = True  # on three faces: the box stops at the array
+    assert [s.indices(n) for s, n in zip(_bbox(corner), corner.shape)] == [(0, 2, 1), (5, 7, 1), (6, 8, 1)]
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.0, 0.5), (0.8, 3.0, 1.25)])
+def test_neighbourhood_lists_every_offset_within_three_finest_voxels_nearest_first(spacing) -> None:
+    from fractions import Fraction
+
+    from brats_lab.evaluation.metrics import _neighbourhood, _offset_distances
+
+    offsets = _neighbourhood(np.array(spacing))
+    # Brute force in exact arithmetic over -3..3 per axis (no axis is finer than the finest):
+    # |offset * spacing|^2 <= (3 * finest spacing)^2.
+    sp = [Fraction(s) for s in spacing]
+    grid = [tuple(a - 3 for a in o) for o in np.ndindex(7, 7, 7)]
+    expected = [o for o in grid if sum((a * s) ** 2 for a, s in zip(o, sp)) <= (3 * min(sp)) ** 2]
+    assert sorted(map(tuple, offsets.tolist())) == expected
+    if spacing == (1.0, 1.0, 1.0):
+        assert len(offsets) == 123  # the count the docstring gives
+    assert np.all(np.diff(_offset_distances(offsets, np.array(spacing))) >= 0)
+
+
+def test_surface_is_the_mask_minus_its_erosion_zero_padded() -> None:
+    from brats_lab.evaluation.metrics import _surface
+
+    rng = np.random.default_rng(5)
+    mask = blobs(rng, (9, 10, 11), sigma=1.5, fraction=0.4)
+    mask[0, 2:6, 3:8] = True  # on a face of the array: surface there (border_value=0)
+    pad = np.array([1, 2, 3])
+    # medpy's surface: mask XOR its erosion by the 6-neighbourhood, voxels outside the array
+    # counted as background.
+    expected = mask ^ ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 1), border_value=0)
+    np.testing.assert_array_equal(_surface(mask, pad), np.pad(expected, [(p, p) for p in pad]))

@@ -3,11 +3,20 @@ BraTS rules for empty masks laid over them."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from brats_lab.evaluation.metrics import EMPTY_HD95, RegionMetrics, case_metrics, region_metrics
+from brats_lab.evaluation.metrics import (
+    EMPTY_HD95,
+    METRICS,
+    RegionMetrics,
+    case_metrics,
+    dice_from_counts,
+    region_metrics,
+)
 from brats_lab.labels import BRATS_2020, BRATS_2023
 
 TOL = 1e-9
@@ -170,13 +179,27 @@ def test_two_dimensional_masks() -> None:
     assert_same(region_metrics(pred, ref, (0.9, 1.3)), oracle(pred, ref, (0.9, 1.3)))
 
 
-def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="shape"):
-        region_metrics(np.zeros((3, 4, 5), bool), np.zeros((3, 4, 6), bool), (1.0, 1.0, 1.0))
-    with pytest.raises(ValueError, match="spacing"):
-        region_metrics(np.zeros((3, 4, 5), bool), np.zeros((3, 4, 5), bool), (1.0, 1.0))
-    with pytest.raises(ValueError, match="positive"):
-        case_metrics(np.zeros((3, 4, 5), np.uint8), np.zeros((3, 4, 5), np.uint8), (1.0, 0.0, 1.0), BRATS_2020)
+@pytest.mark.parametrize("score", ["region", "case"])
+@pytest.mark.parametrize(
+    ("ref_shape", "spacing", "message"),
+    [
+        ((3, 4, 6), (1.0, 1.0, 1.0), "prediction shape (3, 4, 5) differs from reference shape (3, 4, 6)"),
+        ((3, 4, 5), (1.0, 1.0), "spacing (1.0, 1.0) has 2 values for a 3-d array"),
+        ((3, 4, 5), (1.0, 1.0, 1.0, 1.0), "spacing (1.0, 1.0, 1.0, 1.0) has 4 values for a 3-d array"),
+        ((3, 4, 5), (1.0, 0.0, 1.0), "spacing (1.0, 0.0, 1.0) must be positive and finite (mm)"),
+        ((3, 4, 5), (-1.0, 1.0, 1.0), "spacing (-1.0, 1.0, 1.0) must be positive and finite (mm)"),
+        ((3, 4, 5), (1.0, 1.0, np.inf), "spacing (1.0, 1.0, inf) must be positive and finite (mm)"),
+        ((3, 4, 5), (np.nan, 1.0, 1.0), "spacing (nan, 1.0, 1.0) must be positive and finite (mm)"),
+    ],
+)
+def test_bad_arguments_are_named_in_the_error(score: str, ref_shape, spacing, message: str) -> None:
+    pred = np.zeros((3, 4, 5), np.uint8)
+    ref = np.zeros(ref_shape, np.uint8)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        if score == "region":
+            region_metrics(pred, ref, spacing)
+        else:
+            case_metrics(pred, ref, spacing, BRATS_2020)
 
 
 def label_map(rng: np.random.Generator, shape: tuple[int, ...], et: int) -> np.ndarray:
@@ -236,7 +259,8 @@ def test_case_metrics_rejects_unknown_prediction_labels() -> None:
     pred = ref.copy()
     pred[1, 1, 1] = 3  # a 2023 ET in a 2020 map
     pred[2, 2, 2] = 7
-    with pytest.raises(ValueError, match=r"\[3, 7\].*brats2020"):
+    message = "prediction holds labels [3, 7] unknown to the brats2020 convention (expected [0, 1, 2, 4])"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         case_metrics(pred, ref, (1.0, 1.0, 1.0), BRATS_2020)
 
 
@@ -262,3 +286,183 @@ def test_full_size_case_matches_medpy() -> None:
     result = case_metrics(pred, ref, (1.0, 1.0, 1.0), BRATS_2020)
     for region, labels in BRATS_2020.regions.items():
         assert_same(result[region], oracle(np.isin(pred, labels), np.isin(ref, labels), (1.0, 1.0, 1.0)))
+
+
+@pytest.mark.parametrize(
+    ("overlap", "n_pred", "n_ref", "expected"),
+    [
+        (0, 0, 0, 1.0),  # both empty: the BraTS rule, a perfect score
+        (0, 0, 3, 0.0),  # prediction empty
+        (0, 0, 1, 0.0),
+        (0, 3, 0, 0.0),  # reference empty
+        (0, 1, 0, 0.0),
+        (3, 4, 6, 0.6),  # 2 * 3 / (4 + 6)
+        (5, 5, 5, 1.0),
+    ],
+)
+def test_dice_from_counts_by_hand(overlap: int, n_pred: int, n_ref: int, expected: float) -> None:
+    assert dice_from_counts(overlap, n_pred, n_ref) == pytest.approx(expected, abs=1e-15)
+
+
+def test_dice_from_counts_equals_the_dice_of_the_masks() -> None:
+    # The trainer's validation counts on its own; its Dice must be the one `evaluate` reports.
+    rng = np.random.default_rng(11)
+    pred, ref = rng.random((2, 6, 7, 8)) < 0.3
+    counts = int((pred & ref).sum()), int(pred.sum()), int(ref.sum())
+    assert dice_from_counts(*counts) == region_metrics(pred, ref, (1.0, 1.0, 1.0)).dice
+
+
+def test_region_metrics_as_dict_names_each_metric() -> None:
+    m = RegionMetrics(dice=0.25, sensitivity=0.5, specificity=0.75, hd95=3.0)
+    assert m.as_dict() == {"dice": 0.25, "sensitivity": 0.5, "specificity": 0.75, "hd95": 3.0}
+    assert tuple(m.as_dict()) == METRICS
+
+
+@pytest.mark.parametrize(
+    ("pred_dtype", "ref_dtype"),
+    [
+        (np.uint8, np.uint8),
+        (np.int16, np.int16),
+        (np.float32, np.float32),
+        (np.float32, np.int16),
+        (np.uint8, np.float32),
+    ],
+)
+def test_case_metrics_finds_labels_in_whole_slabs_of_any_dtype(pred_dtype, ref_dtype) -> None:
+    """Two slabs of necrosis (label 1) at the bottom of the prediction, two at the top of the
+    reference, nothing in between: the box of the case must hold all four slabs, whatever the dtypes.
+
+    By hand, 6 x 5 x 4 voxels, 40 in each mask, none shared: TC and WT have Dice 0, sensitivity 0,
+    specificity TN / (TN + FP) = (120 - 80) / (40 + 40) = 0.5. Every voxel of a 2-voxel slab is
+    on its surface; a predicted voxel at z = 0 or 1 is 4 or 3 mm from the reference at z = 4, and
+    a reference voxel at z = 5 or 4 is 4 or 3 mm from the prediction at z = 1: 40 distances of 3
+    and 40 of 4, whose 95th percentile is 4. ET is empty in both: perfect.
+    """
+    pred = np.zeros((6, 5, 4), pred_dtype)
+    ref = np.zeros((6, 5, 4), ref_dtype)
+    pred[0:2] = 1
+    ref[4:6] = 1
+    m = case_metrics(pred, ref, (1.0, 1.0, 1.0), BRATS_2020)
+    assert m["ET"] == RegionMetrics(1.0, 1.0, 1.0, 0.0)
+    assert m["TC"] == m["WT"] == RegionMetrics(dice=0.0, sensitivity=0.0, specificity=0.5, hd95=4.0)
+
+
+@pytest.mark.parametrize(
+    ("spacing", "near", "far"),
+    [((2.0, 1.0, 0.5), (0, 0, 1), (0, 1, 0)), ((0.5, 1.0, 2.0), (1, 0, 0), (0, 1, 0))],
+)
+def test_hd95_takes_the_nearest_voxel_along_the_finest_axis(
+    spacing: tuple[float, ...], near: tuple[int, ...], far: tuple[int, ...]
+) -> None:
+    """One predicted voxel; the reference has one voxel 0.5 mm away along the finest axis and one
+    1 mm away along the middle one. By hand: the pooled distances are 0.5 (the prediction to its
+    nearest), 0.5 and 1.0 (each reference voxel to the prediction); numpy's 95th percentile of
+    three sorted values is v[1] + 0.9 * (v[2] - v[1]) = 0.95."""
+    pred = np.zeros((7, 7, 7), bool)
+    ref = np.zeros_like(pred)
+    centre = np.array([3, 3, 3])
+    pred[tuple(centre)] = True
+    ref[tuple(centre + near)] = True
+    ref[tuple(centre + far)] = True
+    assert region_metrics(pred, ref, spacing).hd95 == pytest.approx(0.95, abs=1e-12)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.0, 0.5)])
+def test_hd95_of_two_voxels_is_their_distance_for_every_offset(spacing: tuple[float, ...]) -> None:
+    # One voxel each, every offset within 3 voxels per axis: both directed distances are the
+    # offset's length in mm, so HD95 is too (0 when they coincide).
+    pred = np.zeros((7, 7, 7), bool)
+    pred[3, 3, 3] = True
+    for offset in np.ndindex(7, 7, 7):
+        ref = np.zeros_like(pred)
+        ref[offset] = True
+        expected = float(np.sqrt(sum(((o - 3) * s) ** 2 for o, s in zip(offset, spacing))))
+        assert region_metrics(pred, ref, spacing).hd95 == pytest.approx(expected, abs=1e-12), offset
+
+
+@pytest.mark.parametrize("side", [1, -1])
+def test_hd95_takes_the_nearest_voxel_when_farther_ones_surround_it(side: int) -> None:
+    """2-D, 1 x 2 mm pixels. The prediction's centre pixel c has one reference pixel 1 mm away
+    (c + (side, 0)) and four 2 mm away (c + (+-2, 0), c + (0, +-1)); the prediction also holds
+    every reference pixel. By hand: each reference pixel and each prediction pixel but c is at 0,
+    c is at 1 mm: 11 pooled distances, ten 0 and one 1; numpy's 95th percentile of 11 sorted values
+    is v[9] + 0.5 * (v[10] - v[9]) = 0.5."""
+    ref = np.zeros((7, 5), bool)
+    c = np.array([3, 2])
+    for offset in [(side, 0), (2, 0), (-2, 0), (0, 1), (0, -1)]:
+        ref[tuple(c + offset)] = True
+    pred = ref.copy()
+    pred[tuple(c)] = True
+    assert region_metrics(pred, ref, (1.0, 2.0)).hd95 == pytest.approx(0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize("extra", ["pred", "ref"])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_one_voxel_more_than_the_other_mask(extra: str, axis: int) -> None:
+    """Both masks hold voxel v; one of them also holds v's neighbour along `axis`. By hand: the
+    surface distances are 0 (v to v, in both directions) and the spacing along `axis` (the extra
+    voxel to v), so HD95 of the three is 0 + 0.9 * spacing[axis]; Dice 2 * 1 / 3; sensitivity 1
+    with the extra voxel predicted, 1/2 with it missed; specificity TN / (TN + FP), TN = 60 - 2
+    voxels, FP = 1 when the extra voxel is predicted (58/59), 0 when it is missed (1)."""
+    spacing = (2.0, 1.0, 0.5)
+    one = np.zeros((3, 4, 5), bool)
+    one[1, 2, 2] = True
+    two = one.copy()
+    neighbour = [1, 2, 2]
+    neighbour[axis] += 1
+    two[tuple(neighbour)] = True
+    pred, ref = (two, one) if extra == "pred" else (one, two)
+    m = region_metrics(pred, ref, spacing)
+    assert m.hd95 == pytest.approx(0.9 * spacing[axis], abs=1e-12)
+    assert m.dice == pytest.approx(2 / 3, abs=1e-12)
+    assert m.sensitivity == (1.0 if extra == "pred" else 0.5)
+    assert m.specificity == pytest.approx(58 / 59 if extra == "pred" else 1.0, abs=1e-12)
+
+
+# The helpers below only make the metrics fast (a small box, a short list of offsets, a padded
+# surface): a wrong one still gives the right numbers, only slower or with more memory, so their
+# documented contracts are checked directly.
+
+
+def test_bbox_is_the_smallest_box_plus_one_voxel_clipped_to_the_array() -> None:
+    from brats_lab.evaluation.metrics import _bbox
+
+    mask = np.zeros((6, 7, 8), bool)
+    assert _bbox(mask) is None
+    mask[2, 3, 4] = mask[3, 5, 4] = True
+    # By hand: z 2..3, y 3..5, x 4..4, one more voxel on each side, y clipped at 7.
+    assert [s.indices(n) for s, n in zip(_bbox(mask), mask.shape)] == [(1, 5, 1), (2, 7, 1), (3, 6, 1)]
+    corner = np.zeros((6, 7, 8), bool)
+    corner[0, 6, 7] = True  # on three faces: the box stops at the array
+    assert [s.indices(n) for s, n in zip(_bbox(corner), corner.shape)] == [(0, 2, 1), (5, 7, 1), (6, 8, 1)]
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.0, 0.5), (0.8, 3.0, 1.25)])
+def test_neighbourhood_lists_every_offset_within_three_finest_voxels_nearest_first(spacing) -> None:
+    from fractions import Fraction
+
+    from brats_lab.evaluation.metrics import _neighbourhood, _offset_distances
+
+    offsets = _neighbourhood(np.array(spacing))
+    # Brute force in exact arithmetic over -3..3 per axis (no axis is finer than the finest):
+    # |offset * spacing|^2 <= (3 * finest spacing)^2.
+    sp = [Fraction(s) for s in spacing]
+    grid = [tuple(a - 3 for a in o) for o in np.ndindex(7, 7, 7)]
+    expected = [o for o in grid if sum((a * s) ** 2 for a, s in zip(o, sp)) <= (3 * min(sp)) ** 2]
+    assert sorted(map(tuple, offsets.tolist())) == expected
+    if spacing == (1.0, 1.0, 1.0):
+        assert len(offsets) == 123  # the count the docstring gives
+    assert np.all(np.diff(_offset_distances(offsets, np.array(spacing))) >= 0)
+
+
+def test_surface_is_the_mask_minus_its_erosion_zero_padded() -> None:
+    from brats_lab.evaluation.metrics import _surface
+
+    rng = np.random.default_rng(5)
+    mask = blobs(rng, (9, 10, 11), sigma=1.5, fraction=0.4)
+    mask[0, 2:6, 3:8] = True  # on a face of the array: surface there (border_value=0)
+    pad = np.array([1, 2, 3])
+    # medpy's surface: mask XOR its erosion by the 6-neighbourhood, voxels outside the array
+    # counted as background.
+    expected = mask ^ ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 1), border_value=0)
+    np.testing.assert_array_equal(_surface(mask, pad), np.pad(expected, [(p, p) for p in pad]))

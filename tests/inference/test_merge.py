@@ -103,6 +103,24 @@ def test_merge_preserves_dtype_and_does_not_modify_inputs() -> None:
     np.testing.assert_array_equal(b, b0)
 
 
+def test_merge_takes_label_maps_of_any_numeric_dtype() -> None:
+    """Float and 64-bit label maps, and negative values, are checked by the general path (the
+    fast count takes only small non-negative integers): the same merge, the same messages."""
+    a = [0, 2, 1, 4, 0, 2]
+    b = [2, 0, 2, 2, 0, 2]
+    merged = [2, 0, 1, 4, 0, 2]  # by the rule: bg/ed -> ed, ed/bg -> bg, else A
+    for dtype in (np.float32, np.float64, np.int64, np.uint64, np.int8):
+        out = merge_label_maps(np.array(a, dtype), np.array(b, dtype), BRATS_2020)
+        np.testing.assert_array_equal(out, merged)
+        assert out.dtype == dtype
+    with pytest.raises(ValueError, match=r"B: labels \[3\.0\] are not in the brats2020"):
+        merge_label_maps(np.array(a, np.float32), np.array([0, 3, 2, 2, 0, 2], np.float32), BRATS_2020)
+    with pytest.raises(ValueError, match=r"A: labels \[-1, 5\] are not in the brats2020"):
+        merge_label_maps(np.array([-1, 5, 0], np.int16), np.zeros(3, np.int16), BRATS_2020)
+    with pytest.raises(ValueError, match=r"A: labels \[2000\] are not in the brats2023"):
+        merge_label_maps(np.array([2000, 0], np.uint16), np.zeros(2, np.uint16), BRATS_2023)
+
+
 def test_merge_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="shape"):
         merge_label_maps(np.zeros((2, 2), np.uint8), np.zeros((2, 3), np.uint8), BRATS_2020)
@@ -153,9 +171,11 @@ def test_small_et_zero_disables_and_input_untouched(convention: LabelConvention)
     np.testing.assert_array_equal(small_et_to_ncr(empty, convention, 100), empty)
 
 
-def test_small_et_rejects_negative_threshold() -> None:
-    with pytest.raises(ValueError, match="min_voxels"):
+def test_small_et_rejects_negative_threshold_and_foreign_labels() -> None:
+    with pytest.raises(ValueError, match="min_voxels must be >= 0 .*, got -1"):
         small_et_to_ncr(np.zeros(3, np.uint8), BRATS_2020, -1)
+    with pytest.raises(ValueError, match=r"^labels: labels \[3\] are not in the brats2020 convention"):
+        small_et_to_ncr(np.array([0, 3, 4], np.uint8), BRATS_2020, 2)
 
 
 def test_merge_command_on_files(tmp_path, capsys):
@@ -219,8 +239,9 @@ def test_merge_folders_writes_each_mergeable_case_and_names_every_problem(tmp_pa
     _write(a / "c4.nii.gz", a1)
     _write(a / "c4.nii", a1)
     _write(b / "c4.nii.gz", b1)
-    # c5: only in A; c6: a lone .nii in B; c7: only in B.
-    _write(a / "c5.nii.gz", a1)
+    # c1b: only in A (not the last case of A, so the cases after it are still merged or named);
+    # c6: a lone .nii in B; c7: only in B.
+    _write(a / "c1b.nii.gz", a1)
     _write(b / "c6.nii", b1)
     _write(b / "c7.nii.gz", b1)
     # Hidden files and other files are not label maps: ignored on both sides.
@@ -239,10 +260,10 @@ def test_merge_folders_writes_each_mergeable_case_and_names_every_problem(tmp_pa
         f"{b / 'c7.nii.gz'}: no label map in A ({a})",
         f"{a / 'c4.nii'}: both c4.nii and c4.nii.gz in {a}; keep one",
         f"{b / 'c6.nii'}: a .nii label map; merge reads <case id>.nii.gz only",
+        f"{b / 'c1b.nii.gz'}: file not found",
         f"{b / 'c2.nii.gz'}: geometry differs from {a / 'c2.nii.gz'}: spacing (1, 1, 1) vs (2, 1, 1); "
         "origin (0, -239, 0) vs (5, -239, 0)",
         "c3.nii.gz: B: labels [3] are not in the brats2020 convention (allowed [0, 1, 2, 4])",
-        f"{b / 'c5.nii.gz'}: file not found",
     ]
     assert len(problems) == 6
 

@@ -218,7 +218,7 @@ def _write(path, labels, geometry=None) -> None:
 def test_merge_folders_writes_each_mergeable_case_and_names_every_problem(tmp_path) -> None:
     """One folder pair with every kind of case: the problems, written out by hand from the rules
     of `merge_folders` (B-only cases first, then the .nii files of A and B, then the cases of A in
-    name order), name the file, and only the good case is written."""
+    name order), name the file, and only the good cases are written."""
     from brats_lab.io import read_header, read_image
 
     a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
@@ -244,6 +244,9 @@ def test_merge_folders_writes_each_mergeable_case_and_names_every_problem(tmp_pa
     _write(a / "c1b.nii.gz", a1)
     _write(b / "c6.nii", b1)
     _write(b / "c7.nii.gz", b1)
+    # c9: merged too (the last case: every problem before it goes on to the next case).
+    _write(a / "c9.nii.gz", a1)
+    _write(b / "c9.nii.gz", b1)
     # Hidden files and other files are not label maps: ignored on both sides.
     _write(a / ".c0.nii.gz", a1)
     _write(b / ".c8.nii.gz", b1)
@@ -251,11 +254,12 @@ def test_merge_folders_writes_each_mergeable_case_and_names_every_problem(tmp_pa
 
     written, problems = merge_folders(a, b, out, BRATS_2020)
 
-    assert written == [out / "c1.nii.gz"]
-    merged, geometry = read_image(out / "c1.nii.gz")
-    np.testing.assert_array_equal(merged.ravel(), merged1)
-    assert geometry == _geometry() and read_header(out / "c1.nii.gz")[1] == "8-bit unsigned integer"
-    assert sorted(p.name for p in out.iterdir()) == ["c1.nii.gz"]
+    assert written == [out / "c1.nii.gz", out / "c9.nii.gz"]
+    for name in ("c1.nii.gz", "c9.nii.gz"):
+        merged, geometry = read_image(out / name)
+        np.testing.assert_array_equal(merged.ravel(), merged1)
+        assert geometry == _geometry() and read_header(out / name)[1] == "8-bit unsigned integer"
+    assert sorted(p.name for p in out.iterdir()) == ["c1.nii.gz", "c9.nii.gz"]
     assert problems[:6] == [
         f"{b / 'c7.nii.gz'}: no label map in A ({a})",
         f"{a / 'c4.nii'}: both c4.nii and c4.nii.gz in {a}; keep one",

@@ -387,7 +387,7 @@ def test_small_et_relabels_a_small_et_as_ncr(tmp_path: Path, case_writer) -> Non
 def test_a_folder_skips_what_is_written_names_failures_and_passes_the_options(tmp_path: Path, case_writer) -> None:
     data = tmp_path / "data"
     for i in (1, 2, 3):
-        case_writer(data, f"BraTS20_Training_00{i}", size=(20, 18, 16), seed=i)
+        case_writer(data, f"BraTS20_Training_00{i}", size=(20, 18, 24), seed=i)  # a Z crop of 17-24: padded to 24, not 32
     (data / "BraTS20_Training_002" / "BraTS20_Training_002_t1.nii.gz").write_bytes(b"broken")
     cases = discover(data)
     # ET and TC certain; WT = sigmoid of a ramp along Z, which the Z-flipped views reverse.

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from brats_lab.inference.merge import Tissues, merge_label_maps, small_et_to_ncr
+from brats_lab.inference.merge import Tissues, merge_folders, merge_label_maps, small_et_to_ncr
 from brats_lab.labels import BRATS_2020, BRATS_2023, LabelConvention
 
 CONVENTIONS = [BRATS_2020, BRATS_2023]
@@ -103,6 +103,24 @@ def test_merge_preserves_dtype_and_does_not_modify_inputs() -> None:
     np.testing.assert_array_equal(b, b0)
 
 
+def test_merge_takes_label_maps_of_any_numeric_dtype() -> None:
+    """Float and 64-bit label maps, and negative values, are checked by the general path (the
+    fast count takes only small non-negative integers): the same merge, the same messages."""
+    a = [0, 2, 1, 4, 0, 2]
+    b = [2, 0, 2, 2, 0, 2]
+    merged = [2, 0, 1, 4, 0, 2]  # by the rule: bg/ed -> ed, ed/bg -> bg, else A
+    for dtype in (np.float32, np.float64, np.int64, np.uint64, np.int8):
+        out = merge_label_maps(np.array(a, dtype), np.array(b, dtype), BRATS_2020)
+        np.testing.assert_array_equal(out, merged)
+        assert out.dtype == dtype
+    with pytest.raises(ValueError, match=r"B: labels \[3\.0\] are not in the brats2020"):
+        merge_label_maps(np.array(a, np.float32), np.array([0, 3, 2, 2, 0, 2], np.float32), BRATS_2020)
+    with pytest.raises(ValueError, match=r"A: labels \[-1, 5\] are not in the brats2020"):
+        merge_label_maps(np.array([-1, 5, 0], np.int16), np.zeros(3, np.int16), BRATS_2020)
+    with pytest.raises(ValueError, match=r"A: labels \[2000\] are not in the brats2023"):
+        merge_label_maps(np.array([2000, 0], np.uint16), np.zeros(2, np.uint16), BRATS_2023)
+
+
 def test_merge_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="shape"):
         merge_label_maps(np.zeros((2, 2), np.uint8), np.zeros((2, 3), np.uint8), BRATS_2020)
@@ -153,9 +171,11 @@ def test_small_et_zero_disables_and_input_untouched(convention: LabelConvention)
     np.testing.assert_array_equal(small_et_to_ncr(empty, convention, 100), empty)
 
 
-def test_small_et_rejects_negative_threshold() -> None:
-    with pytest.raises(ValueError, match="min_voxels"):
+def test_small_et_rejects_negative_threshold_and_foreign_labels() -> None:
+    with pytest.raises(ValueError, match="min_voxels must be >= 0 .*, got -1"):
         small_et_to_ncr(np.zeros(3, np.uint8), BRATS_2020, -1)
+    with pytest.raises(ValueError, match=r"^labels: labels \[3\] are not in the brats2020 convention"):
+        small_et_to_ncr(np.array([0, 3, 4], np.uint8), BRATS_2020, 2)
 
 
 def test_merge_command_on_files(tmp_path, capsys):
@@ -179,3 +199,128 @@ def test_merge_command_on_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "BraTS20_Validation_002.nii.gz: geometry differs" in err
     assert not (tmp_path / "m" / "BraTS20_Validation_002.nii.gz").exists()
+
+
+# `merge_folders`, in the test process on real NIfTI files (the CLI tests run it in a subprocess,
+# which the mutation run does not see). Volumes are (z, y, x) = (2, 3, 4).
+def _geometry(spacing: float = 1.0, origin_shift: float = 0.0):
+    from brats_lab.io import IDENTITY, Geometry
+
+    return Geometry((4, 3, 2), (spacing, 1.0, 1.0), (origin_shift, -239.0, 0.0), IDENTITY)
+
+
+def _write(path, labels, geometry=None) -> None:
+    from brats_lab.io import write_image
+
+    write_image(np.asarray(labels).reshape(2, 3, 4), geometry or _geometry(), path)
+
+
+def test_merge_folders_writes_each_mergeable_case_and_names_every_problem(tmp_path) -> None:
+    """One folder pair with every kind of case: the problems, written out by hand from the rules
+    of `merge_folders` (B-only cases first, then the .nii files of A and B, then the cases of A in
+    name order), name the file, and only the good cases are written."""
+    from brats_lab.io import read_header, read_image
+
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    # c1: merged. A is int16 (the output is uint8 all the same); the rule, voxel by voxel:
+    # (A bg, B ed) -> ed; (A ed, B bg) -> bg; otherwise A.
+    a1 = np.array([0, 0, 2, 2, 1, 4, 0, 2, 1, 4, 0, 0] * 2, np.int16)
+    b1 = np.array([2, 0, 0, 2, 2, 0, 1, 4, 0, 2, 4, 2] * 2, np.uint8)
+    merged1 = np.array([2, 0, 0, 2, 1, 4, 0, 2, 1, 4, 0, 2] * 2, np.uint8)
+    _write(a / "c1.nii.gz", a1)
+    _write(b / "c1.nii.gz", b1)
+    # c2: B in another spacing and origin: two differences.
+    _write(a / "c2.nii.gz", a1)
+    _write(b / "c2.nii.gz", b1, _geometry(spacing=2.0, origin_shift=5.0))
+    # c3: B has label 3, not a BraTS 2020 label.
+    _write(a / "c3.nii.gz", a1)
+    _write(b / "c3.nii.gz", np.where(b1 == 4, 3, b1).astype(np.uint8))
+    # c4: a .nii beside the .nii.gz in A (both mergeable): ambiguous, not written.
+    _write(a / "c4.nii.gz", a1)
+    _write(a / "c4.nii", a1)
+    _write(b / "c4.nii.gz", b1)
+    # c1b: only in A (not the last case of A, so the cases after it are still merged or named);
+    # c6: a lone .nii in B; c7: only in B.
+    _write(a / "c1b.nii.gz", a1)
+    _write(b / "c6.nii", b1)
+    _write(b / "c7.nii.gz", b1)
+    # c9: merged too (the last case: every problem before it goes on to the next case).
+    _write(a / "c9.nii.gz", a1)
+    _write(b / "c9.nii.gz", b1)
+    # Hidden files and other files are not label maps: ignored on both sides.
+    _write(a / ".c0.nii.gz", a1)
+    _write(b / ".c8.nii.gz", b1)
+    (a / "notes.txt").write_text("not a label map")
+
+    written, problems = merge_folders(a, b, out, BRATS_2020)
+
+    assert written == [out / "c1.nii.gz", out / "c9.nii.gz"]
+    for name in ("c1.nii.gz", "c9.nii.gz"):
+        merged, geometry = read_image(out / name)
+        np.testing.assert_array_equal(merged.ravel(), merged1)
+        assert geometry == _geometry() and read_header(out / name)[1] == "8-bit unsigned integer"
+    assert sorted(p.name for p in out.iterdir()) == ["c1.nii.gz", "c9.nii.gz"]
+    assert problems[:6] == [
+        f"{b / 'c7.nii.gz'}: no label map in A ({a})",
+        f"{a / 'c4.nii'}: both c4.nii and c4.nii.gz in {a}; keep one",
+        f"{b / 'c6.nii'}: a .nii label map; merge reads <case id>.nii.gz only",
+        f"{b / 'c1b.nii.gz'}: file not found",
+        f"{b / 'c2.nii.gz'}: geometry differs from {a / 'c2.nii.gz'}: spacing (1, 1, 1) vs (2, 1, 1); "
+        "origin (0, -239, 0) vs (5, -239, 0)",
+        "c3.nii.gz: B: labels [3] are not in the brats2020 convention (allowed [0, 1, 2, 4])",
+    ]
+    assert len(problems) == 6
+
+
+def test_merge_folders_accepts_a_clean_pair_without_problems(tmp_path) -> None:
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    labels = np.array([0, 2, 1, 4] * 6, np.uint8)
+    for name in ("x.nii.gz", "y.nii.gz"):
+        _write(a / name, labels)
+        _write(b / name, labels)
+    assert merge_folders(a, b, out, BRATS_2020) == ([out / "x.nii.gz", out / "y.nii.gz"], [])
+
+
+def test_merge_folders_refuses_a_missing_folder_or_one_without_label_maps(tmp_path) -> None:
+    import re
+
+    from brats_lab import DataError
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write(a / "c1.nii", np.zeros(24, np.uint8))
+    (b / "c1.nii.gz").parent.mkdir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nope'}: not a folder")):
+        merge_folders(tmp_path / "nope", b, tmp_path / "out", BRATS_2020)
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'file'}: not a folder")):
+        merge_folders(a, tmp_path / "file", tmp_path / "out", BRATS_2020)
+    with pytest.raises(DataError, match=re.escape(f"{a}: no label maps (<case id>.nii.gz)")):
+        merge_folders(a, b, tmp_path / "out", BRATS_2020)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "error, reason",
+    [(PermissionError(13, "Permission denied"), "permission denied"), (OSError("Stale Handle"), "stale handle")],
+)
+def test_merge_folders_says_why_a_folder_cannot_be_listed(tmp_path, monkeypatch, error, reason) -> None:
+    """A folder that cannot be listed: the OS's reason (its strerror, else the message), in lower case.
+    The failure is injected (this container runs as root, which lists a chmod 000 folder)."""
+    import re
+    from pathlib import Path
+
+    from brats_lab import DataError
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write(a / "c1.nii.gz", np.zeros(24, np.uint8))
+    b.mkdir()
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self == b:
+            raise error
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(DataError, match=re.escape(f"{b}: cannot list the folder ({reason})") + "$"):
+        merge_folders(a, b, tmp_path / "out", BRATS_2020)

@@ -214,7 +214,6 @@ def load_members(run_ids: list[str], device: torch.device, root: Path | None = N
     return members
 
 
-@torch.no_grad()
 def predict_probabilities(
     members: list[Member], image: np.ndarray, device: torch.device, tta: bool = False, precision: str = "auto"
 ) -> np.ndarray:
@@ -225,7 +224,7 @@ def predict_probabilities(
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)  # (1, 4, Z, Y, X)
     total = torch.zeros((1, 3, *x.shape[2:]), dtype=torch.float32, device=device)
     dtype = autocast_dtype(precision, device)  # probabilities are averaged in float32 all the same
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for member in members:
             if tta:
                 total += predict_tta(member.model, x)

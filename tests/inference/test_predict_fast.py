@@ -6,6 +6,7 @@ mutants runs these; tests/inference/test_predict*.py train folds and check the s
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -138,9 +139,16 @@ def _empty_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
     cached = request.config.cache.mkdir(f"empty-mlflow-store-{mlflow.__version__}") / "mlruns"
     if not (cached / "mlflow.db").is_file():
+        shutil.rmtree(cached, ignore_errors=True)  # left half-made by a crash
         root = tmp_path_factory.mktemp("empty-store")
         tracking.client(root)
-        shutil.copytree(root / "mlruns", cached, dirs_exist_ok=True)
+        # Made aside and renamed in one step: two test workers may make it at once.
+        made = cached.with_name(f"mlruns-{os.getpid()}")
+        shutil.copytree(root / "mlruns", made)
+        try:
+            os.rename(made, cached)
+        except OSError:  # the other worker's is there already
+            shutil.rmtree(made)
     return cached
 
 

@@ -20,21 +20,38 @@ import torch
 
 from brats_lab.data.cache import prepare
 from brats_lab.data.dataset import WholeVolumes
+from brats_lab.data.preprocess import paste_back
 from brats_lab.training.losses import make_loss
 from brats_lab.training.scoring import predict_logits, score_cases, validate
+from brats_lab.viz import render_case
 
 CPU = torch.device("cpu")
 NCR, ED, ET = 1, 2, 4  # BraTS 2020's labels (the phantoms' layout)
 REGIONS = {"ET": (ET,), "TC": (NCR, ET), "WT": (NCR, ED, ET)}
 
 
-class ShiftedIntensities(torch.nn.Module):
+class ShiftedIntensities(torch.nn.Conv3d):
     """Logits (N, 3, Z, Y, X): ET = channel 1 - 0.95, TC = channel 1 - 0.9, WT = channel 3 - 0.7
     (the phantoms' tumour is bright there; the thresholds miss part of it and add some brain:
-    Dice from 0.01 to 0.8)."""
+    Dice from 0.01 to 0.8). A 1x1x1 convolution, so that autocast runs it in lower precision."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 3, 1)
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[0, 1] = self.weight[1, 1] = self.weight[2, 3] = 1.0
+            self.bias.copy_(torch.tensor([-0.95, -0.9, -0.7]))
+
+
+class Constant(torch.nn.Module):
+    """The same logit everywhere: 0 is sigmoid 0.5, which is not in a region."""
+
+    def __init__(self, logit: float) -> None:
+        super().__init__()
+        self.logit = logit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([x[:, 1] - 0.95, x[:, 1] - 0.9, x[:, 3] - 0.7], dim=1)
+        return torch.full((x.shape[0], 3, *x.shape[2:]), self.logit)
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +69,16 @@ def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * (pred & ref).sum() / total
 
 
-def test_validation_is_the_mean_over_cases_of_the_loss_and_of_each_regions_dice(data):
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_validation_is_the_mean_over_cases_of_the_loss_and_of_each_regions_dice(data, amp):
     _, _, volumes = data
     model, loss_fn = ShiftedIntensities(), make_loss("dice", 1.0)
-    got = validate(model, volumes, loss_fn, CPU, None)
+    got = validate(model, volumes, loss_fn, CPU, amp)
 
     losses, dice = [], {r: [] for r in REGIONS}
     for item in volumes:
-        logits = ShiftedIntensities()(item.image[None])
+        with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            logits = ShiftedIntensities()(item.image[None]).float()
         losses.append(float(loss_fn(logits, item.target[None])))
         pred, ref = logits[0].numpy() > 0, item.target.numpy().astype(bool)
         for channel, region in enumerate(REGIONS):
@@ -70,20 +89,18 @@ def test_validation_is_the_mean_over_cases_of_the_loss_and_of_each_regions_dice(
     assert got["val_loss"] == pytest.approx(np.mean(losses), rel=1e-6)
     for region, values in dice.items():
         assert got[f"val_dice_{region}"] == pytest.approx(np.mean(values), rel=1e-9), region
+    if amp is not None:  # in the precision asked: bfloat16's rounding moves voxels at the thresholds
+        assert got != validate(model, volumes, loss_fn, CPU, None)
 
 
-def test_validation_counts_an_empty_region_predicted_empty_as_dice_one(data):
-    """A model that predicts nothing: Dice 0 where the reference has the region (all four
-    phantoms have all three), and its loss is that of all-negative logits."""
+@pytest.mark.parametrize("logit", [0.0, -10.0])
+def test_validation_of_a_model_that_predicts_nothing(data, logit):
+    """Logits 0 (probability exactly 0.5) or below: no voxel in any region, so Dice 0 where the
+    reference has the region (all four phantoms have all three)."""
     _, _, volumes = data
-
-    class Nothing(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.full((x.shape[0], 3, *x.shape[2:]), -10.0)
-
-    got = validate(Nothing(), volumes, make_loss("dice", 1.0), CPU, None)
+    got = validate(Constant(logit), volumes, make_loss("dice", 1.0), CPU, None)
     assert got["val_dice_ET"] == got["val_dice_TC"] == got["val_dice_WT"] == 0.0
-    assert 0.9 < got["val_loss"] <= 1.0
+    assert 0.5 < got["val_loss"] <= 1.0
 
 
 def _read(path: Path) -> np.ndarray:
@@ -112,14 +129,39 @@ def test_final_scores_are_those_of_the_label_maps_written_in_each_cases_geometry
             assert all(np.isfinite(getattr(row, f"{metric}_{r}")) for r in REGIONS)
 
 
+def test_final_scores_in_the_precision_asked(data, tmp_path):
+    dataset, cache, volumes = data
+    full = score_cases(ShiftedIntensities(), cache, volumes, dataset, CPU, None, tmp_path / "fp32", progress=False)
+    bf16 = score_cases(ShiftedIntensities(), cache, volumes, dataset, CPU, torch.bfloat16, tmp_path / "bf16", progress=False)
+    assert not full.equals(bf16)  # bfloat16's rounding moves voxels at the thresholds
+
+
+def test_a_logit_of_zero_is_outside_every_region_in_the_written_label_maps(data, tmp_path):
+    dataset, cache, volumes = data
+    table = score_cases(Constant(0.0), cache, volumes, dataset, CPU, None, tmp_path, progress=False)
+    for case in table["case"]:
+        assert not _read(tmp_path / "predictions" / f"{case}.nii.gz").any(), case
+    assert (table[[f"dice_{r}" for r in REGIONS]] == 0).all().all()
+
+
 def test_the_best_and_the_worst_case_by_mean_dice_are_drawn(data, tmp_path):
+    """Each overlay is `viz.render_case` of the case's images, its segmentation and the written
+    prediction, titled with its Dice as the table has it: drawn again here, byte for byte."""
     dataset, cache, volumes = data
     table = score_cases(ShiftedIntensities(), cache, volumes, dataset, CPU, None, tmp_path, progress=False)
     mean_dice = table.set_index("case")[[f"dice_{r}" for r in REGIONS]].mean(axis=1)
     assert mean_dice.nunique() == len(mean_dice)  # no tie: best and worst are well defined
     drawn = sorted(p.name for p in (tmp_path / "overlays").iterdir())
     assert drawn == sorted([f"best_{mean_dice.idxmax()}.png", f"worst_{mean_dice.idxmin()}.png"])
-    assert all((tmp_path / "overlays" / name).stat().st_size > 1000 for name in drawn)
+    for tag, case in (("best", mean_dice.idxmax()), ("worst", mean_dice.idxmin())):
+        row = table.set_index("case").loc[case]
+        entry = cache.entry(case)
+        images = paste_back(np.asarray(cache.load(case)[0]), entry.bbox, entry.original_shape)
+        title = f"{tag}: {case}, Dice ET {row.dice_ET:.2f}, TC {row.dice_TC:.2f}, WT {row.dice_WT:.2f}; {{slice}}"
+        again = tmp_path / f"again_{tag}.png"
+        render_case(images, entry.convention, again, reference=_read(dataset / case / f"{case}_seg.nii.gz"),
+                    prediction=_read(tmp_path / "predictions" / f"{case}.nii.gz"), title=title)
+        assert (tmp_path / "overlays" / f"{tag}_{case}.png").read_bytes() == again.read_bytes(), tag
 
 
 def test_no_case_no_table_and_no_drawing(data, tmp_path):

@@ -27,6 +27,7 @@ from brats_lab.inference.predict import (
     load_members,
     predict_case,
     predict_folder,
+    predict_probabilities,
     resolve_runs,
     run_score,
     select_top,
@@ -427,3 +428,49 @@ def test_a_folder_skips_what_is_written_names_failures_and_passes_the_options(tm
     z = box[0].stop - box[0].start
     ramp = 2 * np.linspace(-1, 1, -(-z // 8) * 8)[:z]
     np.testing.assert_allclose(plain, np.broadcast_to(_sigmoid(ramp)[:, None, None], plain.shape), atol=1e-6)
+
+
+# --- predict_probabilities: the mean of the members' sigmoids, in the precision asked -------------
+
+
+def _convolutions(n: int) -> list[Member]:
+    """`n` members with 3x3x3 convolutions (seeded): not symmetric, so the test-time views differ."""
+    torch.manual_seed(0)
+    return [Member(f"m{i}", ExperimentConfig(), torch.nn.Conv3d(4, 3, 3, padding=1).eval()) for i in range(n)]
+
+
+def _by_hand(members: list[Member], image: np.ndarray, dtype: torch.dtype | None, tta: bool = False) -> np.ndarray:
+    from brats_lab.inference.tta import predict_tta
+
+    x = torch.from_numpy(image.astype(np.float32))[None]
+    outputs = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        for m in members:
+            outputs.append(predict_tta(m.model, x) if tta else torch.sigmoid(m.model(x).float()))
+    return (sum(o.double() for o in outputs) / len(outputs))[0].numpy()
+
+
+def test_probabilities_are_the_mean_sigmoid_in_float32_by_default() -> None:
+    """Defaults: no TTA and "auto" precision (float32 on a CPU); a float64 image is read as float32."""
+    members, image = _convolutions(2), np.random.default_rng(0).random((4, 8, 8, 8))  # float64
+    got = predict_probabilities(members, image, CPU)
+    assert got.shape == (3, 8, 8, 8) and got.dtype == np.float32
+    np.testing.assert_allclose(got, _by_hand(members, image, None), rtol=0, atol=1e-6)
+    assert not np.allclose(got, _by_hand(members[:1], image, None), atol=1e-3)  # both members count
+    assert not np.allclose(got, _by_hand(members, image, None, tta=True), atol=1e-3)  # the views differ
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_probabilities_in_the_precision_asked(precision: str, dtype: torch.dtype) -> None:
+    members, image = _convolutions(2), np.random.default_rng(1).random((4, 8, 8, 8)).astype(np.float32)
+    got = predict_probabilities(members, image, CPU, precision=precision)
+    np.testing.assert_allclose(got, _by_hand(members, image, dtype), rtol=0, atol=1e-6)
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    assert not np.allclose(got, _by_hand(members, image, other), rtol=0, atol=1e-6)
+    assert not np.allclose(got, _by_hand(members, image, None), rtol=0, atol=1e-6)
+
+
+def test_probabilities_with_tta_average_every_members_views() -> None:
+    members, image = _convolutions(2), np.random.default_rng(2).random((4, 8, 8, 8)).astype(np.float32)
+    got = predict_probabilities(members, image, CPU, tta=True)
+    np.testing.assert_allclose(got, _by_hand(members, image, None, tta=True), rtol=0, atol=1e-6)

@@ -78,7 +78,7 @@ class Report:
 
     def log(self, study_run) -> None:
         study_run.log_table(self.per_case, "per_case_out_of_fold.csv")
-        study_run.log_table(self.table.reset_index(), "table3.csv")
+        study_run.log_table(self.table.reset_index(names="arm"), "table3.csv")
         study_run.log_table(self.comparison, "comparison.csv")
         if self.per_case_comparison is not None:
             study_run.log_table(self.per_case_comparison, "comparison_per_case.csv")

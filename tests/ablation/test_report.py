@@ -454,3 +454,15 @@ def test_lesion_wise_table3_and_verdict_average_each_run_over_its_defined_cases(
     # n: the cases the arm was scored on, its undefined case 005 left out of ET only.
     assert got.loc["lesion_dice_ET", "n"] == 6 and got.loc["lesion_hd95_ET", "n"] == 6 and got.loc["lesion_dice_WT", "n"] == 7
     assert "Scored lesion-wise" in result.text()
+
+
+def test_a_lesion_wise_run_with_no_defined_case_cannot_be_compared_and_is_named(plan):
+    from brats_lab import DataError
+
+    # The arm's fold-1 seed-1 run has ET undefined in both its cases: no mean to compare.
+    table = hand_table().rename(columns={m: f"lesion_{m}" for m in METRICS})
+    table.loc[(table["arm"] == ARM) & (table["fold"] == 1) & (table["seed"] == 1), ["lesion_dice_ET", "lesion_hd95_ET"]] = np.nan
+    with pytest.raises(DataError, match=r"^lesion_dice_ET: run \(att_equiunet, fold 1, seed 1\) has no case where the region is "
+                                        r"present in the reference or the prediction; it cannot be compared$"):
+        summarise(plan, table)
+

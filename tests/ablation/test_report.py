@@ -465,4 +465,3 @@ def test_a_lesion_wise_run_with_no_defined_case_cannot_be_compared_and_is_named(
     with pytest.raises(DataError, match=r"^lesion_dice_ET: run \(att_equiunet, fold 1, seed 1\) has no case where the region is "
                                         r"present in the reference or the prediction; it cannot be compared$"):
         summarise(plan, table)
-

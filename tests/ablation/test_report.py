@@ -454,6 +454,13 @@ def test_lesion_wise_table3_and_verdict_average_each_run_over_its_defined_cases(
     # n: the cases the arm was scored on, its undefined case 005 left out of ET only.
     assert got.loc["lesion_dice_ET", "n"] == 6 and got.loc["lesion_hd95_ET", "n"] == 6 and got.loc["lesion_dice_WT", "n"] == 7
     assert "Scored lesion-wise" in result.text()
+    # The per-case description pairs cases defined in both arms for every region of the metric:
+    # 002 and 005 (ET undefined in one arm) leave all three regions' pairs, 5 of 7 cases remain.
+    described = result.per_case_comparison.set_index("metric")
+    assert (described["n"] == 5).all()
+    kept = table[~table["case"].isin(["BraTS20_Training_002", "BraTS20_Training_005"])]
+    wt = kept[kept["arm"] == BASE].groupby("case")["lesion_dice_WT"].mean()  # seeds averaged per case
+    assert described.loc["lesion_dice_WT", "mean_baseline"] == pytest.approx(wt.mean(), rel=1e-12)
 
 
 def test_a_lesion_wise_run_with_no_defined_case_cannot_be_compared_and_is_named(plan):

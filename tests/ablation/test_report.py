@@ -12,6 +12,7 @@ with `summarise` directly, and once through a real MLflow store (`gather`, `Repo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -194,8 +195,6 @@ def test_the_verdict_tests_fold_means_with_holm_across_the_regions_of_one_metric
 
 
 def test_one_seed_reports_no_noise_floor_and_says_so(plan, tmp_path):
-    import dataclasses
-
     table = hand_table()
     one = dataclasses.replace(plan, seeds=(0,))
     result = summarise(one, table[table["seed"] == 0].reset_index(drop=True))
@@ -239,8 +238,6 @@ def test_the_text_names_the_design_tables_and_verdict(plan):
 
 
 def test_with_two_folds_the_text_warns_of_one_degree_of_freedom(plan):
-    import dataclasses
-
     table = hand_table()
     two = summarise(dataclasses.replace(plan, folds=(0, 1)), table[table["fold"] < 2].reset_index(drop=True))
     note = ("With 2 folds the test has one degree of freedom: it stays calibrated, but sees only differences as large "
@@ -250,7 +247,6 @@ def test_with_two_folds_the_text_warns_of_one_degree_of_freedom(plan):
 
 
 def test_the_text_lists_the_search_and_the_removed_cases_with_the_phantoms_truth(tmp_path):
-    import dataclasses
     import json
 
     # A removal ablation: its arm trained without two cases, one of which the phantom corrupted.
@@ -374,6 +370,9 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
     assert result.table.loc[BASE, "dice_ET"] == "0.750 (0.037)"
 
     study = tracking.start_run(plan.experiment, "study", "study")
+    # With a hyperparameter search's trials too (search.csv is what `brats-lab review` reads).
+    search = pd.DataFrame({"trial": [1, 0], "train.lr": [3e-4, 1e-4], "dice_WT": [0.9, 0.8]})
+    result = dataclasses.replace(result, search=search)
     result.log(study)
     md = (study.artifact_dir() / "report.md").read_text()
     table3, comparison = md.rstrip("\n").split("\n\n")
@@ -401,7 +400,8 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
     # The CSV tables beside it, one per part of the report, each readable on its own.
     out = study.artifact_dir()
     assert {p.name for p in out.iterdir()} == {"report.md", "report.txt", "per_case_out_of_fold.csv", "table3.csv",
-                                               "comparison.csv", "comparison_per_case.csv", "seed_spread.csv"}
+                                               "comparison.csv", "comparison_per_case.csv", "seed_spread.csv", "search.csv"}
+    assert pd.read_csv(out / "search.csv").equals(search)
     csv = {name: pd.read_csv(out / name) for name in ("table3.csv", "seed_spread.csv", "comparison.csv",
                                                        "comparison_per_case.csv", "per_case_out_of_fold.csv")}
     assert list(csv["table3.csv"].columns) == ["arm", *METRICS] and list(csv["table3.csv"]["arm"]) == [BASE, ARM]

@@ -28,7 +28,7 @@ from brats_lab.ablation.spec import load_ablation
 from brats_lab.ablation.study import DEFAULT_STORAGE, Plan
 from brats_lab.config import config_hash
 
-from conftest import tiny_ablation
+from conftest import TINY_TRAINING, tiny_ablation
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
@@ -472,3 +472,20 @@ def test_a_lesion_wise_run_with_no_defined_case_cannot_be_compared_and_is_named(
     with pytest.raises(DataError, match=r"^lesion_dice_ET: run \(att_equiunet, fold 1, seed 1\) has no case where the region is "
                                         r"present in the reference or the prediction; it cannot be compared$"):
         summarise(plan, table)
+
+
+def test_the_verdict_lists_the_arms_in_the_per_case_tables_order_lesion_wise_too(tmp_path):
+    # A third arm, "unet", whose rows come between the baseline's and att_equiunet's: not the
+    # alphabetical order. Both scoring rules list the arms as the per-case table has them.
+    toml = tmp_path / "three.toml"
+    toml.write_text(tiny_ablation("tiny-three", "data.folds=3", seeds=2)
+                    + 'unet = ["model.name=unet", ' + ", ".join(f'"{o}"' for o in TINY_TRAINING) + "]\n")
+    plan = Plan(load_ablation(toml), "cpu", FOLDS, str(tmp_path / "data"), DEFAULT_STORAGE, seeds=SEEDS)
+    table = hand_table()
+    third = table[table["arm"] == ARM].assign(arm="unet")
+    third[METRICS] = third[METRICS] + 0.001
+    table = pd.concat([table[table["arm"] == BASE], third, table[table["arm"] == ARM]], ignore_index=True)
+    for per_case in (table, table.rename(columns={m: f"lesion_{m}" for m in METRICS})):
+        comparison = summarise(plan, per_case).comparison
+        assert list(comparison["arm"]) == ["unet"] * 3 + [ARM] * 3 + ["unet"] * 3 + [ARM] * 3  # per metric: its three regions
+

@@ -346,6 +346,10 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
     # per_case_metrics.csv; report() must gather them by config hash, fold and seed.
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from brats_lab import DataError
+
+    with pytest.raises(DataError, match=r"^\(equiunet, fold 0, seed 0\) has no finished run; rerun the ablation to finish it$"):
+        report(plan)  # an empty store: the first cell is named
     table = hand_table()
     for arm in (BASE, ARM):
         for seed in SEEDS:

@@ -161,6 +161,15 @@ def test_table3_is_mean_and_std_over_each_arms_runs_folds_and_seeds(plan):
             assert result.table.loc[arm, m] == f"{runs.mean():.{digits}f} ({runs.std(ddof=1):.{digits}f})", (arm, m)
 
 
+def test_table3_of_one_run_per_arm_shows_a_spread_of_zero(plan):
+    # One fold, one seed: each arm's mean is its single run's (0.70 and 0.75 for dice_ET, 10 and
+    # 8 for hd95_ET), and the SD of one value, undefined (ddof 1), is written as 0.
+    table = hand_table()
+    one = summarise(dataclasses.replace(plan, folds=(0,), seeds=(0,)), table[(table["fold"] == 0) & (table["seed"] == 0)])
+    assert list(one.table["dice_ET"]) == ["0.700 (0.000)", "0.750 (0.000)"]
+    assert list(one.table["hd95_ET"]) == ["10.0 (0.0)", "8.0 (0.0)"]
+
+
 def test_seed_spread_is_the_pooled_seed_to_seed_sd_of_each_arm(plan):
     result = summarise(plan, hand_table())
     assert result.seed_spread is not None

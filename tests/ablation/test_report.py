@@ -314,9 +314,9 @@ def test_plan_reads_the_newest_finished_multi_seed_study_of_the_profile(plan, tm
     with pytest.raises(DataError, match=r"no noise floor measured for 'tiny-report' with profile cpu in this store"):
         plan_text(plan)
 
-    def study(name: str, seeds: str, profile: str = "cpu", comparison: pd.DataFrame | None = None, status: str = "FINISHED"):
+    def study(name: str, seeds: str | None, profile: str = "cpu", comparison: pd.DataFrame | None = None, status: str = "FINISHED"):
         run = tracking.start_run(plan.experiment, name, "study", {"profile": profile, "study": f"{name}-study"})
-        run.log_params({"seeds": seeds, "folds": "3"})
+        run.log_params({"folds": "3"} if seeds is None else {"seeds": seeds, "folds": "3"})
         if comparison is not None:
             run.log_table(comparison, "comparison.csv")
         run.finish(status)
@@ -329,9 +329,10 @@ def test_plan_reads_the_newest_finished_multi_seed_study_of_the_profile(plan, tm
     measured = study("measured", "2", comparison=pd.DataFrame({
         "arm": ["a", "b", "a", "b", "a", "b"], "metric": ["dice_WT", "dice_WT", "hd95_WT", "hd95_WT", "dice_ET", "dice_ET"],
         "noise_floor": [0.01, 0.07, 1.0, 7.0, np.nan, np.nan]}))
-    # Newer ones passed over: one seed; no noise_floor column (an older report); no comparison.csv
+    # Newer ones passed over: one seed (or no seeds parameter); no noise_floor column (an older report); no comparison.csv
     # (stopped before its report); all NaN; another profile; not finished.
     study("one-seed", "1", comparison=pd.DataFrame({"metric": ["dice_WT"], "noise_floor": [0.5]}))
+    study("no-seeds-param", None, comparison=pd.DataFrame({"metric": ["dice_WT"], "noise_floor": [0.5]}))  # as one seed
     study("old-format", "2", comparison=pd.DataFrame({"metric": ["dice_WT"], "p_value": [0.5]}))
     study("stopped", "2")
     study("all-nan", "2", comparison=pd.DataFrame({"metric": ["dice_WT"], "noise_floor": [np.nan]}))
@@ -425,6 +426,8 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
     assert csv["comparison.csv"].set_index("metric").loc["dice_ET", "p_value"] == pytest.approx(expected["dice_ET"]["p_value"], rel=1e-9)
     assert list(csv["comparison_per_case.csv"]["metric"]) == METRICS  # the description, per case
     assert len(csv["per_case_out_of_fold.csv"]) == len(table)
+    # One row per (arm, fold, seed, case) and no index column: the gathered rows are numbered anew.
+    assert sorted(csv["per_case_out_of_fold.csv"].columns) == sorted(["case", *METRICS, "arm", "fold", "seed"])
 
 
 def test_lesion_wise_table3_and_verdict_average_each_run_over_its_defined_cases(plan):

@@ -213,7 +213,9 @@ def test_one_seed_reports_no_noise_floor_and_says_so(plan, tmp_path):
     assert result.table.loc[BASE, "dice_ET"] == f"{runs.mean():.3f} ({runs.std(ddof=1):.3f})"
     assert result.comparison["noise_floor"].isna().all() and result.comparison["mde"].isna().all()
     text = result.text()
-    assert "One seed: the noise floor is not measured" in text and "Seeds apart" not in text
+    assert "Seeds apart" not in text
+    assert ("\n\nOne seed: the noise floor is not measured and the minimum detectable effect is unknown (--seeds 2 or more "
+            "measures them).\n\n") in text
     assert "3 folds x 1 seed = 3 training runs per arm, profile cpu; mean (std) over each arm's runs" in text
     # With one seed the fold means are the runs' differences themselves.
     d = (run_means(ARM, "dice_ET") - run_means(BASE, "dice_ET"))[:, 0]
@@ -234,7 +236,7 @@ def test_the_text_names_the_design_tables_and_verdict(plan):
     # The whole text, in order: the tables (pinned above) and the verdict's table (pinned by the
     # stats tests) between the lines this module writes. The verdict is titled with the baseline.
     assert format_runs(result.comparison).startswith(f"Each arm against {BASE!r}, runs as the unit\n")
-    assert "95% CI" in format_runs(result.comparison)
+    assert "diff [95% CI]" in format_runs(result.comparison)
     assert text == "\n".join([
         "Ablation 'tiny-report': tiny equiunet against att_equiunet",
         "3 folds x 2 seeds = 6 training runs per arm, profile cpu; mean (std) over each arm's runs",
@@ -251,7 +253,7 @@ def test_with_two_folds_the_text_warns_of_one_degree_of_freedom(plan):
     two = summarise(dataclasses.replace(plan, folds=(0, 1)), table[table["fold"] < 2].reset_index(drop=True))
     note = ("With 2 folds the test has one degree of freedom: it stays calibrated, but sees only differences as large "
             "as the MDE column. More folds buy power fastest (brats-lab ablate NAME --plan).")
-    assert "2 folds x 2 seeds = 4 training runs per arm" in two.text() and note in two.text()
+    assert "2 folds x 2 seeds = 4 training runs per arm" in two.text() and f"\n\n{note}\n\n" in two.text()
     assert note not in summarise(plan, table).text()  # three folds: no such note
 
 
@@ -423,6 +425,10 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
     assert list(csv["seed_spread.csv"].columns) == ["arm", *METRICS]
     assert csv["seed_spread.csv"].set_index("arm").loc[BASE, "dice_ET"] == pytest.approx(0.0115)
     assert list(csv["comparison.csv"]["metric"]) == METRICS
+    # No index column in either comparison: the rows of the two metrics are numbered as one table.
+    assert list(csv["comparison.csv"].columns) == rows[0]
+    assert list(csv["comparison_per_case.csv"].columns) == ["arm", "metric", "n", "mean_baseline", "mean_arm", "mean_diff",
+                                                            "ci_low", "ci_high", "p_value", "p_holm", "verdict"]
     assert csv["comparison.csv"].set_index("metric").loc["dice_ET", "p_value"] == pytest.approx(expected["dice_ET"]["p_value"], rel=1e-9)
     assert list(csv["comparison_per_case.csv"]["metric"]) == METRICS  # the description, per case
     assert len(csv["per_case_out_of_fold.csv"]) == len(table)
@@ -469,7 +475,10 @@ def test_lesion_wise_table3_and_verdict_average_each_run_over_its_defined_cases(
         assert got.loc[cols, "p_holm"].to_numpy() == pytest.approx(hand_holm(p), rel=1e-9)
     # n: the cases the arm was scored on, its undefined case 005 left out of ET only.
     assert got.loc["lesion_dice_ET", "n"] == 6 and got.loc["lesion_hd95_ET", "n"] == 6 and got.loc["lesion_dice_WT", "n"] == 7
-    assert "Scored lesion-wise" in result.text()
+    assert result.text().split("\n")[2] == (
+        "Scored lesion-wise (BraTS 2023+ labels, brats-evaluation's gli rules): lesion_dice and lesion_hd95. A region absent "
+        "from both the reference and the prediction is undefined (NaN) and left out of that run's mean; an arm's "
+        "false-positive lesion there still counts (Dice 0, HD95 373).")
     # The per-case description pairs cases defined in both arms for every region of the metric:
     # 002 and 005 (ET undefined in one arm) leave all three regions' pairs, 5 of 7 cases remain.
     described = result.per_case_comparison.set_index("metric")
@@ -502,6 +511,7 @@ def test_the_verdict_lists_the_arms_in_the_per_case_tables_order_lesion_wise_too
     third[METRICS] = third[METRICS] + 0.001
     table = pd.concat([table[table["arm"] == BASE], third, table[table["arm"] == ARM]], ignore_index=True)
     for per_case in (table, table.rename(columns={m: f"lesion_{m}" for m in METRICS})):
-        comparison = summarise(plan, per_case).comparison
-        assert list(comparison["arm"]) == ["unet"] * 3 + [ARM] * 3 + ["unet"] * 3 + [ARM] * 3  # per metric: its three regions
+        result = summarise(plan, per_case)
+        for comparison in (result.comparison, result.per_case_comparison):  # the verdict and the per-case description
+            assert list(comparison["arm"]) == ["unet"] * 3 + [ARM] * 3 + ["unet"] * 3 + [ARM] * 3  # per metric: its three regions
 

@@ -78,7 +78,7 @@ class Report:
 
     def log(self, study_run) -> None:
         study_run.log_table(self.per_case, "per_case_out_of_fold.csv")
-        study_run.log_table(self.table.reset_index(), "table3.csv")
+        study_run.log_table(self.table.reset_index(names="arm"), "table3.csv")
         study_run.log_table(self.comparison, "comparison.csv")
         if self.per_case_comparison is not None:
             study_run.log_table(self.per_case_comparison, "comparison_per_case.csv")
@@ -157,17 +157,19 @@ def summarise(plan: Plan, per_case: pd.DataFrame) -> Report:
     for m in metrics:
         digits = 3 if "dice" in m else 1
         table[m] = [f"{mean.loc[a, m]:.{digits}f} ({std.loc[a, m]:.{digits}f})" for a in table.index]
+    # Holm corrects across the three regions of one metric, as the paper's table reads. First, so
+    # that a lesion-wise run with no defined case is refused with its name (`_defined_run_means`)
+    # before the seed spread meets its NaN mean.
+    lesionwise = families[0] == "lesion_dice"
+    comparison = pd.concat([_compare_runs(per_case, plan.ablation.baseline, [f"{m}_{r}" for r in regions], lesionwise)
+                            for m in families], ignore_index=True)
+    comparison.attrs.update(baseline=plan.ablation.baseline, confidence=0.95)
     seed_spread = None
     if len(plan.seeds) >= 2:
         seed_spread = pd.DataFrame(index=list(plan.ablation.arms))
         for m in metrics:
             digits = 4 if "dice" in m else 2
             seed_spread[m] = [f"{noise_floor(by_run.loc[a, m].unstack('seed').to_numpy()):.{digits}f}" for a in seed_spread.index]
-    # Holm corrects across the three regions of one metric, as the paper's table reads.
-    lesionwise = families[0] == "lesion_dice"
-    comparison = pd.concat([_compare_runs(per_case, plan.ablation.baseline, [f"{m}_{r}" for r in regions], lesionwise)
-                            for m in families], ignore_index=True)
-    comparison.attrs.update(baseline=plan.ablation.baseline, confidence=0.95)
     # The description: each case's scores averaged over the seeds, paired over cases. Pairs need a
     # value on both sides: with lesion-wise metrics the cases undefined in any arm (for any region
     # of the metric) are left out of that metric's description; its n column counts the rest.

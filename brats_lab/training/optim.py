@@ -89,9 +89,9 @@ class Ranger(RAdam):
         for group in self.param_groups:
             for key, value in extra.items():
                 group.setdefault(key, value)
-            group.setdefault("lookahead_step", 0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Also the constructor's path: torch's Optimizer.__init__ adds each group through it.
         super().add_param_group(param_group)
         self.param_groups[-1].setdefault("lookahead_step", 0)
 

@@ -12,6 +12,7 @@ with `summarise` directly, and once through a real MLflow store (`gather`, `Repo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from brats_lab.ablation.spec import load_ablation
 from brats_lab.ablation.study import DEFAULT_STORAGE, Plan
 from brats_lab.config import config_hash
 
-from conftest import tiny_ablation
+from conftest import TINY_TRAINING, tiny_ablation
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
@@ -160,6 +161,15 @@ def test_table3_is_mean_and_std_over_each_arms_runs_folds_and_seeds(plan):
             assert result.table.loc[arm, m] == f"{runs.mean():.{digits}f} ({runs.std(ddof=1):.{digits}f})", (arm, m)
 
 
+def test_table3_of_one_run_per_arm_shows_a_spread_of_zero(plan):
+    # One fold, one seed: each arm's mean is its single run's (0.70 and 0.75 for dice_ET, 10 and
+    # 8 for hd95_ET), and the SD of one value, undefined (ddof 1), is written as 0.
+    table = hand_table()
+    one = summarise(dataclasses.replace(plan, folds=(0,), seeds=(0,)), table[(table["fold"] == 0) & (table["seed"] == 0)])
+    assert list(one.table["dice_ET"]) == ["0.700 (0.000)", "0.750 (0.000)"]
+    assert list(one.table["hd95_ET"]) == ["10.0 (0.0)", "8.0 (0.0)"]
+
+
 def test_seed_spread_is_the_pooled_seed_to_seed_sd_of_each_arm(plan):
     result = summarise(plan, hand_table())
     assert result.seed_spread is not None
@@ -194,8 +204,6 @@ def test_the_verdict_tests_fold_means_with_holm_across_the_regions_of_one_metric
 
 
 def test_one_seed_reports_no_noise_floor_and_says_so(plan, tmp_path):
-    import dataclasses
-
     table = hand_table()
     one = dataclasses.replace(plan, seeds=(0,))
     result = summarise(one, table[table["seed"] == 0].reset_index(drop=True))
@@ -204,7 +212,11 @@ def test_one_seed_reports_no_noise_floor_and_says_so(plan, tmp_path):
     runs = np.array(BASE_MEANS["dice_ET"])[:, 0]
     assert result.table.loc[BASE, "dice_ET"] == f"{runs.mean():.3f} ({runs.std(ddof=1):.3f})"
     assert result.comparison["noise_floor"].isna().all() and result.comparison["mde"].isna().all()
-    assert "One seed: the noise floor is not measured" in result.text()
+    text = result.text()
+    assert "Seeds apart" not in text
+    assert ("\n\nOne seed: the noise floor is not measured and the minimum detectable effect is unknown (--seeds 2 or more "
+            "measures them).\n\n") in text
+    assert "3 folds x 1 seed = 3 training runs per arm, profile cpu; mean (std) over each arm's runs" in text
     # With one seed the fold means are the runs' differences themselves.
     d = (run_means(ARM, "dice_ET") - run_means(BASE, "dice_ET"))[:, 0]
     row = result.comparison.set_index("metric").loc["dice_ET"]
@@ -212,6 +224,8 @@ def test_one_seed_reports_no_noise_floor_and_says_so(plan, tmp_path):
 
 
 def test_the_text_names_the_design_tables_and_verdict(plan):
+    from brats_lab.evaluation.stats import format_runs
+
     result = summarise(plan, hand_table())
     text = result.text()
     assert "3 folds x 2 seeds = 6 training runs per arm" in text
@@ -219,6 +233,118 @@ def test_the_text_names_the_design_tables_and_verdict(plan):
     assert "Seeds apart: the seed-to-seed standard deviation of one run's mean" in text
     assert "Holm across the regions of each metric" in text
     assert "over the 7 out-of-fold cases" in text
+    # The whole text, in order: the tables (pinned above) and the verdict's table (pinned by the
+    # stats tests) between the lines this module writes. The verdict is titled with the baseline.
+    assert format_runs(result.comparison).startswith(f"Each arm against {BASE!r}, runs as the unit\n")
+    assert "diff [95% CI]" in format_runs(result.comparison)
+    assert text == "\n".join([
+        "Ablation 'tiny-report': tiny equiunet against att_equiunet",
+        "3 folds x 2 seeds = 6 training runs per arm, profile cpu; mean (std) over each arm's runs",
+        "", result.table.to_string(), "",
+        "Seeds apart: the seed-to-seed standard deviation of one run's mean, same arm and fold (the noise floor)", "",
+        result.seed_spread.to_string(), "",
+        format_runs(result.comparison), "",
+        "The per-case paired differences over the 7 out-of-fold cases describe the cases (comparison_per_case.csv); they are "
+        "not the test, since the cases of a run share its training noise."])
+
+
+def test_with_two_folds_the_text_warns_of_one_degree_of_freedom(plan):
+    table = hand_table()
+    two = summarise(dataclasses.replace(plan, folds=(0, 1)), table[table["fold"] < 2].reset_index(drop=True))
+    note = ("With 2 folds the test has one degree of freedom: it stays calibrated, but sees only differences as large "
+            "as the MDE column. More folds buy power fastest (brats-lab ablate NAME --plan).")
+    assert "2 folds x 2 seeds = 4 training runs per arm" in two.text() and f"\n\n{note}\n\n" in two.text()
+    assert note not in summarise(plan, table).text()  # three folds: no such note
+
+
+def test_the_text_lists_the_search_and_the_removed_cases_with_the_phantoms_truth(tmp_path):
+    import json
+
+    # A removal ablation: its arm trained without two cases, one of which the phantom corrupted.
+    toml = tmp_path / "removal.toml"
+    toml.write_text(tiny_ablation("tiny-removal", "data.folds=3", seeds=2)
+                    + '\n[removal]\narm = "att_equiunet"\nmetric = "dice_WT"\nfraction = 0.25\n')
+    data = tmp_path / "data"
+    data.mkdir()
+    plan = Plan(load_ablation(toml), "cpu", FOLDS, str(data), DEFAULT_STORAGE,
+                excluded=("BraTS20_Training_001", "BraTS20_Training_004"), seeds=SEEDS)
+    search = pd.DataFrame({"trial": [1, 0], "train.lr": [3e-4, 1e-4], "dice_WT": [0.9, 0.8]})
+    result = dataclasses.replace(summarise(plan, hand_table()), search=search)
+    tail = result.text().split("since the cases of a run share its training noise.\n")[1]
+    removed = "left out of training in 'att_equiunet' (2): BraTS20_Training_001, BraTS20_Training_004"
+    assert tail == "\n".join(["", "search around 'equiunet' (2 trials, Optuna TPE, seed 0), best first:", "",
+                              search.to_string(index=False), "", removed])
+    # Beside phantoms, phantom.json says which cases were corrupted: here 001 (removed) and 005.
+    cases = [{"id": f"BraTS20_Training_00{i}", "corrupted": {"kind": "erased"} if i in (1, 5) else None} for i in range(1, 8)]
+    (data / "phantom.json").write_text(json.dumps({"cases": cases}))
+    assert result.text().endswith(removed + "\n  of which 1 had deliberately corrupted labels (the dataset has 2 such cases)")
+
+
+def test_design_table_is_the_t_test_mde_and_the_cost_of_each_design():
+    from brats_lab.ablation.report import design_table
+
+    # The MDE of a two-sided one-sample t-test on `folds` fold means at 80% power, alpha 0.05, in
+    # SDs of a fold mean difference, noise * sqrt(2 / seeds): statsmodels' power solver.
+    table = design_table(0.02, 3, [1, 2, 4], seeds=(1, 2))
+    assert table.index.name == "folds" and list(table.index) == [1, 2, 4] and list(table.columns) == ["1 seed", "2 seeds"]
+    for f in (2, 4):
+        for s in (1, 2):
+            effect = TTestPower().solve_power(nobs=f, alpha=0.05, power=0.8, alternative="two-sided")
+            assert table.loc[f, f"{s} seed{'s' if s > 1 else ''}"] == f"{effect * 0.02 * math.sqrt(2 / s):.4f} ({3 * f * s} runs)"
+    assert list(table.loc[1]) == ["cannot tell (3 runs)", "cannot tell (6 runs)"]  # one fold: no test
+    assert list(design_table(0.02, 2, [2]).columns) == ["1 seed", "2 seeds", "3 seeds", "5 seeds", "10 seeds"]
+
+
+def test_plan_with_a_given_noise_floor_tabulates_two_to_all_folds(plan):
+    from brats_lab.ablation.report import design_table, plan_text
+
+    lines = plan_text(plan, 0.01).split("\n")
+    assert lines[0] == ("Plan for 'tiny-report' (2 arms, profile cpu): the smallest true difference a study finds with 80% power "
+                        "(alpha 0.05, before Holm; no arm-by-fold interaction assumed, so a lower bound), and the training runs it costs.")
+    assert lines[1:3] == ["noise floor 0.01 (given with --noise)", ""]
+    assert "\n".join(lines[3:]) == design_table(0.01, 2, [2, 3]).to_string()  # data.folds=3: designs of 2 and 3 folds
+
+
+def test_plan_reads_the_newest_finished_multi_seed_study_of_the_profile(plan, tmp_path, monkeypatch):
+    import time
+
+    from brats_lab import DataError
+    from brats_lab.ablation.report import design_table, plan_text
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(DataError, match=r"no noise floor measured for 'tiny-report' with profile cpu in this store"):
+        plan_text(plan)
+
+    def study(name: str, seeds: str | None, profile: str = "cpu", comparison: pd.DataFrame | None = None, status: str = "FINISHED"):
+        run = tracking.start_run(plan.experiment, name, "study", {"profile": profile, "study": f"{name}-study"})
+        run.log_params({"folds": "3"} if seeds is None else {"seeds": seeds, "folds": "3"})
+        if comparison is not None:
+            run.log_table(comparison, "comparison.csv")
+        run.finish(status)
+        time.sleep(0.01)  # newest first, by start time
+        return run
+
+    # The measured one: two arms' noise floors per metric, pooled as the root mean square:
+    # dice_WT sqrt((0.01^2 + 0.07^2) / 2) = 0.05 (their mean would be 0.04), hd95_WT likewise 5.
+    # A metric with no noise floor (NaN) is left out.
+    measured = study("measured", "2", comparison=pd.DataFrame({
+        "arm": ["a", "b", "a", "b", "a", "b"], "metric": ["dice_WT", "dice_WT", "hd95_WT", "hd95_WT", "dice_ET", "dice_ET"],
+        "noise_floor": [0.01, 0.07, 1.0, 7.0, np.nan, np.nan]}))
+    # Newer ones passed over: one seed (or no seeds parameter); no noise_floor column (an older report); no comparison.csv
+    # (stopped before its report); all NaN; another profile; not finished.
+    study("one-seed", "1", comparison=pd.DataFrame({"metric": ["dice_WT"], "noise_floor": [0.5]}))
+    study("no-seeds-param", None, comparison=pd.DataFrame({"metric": ["dice_WT"], "noise_floor": [0.5]}))  # as one seed
+    study("old-format", "2", comparison=pd.DataFrame({"metric": ["dice_WT"], "p_value": [0.5]}))
+    study("stopped", "2")
+    study("all-nan", "2", comparison=pd.DataFrame({"metric": ["dice_WT"], "noise_floor": [np.nan]}))
+    study("paper", "3", profile="paper", comparison=pd.DataFrame({"metric": ["dice_WT"], "noise_floor": [0.5]}))
+    study("running", "2", comparison=pd.DataFrame({"metric": ["dice_WT"], "noise_floor": [0.5]}), status="FAILED")
+
+    lines = plan_text(plan).split("\n")
+    assert lines[1] == f"noise floor per metric measured by study run {measured.id} (measured-study, 3 folds x 2 seeds)"
+    dice, hd95 = design_table(0.05, 2, [2, 3]).to_string(), design_table(5.0, 2, [2, 3]).to_string()
+    assert "\n".join(lines[2:]) == "\n".join(["", "dice_WT: noise floor 0.05", dice, "", "hd95_WT: noise floor 5", hd95])
 
 
 def markdown_rows(block: str) -> list[list[str]]:
@@ -232,6 +358,10 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
     # per_case_metrics.csv; report() must gather them by config hash, fold and seed.
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from brats_lab import DataError
+
+    with pytest.raises(DataError, match=r"^\(equiunet, fold 0, seed 0\) has no finished run; rerun the ablation to finish it$"):
+        report(plan)  # an empty store: the first cell is named
     table = hand_table()
     for arm in (BASE, ARM):
         for seed in SEEDS:
@@ -256,6 +386,9 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
     assert result.table.loc[BASE, "dice_ET"] == "0.750 (0.037)"
 
     study = tracking.start_run(plan.experiment, "study", "study")
+    # With a hyperparameter search's trials too (search.csv is what `brats-lab review` reads).
+    search = pd.DataFrame({"trial": [1, 0], "train.lr": [3e-4, 1e-4], "dice_WT": [0.9, 0.8]})
+    result = dataclasses.replace(result, search=search)
     result.log(study)
     md = (study.artifact_dir() / "report.md").read_text()
     table3, comparison = md.rstrip("\n").split("\n\n")
@@ -279,7 +412,28 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
         for name, cell in numbers.items():  # report.md writes floats with 4 significant digits
             assert cell == f"{float(want[name]):.4g}", (r[1], name)
         assert r[14] == want["verdict"]
-    assert "0.750 (0.037)" in (study.artifact_dir() / "report.txt").read_text()
+    assert (study.artifact_dir() / "report.txt").read_text() == result.text() + "\n"
+    # The CSV tables beside it, one per part of the report, each readable on its own.
+    out = study.artifact_dir()
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.txt", "per_case_out_of_fold.csv", "table3.csv",
+                                               "comparison.csv", "comparison_per_case.csv", "seed_spread.csv", "search.csv"}
+    assert pd.read_csv(out / "search.csv").equals(search)
+    csv = {name: pd.read_csv(out / name) for name in ("table3.csv", "seed_spread.csv", "comparison.csv",
+                                                       "comparison_per_case.csv", "per_case_out_of_fold.csv")}
+    assert list(csv["table3.csv"].columns) == ["arm", *METRICS] and list(csv["table3.csv"]["arm"]) == [BASE, ARM]
+    assert csv["table3.csv"].set_index("arm").loc[ARM, "hd95_ET"] == "8.2 (1.7)"
+    assert list(csv["seed_spread.csv"].columns) == ["arm", *METRICS]
+    assert csv["seed_spread.csv"].set_index("arm").loc[BASE, "dice_ET"] == pytest.approx(0.0115)
+    assert list(csv["comparison.csv"]["metric"]) == METRICS
+    # No index column in either comparison: the rows of the two metrics are numbered as one table.
+    assert list(csv["comparison.csv"].columns) == rows[0]
+    assert list(csv["comparison_per_case.csv"].columns) == ["arm", "metric", "n", "mean_baseline", "mean_arm", "mean_diff",
+                                                            "ci_low", "ci_high", "p_value", "p_holm", "verdict"]
+    assert csv["comparison.csv"].set_index("metric").loc["dice_ET", "p_value"] == pytest.approx(expected["dice_ET"]["p_value"], rel=1e-9)
+    assert list(csv["comparison_per_case.csv"]["metric"]) == METRICS  # the description, per case
+    assert len(csv["per_case_out_of_fold.csv"]) == len(table)
+    # One row per (arm, fold, seed, case) and no index column: the gathered rows are numbered anew.
+    assert sorted(csv["per_case_out_of_fold.csv"].columns) == sorted(["case", *METRICS, "arm", "fold", "seed"])
 
 
 def test_lesion_wise_table3_and_verdict_average_each_run_over_its_defined_cases(plan):
@@ -321,4 +475,43 @@ def test_lesion_wise_table3_and_verdict_average_each_run_over_its_defined_cases(
         assert got.loc[cols, "p_holm"].to_numpy() == pytest.approx(hand_holm(p), rel=1e-9)
     # n: the cases the arm was scored on, its undefined case 005 left out of ET only.
     assert got.loc["lesion_dice_ET", "n"] == 6 and got.loc["lesion_hd95_ET", "n"] == 6 and got.loc["lesion_dice_WT", "n"] == 7
-    assert "Scored lesion-wise" in result.text()
+    assert result.text().split("\n")[2] == (
+        "Scored lesion-wise (BraTS 2023+ labels, brats-evaluation's gli rules): lesion_dice and lesion_hd95. A region absent "
+        "from both the reference and the prediction is undefined (NaN) and left out of that run's mean; an arm's "
+        "false-positive lesion there still counts (Dice 0, HD95 373).")
+    # The per-case description pairs cases defined in both arms for every region of the metric:
+    # 002 and 005 (ET undefined in one arm) leave all three regions' pairs, 5 of 7 cases remain.
+    described = result.per_case_comparison.set_index("metric")
+    assert (described["n"] == 5).all()
+    kept = table[~table["case"].isin(["BraTS20_Training_002", "BraTS20_Training_005"])]
+    wt = kept[kept["arm"] == BASE].groupby("case")["lesion_dice_WT"].mean()  # seeds averaged per case
+    assert described.loc["lesion_dice_WT", "mean_baseline"] == pytest.approx(wt.mean(), rel=1e-12)
+
+
+def test_a_lesion_wise_run_with_no_defined_case_cannot_be_compared_and_is_named(plan):
+    from brats_lab import DataError
+
+    # The arm's fold-1 seed-1 run has ET undefined in both its cases: no mean to compare.
+    table = hand_table().rename(columns={m: f"lesion_{m}" for m in METRICS})
+    table.loc[(table["arm"] == ARM) & (table["fold"] == 1) & (table["seed"] == 1), ["lesion_dice_ET", "lesion_hd95_ET"]] = np.nan
+    with pytest.raises(DataError, match=r"^lesion_dice_ET: run \(att_equiunet, fold 1, seed 1\) has no case where the region is "
+                                        r"present in the reference or the prediction; it cannot be compared$"):
+        summarise(plan, table)
+
+
+def test_the_verdict_lists_the_arms_in_the_per_case_tables_order_lesion_wise_too(tmp_path):
+    # A third arm, "unet", whose rows come between the baseline's and att_equiunet's: not the
+    # alphabetical order. Both scoring rules list the arms as the per-case table has them.
+    toml = tmp_path / "three.toml"
+    toml.write_text(tiny_ablation("tiny-three", "data.folds=3", seeds=2)
+                    + 'unet = ["model.name=unet", ' + ", ".join(f'"{o}"' for o in TINY_TRAINING) + "]\n")
+    plan = Plan(load_ablation(toml), "cpu", FOLDS, str(tmp_path / "data"), DEFAULT_STORAGE, seeds=SEEDS)
+    table = hand_table()
+    third = table[table["arm"] == ARM].assign(arm="unet")
+    third[METRICS] = third[METRICS] + 0.001
+    table = pd.concat([table[table["arm"] == BASE], third, table[table["arm"] == ARM]], ignore_index=True)
+    for per_case in (table, table.rename(columns={m: f"lesion_{m}" for m in METRICS})):
+        result = summarise(plan, per_case)
+        for comparison in (result.comparison, result.per_case_comparison):  # the verdict and the per-case description
+            assert list(comparison["arm"]) == ["unet"] * 3 + [ARM] * 3 + ["unet"] * 3 + [ARM] * 3  # per metric: its three regions
+

@@ -143,10 +143,37 @@ def test_gradient_centralization() -> None:
 
 
 def test_ranger_rejects_bad_lookahead() -> None:
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match=r"^Lookahead k must be >= 1, got 0$"):
         Ranger([nn.Parameter(torch.zeros(1))], k=0)
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(ValueError, match=r"^Lookahead alpha must be in \(0, 1\], got 0.0$"):
         Ranger([nn.Parameter(torch.zeros(1))], alpha=0.0)
+    with pytest.raises(ValueError, match=r"got 1.5$"):  # alpha above 1 would overshoot the fast weights
+        Ranger([nn.Parameter(torch.zeros(1))], alpha=1.5)
+
+
+def test_ranger_defaults_are_lessw2020s() -> None:
+    # lessw2020's Ranger (seed_code.md, "Optimizer"): lr 1e-3, Lookahead k=6 and alpha 0.5, betas
+    # (0.95, 0.999), eps 1e-5, no weight decay, gradient centralization on.
+    group = Ranger([nn.Parameter(torch.zeros(1))]).param_groups[0]
+    assert {key: group[key] for key in ("lr", "lookahead_k", "lookahead_alpha", "betas", "eps", "weight_decay",
+                                        "grad_centralization", "lookahead_step")} == {
+        "lr": 1e-3, "lookahead_k": 6, "lookahead_alpha": 0.5, "betas": (0.95, 0.999), "eps": 1e-5, "weight_decay": 0.0,
+        "grad_centralization": True, "lookahead_step": 0}
+
+
+def test_ranger_passes_weight_decay_and_foreach_to_radam() -> None:
+    # With k=1, alpha=1 and no centralization Ranger is RAdam: so with weight decay too, step for
+    # step, when both take the same (single-tensor, foreach=False) code path.
+    a, b = _net(), _net()
+    ranger = Ranger(a.parameters(), lr=1e-2, weight_decay=0.1, k=1, alpha=1.0, grad_centralization=False, foreach=False)
+    assert ranger.param_groups[0]["foreach"] is False
+    _train(a, ranger, range(3))
+    _train(b, torch.optim.RAdam(b.parameters(), lr=1e-2, betas=(0.95, 0.999), eps=1e-5, weight_decay=0.1, foreach=False), range(3))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    c = _net()
+    _train(c, Ranger(c.parameters(), lr=1e-2, k=1, alpha=1.0, grad_centralization=False), range(3))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))  # the decay did something
 
 
 def test_build_optimizer() -> None:
@@ -170,6 +197,21 @@ def test_build_optimizer() -> None:
     assert swa.param_groups[0]["lr"] == 1e-3
 
 
+def test_build_optimizer_uses_every_setting_of_the_config() -> None:
+    # Values unlike both Ranger's and Adam's defaults, so a setting dropped on the way shows.
+    params = list(_net().parameters())
+    want = {"lr": 3e-4, "betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 0.01, "lookahead_k": 3, "lookahead_alpha": 0.8,
+            "grad_centralization": False}
+    group = build_optimizer(params, OptimConfig(**want)).param_groups[0]
+    assert {k: group[k] for k in want} == want  # False, not None: == tells them apart
+    adam_cfg = OptimConfig(name="adam", lr=3e-4, betas=(0.85, 0.99), eps=1e-4, weight_decay=0.01)
+    group = build_optimizer(params, adam_cfg, fused=False).param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"], group["fused"]) == (3e-4, (0.85, 0.99), 1e-4, 0.01, False)
+    assert build_swa_optimizer(params, SwaConfig(), fused=False).param_groups[0]["fused"] is False
+    with pytest.raises(ValueError, match=r"^unknown optimizer 'sgd'; expected 'ranger' or 'adam'$"):
+        build_optimizer(params, OptimConfig(name="sgd"))  # type: ignore[arg-type]
+
+
 # --- schedules -------------------------------------------------------------------------------
 
 
@@ -183,6 +225,17 @@ def test_pipeline_a_schedule() -> None:
     assert main_lr(200, train, 1e-4) == pytest.approx(0.0, abs=1e-15)
     with_floor = TrainConfig(min_lr=1e-6)
     assert main_lr(200, with_floor, 1e-4) == pytest.approx(1e-6)
+
+
+def test_the_cosine_ends_at_min_lr_through_the_midpoint_between() -> None:
+    # Halfway down (epoch 150 of A's cosine over 100-200) the lr is the mean of base and floor:
+    # (1e-4 + 1e-6) / 2 = 5.05e-5.
+    assert main_lr(150, TrainConfig(min_lr=1e-6), 1e-4) == pytest.approx(5.05e-5, rel=1e-12)
+    # decay_start 1.0: the cosine would start at the end, so the lr stays at base_lr throughout.
+    late = TrainConfig(epochs=10, decay_start=1.0)
+    assert [main_lr(e, late, 1e-4) for e in (0, 9, 9.5)] == [1e-4, 1e-4, 1e-4]
+    with pytest.raises(ValueError, match=r"^epoch must be >= 0, got -1$"):
+        main_lr(-1, TrainConfig(), 1e-4)
 
 
 def test_pipeline_b_schedule_and_variants() -> None:
@@ -278,5 +331,18 @@ def test_weight_average_resumes_and_loads_into_a_model() -> None:
     target.load_state_dict(result)  # strict: same keys, shapes and dtypes
     with pytest.raises(ValueError, match="keys differ"):
         again.update({"other": torch.zeros(1)})
-    with pytest.raises(ValueError, match="no snapshot"):
+    with pytest.raises(ValueError, match="^no snapshot to average$"):
         WeightAverage().average()
+
+
+def test_weight_average_never_changes_the_snapshots_it_reads() -> None:
+    # A float64 snapshot is already in the accumulation dtype: the running sum must be a copy of
+    # it, not the model's own tensor that the next update adds into.
+    first = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+    running = WeightAverage()
+    running.update(first)
+    running.update({"w": torch.tensor([3.0, 6.0], dtype=torch.float64)})
+    assert torch.equal(first["w"], torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert torch.equal(running.average()["w"], torch.tensor([2.0, 4.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^w: snapshot shape \(3,\) differs from \(2,\)$"):
+        running.update({"w": torch.zeros(3, dtype=torch.float64)})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from brats_lab.data.cases import LAYOUTS
 from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, write_image
@@ -17,6 +18,18 @@ TINY_SHAPE = (48, 48, 32)  # (x, y, z) of the phantoms the tests use
 # schedule without weight averaging.
 TINY_NETWORK = ("model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2", "train.batch_size=2")
 TINY_TRAINING = (*TINY_NETWORK, "train.epochs=2", "train.swa.enabled=false", "train.val_every=1")
+
+
+class ConstantLogits(torch.nn.Module):
+    """A network whose every voxel gets the same three logits (ET, TC, WT): known probabilities
+    (logit 0 is probability 0.5 exactly)."""
+
+    def __init__(self, logits: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.logits = torch.tensor(logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[None, :, None, None, None].expand(x.shape[0], 3, *x.shape[2:]).clone()
 
 
 # The skips CI accepts: where the machine, not the project, decides whether a check can run. With

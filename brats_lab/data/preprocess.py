@@ -131,7 +131,7 @@ def label_map(regions: np.ndarray, pads: Pads, convention: LabelConvention, bbox
     labels rebuilt from the regions (`convention.from_regions`) and pasted back at `bbox`.
     `brats-lab predict` and the trainer's final scoring both go this way, so validation scores
     exactly what `predict` writes."""
-    return paste_back(convention.from_regions(unpad(regions, pads)), bbox, original_shape).astype(np.uint8)
+    return paste_back(convention.from_regions(unpad(regions, pads)), bbox, original_shape)  # uint8, as from_regions makes it
 
 
 def bbox_to_list(bbox: BBox) -> list[list[int]]:

@@ -256,7 +256,7 @@ def predict_case(
         from brats_lab.inference.merge import small_et_to_ncr
 
         labels = small_et_to_ncr(labels, case.convention, small_et)
-    write_image(labels.astype(np.uint8), pre.geometry, path)
+    write_image(labels, pre.geometry, path)
     if probabilities:
         full = paste_back(unpad(probs, pads).astype(np.float32), pre.bbox, pre.geometry.shape)
         write_image(np.moveaxis(full, 0, -1), pre.geometry, Path(out_dir) / "probabilities" / f"{case.id}.nii.gz")

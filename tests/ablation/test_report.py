@@ -13,7 +13,9 @@ with `summarise` directly, and once through a real MLflow store (`gather`, `Repo
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +24,12 @@ import pytest
 import scipy.stats as sps
 from statsmodels.stats.power import TTestPower
 
-from brats_lab import tracking
-from brats_lab.ablation.report import report, summarise
+from brats_lab import DataError, tracking
+from brats_lab.ablation.report import design_table, plan_text, report, summarise
 from brats_lab.ablation.spec import load_ablation
 from brats_lab.ablation.study import DEFAULT_STORAGE, Plan
 from brats_lab.config import config_hash
+from brats_lab.evaluation.stats import format_runs
 
 from conftest import TINY_TRAINING, tiny_ablation
 
@@ -224,8 +227,6 @@ def test_one_seed_reports_no_noise_floor_and_says_so(plan, tmp_path):
 
 
 def test_the_text_names_the_design_tables_and_verdict(plan):
-    from brats_lab.evaluation.stats import format_runs
-
     result = summarise(plan, hand_table())
     text = result.text()
     assert "3 folds x 2 seeds = 6 training runs per arm" in text
@@ -258,8 +259,6 @@ def test_with_two_folds_the_text_warns_of_one_degree_of_freedom(plan):
 
 
 def test_the_text_lists_the_search_and_the_removed_cases_with_the_phantoms_truth(tmp_path):
-    import json
-
     # A removal ablation: its arm trained without two cases, one of which the phantom corrupted.
     toml = tmp_path / "removal.toml"
     toml.write_text(tiny_ablation("tiny-removal", "data.folds=3", seeds=2)
@@ -281,8 +280,6 @@ def test_the_text_lists_the_search_and_the_removed_cases_with_the_phantoms_truth
 
 
 def test_design_table_is_the_t_test_mde_and_the_cost_of_each_design():
-    from brats_lab.ablation.report import design_table
-
     # The MDE of a two-sided one-sample t-test on `folds` fold means at 80% power, alpha 0.05, in
     # SDs of a fold mean difference, noise * sqrt(2 / seeds): statsmodels' power solver.
     table = design_table(0.02, 3, [1, 2, 4], seeds=(1, 2))
@@ -296,8 +293,6 @@ def test_design_table_is_the_t_test_mde_and_the_cost_of_each_design():
 
 
 def test_plan_with_a_given_noise_floor_tabulates_two_to_all_folds(plan):
-    from brats_lab.ablation.report import design_table, plan_text
-
     lines = plan_text(plan, 0.01).split("\n")
     assert lines[0] == ("Plan for 'tiny-report' (2 arms, profile cpu): the smallest true difference a study finds with 80% power "
                         "(alpha 0.05, before Holm; no arm-by-fold interaction assumed, so a lower bound), and the training runs it costs.")
@@ -306,10 +301,7 @@ def test_plan_with_a_given_noise_floor_tabulates_two_to_all_folds(plan):
 
 
 def test_plan_reads_the_newest_finished_multi_seed_study_of_the_profile(plan, tmp_path, monkeypatch):
-    import time
 
-    from brats_lab import DataError
-    from brats_lab.ablation.report import design_table, plan_text
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -358,7 +350,6 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
     # per_case_metrics.csv; report() must gather them by config hash, fold and seed.
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from brats_lab import DataError
 
     with pytest.raises(DataError, match=r"^\(equiunet, fold 0, seed 0\) has no finished run; rerun the ablation to finish it$"):
         report(plan)  # an empty store: the first cell is named
@@ -489,8 +480,6 @@ def test_lesion_wise_table3_and_verdict_average_each_run_over_its_defined_cases(
 
 
 def test_a_lesion_wise_run_with_no_defined_case_cannot_be_compared_and_is_named(plan):
-    from brats_lab import DataError
-
     # The arm's fold-1 seed-1 run has ET undefined in both its cases: no mean to compare.
     table = hand_table().rename(columns={m: f"lesion_{m}" for m in METRICS})
     table.loc[(table["arm"] == ARM) & (table["fold"] == 1) & (table["seed"] == 1), ["lesion_dice_ET", "lesion_hd95_ET"]] = np.nan

@@ -18,7 +18,7 @@ from brats_lab.cli import main
 from brats_lab.data.cases import discover
 from brats_lab.inference.predict import ENSEMBLE_RECORD, load_members, predict_folder, select_top
 from brats_lab.io import read_image
-from conftest import TINY_TRAINING
+from conftest import TINY_TRAINING, ConstantLogits
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
@@ -149,27 +149,6 @@ def test_the_papers_final_ensemble_end_to_end(phantom_dataset: Path, tmp_path: P
     assert "holds the label maps of another ensemble" in capsys.readouterr().err
 
 
-def test_precision_is_the_autocast_dtype() -> None:
-    from brats_lab.inference.predict import autocast_dtype
-
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object only: no GPU needed
-    assert [autocast_dtype(p, gpu) for p in ("auto", "fp32", "fp16", "bf16")] == [torch.bfloat16, None, torch.float16, torch.bfloat16]
-    assert [autocast_dtype(p, cpu) for p in ("auto", "fp32", "fp16", "bf16")] == [None, None, torch.float16, torch.bfloat16]
-    with pytest.raises(ValueError, match="precision must be one of"):
-        autocast_dtype("fp8", cpu)
-
-
-class _ConstantLogits(torch.nn.Module):
-    """A network whose every voxel gets the same three logits (ET, TC, WT): known probabilities."""
-
-    def __init__(self, logits: tuple[float, float, float]) -> None:
-        super().__init__()
-        self.logits = torch.tensor(logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits[None, :, None, None, None].expand(x.shape[0], 3, *x.shape[2:]).clone()
-
-
 def _logit(p: float) -> float:
     return float(np.log(p / (1 - p)))
 
@@ -185,8 +164,8 @@ def test_ensemble_averages_probabilities_thresholds_at_half_and_rebuilds_labels(
     case = discover(case_writer(tmp_path / "data").parent)[0]
     cpu = torch.device("cpu")
     members = [
-        Member("a", ExperimentConfig(), _ConstantLogits((_logit(0.3), _logit(0.4), _logit(0.9)))),
-        Member("b", ExperimentConfig(), _ConstantLogits((_logit(0.6), _logit(0.7), _logit(0.9)))),
+        Member("a", ExperimentConfig(), ConstantLogits((_logit(0.3), _logit(0.4), _logit(0.9)))),
+        Member("b", ExperimentConfig(), ConstantLogits((_logit(0.6), _logit(0.7), _logit(0.9)))),
     ]
     labels = read_image(predict_case(case, members, tmp_path / "out", cpu, precision="fp32"))[0]
     box = preprocess_case(case, "minmax").bbox

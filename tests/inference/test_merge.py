@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from brats_lab import DataError
+from brats_lab.cli import main
 from brats_lab.inference.merge import Tissues, merge_folders, merge_label_maps, small_et_to_ncr
+from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, read_header, read_image, write_image
 from brats_lab.labels import BRATS_2020, BRATS_2023, LabelConvention
 
 CONVENTIONS = [BRATS_2020, BRATS_2023]
@@ -179,9 +184,6 @@ def test_small_et_rejects_negative_threshold_and_foreign_labels() -> None:
 
 
 def test_merge_command_on_files(tmp_path, capsys):
-    from brats_lab.cli import main
-    from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, read_image, write_image
-
     geometry = Geometry((6, 5, 4), (1.0, 1.0, 1.0), BRATS_ORIGIN, IDENTITY)
     a = np.zeros(geometry.shape, np.uint8)
     b = np.zeros(geometry.shape, np.uint8)
@@ -204,14 +206,10 @@ def test_merge_command_on_files(tmp_path, capsys):
 # `merge_folders`, in the test process on real NIfTI files (the CLI tests run it in a subprocess,
 # which the mutation run does not see). Volumes are (z, y, x) = (2, 3, 4).
 def _geometry(spacing: float = 1.0, origin_shift: float = 0.0):
-    from brats_lab.io import IDENTITY, Geometry
-
     return Geometry((4, 3, 2), (spacing, 1.0, 1.0), (origin_shift, -239.0, 0.0), IDENTITY)
 
 
 def _write(path, labels, geometry=None) -> None:
-    from brats_lab.io import write_image
-
     write_image(np.asarray(labels).reshape(2, 3, 4), geometry or _geometry(), path)
 
 
@@ -219,7 +217,6 @@ def test_merge_folders_writes_each_mergeable_case_and_names_every_problem(tmp_pa
     """One folder pair with every kind of case: the problems, written out by hand from the rules
     of `merge_folders` (B-only cases first, then the .nii files of A and B, then the cases of A in
     name order), name the file, and only the good cases are written."""
-    from brats_lab.io import read_header, read_image
 
     a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
     # c1: merged. A is int16 (the output is uint8 all the same); the rule, voxel by voxel:
@@ -282,10 +279,6 @@ def test_merge_folders_accepts_a_clean_pair_without_problems(tmp_path) -> None:
 
 
 def test_merge_folders_refuses_a_missing_folder_or_one_without_label_maps(tmp_path) -> None:
-    import re
-
-    from brats_lab import DataError
-
     a, b = tmp_path / "a", tmp_path / "b"
     _write(a / "c1.nii", np.zeros(24, np.uint8))
     (b / "c1.nii.gz").parent.mkdir()
@@ -306,10 +299,7 @@ def test_merge_folders_refuses_a_missing_folder_or_one_without_label_maps(tmp_pa
 def test_merge_folders_says_why_a_folder_cannot_be_listed(tmp_path, monkeypatch, error, reason) -> None:
     """A folder that cannot be listed: the OS's reason (its strerror, else the message), in lower case.
     The failure is injected (this container runs as root, which lists a chmod 000 folder)."""
-    import re
-    from pathlib import Path
 
-    from brats_lab import DataError
 
     a, b = tmp_path / "a", tmp_path / "b"
     _write(a / "c1.nii.gz", np.zeros(24, np.uint8))

@@ -36,7 +36,7 @@ from brats_lab.inference.predict import (
 from brats_lab.io import read_header, read_image
 from brats_lab.models import build_model
 from brats_lab.training.checkpoint import FINAL_MODEL, model_state, save
-from conftest import TINY_NETWORK
+from conftest import TINY_NETWORK, ConstantLogits
 
 CPU = torch.device("cpu")
 REGIONS = ("ET", "TC", "WT")
@@ -358,21 +358,10 @@ def test_a_case_is_the_mean_probability_thresholded_and_pasted_back(tmp_path: Pa
     assert not np.array_equal(alone, labels)
 
 
-class _Constant(torch.nn.Module):
-    """The same three logits at every voxel: known probabilities."""
-
-    def __init__(self, logits: tuple[float, float, float]) -> None:
-        super().__init__()
-        self.logits = torch.tensor(logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits[None, :, None, None, None].expand(x.shape[0], 3, *x.shape[2:]).clone()
-
-
 def test_a_probability_of_exactly_one_half_is_not_in_the_region(tmp_path: Path, case_writer) -> None:
     """Logit 0 is probability 0.5 exactly: "above 0.5" leaves ET and TC out; WT (0.5 + a little) is in."""
     case = discover(case_writer(tmp_path / "data").parent)[0]
-    members = [Member("a", ExperimentConfig(), _Constant((0.0, 0.0, 1e-6)))]
+    members = [Member("a", ExperimentConfig(), ConstantLogits((0.0, 0.0, 1e-6)))]
     labels = read_image(predict_case(case, members, tmp_path / "out", CPU))[0]
     box = preprocess_case(case, "minmax").bbox
     expected = np.zeros(case.geometry.shape, np.uint8)
@@ -384,7 +373,7 @@ def test_a_probability_of_exactly_one_half_is_not_in_the_region(tmp_path: Path, 
 def test_small_et_relabels_a_small_et_as_ncr(tmp_path: Path, case_writer) -> None:
     """ET everywhere in the brain box (N voxels): kept with `small_et=N`, NCR/NET with N + 1."""
     case = discover(case_writer(tmp_path / "data").parent)[0]
-    members = [Member("a", ExperimentConfig(), _Constant((3.0, 3.0, 3.0)))]
+    members = [Member("a", ExperimentConfig(), ConstantLogits((3.0, 3.0, 3.0)))]
     box = preprocess_case(case, "minmax").bbox
     n = int(np.prod([s.stop - s.start for s in box]))
     kept = read_image(predict_case(case, members, tmp_path / "kept", CPU, small_et=n))[0]

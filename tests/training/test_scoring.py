@@ -25,6 +25,8 @@ from brats_lab.training.losses import make_loss
 from brats_lab.training.scoring import predict_logits, score_cases, validate
 from brats_lab.viz import render_case
 
+from conftest import ConstantLogits
+
 CPU = torch.device("cpu")
 NCR, ED, ET = 1, 2, 4  # BraTS 2020's labels (the phantoms' layout)
 REGIONS = {"ET": (ET,), "TC": (NCR, ET), "WT": (NCR, ED, ET)}
@@ -41,17 +43,6 @@ class ShiftedIntensities(torch.nn.Conv3d):
             self.weight.zero_()
             self.weight[0, 1] = self.weight[1, 1] = self.weight[2, 3] = 1.0
             self.bias.copy_(torch.tensor([-0.95, -0.9, -0.7]))
-
-
-class Constant(torch.nn.Module):
-    """The same logit everywhere: 0 is sigmoid 0.5, which is not in a region."""
-
-    def __init__(self, logit: float) -> None:
-        super().__init__()
-        self.logit = logit
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.full((x.shape[0], 3, *x.shape[2:]), self.logit)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +89,7 @@ def test_validation_of_a_model_that_predicts_nothing(data, logit):
     """Logits 0 (probability exactly 0.5) or below: no voxel in any region, so Dice 0 where the
     reference has the region (all four phantoms have all three)."""
     _, _, volumes = data
-    got = validate(Constant(logit), volumes, make_loss("dice", 1.0), CPU, None)
+    got = validate(ConstantLogits((logit,) * 3), volumes, make_loss("dice", 1.0), CPU, None)
     assert got["val_dice_ET"] == got["val_dice_TC"] == got["val_dice_WT"] == 0.0
     assert 0.5 < got["val_loss"] <= 1.0
 
@@ -119,8 +110,8 @@ def test_final_scores_are_those_of_the_label_maps_written_in_each_cases_geometry
         assert prediction.dtype == np.uint8 and prediction.shape == reference.shape
         assert set(np.unique(prediction)) <= {0, NCR, ED, ET}
         # The file carries the case's geometry, as `predict` writes it.
-        for a, b in ((sitk.ReadImage(str(written)), sitk.ReadImage(str(seg))),):
-            assert a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
+        a, b = sitk.ReadImage(str(written)), sitk.ReadImage(str(seg))
+        assert a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
         for region, labels in REGIONS.items():
             expected = _dice(np.isin(prediction, labels), np.isin(reference, labels))
             assert 0 < expected < 1, (row.case, region)
@@ -138,7 +129,7 @@ def test_final_scores_in_the_precision_asked(data, tmp_path):
 
 def test_a_logit_of_zero_is_outside_every_region_in_the_written_label_maps(data, tmp_path):
     dataset, cache, volumes = data
-    table = score_cases(Constant(0.0), cache, volumes, dataset, CPU, None, tmp_path, progress=False)
+    table = score_cases(ConstantLogits((0.0, 0.0, 0.0)), cache, volumes, dataset, CPU, None, tmp_path, progress=False)
     for case in table["case"]:
         assert not _read(tmp_path / "predictions" / f"{case}.nii.gz").any(), case
     assert (table[[f"dice_{r}" for r in REGIONS]] == 0).all().all()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from brats_lab import DataError, __version__
+from brats_lab.precision import PRECISIONS
 
 DEFAULT_PHANTOM = Path("data/phantom")
 
@@ -235,8 +236,9 @@ def _predict_parser(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--by", default="dice", metavar="METRIC",
                          help="the validation score of --top: dice, hd95, sensitivity, specificity (mean over ET, TC, WT) "
                               "or one region, e.g. dice_ET")
-    predict.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                         help="autocast dtype of the networks; auto: bf16 on a GPU, fp32 on a CPU (the paper: fp16)")
+    predict.add_argument("--precision", choices=PRECISIONS, default="auto",
+                         help="autocast dtype of the networks; auto: bf16 on a GPU, on a CPU bf16 only where it executes "
+                              "bf16 natively (AMX, AVX512-BF16), float32 otherwise (the paper: fp16)")
     predict.set_defaults(run=_predict)
 
 

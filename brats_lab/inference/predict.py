@@ -23,25 +23,15 @@ from brats_lab.data.cases import Case
 from brats_lab.data.preprocess import label_map, pad_to_multiple, paste_back, preprocess_case, unpad
 from brats_lab.io import write_image, write_text
 from brats_lab.models import build_model
+from brats_lab.precision import autocast_dtype
 from brats_lab.training.checkpoint import FINAL_MODEL, MODEL_KEYS, load
 
 
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
 REGIONS = ("ET", "TC", "WT")
 LOWER_IS_BETTER = ("hd95",)
 ENSEMBLE_RECORD = "ensemble.json"
 # The data settings that decide which cases a fold validates on: candidates of one fold must agree.
 _SPLIT_PARAMS = ("data.dataset", "data.folds", "data.seed", "data.split")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `--precision` on `device` (None: float32). "auto": bf16 on a GPU (the
-    paper predicted in fp16; bf16 has fp32's range, so no overflow), float32 on a CPU."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def run_score(metrics: dict[str, float], by: str) -> float:

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from brats_lab import DataError
+from brats_lab import DataError, precision
 from brats_lab.config import ExperimentConfig, config_hash, flatten, to_dict
 from brats_lab.data.cache import Cache, prepare
 from brats_lab.data.dataset import EpochSampler, TrainPatches, WholeVolumes
@@ -111,7 +111,9 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
     # --- model, optimizer, loss, precision ------------------------------------------------------
     model, forward = _model(cfg, device, processes)  # forward: for training steps (DDP, compiled)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
-    amp_dtype = _amp_dtype(cfg.train.amp, device)
+    amp_dtype = precision.autocast_dtype(cfg.train.amp, device)
+    if is_main and progress:
+        print(precision.describe(cfg.train.amp, device), file=sys.stderr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = make_loss(cfg.train.loss, cfg.train.dice_eps)
     # Several processes: the Dice of the global batch, its sums added over the processes.
@@ -367,18 +369,6 @@ def _splits(cache: Cache, cfg: ExperimentConfig) -> list[dict]:
     splits = make_splits(cache.case_ids, cfg.data.folds, cfg.data.seed, cfg.data.split)
     save_splits(path, splits, cache.manifest_hash, cfg.data.seed)
     return splits
-
-
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `train.amp` on this device (None: float32)."""
-    if amp == "off":
-        return None
-    if device.type != "cuda":
-        # CPU autocast in fp16 is slow and unscaled; bf16 only when asked for explicitly.
-        return torch.bfloat16 if amp == "bf16" else None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
 """predict.py without training: hand-built networks whose outputs are known, tiny untrained models
-saved as fold runs in a real MLflow store, and the pure functions (precision, run score, top-k,
+saved as fold runs in a real MLflow store, and the pure functions (run score, top-k,
 the ensemble record, old configs). Fast enough for the mutation run of the module (each of its
 mutants runs these; tests/inference/test_predict*.py train folds and check the same end to end)."""
 
@@ -22,7 +22,6 @@ from brats_lab.data.preprocess import preprocess_case
 from brats_lab.inference.predict import (
     ENSEMBLE_RECORD,
     Member,
-    autocast_dtype,
     legacy_config,
     load_members,
     predict_case,
@@ -42,15 +41,7 @@ CPU = torch.device("cpu")
 REGIONS = ("ET", "TC", "WT")
 
 
-# --- autocast_dtype, run_score, legacy_config: pure functions ----------------------------------
-
-
-def test_precision_names_the_autocast_dtype_on_each_device() -> None:
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # device objects only: no GPU needed
-    assert [autocast_dtype(p, gpu) for p in ("auto", "fp32", "fp16", "bf16")] == [torch.bfloat16, None, torch.float16, torch.bfloat16]
-    assert [autocast_dtype(p, cpu) for p in ("auto", "fp32", "fp16", "bf16")] == [None, None, torch.float16, torch.bfloat16]
-    with pytest.raises(ValueError, match=re.escape("precision must be one of auto, fp32, fp16, bf16, got 'fp8'")):
-        autocast_dtype("fp8", cpu)
+# --- run_score, legacy_config: pure functions ----------------------------------
 
 
 def test_run_score_is_the_mean_over_regions_or_one_region() -> None:

@@ -12,6 +12,11 @@ The trainer runs unchanged: the weights and optimizer moments are float64 by the
 every module casts its float inputs to float64 (a global forward pre-hook), and `Tensor.float()`
 leaves float64 tensors as they are (the loss casts its logits "to at least float32").
 
+`BRATS_LAB_TEST_VAL_LOSSES` ("0.9,0.5,0.7"): the validation losses the trainer sees, one per
+validation in order, in place of the ones it computes (its Dice scores stay real). A test that
+needs "the best epoch is not the last" sets it so by construction: computed losses depend on the
+CPU's arithmetic (which kernels, which vector width) and so would which epoch is the best.
+
 `BRATS_LAB_TEST_FAULT` breaks the sharing on purpose, to show the test notices:
 - `not_shared`: DDP's gradients are not all-reduced; each process steps on its own share.
 - `summed`: DDP's gradients are summed over the processes instead of averaged.
@@ -70,6 +75,19 @@ elif FAULT == "dice_not_shared":
     dist.all_reduce = lambda tensor, *args, **kwargs: None  # the loss's sums stay this process's
 elif FAULT:
     raise SystemExit(f"unknown BRATS_LAB_TEST_FAULT={FAULT!r}")
+
+VAL_LOSSES = [float(x) for x in os.environ.get("BRATS_LAB_TEST_VAL_LOSSES", "").split(",") if x]
+if VAL_LOSSES:
+    from brats_lab.training import trainer
+
+    _validate = trainer.validate
+
+    def _validate_with_set_losses(*args, **kwargs) -> dict[str, float]:
+        if not VAL_LOSSES:
+            raise SystemExit("BRATS_LAB_TEST_VAL_LOSSES has fewer losses than the training validates")
+        return {**_validate(*args, **kwargs), "val_loss": VAL_LOSSES.pop(0)}
+
+    trainer.validate = _validate_with_set_losses
 
 if __name__ == "__main__":
     from brats_lab.cli import main

@@ -6,7 +6,9 @@ A training's weights after epoch k do not depend on how many epochs follow (the 
 augmentations are seeded per epoch, the SWA learning rate depends on the epoch within the cycle
 and `anneal_epochs` only, and a constant schedule on nothing), so a shorter training of the same
 fold yields them. The trainings run in float64 (float64_cli.py, as the DDP tests), so the
-validation losses that choose pipeline B's epoch and the weights compared are the same on any CPU.
+weights compared are the same on any CPU; pipeline B's validation losses are set by the test
+(float64_cli.py's BRATS_LAB_TEST_VAL_LOSSES), so its best epoch is known by construction rather
+than by a trajectory that one CPU's rounding may turn another way.
 Only the command line and what it writes (MLflow runs, the final model's file) are used."""
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ ROOT = Path(__file__).parents[2]
 # Pipeline A with one main epoch, then one SWA cycle of `cycle_epochs` (the lr annealing over 4).
 SWA = [*TINY_NETWORK, "train.epochs=1", "train.amp=off", "train.val_every=100", "train.swa.enabled=true",
        "train.swa.cycles=1", "train.swa.anneal_epochs=4", "train.swa.lr=1e-2"]
-# Pipeline B (keep = best, validation every epoch) at a constant learning rate so high that the
-# validation loss goes up again (measured in float64: down to epoch 4, up at 5; at 3e-2 it only
-# went down over 6 epochs, and the test would not see the last weights kept instead of the best).
-BEST = [*TINY_NETWORK, "train.amp=off", "train.schedule=constant", "optim.lr=1.0", "train.val_every=1"]
-BEST_EPOCHS = 6
+# Pipeline B (keep = best, validation every epoch) at a constant learning rate, so the weights keep
+# moving; its validation losses are set: lowest at epoch 3 of 6, then up again.
+BEST = [*TINY_NETWORK, "train.amp=off", "train.schedule=constant", "optim.lr=3e-2", "train.val_every=1"]
+VAL_LOSSES = (0.9, 0.8, 0.75, 0.5, 0.6, 0.7)
+BEST_EPOCHS = len(VAL_LOSSES)
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +55,16 @@ def local_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # each training's store: mlruns/ in its folder
 
 
-def _train(folder: Path, dataset: Path, pipeline: str, settings: list[str]):
-    """`brats-lab train` (in float64) of fold 0 in `folder`; returns its MLflow fold run."""
+def _train(folder: Path, dataset: Path, pipeline: str, settings: list[str], val_losses: tuple[float, ...] = ()):
+    """`brats-lab train` (in float64) of fold 0 in `folder`, with `val_losses` in place of the computed
+    validation losses if given; returns its MLflow fold run."""
     folder.mkdir()
     argv = [sys.executable, str(FLOAT64_CLI), "train", "--pipeline", pipeline, "--fold", "0", "--profile", "cpu",
             "--data", str(dataset)]
     for item in settings:
         argv += ["--set", item]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    env.update(BRATS_LAB_TEST_VAL_LOSSES=",".join(map(str, val_losses)), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
     done = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = tracking.find_runs(EXPERIMENT, {"kind": "fold"}, root=folder)
@@ -105,17 +108,19 @@ def test_the_swa_model_is_the_mean_of_the_weights_at_the_snapshot_epochs(dataset
 
 
 def test_pipeline_b_keeps_the_weights_of_the_lowest_validation_loss(dataset, tmp_path):
-    kept = _train(tmp_path / "best", dataset, "B", [*BEST, f"train.epochs={BEST_EPOCHS}"])
+    kept = _train(tmp_path / "best", dataset, "B", [*BEST, f"train.epochs={BEST_EPOCHS}"], VAL_LOSSES)
     losses = dict(kept.metric_history("val_loss"))
-    assert sorted(losses) == list(range(BEST_EPOCHS))
-    best = min(losses, key=lambda epoch: (losses[epoch], epoch))  # the first of equal losses
-    print(f"validation losses: {[f'{losses[e]:.6f}' for e in sorted(losses)]}; best epoch {best}")
-    assert best < BEST_EPOCHS - 1, "the last epoch is the best: keeping the last weights would not show"
+    assert [losses[e] for e in sorted(losses)] == list(VAL_LOSSES)  # logged as the trainer saw them
+    best = VAL_LOSSES.index(min(VAL_LOSSES))
     assert kept.tags["final_model"] == f"best validation loss (epoch {best})"
     # The same training stopped after the best epoch, keeping its last weights.
     last = _train(tmp_path / "last", dataset, "B", [*BEST, f"train.epochs={best + 1}", "train.keep=last"])
     assert last.tags["final_model"] == "last epoch"
-    assert _largest_difference(_weights(kept), _weights(last)) <= 1e-12
+    kept_weights, last_weights = _weights(kept), _weights(last)
+    assert _largest_difference(kept_weights, last_weights) <= 1e-12
+    # ...and the last epochs moved the weights: keeping the last ones instead would show.
+    longer = _train(tmp_path / "longer", dataset, "B", [*BEST, f"train.epochs={BEST_EPOCHS}", "train.keep=last"])
+    assert _largest_difference(_weights(longer), last_weights) > 1e-3
 
 
 # --- the rule alone, on a two-parameter model whose weights are set by hand (no training) ---------

@@ -82,7 +82,7 @@ def _all_artifacts(run) -> list[str]:
 
 def test_a_run_killed_mid_training_resumes_to_the_same_weights(dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    # float32: bf16 autocast on CPU (the cpu profile's) is not bitwise deterministic run to run
+    # float32: the cpu profile's auto precision is bf16 on a CPU with AMX, not bitwise deterministic run to run
     extra = ["train.epochs=3", "train.swa.cycles=1", "train.swa.cycle_epochs=3", "train.amp=off"]
     cfg = tiny_config("A", dataset, *extra)
     # Both processes on one thread: a float32 conv sums in an order that depends on the thread count.

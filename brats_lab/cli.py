@@ -521,12 +521,12 @@ def _ablate(args: argparse.Namespace) -> int:
     if not data.is_dir():
         if args.data is not None:
             raise DataError(f"{data}: no dataset there")
-        from brats_lab.data.phantom import synthesize
+        from brats_lab.data.phantom import DEMO_CASES, DEMO_SHAPE, synthesize
 
         corrupt = ablation.phantom_corrupt_fraction
-        print(f"no dataset at {data}: writing 40 phantom cases (96 x 96 x 62) there first"
+        print(f"no dataset at {data}: writing {DEMO_CASES} phantom cases ({' x '.join(map(str, DEMO_SHAPE))}) there first"
               + (f", {corrupt:.0%} of them with corrupted labels" if corrupt else ""))
-        synthesize(data, cases=40, seed=0, shape=(96, 96, 62), corrupt_fraction=corrupt)
+        synthesize(data, cases=DEMO_CASES, seed=0, shape=DEMO_SHAPE, corrupt_fraction=corrupt)
     try:
         plan = make_plan(args.ablation, profile, args.folds, str(data), args.storage or DEFAULT_STORAGE, args.seeds)
     except ConfigError as e:

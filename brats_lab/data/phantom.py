@@ -39,6 +39,8 @@ _LAYOUT = next(layout for layout in LAYOUTS if layout.name == "brats2020")
 # scoring has several lesions per region to match.
 _LAYOUTS = {"brats2020": (_LAYOUT, CASE_PREFIX), "brats2023": (next(l for l in LAYOUTS if l.name == "brats2023"), "BraTS-GLI-")}
 SATELLITE_FRACTION = 0.5  # share of 2023-layout cases with satellite lesions
+# The dataset `brats-lab ablate` writes when there is none (the CPU demo's): cases, shape (x, y, z).
+DEMO_CASES, DEMO_SHAPE = 40, (96, 96, 62)
 
 # Labels from the convention, not literals: ET, TC minus ET (necrosis / non-enhancing), WT minus TC.
 (ET,) = BRATS_2020.regions["ET"]

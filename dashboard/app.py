@@ -198,10 +198,11 @@ def verdict_section(metric: str) -> None:
     if "noise_floor" in rows.columns:
         st.caption(f"Against {against}, runs as the unit: the paired run differences (same fold and seed) averaged over the "
                    "seeds of each fold, a t-test and its 95% CI over the folds, Holm-corrected across the regions of each metric. "
-                   "Noise floor: the seed-to-seed SD of one run's mean (blank with one seed); MDE: the smallest difference "
-                   "this design finds with 80% power at that noise. A difference below the noise floor is training noise.")
-        columns = ["arm", "metric", "folds", "seeds", "mean_baseline", "mean_arm", "mean_diff", "noise_floor", "mde",
-                   "ci_low", "ci_high", "p_value", "p_holm", "verdict"]
+                   "Noise floor: the seed-to-seed SD of one run's mean (blank with one seed); spread: the SD over folds of the "
+                   "paired differences, the noise the test reads; MDE: the smallest difference the verdict finds with 80% power "
+                   "at that spread (Holm's first step). A difference below the noise floor is training noise.")
+        columns = ["arm", "metric", "folds", "seeds", "mean_baseline", "mean_arm", "mean_diff", "noise_floor",
+                   *(["spread"] if "spread" in rows.columns else []), "mde", "ci_low", "ci_high", "p_value", "p_holm", "verdict"]
     else:  # a study from before seeds: the per-case test it was reported with
         st.caption(f"Paired over the out-of-fold cases against {against}: bootstrap 95% CI of the mean difference; Wilcoxon "
                    "signed-rank p, Holm-corrected across the regions of each metric. (A study from before the run-level test: "

@@ -52,8 +52,8 @@ class Report:
             lines += ["Seeds apart: the seed-to-seed standard deviation of one run's mean, same arm and fold (the noise floor)", "",
                       self.seed_spread.to_string(), ""]
         else:
-            lines += ["One seed: the noise floor is not measured and the minimum detectable effect is unknown "
-                      "(--seeds 2 or more measures them).", ""]
+            lines += ["One seed: the seed-to-seed noise floor is not measured (--seeds 2 or more measures it); the verdict and "
+                      "its MDE read the spread of the paired differences between folds.", ""]
         lines += [format_runs(self.comparison), ""]
         if folds == 2:
             lines += ["With 2 folds the test has one degree of freedom: it stays calibrated, but sees only differences as large "
@@ -218,6 +218,7 @@ def _phantom_truth(plan: Plan) -> str:
 
 
 PLAN_SEEDS = (1, 2, 3, 5, 10)
+VERDICT_ALPHA = 0.05  # the verdict's family-wise level over a metric's regions (compare_runs' default)
 
 
 def measured_noise(experiment: str, profile: str) -> tuple[dict[str, float], str]:
@@ -240,21 +241,23 @@ def measured_noise(experiment: str, profile: str) -> tuple[dict[str, float], str
         if "noise_floor" not in table.columns:
             continue
         pooled = table.groupby("metric")["noise_floor"].apply(lambda v: float(np.sqrt(np.mean(np.square(v)))))
-        pooled = {m: v for m, v in pooled.items() if np.isfinite(v)}
+        pooled = {m: v for m, v in pooled.items() if np.isfinite(v) and v > 0}  # a floor of 0 measured nothing
         if pooled:
             return pooled, f"study run {run.id} ({run.tags.get('study', run.name)}, {run.params.get('folds')} folds x {run.params.get('seeds')} seeds)"
     return {}, ""
 
 
 def design_table(noise: float, arms: int, folds: list[int], seeds: tuple[int, ...] = PLAN_SEEDS) -> pd.DataFrame:
-    """Minimum detectable effect at 80% power (alpha 0.05, before Holm) and the training runs the
-    study costs (arms x folds x seeds), for each folds x seeds design, at this noise floor."""
+    """Minimum detectable effect at 80% power as the verdict tests (alpha 0.05 over the three
+    regions: Holm's first step) and the training runs the study costs (arms x folds x seeds), for
+    each folds x seeds design, at this noise floor."""
     from brats_lab.evaluation.stats import minimum_detectable_effect
 
     table = pd.DataFrame(index=pd.Index(folds, name="folds"))
     for s in seeds:
         table[f"{s} seed{'s' if s > 1 else ''}"] = [
-            f"{minimum_detectable_effect(noise, f, s):.4f} ({arms * f * s} runs)" if f > 1 else f"cannot tell ({arms * s} runs)"
+            f"{minimum_detectable_effect(noise, f, s, alpha=VERDICT_ALPHA / len(REGIONS)):.4f} ({arms * f * s} runs)" if f > 1
+            else f"cannot tell ({arms * s} runs)"
             for f in folds]
     return table
 
@@ -266,7 +269,8 @@ def plan_text(plan: Plan, noise: float | None = None) -> str:
     folds = list(range(2, total + 1))
     arms = len(plan.ablation.arms)
     head = (f"Plan for {plan.ablation.name!r} ({arms} arms, profile {plan.profile}): the smallest true difference a study finds with "
-            "80% power (alpha 0.05, before Holm; no arm-by-fold interaction assumed, so a lower bound), and the training runs it costs.")
+            "80% power as the verdict tests (alpha 0.05 with Holm over the 3 regions; no arm-by-fold interaction assumed, so a lower "
+            "bound), and the training runs it costs.")
     if noise is not None:
         return "\n".join([head, f"noise floor {noise:g} (given with --noise)", "", design_table(noise, arms, folds).to_string()])
     measured, source = measured_noise(plan.experiment, plan.profile)

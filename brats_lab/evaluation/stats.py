@@ -25,13 +25,19 @@ standard deviation of 0.01 to 0.04 Dice, issue 10). So the verdict is a test ove
   same cases in both arms. With one fold there is no estimate of the fold-to-fold spread and the
   verdict says "cannot tell". With two folds the test has one degree of freedom (critical t 12.7):
   it is calibrated but can only see differences many times the noise floor, which is the honest
-  answer for two runs per arm.
+  answer for two runs per arm. Fold means that are all equal (a tie) leave no spread to estimate
+  the noise from either: "cannot tell" too, never p = 0.
 - Holm-Bonferroni (`holm`) across the regions of one metric, as before.
 - `noise_floor`: the seed-to-seed standard deviation of one run's mean (same arm, same fold),
-  pooled over arms and folds; needs two seeds or more.
-- `minimum_detectable_effect`: the smallest true difference the design (folds x seeds) finds with
-  80% power at alpha = 0.05 (before Holm), from the noise floor and the noncentral t
-  distribution. It assumes no arm-by-fold interaction, so it is a lower bound.
+  pooled over arms and folds; needs two seeds or more. Reported beside the verdict, named as what
+  it is; the verdict's power does not rest on it.
+- `fold_spread`: the standard deviation over folds of the fold means of the paired differences:
+  what the test estimates its noise from (seed noise, the gain of a seed shared by both arms, and
+  the arm-by-fold spread together).
+- `spread_mde`: the smallest true difference the test finds with 80% power at that spread, from
+  the noncentral t distribution, at the level the verdict uses (alpha / regions: the first step of
+  Holm). `minimum_detectable_effect` is the same for a design (folds x seeds) planned from a noise
+  floor, assuming no arm-by-fold interaction (a lower bound); `--plan` prints it.
 - `compare_runs` / `format_runs`: all of that for every arm and metric column of a per-case table
   with arm, fold, seed and case columns, with a verdict in plain words.
 
@@ -396,6 +402,7 @@ RUN_COLUMNS = [
     "ci_low",
     "ci_high",
     "noise_floor",
+    "spread",
     "mde",
     "p_value",
     "p_holm",
@@ -403,6 +410,7 @@ RUN_COLUMNS = [
 ]
 
 ONE_FOLD = "cannot tell: one fold gives no fold-to-fold spread to test against"
+NO_SPREAD = "cannot tell: the same difference on every fold leaves no spread to test against"
 
 
 def run_level_test(d: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -413,8 +421,9 @@ def run_level_test(d: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray,
     one-sample t-test on the fold means (F - 1 degrees of freedom); see the module docstring for
     why. Returns `(mean_diff, ci_low, ci_high, p_value)`, each of the leading shape.
 
-    Fold means that are all equal (no spread) give p = 1 if they are zero, else p = 0 and a
-    zero-width interval. With one fold: p = 1 and an infinite interval (nothing can be told).
+    Fold means that are all equal (no spread: a tie, as HD95's penalty values make common) give
+    p = 1 and an infinite interval, as one fold does: a spread of zero is a design that cannot
+    estimate its noise, not certainty (`compare_runs` says "cannot tell" there).
     Raises ValueError on non-finite values or fewer than one fold and one seed.
     """
     d = np.asarray(d, dtype=float)
@@ -432,11 +441,20 @@ def run_level_test(d: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray,
     se = fold_means.std(axis=-1, ddof=1) / np.sqrt(folds)
     se = np.where(se < 10.0 ** -_DIFF_DECIMALS, 0.0, se)  # round-off, not spread
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.abs(mean) / se
-    t = np.where(se == 0, np.where(mean == 0, 0.0, np.inf), t)
-    p = np.minimum(1.0, 2.0 * sps.t.sf(t, folds - 1))
-    half = sps.t.ppf(0.5 + confidence / 2, folds - 1) * se
+        t = np.where(se == 0, 0.0, np.abs(mean) / se)
+    p = np.where(se == 0, 1.0, np.minimum(1.0, 2.0 * sps.t.sf(t, folds - 1)))
+    half = np.where(se == 0, np.inf, sps.t.ppf(0.5 + confidence / 2, folds - 1) * se)
     return mean, mean - half, mean + half, p
+
+
+def fold_spread(d: np.ndarray) -> float:
+    """The standard deviation (ddof 1) over the folds of the fold means of paired run differences
+    `d[fold, seed]`, rounded as `run_level_test` rounds them (so a tie is exactly 0); NaN with one fold."""
+    fold_means = np.round(np.asarray(d, dtype=float).mean(axis=-1), _DIFF_DECIMALS)
+    if fold_means.size < 2:
+        return float("nan")
+    spread = float(fold_means.std(ddof=1))
+    return 0.0 if spread < 10.0 ** -_DIFF_DECIMALS else spread
 
 
 def noise_floor(run_means: np.ndarray) -> float:
@@ -457,21 +475,31 @@ def noise_floor(run_means: np.ndarray) -> float:
 def minimum_detectable_effect(noise: float, folds: int, seeds: int, alpha: float = 0.05, power: float = 0.8) -> float:
     """The smallest true mean difference `run_level_test` finds with probability `power` at
     two-sided level `alpha`, for `folds` x `seeds` runs per arm whose means scatter with standard
-    deviation `noise` from seed to seed (the noise floor).
-
-    A fold mean of the paired differences then has standard deviation `noise * sqrt(2 / seeds)`;
-    the effect is the noncentrality of a t with `folds - 1` degrees of freedom that reaches
-    `power`, times the standard error of the mean over folds. It assumes no arm-by-fold
-    interaction (the arms differ by the same amount on every fold), so the true MDE is at least
-    this. Infinite with one fold; NaN when `noise` is NaN (not measured).
-    """
-    from scipy.optimize import brentq
-
+    deviation `noise` from seed to seed (the noise floor): `spread_mde` at the spread of the fold
+    means this gives, `noise * sqrt(2 / seeds)`. It assumes no arm-by-fold interaction (the arms
+    differ by the same amount on every fold), so the true MDE is at least this. Pass the level the
+    verdict uses (`alpha / regions`, the first step of Holm). NaN when `noise` is NaN."""
     if folds < 1 or seeds < 1:
         raise ValueError(f"folds and seeds must be at least 1, got {folds} and {seeds}")
-    if not np.isfinite(noise):
+    return spread_mde(noise * np.sqrt(2.0 / seeds) if np.isfinite(noise) else float("nan"), folds, alpha, power)
+
+
+def spread_mde(spread: float, folds: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference `run_level_test` finds with probability `power` at
+    two-sided level `alpha` when the fold means of the paired run differences scatter with
+    standard deviation `spread` (what the test itself estimates: seed noise, the shared-seed gain
+    and the arm-by-fold spread together): the noncentrality of a t with `folds - 1` degrees of
+    freedom that reaches `power`, times the standard error `spread / sqrt(folds)`.
+    Infinite with one fold or a zero spread (nothing can be told); NaN when `spread` is NaN."""
+    from scipy.optimize import brentq
+
+    if folds < 1:
+        raise ValueError(f"folds must be at least 1, got {folds}")
+    if not 0 < alpha < 1 or not 0 < power < 1:
+        raise ValueError(f"alpha and power must be in (0, 1), got {alpha} and {power}")
+    if not np.isfinite(spread):
         return float("nan")
-    if folds < 2:
+    if folds < 2 or spread <= 0:
         return float("inf")
     df = folds - 1
     crit = sps.t.ppf(1 - alpha / 2, df)
@@ -480,10 +508,14 @@ def minimum_detectable_effect(noise: float, folds: int, seeds: int, alpha: float
         # The far tail (a significant difference of the wrong sign) is tiny where it matters, and
         # scipy's nct returns NaN for it at some large noncentralities: count it as 0 there.
         wrong_sign = float(np.nan_to_num(sps.nct.cdf(-crit, df, ncp)))
-        return float(sps.nct.sf(crit, df, ncp)) + wrong_sign - power
+        return float(np.nan_to_num(sps.nct.sf(crit, df, ncp), nan=1.0)) + wrong_sign - power
 
-    ncp = brentq(shortfall, 0.0, 100.0)  # enough for one degree of freedom (ncp ~ 16); scipy's nct fails far beyond
-    return float(ncp * noise * np.sqrt(2.0 / (seeds * folds)))
+    high = 100.0  # enough for one degree of freedom at alpha 0.05 (ncp ~ 16); more for a smaller alpha
+    while shortfall(high) < 0:
+        if high > 1e7:
+            return float("inf")
+        high *= 10
+    return float(brentq(shortfall, 0.0, high) * spread / np.sqrt(folds))
 
 
 def run_means(per_case: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
@@ -506,8 +538,10 @@ def compare_runs(
     seed column: one seed). For each other arm (in order of first appearance) and column: the
     arms' means over all runs, the mean paired difference (arm - baseline) with its t interval and
     p-value from `run_level_test`, Holm-adjusted across `metric_columns` (pass one metric's
-    regions per call), the noise floor of the two arms (`noise_floor`), the minimum detectable
-    effect of this design at that noise (`minimum_detectable_effect`), and a verdict in words.
+    regions per call), the seed-to-seed noise floor of the two arms (`noise_floor`), the spread of
+    the fold means of the paired differences (`fold_spread`), the minimum detectable effect at
+    that spread and at the first step of Holm (`spread_mde` at alpha / columns), and a verdict in
+    words ("cannot tell" where the spread is zero).
     `n` is the number of distinct cases the arm was scored on.
 
     Columns: `RUN_COLUMNS`. `result.attrs` records `baseline`, `confidence` and `alpha`.
@@ -559,17 +593,20 @@ def compare_runs(
             a = means.loc[baseline, col].unstack("seed").loc[folds, seeds].to_numpy()  # (folds, seeds)
             b = means.loc[arm, col].unstack("seed").loc[folds, seeds].to_numpy()
             mean, low, high, p = (float(v) for v in run_level_test(b - a, confidence))
-            noise = noise_floor(np.concatenate([a, b]))
+            spread = fold_spread(b - a)
             arm_rows.append({
                 "arm": arm, "metric": col, "n": int(table.loc[table["arm"] == arm, "case"].nunique()),
                 "folds": len(folds), "seeds": len(seeds), "mean_baseline": float(a.mean()), "mean_arm": float(b.mean()),
-                "mean_diff": mean, "ci_low": low, "ci_high": high, "noise_floor": noise,
-                "mde": minimum_detectable_effect(noise, len(folds), len(seeds), alpha), "p_value": p,
+                "mean_diff": mean, "ci_low": low, "ci_high": high, "noise_floor": noise_floor(np.concatenate([a, b])),
+                # The power the verdict has: at the first step of Holm over this call's columns.
+                "spread": spread, "mde": spread_mde(spread, len(folds), alpha / len(metric_columns)), "p_value": p,
             })
         adjusted = holm([r["p_value"] for r in arm_rows])
         for row, p_adj in zip(arm_rows, adjusted):
             row["p_holm"] = float(p_adj)
             row["verdict"] = run_verdict(str(row["metric"]), float(row["mean_diff"]), float(p_adj), len(folds), alpha)
+            if len(folds) >= 2 and row["spread"] == 0:
+                row["verdict"] = NO_SPREAD
         rows.extend(arm_rows)
     result = pd.DataFrame(rows, columns=RUN_COLUMNS)
     result.attrs.update(baseline=baseline, confidence=confidence, alpha=alpha)
@@ -597,7 +634,8 @@ def format_runs(df: pd.DataFrame) -> str:
     if df.empty:
         return f"{title}: no other arm to compare."
     ci = f"{100 * df.attrs.get('confidence', 0.95):g}% CI"
-    header = ["arm", "metric", "runs", "baseline", "arm mean", f"diff [{ci}]", "noise floor", "MDE (80%)", "p", "p (Holm)", "verdict"]
+    header = ["arm", "metric", "runs", "baseline", "arm mean", f"diff [{ci}]", "seed SD", "fold SD", "MDE (Holm)", "p",
+              "p (Holm)", "verdict"]
     lines: list[list[str]] = []
     for r in df.itertuples(index=False):
         f = f"{{:.{2 if metric_direction(r.metric) == -1 else 4}f}}"
@@ -606,15 +644,16 @@ def format_runs(df: pd.DataFrame) -> str:
             return "n/a" if np.isnan(v) else f.format(v)
 
         lines.append([str(r.arm), str(r.metric), f"{r.folds}x{r.seeds}", f.format(r.mean_baseline), f.format(r.mean_arm),
-                      f"{f.format(r.mean_diff)} [{num(r.ci_low)}, {num(r.ci_high)}]", num(r.noise_floor), num(r.mde),
+                      f"{f.format(r.mean_diff)} [{num(r.ci_low)}, {num(r.ci_high)}]", num(r.noise_floor), num(r.spread), num(r.mde),
                       _format_p(r.p_value).removeprefix("p="), _format_p(r.p_holm).removeprefix("p="), str(r.verdict)])
-    out = [title, "", *_aligned(header, lines, left={0, 1, 10})]
+    out = [title, "", *_aligned(header, lines, left={0, 1, 11})]
     out += [
         "",
         "runs = folds x seeds per arm; diff = arm - baseline, paired by fold and seed over the same cases;",
         f"p: two-sided t-test on the fold means of the paired run differences (seeds averaged within a fold), {ci} its t interval;",
-        "Holm across the regions of each metric. noise floor: seed-to-seed SD of one run's mean (n/a with one seed);",
-        "MDE: the smallest true difference this design finds with 80% power at the noise floor (alpha 0.05, before Holm).",
-        "Dice, sensitivity, specificity: higher is better; HD95: lower is better.",
+        "Holm across the regions of each metric. seed SD: seed-to-seed SD of one run's mean (n/a with one seed);",
+        "fold SD: SD over folds of the fold means of the paired differences, the noise the test reads;",
+        "MDE (Holm): the smallest true difference the verdict finds with 80% power at that fold SD (alpha 0.05 / regions,",
+        "Holm's first step). Dice, sensitivity, specificity: higher is better; HD95: lower is better.",
     ]
     return "\n".join(out)

@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats as sps
-from statsmodels.stats.power import TTestPower
 
 from brats_lab import DataError, tracking
 from brats_lab.ablation.report import design_table, plan_text, report, summarise
@@ -103,6 +102,14 @@ def hand_noise(*groups: np.ndarray) -> float:
     return math.sqrt(np.mean([(r[0] - r[1]) ** 2 / 2 for r in rows]))
 
 
+def simulated_power(effect: float, sd: float, nobs: int, alpha: float, studies: int = 200_000) -> float:
+    """The share of simulated studies (`nobs` normal values of mean `effect` and SD `sd`) whose
+    two-sided one-sample t-test (scipy) rejects at `alpha`: the power, by simulation, independent
+    of the noncentral-t solver the report uses (seeded; its standard error is about 0.001)."""
+    values = np.random.default_rng(0).normal(effect, sd, size=(studies, nobs))
+    return float(np.mean(sps.ttest_1samp(values, 0.0, axis=1).pvalue < alpha))
+
+
 def expected_verdict() -> dict[str, dict[str, object]]:
     """Per metric column, the verdict's numbers derived without the report code."""
     rows: dict[str, dict[str, object]] = {}
@@ -114,11 +121,10 @@ def expected_verdict() -> dict[str, dict[str, object]]:
             test = sps.ttest_1samp(fold_means, 0.0)
             ci = test.confidence_interval(0.95)
             noise = hand_noise(base, arm)
-            # Effect size (in SDs of a fold mean difference, noise * sqrt(2 / seeds)) at 80% power.
-            effect = TTestPower().solve_power(nobs=len(FOLDS), alpha=0.05, power=0.8, alternative="two-sided")
+            spread = fold_means.std(ddof=1)  # the MDE's noise: checked by simulation in the test
             rows[col] = {"mean_baseline": base.mean(), "mean_arm": arm.mean(), "mean_diff": fold_means.mean(),
                          "ci_low": ci.low, "ci_high": ci.high, "p_value": test.pvalue, "noise_floor": noise,
-                         "mde": effect * noise * math.sqrt(2 / len(SEEDS))}
+                         "spread": spread}
         # Holm within one metric, across its three regions.
         for col, p in zip(cols, hand_holm([rows[c]["p_value"] for c in cols])):
             rows[col]["p_holm"] = p
@@ -204,6 +210,11 @@ def test_the_verdict_tests_fold_means_with_holm_across_the_regions_of_one_metric
     assert [got.loc[c, "verdict"].split(" (")[0] for c in METRICS] == [
         "better", "no evidence of a difference", "better", "better", "no evidence of a difference", "no evidence of a difference"]
     assert got.loc["dice_ET", "p_holm"] == pytest.approx(3 * got.loc["dice_ET", "p_value"], rel=1e-12)
+    # The MDE printed is the power the verdict has: at Holm's first step over the three regions,
+    # a true difference of the MDE is found in 80% of studies whose fold means scatter as these.
+    for col in ("dice_ET", "hd95_WT"):
+        power = simulated_power(got.loc[col, "mde"], got.loc[col, "spread"], len(FOLDS), 0.05 / 3)
+        assert 0.79 < power < 0.81, (col, power)
 
 
 def test_one_seed_reports_no_noise_floor_and_says_so(plan, tmp_path):
@@ -214,11 +225,12 @@ def test_one_seed_reports_no_noise_floor_and_says_so(plan, tmp_path):
     # Table 3 over the three fold runs of seed 0 only.
     runs = np.array(BASE_MEANS["dice_ET"])[:, 0]
     assert result.table.loc[BASE, "dice_ET"] == f"{runs.mean():.3f} ({runs.std(ddof=1):.3f})"
-    assert result.comparison["noise_floor"].isna().all() and result.comparison["mde"].isna().all()
+    # No noise floor, but the verdict's MDE from the fold spread of the paired differences.
+    assert result.comparison["noise_floor"].isna().all() and np.isfinite(result.comparison["mde"]).all()
     text = result.text()
     assert "Seeds apart" not in text
-    assert ("\n\nOne seed: the noise floor is not measured and the minimum detectable effect is unknown (--seeds 2 or more "
-            "measures them).\n\n") in text
+    assert ("\n\nOne seed: the seed-to-seed noise floor is not measured (--seeds 2 or more measures it); the verdict and its "
+            "MDE read the spread of the paired differences between folds.\n\n") in text
     assert "3 folds x 1 seed = 3 training runs per arm, profile cpu; mean (std) over each arm's runs" in text
     # With one seed the fold means are the runs' differences themselves.
     d = (run_means(ARM, "dice_ET") - run_means(BASE, "dice_ET"))[:, 0]
@@ -280,14 +292,16 @@ def test_the_text_lists_the_search_and_the_removed_cases_with_the_phantoms_truth
 
 
 def test_design_table_is_the_t_test_mde_and_the_cost_of_each_design():
-    # The MDE of a two-sided one-sample t-test on `folds` fold means at 80% power, alpha 0.05, in
-    # SDs of a fold mean difference, noise * sqrt(2 / seeds): statsmodels' power solver.
+    # The MDE of a two-sided one-sample t-test on `folds` fold means at 80% power, at alpha 0.05 / 3
+    # (the verdict's Holm over three regions, its first step), whose fold mean differences scatter
+    # with SD noise * sqrt(2 / seeds): checked by simulating such studies.
     table = design_table(0.02, 3, [1, 2, 4], seeds=(1, 2))
     assert table.index.name == "folds" and list(table.index) == [1, 2, 4] and list(table.columns) == ["1 seed", "2 seeds"]
     for f in (2, 4):
         for s in (1, 2):
-            effect = TTestPower().solve_power(nobs=f, alpha=0.05, power=0.8, alternative="two-sided")
-            assert table.loc[f, f"{s} seed{'s' if s > 1 else ''}"] == f"{effect * 0.02 * math.sqrt(2 / s):.4f} ({3 * f * s} runs)"
+            mde, runs = table.loc[f, f"{s} seed{'s' if s > 1 else ''}"].split(" ", 1)
+            assert runs == f"({3 * f * s} runs)"
+            assert 0.79 < simulated_power(float(mde), 0.02 * math.sqrt(2 / s), f, 0.05 / 3) < 0.81
     assert list(table.loc[1]) == ["cannot tell (3 runs)", "cannot tell (6 runs)"]  # one fold: no test
     assert list(design_table(0.02, 2, [2]).columns) == ["1 seed", "2 seeds", "3 seeds", "5 seeds", "10 seeds"]
 
@@ -295,7 +309,8 @@ def test_design_table_is_the_t_test_mde_and_the_cost_of_each_design():
 def test_plan_with_a_given_noise_floor_tabulates_two_to_all_folds(plan):
     lines = plan_text(plan, 0.01).split("\n")
     assert lines[0] == ("Plan for 'tiny-report' (2 arms, profile cpu): the smallest true difference a study finds with 80% power "
-                        "(alpha 0.05, before Holm; no arm-by-fold interaction assumed, so a lower bound), and the training runs it costs.")
+                        "as the verdict tests (alpha 0.05 with Holm over the 3 regions; no arm-by-fold interaction assumed, so a "
+                        "lower bound), and the training runs it costs.")
     assert lines[1:3] == ["noise floor 0.01 (given with --noise)", ""]
     assert "\n".join(lines[3:]) == design_table(0.01, 2, [2, 3]).to_string()  # data.folds=3: designs of 2 and 3 folds
 
@@ -392,17 +407,18 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
     ])
     rows = markdown_rows(comparison)
     assert rows[0] == ["arm", "metric", "n", "folds", "seeds", "mean_baseline", "mean_arm", "mean_diff", "ci_low", "ci_high",
-                       "noise_floor", "mde", "p_value", "p_holm", "verdict"]
-    assert rows[1] == ["---"] * 15
+                       "noise_floor", "spread", "mde", "p_value", "p_holm", "verdict"]
+    assert rows[1] == ["---"] * 16
     expected = expected_verdict()
     assert [r[1] for r in rows[2:]] == METRICS
     for r in rows[2:]:
         want = expected[r[1]]
         assert r[0] == ARM and r[2:5] == ["7", "3", "2"]
-        numbers = dict(zip(rows[0][5:14], r[5:14]))
+        numbers = dict(zip(rows[0][5:15], r[5:15]))
+        mde = result.comparison.set_index("metric").loc[r[1], "mde"]  # checked by simulation above
         for name, cell in numbers.items():  # report.md writes floats with 4 significant digits
-            assert cell == f"{float(want[name]):.4g}", (r[1], name)
-        assert r[14] == want["verdict"]
+            assert cell == f"{float(want[name] if name != 'mde' else mde):.4g}", (r[1], name)
+        assert r[15] == want["verdict"]
     assert (study.artifact_dir() / "report.txt").read_text() == result.text() + "\n"
     # The CSV tables beside it, one per part of the report, each readable on its own.
     out = study.artifact_dir()

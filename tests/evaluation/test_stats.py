@@ -11,6 +11,7 @@ import pytest
 from scipy import stats as sps
 
 from brats_lab.evaluation.stats import (
+    NO_SPREAD,
     ONE_FOLD,
     RESULT_COLUMNS,
     RUN_COLUMNS,
@@ -19,12 +20,14 @@ from brats_lab.evaluation.stats import (
     format_runs,
     holm,
     metric_direction,
+    fold_spread,
     minimum_detectable_effect,
     noise_floor,
     paired_bootstrap_ci,
     run_level_test,
     run_means,
     run_verdict,
+    spread_mde,
     verdict,
     wilcoxon_paired,
 )
@@ -487,12 +490,15 @@ def test_run_level_test_is_vectorised_over_leading_axes():
 
 @pytest.mark.filterwarnings("error")
 def test_run_level_test_without_spread_between_folds():
-    # Equal fold means (0.1 each; their sd is round-off, ~1e-17): p = 0 and a zero-width interval.
+    # Equal fold means (0.1 each; their sd is round-off, ~1e-17): a tie is no estimate of the noise,
+    # not certainty: p = 1 and an interval that says nothing (never p = 0 or a zero-width interval).
     mean, low, high, p = run_level_test(np.full((3, 2), 0.1))
-    assert p == 0.0 and low == high == mean == pytest.approx(0.1, abs=1e-15)
-    # Fold means that are round-off around zero: no difference at all, p = 1, an interval [0, 0].
+    assert p == 1.0 and (low, high) == (-np.inf, np.inf) and mean == pytest.approx(0.1, abs=1e-15)
+    # HD95's penalty makes ties common: two folds whose differences are both one missed case (37.3 mm).
+    assert run_level_test(np.array([[37.313], [37.313]]))[1:] == (-np.inf, np.inf, 1.0)
+    # Fold means that are round-off around zero: the same.
     mean, low, high, p = run_level_test(np.array([[-1e-12, 2e-13], [-3e-12, 0.0], [0.0, 1e-13]]))
-    assert (mean, low, high, p) == (0.0, 0.0, 0.0, 1.0)
+    assert (mean, low, high, p) == (0.0, -np.inf, np.inf, 1.0)
     # One fold: p = 1 and an interval that says nothing.
     assert run_level_test(np.array([[0.1, 0.3]])) == (pytest.approx(0.2), -np.inf, np.inf, 1.0)
 
@@ -562,9 +568,25 @@ def test_minimum_detectable_effect_at_a_low_power_counts_both_tails():
     assert mde / np.sqrt(2 / 30) < 1.0
 
 
+def _power_at_spread(effect: float, spread: float, folds: int, alpha: float) -> float:
+    """`_power` with the fold means' spread given directly."""
+    return _power(effect, spread / np.sqrt(2), folds, 1, alpha)
+
+
+@pytest.mark.parametrize("folds, alpha", [(2, 0.05), (3, 0.05 / 3), (5, 0.05 / 3), (8, 0.05 / 2), (2, 0.001)])
+def test_spread_mde_is_where_the_power_reaches_80_percent(folds, alpha):
+    mde = spread_mde(0.02, folds, alpha)
+    assert np.isfinite(mde) and _power_at_spread(mde, 0.02, folds, alpha) == pytest.approx(0.8, abs=1e-6)
+
+
 def test_minimum_detectable_effect_edge_cases():
-    assert minimum_detectable_effect(0.0, 3, 2) == 0.0  # no noise: any difference is seen
+    # No noise (a tie on every fold): the test cannot estimate its noise and says "cannot tell".
+    assert minimum_detectable_effect(0.0, 3, 2) == np.inf and spread_mde(0.0, 5) == np.inf
     assert np.isnan(minimum_detectable_effect(float("nan"), 3, 2))  # one seed: noise not measured
+    # A small alpha with one degree of freedom needs a noncentrality far beyond 100: no bare brentq error.
+    assert minimum_detectable_effect(0.01, 2, 1, alpha=0.001) > minimum_detectable_effect(0.01, 2, 1, alpha=0.05)
+    with pytest.raises(ValueError, match=re.escape("alpha and power must be in (0, 1), got 0 and 0.8")):
+        spread_mde(0.01, 3, alpha=0)
     assert minimum_detectable_effect(0.01, 1, 2) == np.inf
     for folds, seeds in ((0, 3), (3, 0)):
         with pytest.raises(ValueError, match=re.escape(f"folds and seeds must be at least 1, got {folds} and {seeds}")):
@@ -607,8 +629,8 @@ def test_compare_runs_on_a_table_worked_by_hand():
     # 1 - t/sqrt(t^2 + 2) and critical value at 97.5% is 0.95/sqrt(2 x 0.975 x 0.025).
     # Seed variances (x - y)^2 / 2 of each arm's fold: base 2, 2, 0 and new 2, 8, 2 (x 1e-4), pooled
     # over the 6 groups: noise floor sqrt(16e-4 / 6).
-    # HD95: every fold mean is 0.5, no spread: p = 0, interval [0.5, 0.5], noise 0 and MDE 0.
-    # Holm of (p_dice, 0): 0 x 2 = 0, then p_dice x 1.
+    # HD95: every fold mean is 0.5, no spread: p = 1, an interval that says nothing, noise 0, MDE
+    # infinite, "cannot tell". Holm of (p_dice, 1): p_dice x 2, then 1.
     result = compare_runs(_hand_runs(), "base", ["dice_WT", "hd95_WT"])
     assert list(result.columns) == RUN_COLUMNS
     assert result.attrs == {"baseline": "base", "confidence": 0.95, "alpha": 0.05}
@@ -620,18 +642,20 @@ def test_compare_runs_on_a_table_worked_by_hand():
     noise = np.sqrt(16e-4 / 6)
     dice = result.iloc[2]
     expected = {"mean_baseline": 4.24 / 6, "mean_arm": 4.40 / 6, "mean_diff": 0.08 / 3, "ci_low": 0.08 / 3 - half,
-                "ci_high": 0.08 / 3 + half, "noise_floor": noise, "p_value": p_dice, "p_holm": p_dice}
+                "ci_high": 0.08 / 3 + half, "noise_floor": noise, "spread": 0.01 / np.sqrt(3), "p_value": p_dice,
+                "p_holm": 2 * p_dice}
     assert {k: dice[k] for k in expected} == pytest.approx(expected, abs=1e-12)
-    assert _power(dice["mde"], noise, 3, 2) == pytest.approx(0.8, abs=1e-6)
-    assert dice["verdict"] == "better (p=0.015)"
+    # The MDE is the verdict's: at the fold spread, at Holm's first step over the two columns.
+    assert _power_at_spread(dice["mde"], 0.01 / np.sqrt(3), 3, 0.05 / 2) == pytest.approx(0.8, abs=1e-6)
+    assert dice["verdict"] == "better (p=0.031)"
     hd = result.iloc[3]
-    expected = {"mean_baseline": 5.0, "mean_arm": 5.5, "mean_diff": 0.5, "ci_low": 0.5, "ci_high": 0.5, "noise_floor": 0.0,
-                "mde": 0.0, "p_value": 0.0, "p_holm": 0.0}
+    expected = {"mean_baseline": 5.0, "mean_arm": 5.5, "mean_diff": 0.5, "ci_low": -np.inf, "ci_high": np.inf,
+                "noise_floor": 0.0, "spread": 0.0, "mde": np.inf, "p_value": 1.0, "p_holm": 1.0}
     assert {k: hd[k] for k in expected} == pytest.approx(expected, abs=1e-12)
-    assert hd["verdict"] == "worse (p<0.001)"  # a higher HD95 is worse
+    assert hd["verdict"] == NO_SPREAD
     for _, same in result.iloc[:2].iterrows():
-        assert (same["mean_diff"], same["ci_low"], same["ci_high"], same["p_value"], same["p_holm"]) == (0, 0, 0, 1, 1)
-        assert same["verdict"] == "no evidence of a difference"
+        assert (same["mean_diff"], same["ci_low"], same["ci_high"], same["p_value"], same["p_holm"]) == (0, -np.inf, np.inf, 1, 1)
+        assert same["verdict"] == NO_SPREAD
 
 
 def test_compare_runs_passes_confidence_and_alpha_on():
@@ -642,16 +666,19 @@ def test_compare_runs_passes_confidence_and_alpha_on():
     dice = result.iloc[2]
     half = 0.9 / np.sqrt(2 * 0.95 * 0.05) * 0.01 / 3
     assert (dice["ci_low"], dice["ci_high"]) == (pytest.approx(0.08 / 3 - half, abs=1e-12), pytest.approx(0.08 / 3 + half, abs=1e-12))
-    assert _power(dice["mde"], dice["noise_floor"], 3, 2, alpha=0.01) == pytest.approx(0.8, abs=1e-6)
+    assert _power_at_spread(dice["mde"], dice["spread"], 3, 0.01 / 2) == pytest.approx(0.8, abs=1e-6)
     assert dice["verdict"] == "no evidence of a difference"
-    assert result.iloc[3]["verdict"] == "worse (p<0.001)"
+    assert result.iloc[3]["verdict"] == NO_SPREAD
 
 
 def test_compare_runs_without_a_seed_column_is_one_seed():
     table = _hand_runs()
     one_seed = table[table["seed"] == 0].drop(columns="seed")
     row = compare_runs(one_seed, "base", ["dice_WT"]).iloc[1]  # new: fold means 0.03, 0.01, 0.04
-    assert (row["folds"], row["seeds"]) == (3, 1) and np.isnan(row["noise_floor"]) and np.isnan(row["mde"])
+    assert (row["folds"], row["seeds"]) == (3, 1) and np.isnan(row["noise_floor"])
+    # One seed: no noise floor, but the verdict's MDE stands on the fold spread of 0.03, 0.01, 0.04.
+    assert row["spread"] == pytest.approx(np.std([0.03, 0.01, 0.04], ddof=1), abs=1e-12)
+    assert row["mde"] == pytest.approx(spread_mde(row["spread"], 3), abs=1e-12)
     assert row["mean_diff"] == pytest.approx(0.08 / 3, abs=1e-12)
     extra = one_seed[(one_seed["arm"] == "new") & (one_seed["case"] == "c2")].assign(case="x")
     with pytest.raises(ValueError, match=re.escape("fold 1, seed 0 has cases ['x'] in only one of 'new' and 'base'")):
@@ -711,17 +738,17 @@ def _verdict_rows() -> pd.DataFrame:
     """Rows of four designs, so that every number format shows in one table (4 decimals, 2 for HD95;
     n/a for what one seed cannot measure; the infinite interval and MDE of one fold)."""
     rows = [
-        ("att_unet", "dice_ET", 10, 3, 2, 0.71234, 0.73456, 0.02222, 0.00512, 0.03932, 0.00612, 0.01523, 0.0234, 0.0468,
+        ("att_unet", "dice_ET", 10, 3, 2, 0.71234, 0.73456, 0.02222, 0.00512, 0.03932, 0.00612, 0.00912, 0.01523, 0.0234, 0.0468,
          "better (p=0.047)"),
-        ("att_unet", "hd95_ET", 10, 3, 2, 5.678, 4.321, -1.357, -2.5, -0.2, 0.347, 1.234, 0.0004, 0.0008, "better (p<0.001)"),
-        ("one_fold", "dice_ET", 10, 1, 2, 0.7, 0.65, -0.05, -np.inf, np.inf, 0.004, np.inf, 1.0, 1.0, ONE_FOLD),
-        ("loss_arm", "loss", 10, 2, 1, 0.31, 0.35, 0.04, -0.05, 0.13, np.nan, np.nan, 0.12, 0.12, "no evidence of a difference"),
+        ("att_unet", "hd95_ET", 10, 3, 2, 5.678, 4.321, -1.357, -2.5, -0.2, 0.347, 0.512, 1.234, 0.0004, 0.0008, "better (p<0.001)"),
+        ("one_fold", "dice_ET", 10, 1, 2, 0.7, 0.65, -0.05, -np.inf, np.inf, 0.004, np.nan, np.inf, 1.0, 1.0, ONE_FOLD),
+        ("loss_arm", "loss", 10, 2, 1, 0.31, 0.35, 0.04, -0.05, 0.13, np.nan, 0.0636, 0.1234, 0.12, 0.12, "no evidence of a difference"),
     ]
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
 def test_format_runs_prints_the_verdict_table_exactly():
-    # Worked by hand: column widths 8, 7, 4, 8, 8, 24 (the loss row's interval), 11, 9, 7 ("p<0.001"
+    # Worked by hand: column widths 8, 7, 4, 8, 8, 24 (the loss row's interval), 7, 7, 10, 7 ("p<0.001"
     # keeps its "p<", only "p=" is dropped), 8 and the verdict's, two spaces apart; arm, metric and
     # verdict left-aligned, the numbers right-aligned.
     df = _verdict_rows()
@@ -729,18 +756,19 @@ def test_format_runs_prints_the_verdict_table_exactly():
     expected = [
         "Each arm against 'unet', runs as the unit",
         "",
-        "arm       metric   runs  baseline  arm mean             diff [90% CI]  noise floor  MDE (80%)        p  p (Holm)  verdict",
-        "  ".join("-" * w for w in (8, 7, 4, 8, 8, 24, 11, 9, 7, 8, len(ONE_FOLD))),
-        "att_unet  dice_ET   3x2    0.7123    0.7346   0.0222 [0.0051, 0.0393]       0.0061     0.0152    0.023     0.047  better (p=0.047)",
-        "att_unet  hd95_ET   3x2      5.68      4.32      -1.36 [-2.50, -0.20]         0.35       1.23  p<0.001   p<0.001  better (p<0.001)",
-        "one_fold  dice_ET   1x2    0.7000    0.6500       -0.0500 [-inf, inf]       0.0040        inf    1.000     1.000  " + ONE_FOLD,
-        "loss_arm  loss      2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]          n/a        n/a    0.120     0.120  no evidence of a difference",
+        "arm       metric   runs  baseline  arm mean             diff [90% CI]  seed SD  fold SD  MDE (Holm)        p  p (Holm)  verdict",
+        "  ".join("-" * w for w in (8, 7, 4, 8, 8, 24, 7, 7, 10, 7, 8, len(ONE_FOLD))),
+        "att_unet  dice_ET   3x2    0.7123    0.7346   0.0222 [0.0051, 0.0393]   0.0061   0.0091      0.0152    0.023     0.047  better (p=0.047)",
+        "att_unet  hd95_ET   3x2      5.68      4.32      -1.36 [-2.50, -0.20]     0.35     0.51        1.23  p<0.001   p<0.001  better (p<0.001)",
+        "one_fold  dice_ET   1x2    0.7000    0.6500       -0.0500 [-inf, inf]   0.0040      n/a         inf    1.000     1.000  " + ONE_FOLD,
+        "loss_arm  loss      2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]      n/a   0.0636      0.1234    0.120     0.120  no evidence of a difference",
         "",
         "runs = folds x seeds per arm; diff = arm - baseline, paired by fold and seed over the same cases;",
         "p: two-sided t-test on the fold means of the paired run differences (seeds averaged within a fold), 90% CI its t interval;",
-        "Holm across the regions of each metric. noise floor: seed-to-seed SD of one run's mean (n/a with one seed);",
-        "MDE: the smallest true difference this design finds with 80% power at the noise floor (alpha 0.05, before Holm).",
-        "Dice, sensitivity, specificity: higher is better; HD95: lower is better.",
+        "Holm across the regions of each metric. seed SD: seed-to-seed SD of one run's mean (n/a with one seed);",
+        "fold SD: SD over folds of the fold means of the paired differences, the noise the test reads;",
+        "MDE (Holm): the smallest true difference the verdict finds with 80% power at that fold SD (alpha 0.05 / regions,",
+        "Holm's first step). Dice, sensitivity, specificity: higher is better; HD95: lower is better.",
     ]
     assert format_runs(df).split("\n") == expected
 
@@ -751,8 +779,14 @@ def test_format_runs_without_attrs_and_without_rows():
     assert lines[0] == "Each arm against the baseline, runs as the unit"
     assert lines[2].split()[6:9] == ["diff", "[95%", "CI]"]
     # Alone, the loss row sets the widths of metric (6, its header) and p (5).
-    assert lines[4] == "loss_arm  loss     2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]          n/a        n/a  0.120     0.120  no evidence of a difference"
+    assert lines[4] == "loss_arm  loss     2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]      n/a   0.0636      0.1234  0.120     0.120  no evidence of a difference"
     empty = _verdict_rows().iloc[:0]
     assert format_runs(empty) == "Each arm against the baseline, runs as the unit: no other arm to compare."
     empty.attrs["baseline"] = "unet"
     assert format_runs(empty) == "Each arm against 'unet', runs as the unit: no other arm to compare."
+
+
+def test_fold_spread_reads_a_tie_as_exactly_zero_and_one_fold_as_unmeasured():
+    assert fold_spread(np.array([[0.1, 0.1], [0.2, 0.0], [0.05, 0.15]])) == 0.0  # fold means 0.1 each, up to round-off
+    assert fold_spread(np.array([[0.1], [0.3]])) == pytest.approx(np.sqrt(0.02), abs=1e-12)
+    assert np.isnan(fold_spread(np.array([[0.1, 0.3]])))

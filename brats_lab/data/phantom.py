@@ -17,7 +17,9 @@ import functools
 import importlib.util
 import json
 import math
+import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -135,12 +137,35 @@ def synthesize(
             raise ValueError(f"{name} must be between 0 and 1, got {value}")
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(_LAYOUTS)}, got {layout!r}")
-    case_layout, prefix = _LAYOUTS[layout]
     settings = {"seed": seed, "shape": list(shape), "no_et_fraction": no_et_fraction,
                 "corrupt_fraction": corrupt_fraction, "cases": cases}
     if layout != "brats2020":  # a 2020 manifest has no layout key; keep it so
         settings["layout"] = layout
     _refuse_other_dataset(out, settings)
+    # A new dataset is written aside and renamed into place when complete: an interrupted write
+    # (Ctrl-C, a full disk) leaves no folder that looks like a smaller dataset of the same name.
+    fresh = not out.is_dir() or not any(out.iterdir())
+    if fresh:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        final, out = out, Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        folders = _write_cases(out, cases, seed, shape, no_et_fraction, corrupt_fraction, layout, progress)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if fresh:
+        if final.is_dir():
+            final.rmdir()  # the empty folder it replaces
+        out.rename(final)
+        folders = [final / f.name for f in folders]
+    return folders
+
+
+def _write_cases(out: Path, cases: int, seed: int, shape: tuple[int, int, int], no_et_fraction: float,
+                 corrupt_fraction: float, layout: str, progress: bool) -> list[Path]:
+    """`synthesize`'s cases and manifest, written into `out`."""
+    case_layout, prefix = _LAYOUTS[layout]
     geometry = phantom_geometry(shape)
     corrupted = _corrupted_cases(seed, cases, corrupt_fraction)
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +240,23 @@ def test_full_size_case(tmp_path: Path) -> None:
     assert (seg[~brain] == 0).all()
     record = _manifest(tmp_path)["cases"][0]
     assert 1.0 < sum(record["tumour"]["volume_ml"].values()) < 400.0
+
+
+def test_ctrl_c_while_writing_leaves_no_partial_dataset(tmp_path: Path) -> None:
+    # `brats-lab data synth` interrupted (SIGINT, as Ctrl-C) after its second case is on disk: the
+    # folder asked for must not exist (a later run would take 2 cases for the dataset), nor any part.
+    out = tmp_path / "phantom"
+    argv = [sys.executable, "-m", "brats_lab.cli", "data", "synth", "--out", str(out), "--cases", "30", "--shape", "40", "40", "32"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".phantom.partial-*/BraTS20_Training_002")):
+        assert process.poll() is None and time.monotonic() < deadline, "the synth ended or stalled before its second case"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) != 0
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    # Uninterrupted, the same command leaves the whole dataset in place and nothing beside it.
+    argv[argv.index("30")] = "3"
+    subprocess.run(argv, check=True, capture_output=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phantom"]
+    assert len(json.loads((out / "phantom.json").read_text())["cases"]) == 3 and len(list(out.glob("BraTS20_*"))) == 3

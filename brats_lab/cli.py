@@ -235,7 +235,7 @@ def _predict_parser(commands: argparse._SubParsersAction) -> None:
                               "(the paper's final pipeline A: three arms, --top 2); the choice is written to OUTPUT/ensemble.json")
     predict.add_argument("--by", default="dice", metavar="METRIC",
                          help="the validation score of --top: dice, hd95, sensitivity, specificity (mean over ET, TC, WT) "
-                              "or one region, e.g. dice_ET")
+                              "or one region, e.g. dice_ET, lesion_hd95_WT; HD95 and lesion false positives/negatives: lowest is best")
     predict.add_argument("--precision", choices=PRECISIONS, default="auto",
                          help="autocast dtype of the networks; auto: bf16 on a GPU, on a CPU bf16 only where it executes "
                               "bf16 natively (AMX, AVX512-BF16), float32 otherwise (the paper: fp16)")

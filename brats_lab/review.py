@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from brats_lab.evaluation.metrics import lower_is_better
 from brats_lab.labels import REGIONS, LabelConvention
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ def worst_cases(per_case: pd.DataFrame, arm: str, region: str, n: int = 10, by: 
     too) first, a case where `by` is undefined (NaN: the region absent from both maps) last: fold,
     case, run_id (when given), and that case's Dice and HD95 (lesion-wise ones first) of every region."""
     rows = per_case[per_case["arm"] == arm].sort_values(
-        [f"{by}_{region}", "case"], ascending=[not by.endswith("hd95"), True], kind="stable", na_position="last")
+        [f"{by}_{region}", "case"], ascending=[not lower_is_better(by), True], kind="stable", na_position="last")
     keep = [c for c in ["fold", "case", "run_id"] if c in rows.columns]
     keep += [f"{m}_{r}" for m in ("lesion_dice", "lesion_hd95", "dice", "hd95") for r in REGIONS if f"{m}_{r}" in rows.columns]
     return rows[keep].head(n).reset_index(drop=True)

@@ -681,6 +681,12 @@ CONFIG_CORPUS = {  # name -> (argv after `brats-lab`, with {data} and {toml}; th
     "ablation: [removal] fraction as words": (
         ["ablate", "{toml}"], _ablation(append='[removal]\narm = "wide"\nfraction = "ten percent"\n'),
         r"removal.fraction must be a number, got 'ten percent'"),
+    "ablation: [removal] metric misspelt": (
+        ["ablate", "{toml}"], _ablation(append='[removal]\narm = "wide"\nmetric = "dice_wt"\n'),
+        r"removal.metric: unknown metric 'dice_wt'.*did you mean 'dice_WT'"),
+    "predict: --by misspelt": (
+        ["predict", "--run", "any", "--input", "{work}/data", "--output", "{work}/out", "--top", "1", "--by", "dice_wt"], None,
+        r"unknown metric 'dice_wt'.*did you mean 'dice_WT'"),
     "ablation: trials = \"many\"": (
         ["ablate", "{toml}"], _ablation(append='[search]\ntrials = "many"\n[search.params]\n"optim.lr" = {low = 1e-5, high = 1e-3}\n'),
         r"search.trials must be an integer, got 'many'"),

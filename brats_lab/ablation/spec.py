@@ -25,7 +25,9 @@ from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
+from brats_lab import DataError
 from brats_lab.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, config_hash, load_config, pipeline_path
+from brats_lab.evaluation.metrics import METRIC_REGIONS, metric_direction
 
 ABLATIONS_DIR = EXPERIMENTS_DIR / "ablations"
 CPU_DEMO = EXPERIMENTS_DIR / "cpu_demo.toml"  # the one CPU demo schedule every ablation's [cpu] shares
@@ -49,8 +51,10 @@ class Search:
 
 @dataclass(frozen=True)
 class Removal:
-    """Patient removal: `arm` retrains without the `fraction` of cases with the lowest out-of-fold
-    `metric` under the baseline (a case whose labels the network cannot learn scores worst)."""
+    """Patient removal: `arm` retrains without the `fraction` of cases with the worst out-of-fold
+    `metric` under the baseline, in the metric's direction (the lowest Dice, the highest HD95): a
+    case whose labels the network cannot learn scores worst. `metric` is a per-case column
+    (`dice_WT`), checked when the ablation is loaded."""
 
     arm: str
     metric: str = "dice_WT"
@@ -130,6 +134,7 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
             raise ConfigError(f"{path}: removal.arm must be one of the arms other than the baseline, got {removal.arm!r}")
         if not 0 < removal.fraction < 1:
             raise ConfigError(f"{path}: removal.fraction must be between 0 and 1, got {removal.fraction}")
+        _check_removal_metric(removal.metric, path)
     search = None
     if "search" in data:
         params = {}
@@ -165,6 +170,18 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
     if search is not None:  # and every searched key must exist
         ablation.arm_config(ablation.baseline, "cpu", [f"{k}={low}" for k, (low, _, _) in search.params.items()])
     return ablation
+
+
+def _check_removal_metric(metric: str, path: Path) -> None:
+    """A misspelt metric is refused now, not after the baseline's whole pass: it must be a metric
+    with a declared direction, and a per-case column, so one region (`dice_WT`, not `dice`)."""
+    try:
+        metric_direction(metric)
+    except DataError as e:
+        raise ConfigError(f"{path}: removal.metric: {e}") from None
+    if metric.startswith(("final_", "val_")) or metric.rpartition("_")[2] not in METRIC_REGIONS:
+        raise ConfigError(f"{path}: removal.metric must be a per-case column, one metric of one region "
+                          f"such as 'dice_WT' or 'hd95_WT', got {metric!r}")
 
 
 def _cpu_demo() -> tuple[str, ...]:

@@ -39,6 +39,7 @@ from brats_lab.ablation.report import Report, gather, report, run_per_case
 from brats_lab.ablation.spec import Ablation, load_ablation, parse_ablation
 from brats_lab.ablation.storage import DEFAULT_STORAGE, open_storage, safe_url  # noqa: F401 (DEFAULT_STORAGE: callers import it from here)
 from brats_lab.config import config_hash, flatten
+from brats_lab.evaluation.metrics import lower_is_better
 
 # A worker silent for GRACE_SECONDS is dead: its trial fails and is enqueued again. (Environment
 # overrides exist for the tests, which kill a worker and cannot wait minutes.)
@@ -346,8 +347,9 @@ def search(plan: Plan, study_run, progress: bool = True) -> pd.DataFrame:
     spec = plan.ablation.search
     assert spec is not None
     sampler = optuna.samplers.TPESampler(seed=spec.seed)
+    lower = lower_is_better(spec.metric)
     study = optuna.create_study(study_name=f"{plan.study_name}-search", storage=_storage(plan.storage),
-                                sampler=sampler, direction="maximize", load_if_exists=True)
+                                sampler=sampler, direction="minimize" if lower else "maximize", load_if_exists=True)
 
     def objective(trial: optuna.Trial) -> float:
         values = {k: trial.suggest_float(k, low, high, log=log) for k, (low, high, log) in spec.params.items()}
@@ -369,17 +371,25 @@ def search(plan: Plan, study_run, progress: bool = True) -> pd.DataFrame:
     if done < spec.trials:
         study.optimize(objective, n_trials=spec.trials - done)
     rows = [{**t.params, f"mean_{spec.metric}": t.value} for t in study.trials if t.value is not None]
-    return pd.DataFrame(rows).sort_values(f"mean_{spec.metric}", ascending=False, ignore_index=True)
+    return pd.DataFrame(rows).sort_values(f"mean_{spec.metric}", ascending=lower, ignore_index=True)
 
 
 def choose_removed(plan: Plan) -> tuple[str, ...]:
-    """The baseline's worst `fraction` of cases by their out-of-fold `metric` (at least one)."""
+    """The baseline's worst `fraction` of cases (at least one) by their out-of-fold `metric`,
+    averaged over seeds, in the metric's direction: the lowest Dice, the highest HD95. Ties are
+    broken by case id, the smaller removed first; a case whose score is undefined (NaN: a
+    lesion-wise region absent from both maps) is never removed. Returned sorted by case id."""
     removal = plan.ablation.removal
     assert removal is not None
     table = gather(plan, [plan.ablation.baseline])
-    scores = table.groupby("case")[removal.metric].mean().sort_values(kind="stable")
+    if removal.metric not in table.columns:
+        raise DataError(f"removal.metric {removal.metric!r}: the baseline's per-case tables have no such column "
+                        f"(they have {', '.join(c for c in table.columns if c not in ('arm', 'fold', 'seed', 'case'))})")
+    scores = table.groupby("case")[removal.metric].mean()
+    worse = -1 if lower_is_better(removal.metric) else 1  # sort key: worst first
+    ranked = sorted(scores.dropna().index, key=lambda case: (worse * scores[case], case))
     count = max(1, round(removal.fraction * len(scores)))
-    return tuple(sorted(scores.index[:count]))
+    return tuple(sorted(ranked[:count]))
 
 
 # --- sizing a study before paying for it (`brats-lab ablate NAME --plan`) ------------------------

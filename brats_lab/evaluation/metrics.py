@@ -24,19 +24,43 @@ two masks plus a one-voxel margin. That is exact, not an approximation:
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-from brats_lab.labels import LabelConvention
+from brats_lab import DataError
+from brats_lab.labels import REGIONS, LabelConvention
 
 # The diagonal of a 240 x 240 x 155 volume at 1 mm, sqrt(240^2 + 240^2 + 155^2) = 373.1287...:
 # the HD95 BraTS gave when exactly one of the two masks was empty.
 EMPTY_HD95 = 373.13
 
 METRICS: tuple[str, ...] = ("dice", "sensitivity", "specificity", "hd95")
+
+# Which way each metric brats-lab scores is better: the one place that says so (ranking, top-k
+# choice, patient removal and the verdict all ask `metric_direction`). The lesion-wise ones are
+# `lesionwise.LESION_METRICS`, spelt here because lesionwise imports this module.
+DIRECTIONS: dict[str, Literal["higher", "lower"]] = {
+    "dice": "higher",
+    "sensitivity": "higher",
+    "specificity": "higher",
+    "hd95": "lower",
+    "lesion_dice": "higher",
+    "lesion_hd95": "lower",
+    "volume_dice": "higher",
+    "volume_hd95": "lower",
+    "lesion_tp": "higher",  # reference lesions found
+    "lesion_fp": "lower",  # predicted lesions matching none
+    "lesion_fn": "lower",  # reference lesions missed
+}
+# The region suffixes of a metric column: ET, TC, WT, and GTV (the only region of the BraTS
+# meningioma radiotherapy rules, `lesionwise.RULES["men-rt"]`).
+METRIC_REGIONS: tuple[str, ...] = (*REGIONS, "GTV")
+# A fold run logs `final_<column>` (its final model on the held-out cases) and `val_<column>` (per epoch).
+_RUN_PREFIXES = ("final_", "val_")
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,36 @@ class RegionMetrics:
 
     def as_dict(self) -> dict[str, float]:
         return {m: getattr(self, m) for m in METRICS}
+
+
+def metric_direction(name: str) -> Literal["higher", "lower"]:
+    """"higher" or "lower": which way the metric `name` is better, from `DIRECTIONS`.
+
+    `name` is a metric (`dice`, `lesion_hd95`), a per-case column (`hd95_WT`), or a metric a fold
+    run logs (`final_lesion_fp_ET`, `val_dice_WT`). Names are exact: `dice_wt` or `HD95` is not a
+    metric. Raises DataError for an unknown name, listing the known ones.
+    """
+    base = name
+    for prefix in _RUN_PREFIXES:
+        if base.startswith(prefix):
+            base = base[len(prefix):]
+            break
+    metric, _, region = base.rpartition("_")
+    if not (metric in DIRECTIONS and region in METRIC_REGIONS):
+        metric = base
+    if metric not in DIRECTIONS:
+        known = [*DIRECTIONS, *(f"{m}_{r}" for m in DIRECTIONS for r in METRIC_REGIONS)]
+        # The commonest slip is the case of the region (`dice_wt`): suggest that first.
+        close = [k for k in known if k.lower() == base.lower()] or difflib.get_close_matches(base, known, n=1)
+        hint = f"; did you mean {name[:len(name) - len(base)] + close[0]!r}?" if close else ""
+        raise DataError(f"unknown metric {name!r}: expected one of {', '.join(DIRECTIONS)}, alone or with a region "
+                        f"suffix {', '.join('_' + r for r in METRIC_REGIONS)} (e.g. dice_WT, lesion_hd95_ET){hint}")
+    return DIRECTIONS[metric]
+
+
+def lower_is_better(name: str) -> bool:
+    """True for a metric where lower is better (HD95, lesion false positives...); see `metric_direction`."""
+    return metric_direction(name) == "lower"
 
 
 def dice_from_counts(overlap: int, n_pred: int, n_ref: int) -> float:

@@ -64,12 +64,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-ArrayLike = Sequence[float] | np.ndarray
+from brats_lab import DataError
+from brats_lab.evaluation.metrics import metric_direction
 
-# Metrics where a higher value is better, and where a lower value is better; the metric of a
-# column is its prefix before the first "_" (`dice_ET` -> `dice`), as `metric_columns()` names them.
-HIGHER_IS_BETTER = frozenset({"dice", "sensitivity", "specificity"})
-LOWER_IS_BETTER = frozenset({"hd95"})
+ArrayLike = Sequence[float] | np.ndarray
 
 # Per-case differences are rounded to this many decimals before ranking. Subtracting floats leaves
 # round-off (0.9 - 0.8 != 0.7 - 0.6), which would split true ties into distinct ranks and turn
@@ -226,19 +224,14 @@ def holm(p_values: ArrayLike) -> np.ndarray:
     return adjusted
 
 
-def metric_direction(column: str) -> int:
-    """+1 if higher is better for this column's metric, -1 if lower is better, 0 if unknown.
-
-    The metric is the column's prefix before the first "_" (`hd95_WT` -> `hd95`), or the whole
-    name (`dice`); a lesion-wise or whole-volume column reads as its metric
-    (`lesion_dice_ET` -> `dice`, `volume_hd95_WT` -> `hd95`).
-    """
-    metric = column.lower().removeprefix("lesion_").removeprefix("volume_").split("_", 1)[0]
-    if metric in HIGHER_IS_BETTER:
-        return 1
-    if metric in LOWER_IS_BETTER:
-        return -1
-    return 0
+def _sign(column: str) -> int:
+    """+1 if higher is better for this column's metric, -1 if lower is better (as
+    `metrics.metric_direction` declares), 0 for a column that is none of brats-lab's metrics (a
+    loss, say): its verdict then says "higher"/"lower" rather than "better"/"worse"."""
+    try:
+        return 1 if metric_direction(column) == "higher" else -1
+    except DataError:
+        return 0
 
 
 def _format_p(p: float) -> str:
@@ -255,9 +248,9 @@ def _rank_sign(d: np.ndarray) -> int:
 def verdict(column: str, d: np.ndarray, p_holm: float, alpha: float = 0.05) -> str:
     """Plain-words verdict for the differences `d` (arm - baseline) of one metric column.
 
-    "no evidence of a difference" when `p_holm >= alpha`; otherwise "better"/"worse" for metrics
-    with a known direction (dice, sensitivity, specificity: higher is better; hd95: lower is
-    better), "higher"/"lower" for others, followed by the Holm-adjusted p, e.g.
+    "no evidence of a difference" when `p_holm >= alpha`; otherwise "better"/"worse" for
+    brats-lab's metrics (by `metrics.metric_direction`: dice higher is better, hd95 lower...),
+    "higher"/"lower" for other columns, followed by the Holm-adjusted p, e.g.
     "better (p=0.003)". The direction is the sign of the mean difference; where the mean and the
     ranks the test used point opposite ways (a few large differences against many small ones),
     the verdict says so instead of picking one.
@@ -267,7 +260,7 @@ def verdict(column: str, d: np.ndarray, p_holm: float, alpha: float = 0.05) -> s
     mean_sign = int(np.sign(d.mean()))
     if mean_sign == 0 or mean_sign != _rank_sign(d):
         return f"different, direction unclear: mean and ranks disagree ({_format_p(p_holm)})"
-    direction = metric_direction(column)
+    direction = _sign(column)
     if direction == 0:
         word = "higher" if mean_sign > 0 else "lower"
     else:
@@ -621,7 +614,7 @@ def run_verdict(column: str, mean_diff: float, p_holm: float, folds: int, alpha:
         return ONE_FOLD
     if not p_holm < alpha or mean_diff == 0:
         return "no evidence of a difference"
-    direction = metric_direction(column)
+    direction = _sign(column)
     sign = 1 if mean_diff > 0 else -1
     word = ("higher" if sign > 0 else "lower") if direction == 0 else ("better" if sign == direction else "worse")
     return f"{word} ({_format_p(p_holm)})"
@@ -638,7 +631,7 @@ def format_runs(df: pd.DataFrame) -> str:
               "p (Holm)", "verdict"]
     lines: list[list[str]] = []
     for r in df.itertuples(index=False):
-        f = f"{{:.{2 if metric_direction(r.metric) == -1 else 4}f}}"
+        f = f"{{:.{2 if _sign(r.metric) == -1 else 4}f}}"
 
         def num(v: float) -> str:  # NaN: not measured (one seed); an infinite bound keeps its sign: [-inf, inf]
             return "n/a" if np.isnan(v) else f.format(v)

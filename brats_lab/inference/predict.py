@@ -21,14 +21,14 @@ from brats_lab import DataError
 from brats_lab.config import ExperimentConfig, from_dict
 from brats_lab.data.cases import Case
 from brats_lab.data.preprocess import label_map, pad_to_multiple, paste_back, preprocess_case, unpad
+from brats_lab.evaluation.metrics import METRICS, lower_is_better
 from brats_lab.io import write_image, write_text
+from brats_lab.labels import REGIONS
 from brats_lab.models import build_model
 from brats_lab.precision import autocast_dtype
 from brats_lab.training.checkpoint import FINAL_MODEL, MODEL_KEYS, load
 
 
-REGIONS = ("ET", "TC", "WT")
-LOWER_IS_BETTER = ("hd95",)
 ENSEMBLE_RECORD = "ensemble.json"
 # The data settings that decide which cases a fold validates on: candidates of one fold must agree.
 _SPLIT_PARAMS = ("data.dataset", "data.folds", "data.seed", "data.split")
@@ -38,7 +38,7 @@ def run_score(metrics: dict[str, float], by: str) -> float:
     """A fold run's validation score `by`: "dice" (or "hd95", "sensitivity", "specificity") is the
     mean over ET, TC and WT of its final whole-volume validation metric; "dice_ET" etc. one region.
     Raises DataError when the run has not logged it."""
-    keys = [f"final_{by}_{r}" for r in REGIONS] if by in ("dice", "hd95", "sensitivity", "specificity") else [f"final_{by}"]
+    keys = [f"final_{by}_{r}" for r in REGIONS] if by in METRICS else [f"final_{by}"]
     missing = [k for k in keys if k not in metrics]
     if missing:
         raise DataError(f"no validation metric {', '.join(missing)} (is `--by {by}` a metric of brats-lab's fold runs?)")
@@ -50,15 +50,17 @@ def select_top(run_ids: list[str], top: int, by: str = "dice", root: Path | None
     `run_ids` (arm runs: all their finished folds; fold runs: themselves).
 
     Returns (the chosen fold run ids, fold by fold; a record of every candidate, its score and
-    whether it was chosen). Higher is better, except for HD95. Ties keep the order of `run_ids`.
-    Raises DataError when a fold has fewer than `top` candidates, or when the candidates of a fold
-    were validated on different cases (another dataset, split or seed).
+    whether it was chosen). Best is the metric's declared direction (`metrics.metric_direction`:
+    the highest Dice, the lowest HD95, lesion-wise HD95 or false-positive count...). Ties keep the
+    order of `run_ids`. Raises DataError for an unknown metric (before any run is read), when a
+    fold has fewer than `top` candidates, or when the candidates of a fold were validated on
+    different cases (another dataset, split or seed).
     """
     from brats_lab import tracking
 
     if top < 1:
         raise DataError(f"--top must be >= 1, got {top}")
-    lower = any(by.startswith(m) for m in LOWER_IS_BETTER)
+    lower = lower_is_better(by)  # and an unknown `by` is refused here, before any run is read
     by_fold: dict[int, list[dict[str, Any]]] = {}
     for given in run_ids:
         for fold_id in resolve_runs([given], root):

@@ -1,11 +1,15 @@
-"""The ablation TOMLs as data: the CPU demo schedule they share (experiments/cpu_demo.toml)."""
+"""The ablation TOMLs as data: the CPU demo schedule they share (experiments/cpu_demo.toml), and the
+removal metric they are refused for."""
 
 from __future__ import annotations
 
+import re
 import tomllib
 
+import pytest
+
 from brats_lab.ablation.spec import available, load_ablation
-from brats_lab.config import EXPERIMENTS_DIR, load_config, pipeline_path, to_dict
+from brats_lab.config import EXPERIMENTS_DIR, ConfigError, load_config, pipeline_path, to_dict
 from conftest import TINY_TRAINING, tiny_ablation
 
 
@@ -39,3 +43,23 @@ def test_an_ablation_without_a_cpu_table_takes_no_demo_schedule_and_a_cpu_set_ad
     cfg = ablation.arm_config("equiunet", "cpu")
     assert cfg.train.swa.cycles == 3  # its own set after the shared one: its own wins
     assert cfg.train.epochs == int(_values(list(TINY_TRAINING))["train.epochs"])  # and the arm's overrides after both
+
+
+def test_a_removal_metric_that_is_not_a_per_case_column_is_refused_when_the_ablation_loads(tmp_path):
+    """Before anything trains, not as a KeyError after the baseline's whole pass."""
+    toml = tmp_path / "removal.toml"
+
+    def removal(metric: str) -> None:
+        toml.write_text(tiny_ablation() + f'\n[removal]\narm = "att_equiunet"\nmetric = "{metric}"\nfraction = 0.25\n')
+        load_ablation(str(toml))
+
+    removal("hd95_WT")  # every metric of a region is fine, lesion-wise ones too
+    removal("lesion_hd95_ET")
+    with pytest.raises(ConfigError, match=re.escape(f"{toml}: removal.metric: unknown metric 'dice_wt'") + ".*did you mean 'dice_WT'"):
+        removal("dice_wt")
+    with pytest.raises(ConfigError, match="removal.metric: unknown metric 'hd_95_WT'"):
+        removal("hd_95_WT")
+    for whole in ("dice", "final_dice_WT"):  # a known metric, but no per-case column
+        with pytest.raises(ConfigError, match=re.escape(f"removal.metric must be a per-case column, one metric of one region "
+                                                        f"such as 'dice_WT' or 'hd95_WT', got {whole!r}")):
+            removal(whole)

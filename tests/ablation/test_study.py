@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 
-from brats_lab import tracking
-from brats_lab.ablation.spec import load_ablation
-from brats_lab.ablation.study import DEFAULT_STORAGE, launch, make_plan, run_study
+from brats_lab import DataError, tracking
+from brats_lab.ablation import study as study_module
+from brats_lab.ablation.spec import load_ablation, parse_ablation
+from brats_lab.ablation.study import DEFAULT_STORAGE, Plan, launch, make_plan, run_study
 from brats_lab.config import ConfigError
 from conftest import TINY_TRAINING, tiny_ablation
 
@@ -199,11 +201,49 @@ def test_patient_removal_retrains_without_the_worst_cases_and_names_them(project
     assert result.per_case.groupby("arm")["case"].nunique().tolist() == [4, 4]
 
 
+def _removal_plan(metric: str, fraction: float) -> Plan:
+    """A plan of the REMOVAL ablation with its metric and fraction replaced, two folds, two seeds."""
+    text = REMOVAL.replace('metric = "dice_WT"', f'metric = "{metric}"').replace("fraction = 0.25", f"fraction = {fraction}")
+    return Plan(parse_ablation(text, "removal.toml"), "cpu", (0, 1), "phantom", DEFAULT_STORAGE, seeds=(0, 1))
+
+
+def _baseline_table(scores: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """The baseline's out-of-fold per-case table `gather` would return: each case in one fold, two
+    seeds whose scores differ (-/+ 1%), so only their mean is the case's score."""
+    cases = sorted(next(iter(scores.values())))
+    return pd.DataFrame([
+        {"arm": "all-cases", "fold": i % 2, "seed": seed, "case": case,
+         **{metric: values[case] * (0.99 if seed == 0 else 1.01) for metric, values in scores.items()}}
+        for seed in (0, 1) for i, case in enumerate(cases)
+    ])
+
+
+def test_patient_removal_removes_the_worst_cases_in_the_metrics_direction_ties_by_case_id(monkeypatch):
+    """Per-case scores made by hand (tiny networks score every case alike): Dice removes the lowest,
+    HD95 the highest, each with a tie at the cut broken by case id, never an undefined case."""
+    nan = float("nan")
+    scores = {  # case -> mean over the two seeds
+        "dice_WT": {"c1": 0.90, "c2": 0.50, "c3": 0.70, "c4": 0.30, "c5": 0.50, "c6": 0.80, "c7": 0.95, "c8": 0.60},
+        "hd95_WT": {"c1": 60.0, "c2": 4.0, "c3": 30.0, "c4": 8.0, "c5": 6.0, "c6": 2.0, "c7": 1.0, "c8": 30.0},
+        "lesion_hd95_WT": {"c1": nan, "c2": 4.0, "c3": 30.0, "c4": 8.0, "c5": 6.0, "c6": 2.0, "c7": 1.0, "c8": 300.0},
+    }
+    monkeypatch.setattr(study_module, "gather", lambda plan, arms: _baseline_table(scores))
+    # 25% of 8 cases = 2. Dice: c4 (0.30), then c2 and c5 tie at 0.50: c2, the smaller id.
+    assert study_module.choose_removed(_removal_plan("dice_WT", 0.25)) == ("c2", "c4")
+    # HD95: c1 (60), then c3 and c8 tie at 30: c3. The lowest HD95s (c7, c6) are the best cases.
+    assert study_module.choose_removed(_removal_plan("hd95_WT", 0.25)) == ("c1", "c3")
+    assert study_module.choose_removed(_removal_plan("hd95_WT", 0.1)) == ("c1",)  # round(0.8) = 1
+    # Lesion-wise HD95, lower is better too; c1 is undefined (NaN) and never removed.
+    assert study_module.choose_removed(_removal_plan("lesion_hd95_WT", 0.25)) == ("c3", "c8")
+    assert "c1" not in study_module.choose_removed(_removal_plan("lesion_hd95_WT", 0.9))
+    # A known metric the data was not scored with is named, not a KeyError.
+    with pytest.raises(DataError, match="removal.metric 'lesion_dice_WT': the baseline's per-case tables have no such column"):
+        study_module.choose_removed(_removal_plan("lesion_dice_WT", 0.25))
+
+
 def test_a_killed_worker_is_detected_and_its_fold_resumes_not_restarts(project, tmp_path, monkeypatch):
     import signal
     import time
-
-    from brats_lab.ablation import study as study_module
 
     toml, data = project
     toml.write_text(tiny_ablation(seeds=2).replace('"train.epochs=2"', '"train.epochs=8"'))

@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from brats_lab import DataError
+from brats_lab.evaluation.lesionwise import LESION_METRICS, RULES
 from brats_lab.evaluation.metrics import (
+    DIRECTIONS,
     EMPTY_HD95,
+    METRIC_REGIONS,
     METRICS,
     RegionMetrics,
     case_metrics,
     dice_from_counts,
+    lower_is_better,
+    metric_direction,
     region_metrics,
 )
 from brats_lab.labels import BRATS_2020, BRATS_2023
@@ -466,3 +472,48 @@ def test_surface_is_the_mask_minus_its_erosion_zero_padded() -> None:
     # counted as background.
     expected = mask ^ ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 1), border_value=0)
     np.testing.assert_array_equal(_surface(mask, pad), np.pad(expected, [(p, p) for p in pad]))
+
+
+# --- metric_direction: the one declared direction of every metric -------------------------------
+
+# Written out by hand, not read from DIRECTIONS: which way each metric brats-lab logs is better.
+EXPECTED_DIRECTIONS = {
+    "dice": "higher", "sensitivity": "higher", "specificity": "higher", "hd95": "lower",
+    "lesion_dice": "higher", "lesion_hd95": "lower", "volume_dice": "higher", "volume_hd95": "lower",
+    "lesion_tp": "higher", "lesion_fp": "lower", "lesion_fn": "lower",
+}
+
+
+def test_every_metric_brats_lab_scores_has_its_direction_declared() -> None:
+    assert set(DIRECTIONS) == set(METRICS) | set(LESION_METRICS) == set(EXPECTED_DIRECTIONS)
+    # Every region a rule set scores is a region suffix the lookup knows.
+    assert {r for rules in RULES.values() for r in rules.regions} <= set(METRIC_REGIONS)
+
+
+@pytest.mark.parametrize("metric", sorted(EXPECTED_DIRECTIONS))
+def test_a_metrics_direction_is_the_same_alone_per_region_and_as_a_fold_run_logs_it(metric: str) -> None:
+    expected = EXPECTED_DIRECTIONS[metric]
+    names = [metric, *(f"{p}{metric}_{r}" for p in ("", "final_", "val_") for r in ("ET", "TC", "WT", "GTV"))]
+    assert [metric_direction(n) for n in names] == [expected] * len(names)
+    assert [lower_is_better(n) for n in names] == [expected == "lower"] * len(names)
+
+
+@pytest.mark.parametrize(
+    "name, hint",
+    [
+        ("dice_wt", "did you mean 'dice_WT'?"),  # region in the wrong case
+        ("final_lesion_hd95_wt", "did you mean 'final_lesion_hd95_WT'?"),
+        ("HD95", "did you mean 'hd95'?"),
+        ("dice_XX", ""),  # no such region
+        ("dice_ET_tta", ""),
+        ("hd95_", ""),
+        ("loss", ""),  # logged, but not a score: no direction declared
+        ("final_", ""),
+        ("", ""),
+    ],
+)
+def test_an_unknown_metric_is_refused_with_the_known_ones(name: str, hint: str) -> None:
+    with pytest.raises(DataError, match=re.escape(f"unknown metric {name!r}: expected one of dice, sensitivity, specificity, hd95, "
+                                                  "lesion_dice, lesion_hd95, volume_dice, volume_hd95, lesion_tp, lesion_fp, "
+                                                  "lesion_fn, alone or with a region suffix _ET, _TC, _WT, _GTV") + f".*{re.escape(hint)}"):
+        metric_direction(name)

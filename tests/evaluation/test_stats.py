@@ -19,7 +19,6 @@ from brats_lab.evaluation.stats import (
     compare_runs,
     format_runs,
     holm,
-    metric_direction,
     fold_spread,
     minimum_detectable_effect,
     noise_floor,
@@ -373,18 +372,18 @@ def test_compare_arms_with_only_the_baseline_is_an_empty_table_with_the_columns(
     assert result.empty and list(result.columns) == RESULT_COLUMNS
 
 
-def test_metric_direction() -> None:
-    assert [metric_direction(c) for c in ("dice_ET", "sensitivity_TC", "specificity", "hd95_WT", "loss")] == [
-        1,
-        1,
-        1,
-        -1,
-        0,
-    ]
-    # Lesion-wise and whole-volume columns read as their metric; the metric is the part before the
-    # first "_" whatever follows, in any case.
-    columns = ("lesion_dice_ET", "volume_hd95_WT", "lesion_hd95_TC", "dice_ET_tta", "HD95_WT", "lesion_loss")
-    assert [metric_direction(c) for c in columns] == [1, -1, -1, 1, -1, 0]
+def test_the_verdict_reads_each_metrics_declared_direction() -> None:
+    # Better/worse by `metrics.metric_direction` for every metric brats-lab scores, lesion-wise and
+    # whole-volume ones included; a column that is none of them (a loss, a misspelt name) only
+    # says higher/lower.
+    up = np.array([0.01, 0.02, 0.03])
+    better = ("dice_ET", "sensitivity_TC", "specificity", "lesion_dice_ET", "volume_dice_WT", "lesion_tp_WT")
+    worse = ("hd95_WT", "lesion_hd95_TC", "volume_hd95_WT", "lesion_fp_ET", "lesion_fn_WT")
+    assert [verdict(c, up, 0.003) for c in better] == ["better (p=0.003)"] * len(better)
+    assert [verdict(c, up, 0.003) for c in worse] == ["worse (p=0.003)"] * len(worse)
+    assert [run_verdict(c, 0.02, 0.003, folds=3) for c in worse] == ["worse (p=0.003)"] * len(worse)
+    other = ("loss", "lesion_loss", "dice_wt", "HD95_WT", "dice_ET_tta")
+    assert [verdict(c, up, 0.003) for c in other] == ["higher (p=0.003)"] * len(other)
 
 
 def test_verdict_words() -> None:

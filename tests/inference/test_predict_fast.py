@@ -202,6 +202,30 @@ def test_top_k_records_every_candidate_and_chooses_per_fold(store: Path) -> None
     assert [(c["score"], c["rank"], c["chosen"]) for c in record["folds"]["1"]] == [(9.0, 3, False), (3.0, 1, True), (4.0, 2, False)]
 
 
+def test_top_k_keeps_the_lowest_of_every_lower_is_better_metric_and_refuses_an_unknown_one(store: Path) -> None:
+    """2023 fold runs log lesion-wise HD95, whole-volume HD95 and lesion FP/FN counts: for each,
+    the model with the lowest wins and the record says "lowest"; lesion-wise Dice keeps the highest."""
+    lower = ("lesion_hd95_WT", "volume_hd95_WT", "lesion_fp_WT", "lesion_fn_WT")
+    arms, folds = {}, {}
+    for name, worst in (("bad", True), ("good", False)):  # the bad model first: the order given is no help
+        arms[name] = _arm(store, name)
+        run = tracking.fold_run(arms[name], 0, f"{name} fold 0")
+        run.log_params({**SPLIT, "model.name": name})
+        run.log_metrics({f"final_{m}": 373.0 if worst else 5.0 for m in lower} | {"final_lesion_dice_WT": 0.1 if worst else 0.9}, step=0)
+        run.finish("FINISHED")
+        folds[name] = run.id
+    given = [arms["bad"].id, arms["good"].id]
+    for by in (*lower, "lesion_dice_WT"):
+        chosen, record = select_top(given, 1, by, root=store)
+        assert chosen == [folds["good"]], by
+        word = "highest" if by == "lesion_dice_WT" else "lowest"
+        assert record["rule"].startswith(f"per fold, the 1 model(s) with the {word} validation {by} "), by
+        assert [(c["arm_name"], c["rank"], c["chosen"]) for c in record["folds"]["0"]] == [("bad", 2, False), ("good", 1, True)], by
+    # A misspelt metric is refused before any run is read (the run given here does not exist).
+    with pytest.raises(DataError, match=re.escape("unknown metric 'lesion_hd95_wt'") + ".*did you mean 'lesion_hd95_WT'"):
+        select_top(["no-such-run"], 1, "lesion_hd95_wt", root=store)
+
+
 def test_top_k_keeps_the_order_of_the_runs_given_on_a_tie(store: Path) -> None:
     arms = {name: _arm(store, name) for name in ("a", "b", "c")}
     folds = {name: _fold(arm, 0, 0.5 if name != "b" else 0.4, 10.0) for name, arm in arms.items()}

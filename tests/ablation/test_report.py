@@ -345,6 +345,9 @@ def test_plan_reads_the_newest_finished_multi_seed_study_of_the_profile(plan, tm
     study("old-format", "2", comparison=pd.DataFrame({"metric": ["dice_WT"], "p_value": [0.5]}))
     study("stopped", "2")
     study("all-nan", "2", comparison=pd.DataFrame({"metric": ["dice_WT"], "noise_floor": [np.nan]}))
+    # A floor of 0 (runs that did not move: a tie in every fold) measured nothing; read as one it
+    # would plan an MDE of 0 for every design, 2 folds x 1 seed included.
+    study("all-zero", "2", comparison=pd.DataFrame({"metric": ["dice_WT", "dice_WT"], "noise_floor": [0.0, 0.0]}))
     study("paper", "3", profile="paper", comparison=pd.DataFrame({"metric": ["dice_WT"], "noise_floor": [0.5]}))
     study("running", "2", comparison=pd.DataFrame({"metric": ["dice_WT"], "noise_floor": [0.5]}), status="FAILED")
 

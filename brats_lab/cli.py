@@ -585,7 +585,9 @@ def _dashboard(args: argparse.Namespace) -> int:
         env["MLFLOW_TRACKING_URI"] = tracking_uri()
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    print(f"dashboard on http://{args.host}:{args.port}/  (store: {env['MLFLOW_TRACKING_URI']}; Ctrl-C stops it)", flush=True)
+    from brats_lab.urls import safe_url
+
+    print(f"dashboard on http://{args.host}:{args.port}/  (store: {safe_url(env['MLFLOW_TRACKING_URI'])}; Ctrl-C stops it)", flush=True)
     from brats_lab.serve import run_foreground
 
     # In the caller's folder: runs record their dataset as given, often relative to the project.

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
+from brats_lab.urls import safe_url
+
 if TYPE_CHECKING:  # annotations only: mlflow and pandas are imported when a function needs them
     import pandas as pd
     from mlflow import MlflowClient
@@ -458,7 +460,7 @@ def serve_ui(host: str = "127.0.0.1", port: int = 5000, root: Path | str | None 
     """
     uri = tracking_uri(root)
     if urlparse(uri).scheme in ("http", "https"):
-        print(f"runs are on the tracking server {uri}; open it in a browser")
+        print(f"runs are on the tracking server {safe_url(uri)}; open it in a browser")
         _print_links(ui_links(uri, root))
         return 0
     cmd = ui_command(host, port, root)
@@ -471,7 +473,7 @@ def serve_ui(host: str = "127.0.0.1", port: int = 5000, root: Path | str | None 
     # MLflow's own use of a deprecated Starlette module warns on every start; nothing to act on.
     quiet = "ignore:starlette.middleware.wsgi is deprecated"
     env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), quiet]))
-    print(f"MLflow UI on http://{host}:{port}/  (store: {uri}; Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI on http://{host}:{port}/  (store: {safe_url(uri)}; Ctrl-C stops it)", flush=True)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard bind is no address to open
     _print_links(ui_links(f"http://{shown}:{port}", root))
     from brats_lab.serve import run_foreground

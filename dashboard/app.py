@@ -17,6 +17,7 @@ from brats_lab import review
 from brats_lab import tracking, viz
 from brats_lab.data.cases import MODALITIES
 from brats_lab.labels import REGIONS
+from brats_lab.urls import safe_url, url_password
 
 st.set_page_config(page_title="brats-lab review", layout="wide")
 PAGES = ("Studies", "Compare", "Cases")
@@ -64,19 +65,21 @@ def open_study() -> None:
 
 
 uri = tracking.tracking_uri()
+shown_uri = safe_url(uri)  # a database URI may hold a password: never on the page
 st.sidebar.title("brats-lab review")
 page = st.sidebar.radio("Page", PAGES, key="page")
-st.sidebar.caption(f"store: `{uri}`")
+st.sidebar.caption(f"store: `{shown_uri}`")
 
 if not review.store_exists():
-    st.info(f"No runs yet: there is no store at `{uri}`. Train with `brats-lab train` or run an "
+    st.info(f"No runs yet: there is no store at `{shown_uri}`. Train with `brats-lab train` or run an "
             "ablation with `brats-lab ablate attention`, then reload this page.")
     st.stop()
 
 try:
     runs = load_runs(uri)
 except Exception as e:  # a store that cannot be read: say so on the page, not as a traceback
-    st.error(f"Cannot read the store `{uri}`: {e}")
+    password = url_password(uri)  # a driver's message may echo the URI
+    st.error(f"Cannot read the store `{shown_uri}`: {str(e).replace(password, '***') if password else e}")
     st.stop()
 
 table = review.studies(runs)

@@ -247,3 +247,40 @@ def test_dashboard_command_serves_the_app_on_localhost(in_store):
         out, _ = proc.communicate(timeout=15)
     assert f"http://127.0.0.1:{port}/" in out
     assert os.path.isfile(in_store / "mlruns" / "mlflow.db")
+
+
+def test_a_password_in_the_tracking_uri_is_never_shown(tmp_path, monkeypatch):
+    # A database URI (which MLflow accepts) with a password: the page, `ui` and `dashboard` mask it.
+    import subprocess
+    import sys
+    import uuid
+
+    import psycopg
+    from streamlit.testing.v1 import AppTest
+
+    # The project's PostgreSQL (trust auth: the password is accepted and ignored), in a database of its own.
+    database = f"brats_lab_masked_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect("postgresql://127.0.0.1:5432/postgres", autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {database}")
+    uri = f"postgresql://root:s3cret@127.0.0.1:5432/{database}"
+    masked = f"postgresql://root:***@127.0.0.1:5432/{database}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    try:
+        at = AppTest.from_file(str(APP), default_timeout=120).run()
+        assert not at.exception
+        shown = [e.value for e in at.sidebar.caption] + [e.value for e in at.error] + [e.value for e in at.info]
+        assert any(masked in text for text in shown), shown
+        assert not any("s3cret" in text for text in shown), shown
+        # `brats-lab ui` prints the store before it starts the server: read that line, then stop it.
+        proc = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", "ui", "--port", "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            first = proc.stdout.readline()
+        finally:
+            proc.kill()
+            rest = proc.communicate(timeout=30)[0]
+        assert masked in first and "s3cret" not in first + rest, first
+    finally:
+        with psycopg.connect("postgresql://127.0.0.1:5432/postgres", autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")

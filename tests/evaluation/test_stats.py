@@ -637,7 +637,9 @@ def test_compare_runs_on_a_table_worked_by_hand():
                                                         ("new", "hd95_WT")]
     assert (result["n"] == 6).all() and (result["folds"] == 3).all() and (result["seeds"] == 2).all()
     p_dice = 1 - 8 / np.sqrt(66)
-    half = 0.95 / np.sqrt(2 * 0.975 * 0.025) * 0.01 / 3
+    # The interval is simultaneous over the two columns: each at 1 - 0.05 / 2, whose critical t
+    # of 2 degrees of freedom is (2q - 1) / sqrt(2q(1 - q)) at q = 1 - 0.05 / 4.
+    half = 0.975 / np.sqrt(2 * 0.9875 * 0.0125) * 0.01 / 3
     noise = np.sqrt(16e-4 / 6)
     dice = result.iloc[2]
     expected = {"mean_baseline": 4.24 / 6, "mean_arm": 4.40 / 6, "mean_diff": 0.08 / 3, "ci_low": 0.08 / 3 - half,
@@ -658,12 +660,13 @@ def test_compare_runs_on_a_table_worked_by_hand():
 
 
 def test_compare_runs_passes_confidence_and_alpha_on():
-    # At 90%: the critical t of 2 degrees of freedom at 95% is 0.9/sqrt(2 x 0.95 x 0.05); at alpha
-    # 0.01 the MDE is the one of that level and p = 0.015 is no longer a difference.
+    # At 90%, simultaneous over two columns (each at 95%): the critical t of 2 degrees of freedom
+    # at q = 0.975 is 0.95/sqrt(2 x 0.975 x 0.025); at alpha 0.01 the MDE is the one of that level
+    # and p = 0.015 is no longer a difference.
     result = compare_runs(_hand_runs(), "base", ["dice_WT", "hd95_WT"], confidence=0.9, alpha=0.01)
     assert result.attrs == {"baseline": "base", "confidence": 0.9, "alpha": 0.01}
     dice = result.iloc[2]
-    half = 0.9 / np.sqrt(2 * 0.95 * 0.05) * 0.01 / 3
+    half = 0.95 / np.sqrt(2 * 0.975 * 0.025) * 0.01 / 3
     assert (dice["ci_low"], dice["ci_high"]) == (pytest.approx(0.08 / 3 - half, abs=1e-12), pytest.approx(0.08 / 3 + half, abs=1e-12))
     assert _power_at_spread(dice["mde"], dice["spread"], 3, 0.01 / 2) == pytest.approx(0.8, abs=1e-6)
     assert dice["verdict"] == "no evidence of a difference"
@@ -763,7 +766,8 @@ def test_format_runs_prints_the_verdict_table_exactly():
         "loss_arm  loss      2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]      n/a   0.0636      0.1234    0.120     0.120  no evidence of a difference",
         "",
         "runs = folds x seeds per arm; diff = arm - baseline, paired by fold and seed over the same cases;",
-        "p: two-sided t-test on the fold means of the paired run differences (seeds averaged within a fold), 90% CI its t interval;",
+        "p: two-sided t-test on the fold means of the paired run differences (seeds averaged within a fold), 90% CI its t interval,",
+        "simultaneous over the regions of each metric (Bonferroni: an interval that excludes 0 is a Holm difference);",
         "Holm across the regions of each metric. seed SD: seed-to-seed SD of one run's mean (n/a with one seed);",
         "fold SD: SD over folds of the fold means of the paired differences, the noise the test reads;",
         "MDE (Holm): the smallest true difference the verdict finds with 80% power at that fold SD (alpha 0.05 / regions,",

@@ -772,6 +772,9 @@ def test_format_runs_prints_the_verdict_table_exactly():
         "fold SD: SD over folds of the fold means of the paired differences, the noise the test reads;",
         "MDE (Holm): the smallest true difference the verdict finds with 80% power at that fold SD (alpha 0.05 / regions,",
         "Holm's first step). Dice, sensitivity, specificity: higher is better; HD95: lower is better.",
+        "The family: Dice (lesion-wise Dice on 2023+ data) is the primary metric, its regions' verdicts together wrong at most",
+        "5% of the time under no difference; every other metric is secondary, a Holm family of its own (with both, an arm",
+        "gets a false alarm somewhere in up to 9% of null studies).",
     ]
     assert format_runs(df).split("\n") == expected
 

@@ -367,10 +367,16 @@ def latest_fold_run(
     fold: int,
     statuses: Iterable[str] | None = None,
     *,
+    manifest_hash: str | None = None,
     root: Path | str | None = None,
 ) -> Run | None:
-    """The newest fold run of (`config_hash`, `fold`) with a status in `statuses` (any, if None)."""
-    runs = find_runs(experiment, {"kind": "fold", "config_hash": config_hash, "fold": int(fold)}, statuses, root=root)
+    """The newest fold run of (`config_hash`, `fold`) with a status in `statuses` (any, if None),
+    trained on the data whose cache manifest hash is `manifest_hash` when given (the trainer tags
+    it: the cases' content, the preprocessing and its version)."""
+    tags: dict[str, Any] = {"kind": "fold", "config_hash": config_hash, "fold": int(fold)}
+    if manifest_hash is not None:
+        tags["manifest_hash"] = manifest_hash
+    runs = find_runs(experiment, tags, statuses, root=root)
     return runs[0] if runs else None
 
 

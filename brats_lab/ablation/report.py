@@ -20,6 +20,7 @@ from brats_lab.labels import REGIONS
 
 if TYPE_CHECKING:
     from brats_lab.ablation.study import Plan  # only for the annotations: study imports this module
+    from brats_lab.config import ExperimentConfig
 
 
 def run_per_case(run) -> pd.DataFrame:
@@ -96,14 +97,24 @@ def gather(plan: Plan, arms: list[str]) -> pd.DataFrame:
 
     frames = []
     for arm in arms:
+        data = data_hash(plan.config(arm, plan.seeds[0]))  # the data as it is now: never runs of other data
         for seed in plan.seeds:
             chash = config_hash(plan.config(arm, seed))
             for fold in plan.folds:
-                run = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("FINISHED",))
+                run = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("FINISHED",), manifest_hash=data)
                 if run is None:
                     raise DataError(f"({arm}, fold {fold}, seed {seed}) has no finished run; rerun the ablation to finish it")
                 frames.append(run_per_case(run).assign(arm=arm, fold=fold, seed=seed))
     return pd.concat(frames, ignore_index=True)
+
+
+def data_hash(cfg: "ExperimentConfig") -> str:
+    """The manifest hash of the data `cfg` trains on, preprocessed as it asks (the cache is brought
+    up to date first): a run is reused only for the same cases, content, preprocessing and its
+    version, and so the same splits (made from this hash and `data.folds`, `data.seed`)."""
+    from brats_lab.data.cache import prepare
+
+    return prepare(Path(cfg.data.dataset), cfg.data.normalization, progress=False).manifest_hash
 
 
 def ranking_metrics(per_case: pd.DataFrame) -> tuple[str, ...]:

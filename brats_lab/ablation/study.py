@@ -24,6 +24,7 @@ into Table 3, the verdict and the files of the study run is `ablation/report.py`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 import subprocess
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from brats_lab import DataError
-from brats_lab.ablation.report import Report, gather, report, run_per_case
+from brats_lab.ablation.report import Report, data_hash, gather, report, run_per_case
 from brats_lab.ablation.spec import Ablation, load_ablation, parse_ablation
 from brats_lab.ablation.storage import DEFAULT_STORAGE, open_storage, safe_url  # noqa: F401 (DEFAULT_STORAGE: callers import it from here)
 from brats_lab.config import config_hash, flatten
@@ -57,16 +58,18 @@ class Plan:
     excluded: tuple[str, ...] = ()  # patient removal: decided after the baseline's pass
     seeds: tuple[int, ...] = (0,)  # seed k trains with the arm's train.seed + k
 
-    @property
+    @functools.cached_property
     def study_name(self) -> str:
-        # The grid's identity: the arms' config hashes (before any removal) and the folds, so
-        # another profile, dataset or fold count is another study, and the same command finds its
-        # own again.
+        # The grid's identity: the arms' config hashes (before any removal), the folds and the data
+        # as it is now (its cache manifest hash: cases, content, preprocessing), so another
+        # profile, dataset, content or fold count is another study - a study never mixes runs of
+        # two datasets - and the same command finds its own again.
         hashes = ",".join(f"{a}:{config_hash(self._base_config(a))[:12]}" for a in self.ablation.arms)
+        data = ",".join(sorted({data_hash(self._base_config(a))[:12] for a in self.ablation.arms}))
         import hashlib
 
         seeds = f"|seeds={len(self.seeds)}" if self.seeds != (0,) else ""  # one seed: the name it had before seeds
-        digest = hashlib.sha256(f"{hashes}|{self.folds}{seeds}".encode()).hexdigest()[:10]
+        digest = hashlib.sha256(f"{hashes}|{self.folds}{seeds}|data={data}".encode()).hexdigest()[:10]
         return f"{self.ablation.name}-{self.profile}-{digest}"
 
     @property
@@ -268,11 +271,11 @@ def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True, 
     from brats_lab.training.trainer import train_fold
 
     cfg = plan.config(arm, seed)
-    chash = config_hash(cfg)
-    finished = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("FINISHED",))
+    chash, data = config_hash(cfg), data_hash(cfg)
+    finished = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("FINISHED",), manifest_hash=data)
     if finished is not None:
         return run_per_case(finished)
-    unfinished = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("RUNNING", "FAILED", "KILLED"))
+    unfinished = tracking.latest_fold_run(plan.experiment, chash, fold, statuses=("RUNNING", "FAILED", "KILLED"), manifest_hash=data)
     resume = unfinished is not None and checkpoint_path(unfinished).is_file()
     if unfinished is not None and not resume and unfinished.status == "RUNNING":
         # This worker holds the trial, so the run's own worker is dead; its checkpoint, if any,
@@ -359,7 +362,8 @@ def search(plan: Plan, study_run, progress: bool = True) -> pd.DataFrame:
         arm_run = tracking.arm_run(plan.experiment, config_hash(cfg), name, flatten(cfg), parent=study_run)
         scores = []
         for fold in plan.folds:
-            finished = tracking.latest_fold_run(plan.experiment, config_hash(cfg), fold, statuses=("FINISHED",))
+            finished = tracking.latest_fold_run(plan.experiment, config_hash(cfg), fold, statuses=("FINISHED",),
+                                                manifest_hash=data_hash(cfg))
             table = run_per_case(finished) if finished is not None else train_fold(
                 cfg, fold, experiment=plan.experiment, parent=arm_run, progress=progress).per_case
             scores.append(float(table[spec.metric].mean()))

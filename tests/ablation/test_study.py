@@ -318,3 +318,33 @@ def test_workers_option_runs_trials_in_parallel_processes(project):
     pids = {r.tags.get("pid") for r in runs}
     assert len(pids) == 2, pids  # both processes trained
     assert len(result.per_case) == 8
+
+
+def test_a_finished_run_is_reused_only_on_the_same_data(project):
+    # Issue 27: `ablate t.toml --data d`, then d replaced by other phantoms under the same name
+    # (`rm -rf d; data synth --out d --layout 2023 --seed 5`), then `ablate t.toml --data d` again:
+    # the old runs (of BraTS20_* cases that no longer exist) must not be reported for the new data.
+    from brats_lab.data.phantom import synthesize
+    from conftest import TINY_SHAPE
+
+    toml, data = project
+    plan = make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE)
+    first = run_study(plan, progress=False)
+    old = {r.id for r in fold_runs(plan.experiment)}
+    assert len(old) == 4
+    shutil.rmtree(data)
+    synthesize(data, cases=4, seed=5, shape=TINY_SHAPE, progress=False, layout="brats2023")
+    again = make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE)
+    assert again.study_name != plan.study_name  # another dataset, another study
+    second = run_study(again, progress=False)
+    runs = fold_runs(plan.experiment)
+    assert len(runs) == 8 and all(r.status == "FINISHED" for r in runs)  # every cell trained again, on the new data
+    new_hash = {r.tags["manifest_hash"] for r in runs if r.id not in old}
+    assert len(new_hash) == 1 and new_hash.isdisjoint({r.tags["manifest_hash"] for r in runs if r.id in old})
+    assert set(first.per_case["case"]) == {f"BraTS20_Training_00{i}" for i in range(1, 5)}
+    assert set(second.per_case["case"]) == {f"BraTS-GLI-0000{i}-000" for i in range(1, 5)}
+    # The same data again: everything reused, nothing trained.
+    third = run_study(make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE), progress=False)
+    key = ["arm", "fold", "seed", "case"]
+    assert len(fold_runs(plan.experiment)) == 8
+    assert third.per_case.sort_values(key).reset_index(drop=True).equals(second.per_case.sort_values(key).reset_index(drop=True))

@@ -42,7 +42,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from brats_lab.evaluation.metrics import EMPTY_HD95, METRICS, RegionMetrics, case_metrics, region_metrics
+from brats_lab.evaluation.metrics import METRICS, RegionMetrics, case_metrics, empty_hd95, region_metrics
 from brats_lab.labels import BRATS_2020, REGIONS
 
 SHAPE_ZYX = (155, 240, 240)
@@ -113,7 +113,7 @@ def oracle(pred: np.ndarray, ref: np.ndarray) -> RegionMetrics:
         dice=float(binary.dc(pred, ref)),
         sensitivity=float(binary.sensitivity(pred, ref)) if ref.any() else 1.0,
         specificity=float(binary.specificity(pred, ref)) if not ref.all() else 1.0,
-        hd95=float(binary.hd95(pred, ref, voxelspacing=SPACING_ZYX)) if pred.any() and ref.any() else EMPTY_HD95,
+        hd95=float(binary.hd95(pred, ref, voxelspacing=SPACING_ZYX)) if pred.any() and ref.any() else empty_hd95(pred.shape, SPACING_ZYX),
     )
 
 

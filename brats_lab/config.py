@@ -212,7 +212,8 @@ class TrainConfig:
     deep_supervision_weighting: Literal["sum", "mean"] = "sum"
     augment: Literal["A", "B", "none"] = "A"  # the augmentation set of pipeline A or B
     schedule: Literal["cosine", "constant"] = "cosine"
-    # Fraction of `epochs` at constant LR before the cosine decay starts (A: epoch 100 of 200).
+    # Fraction of `epochs` at constant LR before the cosine decay (A: 100 of 200; the lr first
+    # drops at epoch 102, as in the authors' loop: `training/optim.py`, `main_lr`).
     decay_start: float = 0.5
     warmup_epochs: int = 0  # linear LR warm-up before the schedule (0: none, as in both pipelines)
     min_lr: float = 0.0  # where the cosine ends

@@ -32,8 +32,10 @@ class LabelConvention:
     def from_regions(self, regions: np.ndarray) -> np.ndarray:
         """Boolean region channels (3, ...) -> uint8 label map (...).
 
-        Nested by construction: TC is only painted inside WT and ET only inside TC is *not*
-        assumed; the paint order makes ET win over TC and TC over WT, as the challenge did.
+        Painted outer to inner (`paint`: WT, TC, ET), so the innermost region a voxel is in
+        wins, nested channels or not: the map's ET is the ET channel, its TC the union of TC and
+        ET, its WT the union of all three. The authors paint edema last instead, so a voxel in ET
+        and WT but not TC is edema there and ET here (docs/fidelity.md, "label-map rebuild").
         """
         if regions.shape[0] != len(REGIONS):
             raise ValueError(f"expected {len(REGIONS)} region channels {REGIONS}, got shape {regions.shape}")

@@ -40,3 +40,30 @@ def test_inner_region_wins_when_painting_labels():
 def test_from_regions_rejects_wrong_channel_count():
     with pytest.raises(ValueError, match="3 region channels"):
         BRATS_2020.from_regions(np.zeros((2, 4, 4), dtype=bool))
+
+
+# One voxel per (ET, TC, WT) combination, and its label, by hand. brats-lab: the innermost region
+# claimed wins. The authors (src/inference.py): ET -> 4, then TC and not ET -> 1, then WT and not
+# TC -> 2, in that order, so edema is painted last.
+COMBINATIONS = [(et, tc, wt) for et in (0, 1) for tc in (0, 1) for wt in (0, 1)]
+OURS = [0, 2, 1, 1, 4, 4, 4, 4]
+AUTHORS = [0, 2, 1, 1, 4, 2, 4, 4]  # (ET, not TC, WT) -> 2: edema overwrites ET
+
+
+def _authors_label_map(regions: np.ndarray) -> np.ndarray:
+    """The authors' rebuild, written again from their definition (three masks, painted in order)."""
+    et, tc, wt = regions.astype(bool)
+    out = np.zeros(et.shape, np.uint8)
+    out[et] = 4
+    out[tc & ~et] = 1
+    out[wt & ~tc] = 2
+    return out
+
+
+def test_label_map_of_every_region_combination():
+    regions = np.array(COMBINATIONS, dtype=bool).T  # (3, 8): channels ET, TC, WT; one voxel each
+    assert BRATS_2020.from_regions(regions).tolist() == OURS
+    assert BRATS_2023.from_regions(regions).tolist() == [3 if v == 4 else v for v in OURS]  # 2023: ET is 3
+    assert _authors_label_map(regions).tolist() == AUTHORS
+    # The one combination where the two rules part: ET inside WT but outside TC.
+    assert [c for c, a, b in zip(COMBINATIONS, OURS, AUTHORS) if a != b] == [(1, 0, 1)]

@@ -12,7 +12,7 @@ from brats_lab.evaluation.lesionwise import (
     lesion_metrics,
     rules_for,
 )
-from brats_lab.evaluation.metrics import EMPTY_HD95, METRICS, RegionMetrics, case_metrics, region_metrics
+from brats_lab.evaluation.metrics import EMPTY_HD95, METRICS, RegionMetrics, case_metrics, empty_hd95, region_metrics
 
 __all__ = [
     "EMPTY_HD95",
@@ -27,6 +27,7 @@ __all__ = [
     "EvaluationResult",
     "RegionMetrics",
     "case_metrics",
+    "empty_hd95",
     "evaluate_folder",
     "format_summary",
     "metric_columns",

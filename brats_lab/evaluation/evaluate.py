@@ -34,7 +34,8 @@ from brats_lab.labels import REGIONS
 
 STATUSES: tuple[str, ...] = ("ok", "missing", "unreadable", "geometry", "labels")
 
-# What a case scores when its prediction could not be scored: the worst of each metric.
+# What a case scores when its prediction could not be scored: the worst of each metric (HD95: the
+# BraTS grid's diagonal, as there may be no image to take a diagonal of).
 WORST = RegionMetrics(dice=0.0, sensitivity=0.0, specificity=0.0, hd95=EMPTY_HD95)
 
 SUMMARY_ROWS: tuple[str, ...] = ("mean", "std", "median", "25%", "75%")

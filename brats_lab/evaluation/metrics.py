@@ -25,6 +25,7 @@ two masks plus a one-voxel margin. That is exact, not an approximation:
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -34,9 +35,24 @@ from scipy.spatial import cKDTree
 from brats_lab import DataError
 from brats_lab.labels import REGIONS, LabelConvention
 
-# The diagonal of a 240 x 240 x 155 volume at 1 mm, sqrt(240^2 + 240^2 + 155^2) = 373.1287...:
-# the HD95 BraTS gave when exactly one of the two masks was empty.
-EMPTY_HD95 = 373.13
+
+
+def empty_hd95(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """HD95 when exactly one of the two masks is empty: the diagonal of the image in mm,
+    sqrt(sum((n * s)^2)) over its axes (`shape` in voxels, `spacing` in mm, same axis order).
+
+    CaPTk (`GetBraTSLabelStatistics`, cbicaITKUtilities.h) takes the diagonal of the image's voxel
+    grid, sqrt(nx^2 + ny^2 + nz^2), without the spacing: the same number on a 1 mm grid, which
+    every BraTS image is (373.1287 at 240 x 240 x 155, 15.65 at 8 x 9 x 10). Elsewhere we scale by
+    the spacing, so that the penalty is a length in mm like every other HD95, the longest distance
+    the image holds, and the same for a field of view at any resolution.
+    """
+    return math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing)))
+
+
+# The BraTS grid's diagonal (240 x 240 x 155 at 1 mm: 373.1287 mm): what a case that could not be
+# scored (no prediction, an unreadable file) gets, since there is no image to take one of.
+EMPTY_HD95 = empty_hd95((155, 240, 240), (1.0, 1.0, 1.0))
 
 METRICS: tuple[str, ...] = ("dice", "sensitivity", "specificity", "hd95")
 
@@ -123,22 +139,22 @@ def region_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) 
 
     Empty masks (medpy raises for HD95 and returns NaN for sensitivity there):
     - both empty: Dice 1, sensitivity 1, specificity 1, HD95 0 (nothing to find, nothing found);
-    - reference empty, prediction not: Dice 0, HD95 `EMPTY_HD95`, specificity TN / (TN + FP) as
-      usual, and sensitivity 0. Sensitivity TP / (TP + FN) is 0/0 here; the challenge's scorer
+    - reference empty, prediction not: Dice 0, HD95 the image's diagonal (`empty_hd95`),
+      specificity TN / (TN + FP) as usual, and sensitivity 0. Sensitivity TP / (TP + FN) is 0/0 here; the challenge's scorer
       (CaPTk, `GetBraTSLabelStatistics` in `cbicaITKUtilities.h`) replaces that NaN with 0 when
       exactly one of the two masks is empty and with 1 only when both are, and so do we: a
       prediction of tumour where there is none scores 0 (BraTS 2020 has ~15-20% of cases
       without ET, so this rule moves mean ET sensitivity);
     - prediction empty, reference not: Dice 0, sensitivity 0, specificity as usual, HD95
-      `EMPTY_HD95`;
+      the image's diagonal;
     - specificity when the reference fills the whole volume (no negatives, 0/0): 1, for the same
       reason.
     """
     pred, ref = _as_masks(pred, ref, spacing)
     box = _bbox(pred | ref)
     if box is None:
-        return _score(0, 0, 0, pred.size, None, None, spacing)
-    return _score_box(pred[box], ref[box], pred.size, spacing, tight=True)
+        return _score(0, 0, 0, pred.shape, None, None, spacing)
+    return _score_box(pred[box], ref[box], pred.shape, spacing, tight=True)
 
 
 def case_metrics(
@@ -163,7 +179,7 @@ def case_metrics(
     ref_box = ref_labels[box] if box is not None else ref_labels.ravel()[:0]
     _check_labels(pred_box, convention)
     return {
-        region: _score_box(_isin(pred_box, labels), _isin(ref_box, labels), pred_labels.size, spacing_zyx, tight=False)
+        region: _score_box(_isin(pred_box, labels), _isin(ref_box, labels), pred_labels.shape, spacing_zyx, tight=False)
         for region, labels in convention.regions.items()
     }
 
@@ -228,9 +244,9 @@ def _isin(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
 
 
 def _score_box(
-    pred: np.ndarray, ref: np.ndarray, total: int, spacing: Sequence[float], tight: bool
+    pred: np.ndarray, ref: np.ndarray, shape: Sequence[int], spacing: Sequence[float], tight: bool
 ) -> RegionMetrics:
-    """Metrics of two masks cut from volumes of `total` voxels, by a box that holds both masks
+    """Metrics of two masks cut from volumes of `shape`, by a box that holds both masks
     and a 1-voxel margin (or the image border); `tight` says it is also the smallest such box."""
     tp = int(np.count_nonzero(pred & ref))
     n_pred = int(np.count_nonzero(pred))
@@ -241,13 +257,13 @@ def _score_box(
         # border wherever this one does.
         sub = _bbox(pred | ref)
         pred, ref = pred[sub], ref[sub]
-    return _score(tp, n_pred - tp, n_ref - tp, total, pred, ref, spacing)
+    return _score(tp, n_pred - tp, n_ref - tp, shape, pred, ref, spacing)
 
 
 def _score(
-    tp: int, fp: int, fn: int, total: int, pred: np.ndarray | None, ref: np.ndarray | None, spacing: Sequence[float]
+    tp: int, fp: int, fn: int, shape: Sequence[int], pred: np.ndarray | None, ref: np.ndarray | None, spacing: Sequence[float]
 ) -> RegionMetrics:
-    tn = total - tp - fp - fn
+    tn = math.prod(shape) - tp - fp - fn
     n_pred, n_ref = tp + fp, tp + fn
     if n_pred == 0 and n_ref == 0:
         return RegionMetrics(dice=1.0, sensitivity=1.0, specificity=1.0, hd95=0.0)
@@ -255,7 +271,7 @@ def _score(
     sensitivity = tp / n_ref if n_ref else 0.0  # CaPTk: 0/0 with exactly one mask empty -> 0
     specificity = tn / (tn + fp) if tn + fp else 1.0
     if n_pred == 0 or n_ref == 0:
-        hd95 = EMPTY_HD95
+        hd95 = empty_hd95(shape, spacing)
     elif fp == 0 and fn == 0:
         hd95 = 0.0  # identical masks: every surface distance is 0
     else:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,19 +10,25 @@ NORMS: tuple[str, ...] = ("group", "instance")
 GROUPS = 16  # GroupNorm's group count when the channel count allows it
 
 
-def group_count(channels: int, groups: int = GROUPS) -> int:
-    """GroupNorm groups for `channels`: `groups` (16) when it divides the channel count; otherwise
-    groups of 8 channels when 8 divides it (24 channels -> 3 groups, as in the authors' code: only
-    the 24-channel layers of `unet` at width 48 meet this case); otherwise gcd(channels, 16), at
-    least 1 (the 1-channel map of CBAM's spatial gate gets 1 group; tiny widths get what divides).
+def group_count(channels: int) -> int:
+    """GroupNorm groups for `channels`, by the authors' rule (`default_norm_layer` in
+    lescientifik/open_brats2020, src/models/layers.py; the paper names no group count):
+
+    - up to 16 channels: one group per channel (8 -> 8, 12 -> 12, 1 -> 1);
+    - a multiple of 16: 16 groups (48 -> 16, 384 -> 16);
+    - otherwise groups of the largest power of two that divides the count (24 -> 3 groups of 8,
+      20 -> 5 groups of 4, 18 -> 9 groups of 2).
+
+    At width 48 every network gets 16 groups, and 3 in `unet`'s 24-channel layers.
     """
     if channels < 1:
         raise ValueError(f"channels must be >= 1, got {channels}")
-    if channels % groups == 0:
-        return groups
-    if channels % 8 == 0:
-        return channels // 8
-    return math.gcd(channels, groups)
+    if channels <= GROUPS:
+        return channels  # their min(16, channels), which always divides
+    if channels % GROUPS == 0:
+        return GROUPS
+    # Their loop halves a group size of 16 until it divides; below 16 that is the lowest set bit.
+    return channels // (channels & -channels)
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:

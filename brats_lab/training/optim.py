@@ -17,8 +17,8 @@ Schedules are pure functions of the epoch, so resuming needs no scheduler state:
 each epoch (or step, with a fractional epoch) call `set_lr(optimizer, lr_at(epoch, cfg))`.
 
 - main phase (`main_lr`): optional linear warm-up, constant until `decay_start` x epochs, then a
-  cosine down to `min_lr` at `epochs` (A: constant for 100 epochs, then cosine over 100; B:
-  `decay_start = 0`, cosine annealing over all epochs).
+  cosine of period `epochs` x (1 - `decay_start`) (A: constant through epoch 101, as the authors'
+  loop, then cosine over 100; B: `decay_start = 0`, cosine annealing from the first epoch).
 - self-ensembling phase of A (`swa_lr`, `swa_snapshot_epochs`): `cycles` cycles of `cycle_epochs`
   epochs, each restarting at `swa.lr` with a cosine of period `anneal_epochs`; a snapshot at the end
   of every `snapshot_every`-th epoch of each cycle; `WeightAverage` / `average_weights` average them.
@@ -199,10 +199,14 @@ def main_lr(epoch: float, train: TrainConfig, base_lr: float) -> float:
 
     - warm-up: `base_lr * (epoch + 1) / warmup_epochs` for epoch < `warmup_epochs` (none by default);
     - `schedule = "constant"`: `base_lr` afterwards;
-    - `schedule = "cosine"`: `base_lr` until `decay_start_epoch`, then a half cosine reaching
-      `min_lr` at epoch `epochs` (one past the last), so the last epoch trains at a small non-zero lr.
+    - `schedule = "cosine"`: `base_lr`, then a half cosine from `base_lr` to `min_lr` over
+      `epochs - decay_start_epoch` epochs. With a constant phase (`decay_start > 0`, pipeline A)
+      the cosine starts one epoch after `decay_start_epoch`, as in the authors' loop, which steps
+      `CosineAnnealingLR(T_max = epochs / 2)` at the end of each epoch with `epoch / epochs > 0.5`
+      (the first step ends epoch 101; the same lr as theirs for any even number of epochs);
+      without one (B) it starts at once, a cosine stepped every epoch.
 
-    Pipeline A (200 epochs, decay_start 0.5): 1e-4 for epochs 0-100, 5e-5 at 150, ~2.5e-8 at 199.
+    Pipeline A (200 epochs, decay_start 0.5): 1e-4 for epochs 0-101, 5e-5 at 151, ~9.9e-8 at 199.
     Pipeline B (decay_start 0): cosine annealing from the first epoch.
     """
     if epoch < 0:
@@ -214,7 +218,10 @@ def main_lr(epoch: float, train: TrainConfig, base_lr: float) -> float:
     start = decay_start_epoch(train)
     if start >= train.epochs:
         return base_lr
-    return _cosine((epoch - start) / (train.epochs - start), base_lr, train.min_lr)
+    # The authors' test is strict (`>`): epoch 100 of 200 is not past the half, so their first
+    # step comes at the end of epoch 101, one epoch after a step at the end of epoch 100 would.
+    delay = 1 if train.decay_start > 0 else 0
+    return _cosine((epoch - start - delay) / (train.epochs - start), base_lr, train.min_lr)
 
 
 def swa_epochs(swa: SwaConfig) -> int:

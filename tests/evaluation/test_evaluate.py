@@ -88,6 +88,7 @@ def test_problems_named_and_scored_worst(simple_dataset: Path, tmp_path: Path) -
         r = row(result, case_id)
         for region in REGIONS:
             assert (r[f"dice_{region}"], r[f"sensitivity_{region}"], r[f"hd95_{region}"]) == (0.0, 0.0, EMPTY_HD95)
+    assert EMPTY_HD95 == pytest.approx(373.1287, abs=1e-4)  # no image to measure: the BraTS grid's diagonal
     # The worst-case rows pull the means down; nothing is NaN.
     summary = result.summary()
     assert list(summary.index) == ["mean", "std", "median", "25%", "75%"]
@@ -127,7 +128,9 @@ def test_one_case_summary_has_no_nan(tmp_path: Path, case_writer) -> None:
     summary = result.summary()
     assert not summary.isna().any().any()
     assert (summary.loc["std"] == 0.0).all()
-    assert summary.loc["mean", "hd95_ET"] == EMPTY_HD95
+    # An empty prediction: HD95 is this image's diagonal in mm (CaPTk's rule), not the BraTS grid's.
+    diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(seg.shape, geometry.spacing_zyx)))
+    assert summary.loc["mean", "hd95_ET"] == pytest.approx(diagonal, rel=1e-12) and diagonal < 100
     assert summary.loc["mean", "sensitivity_WT"] == 0.0
 
 

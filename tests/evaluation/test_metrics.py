@@ -3,6 +3,7 @@ BraTS rules for empty masks laid over them."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -13,7 +14,6 @@ from brats_lab import DataError
 from brats_lab.evaluation.lesionwise import LESION_METRICS, RULES
 from brats_lab.evaluation.metrics import (
     DIRECTIONS,
-    EMPTY_HD95,
     METRIC_REGIONS,
     METRICS,
     RegionMetrics,
@@ -26,6 +26,11 @@ from brats_lab.evaluation.metrics import (
 from brats_lab.labels import BRATS_2020, BRATS_2023
 
 TOL = 1e-9
+
+
+def image_diagonal(shape: tuple[int, ...], spacing: tuple[float, ...]) -> float:
+    """CaPTk's HD95 where exactly one mask is empty, the diagonal of the image, here in mm."""
+    return math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing)))
 
 
 def oracle(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]) -> RegionMetrics:
@@ -41,7 +46,7 @@ def oracle(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]) -> Reg
         dice=float(medpy_binary.dc(pred, ref)),
         sensitivity=float(medpy_binary.sensitivity(pred, ref)) if ref.any() else 0.0,  # CaPTk's rule
         specificity=float(medpy_binary.specificity(pred, ref)) if not ref.all() else 1.0,
-        hd95=float(medpy_binary.hd95(pred, ref, voxelspacing=spacing)) if pred.any() and ref.any() else EMPTY_HD95,
+        hd95=float(medpy_binary.hd95(pred, ref, voxelspacing=spacing)) if pred.any() and ref.any() else image_diagonal(pred.shape, spacing),
     )
 
 
@@ -120,7 +125,7 @@ def test_reference_empty() -> None:
     assert m.dice == 0.0
     assert m.sensitivity == 0.0  # CaPTk: 0/0 with exactly one mask empty scores 0 (region_metrics' docstring)
     assert m.specificity == pytest.approx((ref.size - 8) / ref.size)
-    assert m.hd95 == EMPTY_HD95 == 373.13
+    assert m.hd95 == pytest.approx(15.652475842498529, rel=1e-12)  # CaPTk's sqrt(8^2 + 9^2 + 10^2)
 
 
 def test_prediction_empty() -> None:
@@ -128,7 +133,29 @@ def test_prediction_empty() -> None:
     ref = pred.copy()
     ref[2:4, 3:5, 4:6] = True
     m = region_metrics(pred, ref, (1.0, 1.0, 1.0))
-    assert (m.dice, m.sensitivity, m.specificity, m.hd95) == (0.0, 0.0, 1.0, EMPTY_HD95)
+    assert (m.dice, m.sensitivity, m.specificity) == (0.0, 0.0, 1.0)
+    assert m.hd95 == pytest.approx(15.652475842498529, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "shape, spacing, diagonal",
+    [
+        ((155, 240, 240), (1.0, 1.0, 1.0), 373.1286641361127),  # the BraTS grid: CaPTk's 373.13
+        ((8, 9, 10), (1.0, 1.0, 1.0), 15.652475842498529),  # CaPTk's, on a 1 mm grid
+        # Not 1 mm: CaPTk would still give 15.65 (voxels); brats-lab the diagonal in mm,
+        # sqrt(16^2 + 9^2 + 5^2), the departure docs/fidelity.md names.
+        ((8, 9, 10), (2.0, 1.0, 0.5), 19.026297590440446),
+        ((62, 96, 96), (2.5, 2.5, 2.5), 373.1286641361127),  # a 96 x 96 x 62 phantom: the same field of view
+    ],
+)
+def test_one_empty_mask_scores_the_image_diagonal(shape, spacing, diagonal) -> None:
+    full = np.zeros(shape, bool)
+    part = full.copy()
+    part[2:4, 3:5, 4:6] = True
+    assert region_metrics(part, full, spacing).hd95 == pytest.approx(diagonal, rel=1e-12)
+    assert region_metrics(full, part, spacing).hd95 == pytest.approx(diagonal, rel=1e-12)
+    labels = part.astype(np.uint8) * 4  # ET, in TC and WT too
+    assert case_metrics(labels, np.zeros_like(labels), spacing, BRATS_2020)["WT"].hd95 == pytest.approx(diagonal, rel=1e-12)
 
 
 def test_reference_fills_volume() -> None:
@@ -235,7 +262,7 @@ def test_case_metrics_regions_match_oracle(seed: int, convention) -> None:
     for region, labels in convention.regions.items():
         assert_same(result[region], oracle(np.isin(pred, labels), np.isin(ref, labels), spacing))
     if seed == 3:
-        assert result["ET"].dice == 0.0 and result["ET"].hd95 == EMPTY_HD95
+        assert result["ET"].dice == 0.0 and result["ET"].hd95 == pytest.approx(math.sqrt(24**2 + 30**2 + 28**2))
 
 
 def test_case_metrics_nested_regions_by_label() -> None:

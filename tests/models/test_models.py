@@ -116,14 +116,31 @@ def test_input_sizes_must_be_multiples_of_8():
         model(torch.zeros(4, 32, 32, 32))
 
 
-def test_group_norm_group_count_rule():
-    assert group_count(48) == 16 and group_count(384) == 16
-    assert group_count(24) == 3  # the authors' code: groups of 8 channels when 16 does not divide
-    assert group_count(8) == 1 and group_count(40) == 5
-    assert group_count(4) == 4 and group_count(12) == 4 and group_count(1) == 1
-    model = build_model(ModelConfig(name="unet", width=48))
-    norms = {m.num_channels: m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
-    assert norms[24] == 3 and norms[48] == 16
+def _authors_group_count(planes: int) -> int:
+    """The group count of the authors' `default_norm_layer` (lescientifik/open_brats2020,
+    src/models/layers.py at e21edb7, default groups=16), written again from its definition:
+    min(16, planes) groups if that divides `planes`; otherwise groups of the first size in
+    16, 8, 4, 2, 1 that divides `planes`."""
+    groups = min(16, planes)
+    if planes % groups == 0:
+        return groups
+    size = next(s for s in (16, 8, 4, 2, 1) if planes % s == 0)
+    return planes // size
+
+
+def test_group_norm_group_count_is_the_authors():
+    assert [group_count(c) for c in range(1, 1025)] == [_authors_group_count(c) for c in range(1, 1025)]
+    # By hand: one group per channel up to 16, 16 groups for multiples of 16, else groups of the
+    # largest power of two dividing the count. 8 and 12 are where an older brats-lab rule differed.
+    hand = {1: 1, 2: 2, 4: 4, 8: 8, 12: 12, 16: 16, 18: 9, 20: 5, 24: 3, 40: 5, 48: 16, 100: 25, 384: 16}
+    assert {c: group_count(c) for c in hand} == hand
+    with pytest.raises(ValueError, match=r"^channels must be >= 1, got 0$"):
+        group_count(0)
+    unet = build_model(ModelConfig(name="unet", width=48))
+    norms = {m.num_channels: m.num_groups for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert norms == {24: 3, 48: 16, 96: 16, 192: 16, 384: 16}
+    narrow = build_model(ModelConfig(name="equiunet", width=8))  # the cpu profile's width
+    assert {m.num_channels: m.num_groups for m in narrow.modules() if isinstance(m, torch.nn.GroupNorm)} == {8: 8, 16: 16, 32: 16, 64: 16}
 
 
 # --- the authors' CBAM and Att_EquiUnet, written again here from their definition ------------------
@@ -201,7 +218,7 @@ class _RefAttEquiUnet(torch.nn.Module):
         return self.out(d1), deeps
 
 
-REF_NORMS = {"group": lambda c: torch.nn.GroupNorm(min(16, c), c), "instance": lambda c: torch.nn.InstanceNorm3d(c, affine=True)}
+REF_NORMS = {"group": lambda c: torch.nn.GroupNorm(_authors_group_count(c), c), "instance": lambda c: torch.nn.InstanceNorm3d(c, affine=True)}
 
 
 def _randomise(params) -> None:
@@ -237,14 +254,19 @@ def test_cbam_block_is_the_authors(norm):
         assert (woo(x) - expected).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("norm", ["group", "instance"])
-@pytest.mark.parametrize("name", ["att_equiunet", "equiunet"])
-def test_network_is_the_authors(name, norm):
+# Width 16: 16 groups everywhere. Widths 8 and 20 hold the counts where group rules part (8 and
+# 20 channels: 8 and 5 groups in the authors' rule); at width 8 their CBAM's MLP would have 0 hidden
+# units (8 // 16), ours 1, so the attention network is compared at 16 and 20 only.
+AUTHORS_CASES = [("equiunet", 8, "group"), ("equiunet", 16, "group"), ("att_equiunet", 16, "group"), ("att_equiunet", 20, "group"),
+                 ("equiunet", 16, "instance"), ("att_equiunet", 16, "instance")]
+
+
+@pytest.mark.parametrize("name, width, norm", AUTHORS_CASES)
+def test_network_is_the_authors(name, width, norm):
     """With the same weights, `att_equiunet` computes the authors' Att_EquiUnet and `equiunet` their
-    EquiUnet, deep-supervision outputs included (width 16: every GroupNorm has 16 groups in both
-    group rules; 16^3 input); `att_equiunet_woo` does not."""
-    ours = build_model(ModelConfig(name=name, width=16, norm=norm, deep_supervision=True)).train()  # no dropout, no running stats
-    ref = _RefAttEquiUnet(16, REF_NORMS[norm], attention=name == "att_equiunet").train()
+    EquiUnet, deep-supervision outputs included (16^3 input); `att_equiunet_woo` does not."""
+    ours = build_model(ModelConfig(name=name, width=width, norm=norm, deep_supervision=True)).train()  # no dropout, no running stats
+    ref = _RefAttEquiUnet(width, REF_NORMS[norm], attention=name == "att_equiunet").train()
     _randomise(ours.parameters())
     _copy(list(ours.parameters()), ref.ordered_parameters())
     x = torch.randn(1, 4, 16, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -255,7 +277,7 @@ def test_network_is_the_authors(name, norm):
         for got, want in zip(aux, expected_aux, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         if name == "att_equiunet":
-            woo = build_model(ModelConfig(name="att_equiunet_woo", width=16, norm=norm, deep_supervision=True)).train()
+            woo = build_model(ModelConfig(name="att_equiunet_woo", width=width, norm=norm, deep_supervision=True)).train()
             woo.load_state_dict(ours.state_dict())
             assert (woo(x)[0] - expected).abs().max() > 1e-2
 

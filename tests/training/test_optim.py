@@ -215,22 +215,54 @@ def test_build_optimizer_uses_every_setting_of_the_config() -> None:
 # --- schedules -------------------------------------------------------------------------------
 
 
-def test_pipeline_a_schedule() -> None:
-    train = TrainConfig()  # 200 epochs, cosine from epoch 100
-    assert main_lr(0, train, 1e-4) == 1e-4
-    assert main_lr(99, train, 1e-4) == 1e-4
-    assert main_lr(100, train, 1e-4) == pytest.approx(1e-4)
-    assert main_lr(150, train, 1e-4) == pytest.approx(5e-5)
-    assert main_lr(199, train, 1e-4) == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
-    assert main_lr(200, train, 1e-4) == pytest.approx(0.0, abs=1e-15)
+def _torch_cosine_lrs(epochs: int, lr: float, t_max: int, steps_after) -> list[float]:
+    """The lr of each epoch from torch's CosineAnnealingLR(T_max = t_max), stepped at the end of
+    every epoch for which `steps_after(epoch)` holds."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, t_max)
+    lrs = []
+    for epoch in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        if steps_after(epoch):
+            optimizer.step()  # no gradient, no update: only so that torch does not warn about the order
+            scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("epochs", [8, 40, 200])  # the CPU demo's, the cpu profile's, the paper's
+def test_pipeline_a_schedule_is_the_authors_loop(epochs: int) -> None:
+    """The authors' Ranger loop (src/train.py): CosineAnnealingLR(T_max = round(epochs * 0.5)),
+    stepped at the end of each epoch with `epoch / epochs > 0.5`."""
+    train = TrainConfig(epochs=epochs)  # decay_start 0.5
+    authors = _torch_cosine_lrs(epochs, 1e-4, round(epochs * 0.5), lambda e: e / epochs > 0.5)
+    assert [main_lr(e, train, 1e-4) for e in range(epochs)] == pytest.approx(authors, rel=1e-9, abs=1e-16)
+
+
+def test_pipeline_a_schedule_at_the_boundary_epochs() -> None:
+    train = TrainConfig()  # 200 epochs, decay_start 0.5
+    # By hand: 1e-4 through epoch 101 (100 / 200 is not past the half; the first cosine step ends
+    # epoch 101), then 1e-4 * (1 + cos(pi * (epoch - 101) / 100)) / 2.
+    assert [main_lr(e, train, 1e-4) for e in (0, 99, 100, 101)] == [1e-4] * 4
+    assert main_lr(102, train, 1e-4) == pytest.approx(9.997532801828658e-05, rel=1e-12)
+    assert main_lr(151, train, 1e-4) == pytest.approx(5e-5, rel=1e-12)
+    assert main_lr(199, train, 1e-4) == pytest.approx(9.866357858642205e-08, rel=1e-9)  # the last epoch
     with_floor = TrainConfig(min_lr=1e-6)
-    assert main_lr(200, with_floor, 1e-4) == pytest.approx(1e-6)
+    assert main_lr(199, with_floor, 1e-4) == pytest.approx(1e-6 + 99e-6 * 9.866357858642205e-04, rel=1e-9)
+
+
+def test_pipeline_b_schedule_is_torchs_cosine_annealing() -> None:
+    # The paper's "cosine annealing": CosineAnnealingLR(T_max = epochs) stepped after every epoch.
+    train = TrainConfig(epochs=400, decay_start=0.0)
+    torchs = _torch_cosine_lrs(400, 1e-4, 400, lambda e: True)
+    assert [main_lr(e, train, 1e-4) for e in range(400)] == pytest.approx(torchs, rel=1e-9, abs=1e-16)
+    assert main_lr(1, train, 1e-4) == pytest.approx(1e-4 * (1 + math.cos(math.pi / 400)) / 2, rel=1e-12)
 
 
 def test_the_cosine_ends_at_min_lr_through_the_midpoint_between() -> None:
-    # Halfway down (epoch 150 of A's cosine over 100-200) the lr is the mean of base and floor:
+    # Halfway down (epoch 151 of A's cosine over 101-201) the lr is the mean of base and floor:
     # (1e-4 + 1e-6) / 2 = 5.05e-5.
-    assert main_lr(150, TrainConfig(min_lr=1e-6), 1e-4) == pytest.approx(5.05e-5, rel=1e-12)
+    assert main_lr(151, TrainConfig(min_lr=1e-6), 1e-4) == pytest.approx(5.05e-5, rel=1e-12)
+    assert main_lr(201, TrainConfig(min_lr=1e-6), 1e-4) == pytest.approx(1e-6, rel=1e-12)
     # decay_start 1.0: the cosine would start at the end, so the lr stays at base_lr throughout.
     late = TrainConfig(epochs=10, decay_start=1.0)
     assert [main_lr(e, late, 1e-4) for e in (0, 9, 9.5)] == [1e-4, 1e-4, 1e-4]
@@ -248,6 +280,7 @@ def test_pipeline_b_schedule_and_variants() -> None:
     warm = TrainConfig(epochs=10, decay_start=0.0, warmup_epochs=3)
     assert [main_lr(e, warm, 3e-4) for e in range(3)] == pytest.approx([1e-4, 2e-4, 3e-4])
     assert main_lr(3, warm, 3e-4) == pytest.approx(3e-4)  # the cosine starts after the warm-up
+    assert main_lr(4, warm, 3e-4) < 3e-4  # at once: no constant phase, so no delay
     assert main_lr(10, warm, 3e-4) == pytest.approx(0.0, abs=1e-15)
 
 

@@ -531,7 +531,7 @@ def _ablate(args: argparse.Namespace) -> int:
         plan = make_plan(args.ablation, profile, args.folds, str(data), args.storage or DEFAULT_STORAGE, args.seeds)
     except ConfigError as e:
         raise DataError(str(e)) from None
-    print(f"study {plan.study_name}: {len(plan.ablation.arms)} arms x {len(plan.folds)} folds x {len(plan.seeds)} seeds "
+    print(f"study {plan.study_name}: {len(plan.ablation.arms)} arms x {len(plan.folds)} folds x {len(plan.seeds)} seed{'s' if len(plan.seeds) > 1 else ''} "
           f"(join from another machine: brats-lab worker --study {plan.study_name} --storage URL)")
     result = run_study(plan, workers=max(1, args.workers))
     print()

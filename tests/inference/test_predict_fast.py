@@ -126,10 +126,16 @@ SPLIT = {"data.dataset": "data/phantom", "data.folds": "2", "data.seed": "161119
 def _empty_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MLflow store with its tables made, copied for each test. MLflow's migrations take
     seconds, so the empty store is kept in pytest's cache, per MLflow version: the mutation run
-    starts a test session for every mutant."""
+    starts a test session for every mutant. Without the cache provider (`-p no:cacheprovider`,
+    as some runners use) it is made once per session instead: `config.cache` does not exist then."""
     import mlflow
 
-    cached = request.config.cache.mkdir(f"empty-mlflow-store-{mlflow.__version__}") / "mlruns"
+    cache = getattr(request.config, "cache", None)
+    if cache is None:
+        root = tmp_path_factory.mktemp("empty-store")
+        tracking.client(root)
+        return root / "mlruns"
+    cached = cache.mkdir(f"empty-mlflow-store-{mlflow.__version__}") / "mlruns"
     if not (cached / "mlflow.db").is_file():
         shutil.rmtree(cached, ignore_errors=True)  # left half-made by a crash
         root = tmp_path_factory.mktemp("empty-store")

@@ -293,39 +293,45 @@ def _edit_voxel(path: Path, rng: np.random.Generator) -> None:
 
 def test_an_entry_is_rebuilt_exactly_when_its_inputs_or_settings_change(dataset: Path, monkeypatch) -> None:
     """Seeded sequences of what happens to a dataset between two prepares: a voxel changed in
-    place (same size; half the time with its old mtime put back, as `cp -p`, `tar` and
-    `rsync -a` leave it), a change made and undone, a file touched, rewritten with the same
-    bytes or replaced by a copy, the normalisation switched, the preprocessing version bumped.
-    After each prepare: exactly the cases whose input bytes changed are built (all of them when
-    the settings changed), the others reused, and every case's arrays are what preprocessing
-    today's files gives."""
+    place (same size; sometimes with the old mtime put back, as `cp -p`, `tar` and `rsync -a`
+    leave it), a change made and undone, a file touched, rewritten with the same bytes or
+    replaced by a copy; the normalisation switched, its percentiles changed, the preprocessing
+    version bumped. After each prepare: exactly the cases whose input bytes changed are built
+    (all of them when the settings changed), the others reused, and every case's arrays are what
+    preprocessing today's files gives."""
     from brats_lab.data import cache as cache_module
+    from brats_lab.data import preprocess
 
     _uncompressed(dataset)
     cache_dir = dataset.parent / "cache"  # one folder whatever the method: a switch is a settings change
-    version = cache_module.PREPROCESS_VERSION
-    rng = np.random.default_rng(12)
+    version, percentiles = cache_module.PREPROCESS_VERSION, preprocess.PERCENTILES
+    rng = np.random.default_rng(1)
 
     def content() -> dict[str, dict[str, bytes]]:
         return {c.id: {name: p.read_bytes() for name, p in c.files().items()} for c in discover(dataset)}
 
-    method, built_with = "minmax", None
-    seen = set()
+    def setting() -> tuple:  # what the arrays depend on besides the files (percentiles: minmax only)
+        return method, cache_module.PREPROCESS_VERSION, preprocess.PERCENTILES if method == "minmax" else None
+
+    kinds = ["edit", "edit, same mtime", "edit and undo", "touch", "rewrite", "copy", "method", "percentiles", "version"]
+    method, built_with, seen = "minmax", None, set()
     for step in range(24):
         before = content()
         done = []
         for _ in range(int(rng.integers(1, 3))):
-            what = str(rng.choice(["edit", "edit, same mtime", "edit and undo", "touch", "rewrite", "copy", "method", "version"]))
+            what = str(rng.choice(kinds))
             seen.add(what)
             case = discover(dataset)[int(rng.integers(len(IDS)))]
             path = list(case.files().values())[int(rng.integers(5))]
-            done.append(f"{what} {path.name}")
+            done.append(what if what in ("method", "percentiles", "version") else f"{what} {path.name}")
             stat = path.stat()
             if what.startswith("edit"):
                 original = path.read_bytes()
                 _edit_voxel(path, rng)
                 if what == "edit and undo":
                     path.write_bytes(original)
+                if what != "edit":
+                    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
             elif what == "touch":
                 os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
             elif what == "rewrite":
@@ -335,18 +341,20 @@ def test_an_entry_is_rebuilt_exactly_when_its_inputs_or_settings_change(dataset:
                 os.replace(path.with_name("copy"), path)
             elif what == "method":
                 method = "zscore" if method == "minmax" else "minmax"
+            elif what == "percentiles":  # in both modules: preprocessing really changes
+                new = percentiles if preprocess.PERCENTILES != percentiles else (2.0, 98.0)
+                monkeypatch.setattr(preprocess, "PERCENTILES", new)
+                monkeypatch.setattr(cache_module, "PERCENTILES", new)
             else:
                 monkeypatch.setattr(cache_module, "PREPROCESS_VERSION", int(rng.choice([version, version + 1])))
-            if what in ("edit, same mtime", "edit and undo"):
-                os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         after = content()
         cache = prepare(dataset, method, cache_dir=cache_dir, progress=False)
 
-        if built_with is not None and built_with == (method, cache_module.PREPROCESS_VERSION):
+        if built_with == setting():
             changed = sorted(c for c in IDS if after[c] != before[c])
         else:  # the first prepare, or other settings than the entries were built with
             changed = IDS
-        built_with = (method, cache_module.PREPROCESS_VERSION)
+        built_with = setting()
         assert sorted(cache.report.built) == changed, f"step {step}: {done}"
         assert cache.report.reused == [c for c in IDS if c not in changed], f"step {step}: {done}"
         for case in discover(dataset):
@@ -354,7 +362,7 @@ def test_an_entry_is_rebuilt_exactly_when_its_inputs_or_settings_change(dataset:
             pre = preprocess_case(case, method)
             np.testing.assert_array_equal(images, pre.images, err_msg=f"step {step}: {case.id}")
             np.testing.assert_array_equal(labels, pre.labels, err_msg=f"step {step}: {case.id}")
-    assert len(seen) == 8  # every kind of change was drawn
+    assert seen == set(kinds)  # every kind of change was drawn
 
 
 def test_inputs_are_read_again_only_when_their_stat_cannot_be_trusted(dataset: Path, monkeypatch) -> None:

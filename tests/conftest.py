@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -136,6 +137,37 @@ def simple_dataset(tmp_path: Path) -> Path:
     for i in range(1, 4):
         write_case(root, f"BraTS20_Training_{i:03d}", seed=i)
     return root
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow store (`mlruns/`) with its tables made: copy it to a test's project folder.
+    MLflow's migrations take seconds, so the empty store is kept in pytest's cache, per MLflow
+    version: the mutation run starts a test session for every mutant. Without the cache provider
+    (`-p no:cacheprovider`, as some runners use) there is no `config.cache`: it is made once per
+    session instead."""
+    import mlflow
+
+    from brats_lab import tracking
+
+    cache = getattr(request.config, "cache", None)
+    if cache is None:
+        root = tmp_path_factory.mktemp("empty-store")
+        tracking.client(root)
+        return root / "mlruns"
+    cached = cache.mkdir(f"empty-mlflow-store-{mlflow.__version__}") / "mlruns"
+    if not (cached / "mlflow.db").is_file():
+        shutil.rmtree(cached, ignore_errors=True)  # left half-made by a crash
+        root = tmp_path_factory.mktemp("empty-store")
+        tracking.client(root)
+        # Made aside and renamed in one step: two test workers may make it at once.
+        made = cached.with_name(f"mlruns-{os.getpid()}")
+        shutil.copytree(root / "mlruns", made)
+        try:
+            os.rename(made, cached)
+        except OSError:  # the other worker's is there already
+            shutil.rmtree(made)
+    return cached
 
 
 @pytest.fixture(scope="session")

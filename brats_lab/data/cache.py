@@ -14,11 +14,16 @@ pointing at the old, intact files until the new manifest replaces it; folders no
 to are removed only after that. A crash, or a case that fails, therefore never leaves a manifest
 that claims unfinished or changed work, and entries finished before a crash are reused next time.
 
-Change detection (`prepare`): an input file whose size and mtime_ns match what was recorded is
-taken to have the recorded sha256 (cheap stat fingerprint); any other file is hashed in full and
-its content hash decides. Cached arrays get the same treatment: the .npy header (shape, dtype) and
-the file size are always checked, the sha256 is recomputed when size or mtime changed (and always
-with `verify_hashes=True`). `open_cache` does the cheap checks only.
+Change detection (`prepare`): an input file whose size, mtime_ns, ctime_ns and inode match what
+was recorded is taken to have the recorded sha256 (cheap stat fingerprint); any other file is
+hashed in full and its content hash decides. The mtime alone is not enough: a file rewritten in
+place with the same size by `cp -p`, `tar` or `rsync -a` gets its old mtime back, but its ctime
+(which no tool can set) moves and a replaced file has a new inode. File times come from a coarse
+clock, so a file changed less than `_RACY_NS` before it was looked at could change again with the
+same times: its fingerprint is not trusted next time, and it is hashed again (git's "racily
+clean" rule). Cached arrays get a cheaper treatment: the .npy header (shape, dtype) and the file
+size are always checked, the sha256 is recomputed when size or mtime changed (and always with
+`verify_hashes=True`). `open_cache` does the cheap checks only.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +64,9 @@ IMAGES_DTYPE = np.dtype(np.float32)
 LABELS_DTYPE = np.dtype(np.uint8)
 _KEY = re.compile(r"^[0-9a-f]{16}$")
 _CHUNK = 1 << 20
+# A file whose mtime or ctime is this close to the moment its stat was taken may change again
+# within the same tick of the filesystem's clock (coarser than 1 s on some filesystems).
+_RACY_NS = 2_000_000_000
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -443,10 +452,11 @@ def _known_inputs(cache_dir: Path, case_id: str, old_record: dict | None) -> dic
 
 
 def _hash_inputs(case: Case, root: Path, known: dict, verify_hashes: bool) -> dict:
-    """Per input file (modality name or 'seg'): path relative to `root`, size, mtime_ns, sha256.
+    """Per input file (modality name or 'seg'): path relative to `root`, size, mtime_ns,
+    ctime_ns, inode, sha256, and `racy` (the file had changed just before it was looked at).
 
-    The sha256 is taken from `known` when path, size and mtime_ns all match (the stat fingerprint),
-    else computed by reading the file.
+    The sha256 is taken from `known` when its record is not racy and path, size, mtime_ns,
+    ctime_ns and inode all match (the stat fingerprint), else computed by reading the file.
     """
     out = {}
     for name, path in case.files().items():
@@ -454,18 +464,17 @@ def _hash_inputs(case: Case, root: Path, known: dict, verify_hashes: bool) -> di
             stat = path.stat()
         except OSError:
             raise DataError(f"{case.id}: {path}: {why_not_a_file(path)}") from None
-        rel = os.path.relpath(path, root)
+        seen = {"path": os.path.relpath(path, root), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
+        racy = time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < _RACY_NS
         prev = known.get(name)
-        same = prev is not None and (prev.get("path"), prev.get("size"), prev.get("mtime_ns")) == (
-            rel,
-            stat.st_size,
-            stat.st_mtime_ns,
-        )
+        # A record without `racy` or `ctime_ns` (older manifests) is not trusted either.
+        same = prev is not None and prev.get("racy") is False and all(prev.get(k) == v for k, v in seen.items())
         try:
             sha = prev["sha256"] if same and not verify_hashes else _sha256_file(path)
         except PermissionError:
             raise DataError(f"{case.id}: {path}: permission denied (the file cannot be read)") from None
-        out[name] = {"path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha}
+        out[name] = {**seen, "sha256": sha, "racy": racy}
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -247,3 +248,138 @@ def test_concurrent_prepares_of_one_cache_do_not_trip_over_each_other(dataset: P
     cache = open_cache(dataset, "minmax")
     for case_id in cache.case_ids:
         cache.load(case_id)
+
+
+def test_a_preprocessing_version_bump_rebuilds_every_case(dataset: Path, monkeypatch) -> None:
+    """New preprocessing code (a bumped PREPROCESS_VERSION) makes every entry stale, though no
+    input and no setting changed: arrays made by the old code must not be served."""
+    from brats_lab.data import cache as cache_module
+
+    first = prepare(dataset, "minmax", progress=False)
+    monkeypatch.setattr(cache_module, "PREPROCESS_VERSION", cache_module.PREPROCESS_VERSION + 1)
+    with pytest.raises(DataError, match="other settings"):
+        open_cache(dataset, "minmax")
+    second = prepare(dataset, "minmax", progress=False)
+    assert second.report.built == {case_id: "settings changed" for case_id in IDS}
+    assert second.manifest_hash != first.manifest_hash
+
+
+# --------------------------------------------------------------------------------------------
+# Rebuilt exactly when something the arrays depend on changed, over drawn sequences of edits
+
+
+def _uncompressed(root: Path) -> None:
+    """Rewrite every .nii.gz of `root` as .nii: a byte of its voxel data can then be changed in
+    place, same size, and the file still reads (a gzip stream would fail its checksum)."""
+    for path in sorted(root.rglob("*.nii.gz")):
+        array, geometry = read_image(path)
+        write_image(array, geometry, path.with_suffix(""))
+        path.unlink()
+
+
+def _edit_voxel(path: Path, rng: np.random.Generator) -> None:
+    """Change one voxel of an uncompressed NIfTI in place: same size, still a valid file (a
+    segmentation voxel becomes another BraTS 2020 label)."""
+    array, _ = read_image(path)
+    data = bytearray(path.read_bytes())
+    start = len(data) - array.nbytes  # the voxels are the file's tail
+    at = start + int(rng.integers(array.nbytes))
+    if path.name.endswith("_seg.nii"):
+        data[at] = int(rng.choice([v for v in (0, 1, 2, 4) if v != data[at]]))
+    else:
+        data[at] ^= int(rng.integers(1, 256))
+    path.write_bytes(data)
+
+
+def test_an_entry_is_rebuilt_exactly_when_its_inputs_or_settings_change(dataset: Path, monkeypatch) -> None:
+    """Seeded sequences of what happens to a dataset between two prepares: a voxel changed in
+    place (same size; sometimes with the old mtime put back, as `cp -p`, `tar` and `rsync -a`
+    leave it), a change made and undone, a file touched, rewritten with the same bytes or
+    replaced by a copy; the normalisation switched, its percentiles changed, the preprocessing
+    version bumped. After each prepare: exactly the cases whose input bytes changed are built
+    (all of them when the settings changed), the others reused, and every case's arrays are what
+    preprocessing today's files gives."""
+    from brats_lab.data import cache as cache_module
+    from brats_lab.data import preprocess
+
+    _uncompressed(dataset)
+    cache_dir = dataset.parent / "cache"  # one folder whatever the method: a switch is a settings change
+    version, percentiles = cache_module.PREPROCESS_VERSION, preprocess.PERCENTILES
+    rng = np.random.default_rng(1)
+
+    def content() -> dict[str, dict[str, bytes]]:
+        return {c.id: {name: p.read_bytes() for name, p in c.files().items()} for c in discover(dataset)}
+
+    def setting() -> tuple:  # what the arrays depend on besides the files (percentiles: minmax only)
+        return method, cache_module.PREPROCESS_VERSION, preprocess.PERCENTILES if method == "minmax" else None
+
+    kinds = ["edit", "edit, same mtime", "edit and undo", "touch", "rewrite", "copy", "method", "percentiles", "version"]
+    method, built_with, seen = "minmax", None, set()
+    for step in range(24):
+        before = content()
+        done = []
+        for _ in range(int(rng.integers(1, 3))):
+            what = str(rng.choice(kinds))
+            seen.add(what)
+            case = discover(dataset)[int(rng.integers(len(IDS)))]
+            path = list(case.files().values())[int(rng.integers(5))]
+            done.append(what if what in ("method", "percentiles", "version") else f"{what} {path.name}")
+            stat = path.stat()
+            if what.startswith("edit"):
+                original = path.read_bytes()
+                _edit_voxel(path, rng)
+                if what == "edit and undo":
+                    path.write_bytes(original)
+                if what != "edit":
+                    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            elif what == "touch":
+                os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+            elif what == "rewrite":
+                path.write_bytes(path.read_bytes())
+            elif what == "copy":  # a new file (inode) with the same bytes and times, as `cp -p`
+                shutil.copy2(path, path.with_name("copy"))
+                os.replace(path.with_name("copy"), path)
+            elif what == "method":
+                method = "zscore" if method == "minmax" else "minmax"
+            elif what == "percentiles":  # in both modules: preprocessing really changes
+                new = percentiles if preprocess.PERCENTILES != percentiles else (2.0, 98.0)
+                monkeypatch.setattr(preprocess, "PERCENTILES", new)
+                monkeypatch.setattr(cache_module, "PERCENTILES", new)
+            else:
+                monkeypatch.setattr(cache_module, "PREPROCESS_VERSION", int(rng.choice([version, version + 1])))
+        after = content()
+        cache = prepare(dataset, method, cache_dir=cache_dir, progress=False)
+
+        if built_with == setting():
+            changed = sorted(c for c in IDS if after[c] != before[c])
+        else:  # the first prepare, or other settings than the entries were built with
+            changed = IDS
+        built_with = setting()
+        assert sorted(cache.report.built) == changed, f"step {step}: {done}"
+        assert cache.report.reused == [c for c in IDS if c not in changed], f"step {step}: {done}"
+        for case in discover(dataset):
+            images, labels = cache.load(case.id)
+            pre = preprocess_case(case, method)
+            np.testing.assert_array_equal(images, pre.images, err_msg=f"step {step}: {case.id}")
+            np.testing.assert_array_equal(labels, pre.labels, err_msg=f"step {step}: {case.id}")
+    assert seen == set(kinds)  # every kind of change was drawn
+
+
+def test_inputs_are_read_again_only_when_their_stat_cannot_be_trusted(dataset: Path, monkeypatch) -> None:
+    """The stat fingerprint spares reading every input file at every prepare (each training starts
+    with one); a file changed just before it was looked at is read again next time, since it may
+    have changed again within the same tick of the filesystem's clock."""
+    from brats_lab.data import cache as cache_module
+
+    real = cache_module._sha256_file
+    hashed: list[str] = []
+    monkeypatch.setattr(cache_module, "_sha256_file", lambda path: hashed.append(path.name) or real(path))
+    prepare(dataset, "minmax", progress=False)  # the files were written a moment ago: racy
+    hashed.clear()
+    prepare(dataset, "minmax", progress=False)
+    assert len([name for name in hashed if ".nii" in name]) == 15  # 3 cases x 5 files
+    monkeypatch.setattr(cache_module, "_RACY_NS", 0)  # as if they had been written long ago
+    prepare(dataset, "minmax", progress=False)
+    hashed.clear()
+    assert prepare(dataset, "minmax", progress=False).report.reused == IDS
+    assert hashed == []

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from brats_lab import DataError
-from brats_lab.data.splits import load_splits, make_splits, save_splits
+from brats_lab.data.cache import PrepareReport
+from brats_lab.data.splits import SPLIT_METHODS, load_splits, make_splits, save_splits, training_cases
 
 IDS = [f"BraTS20_Training_{i:03d}" for i in range(1, 24)]  # 23: folds of 5 and 4 cases
 HASH = "a" * 64
@@ -105,3 +109,92 @@ def test_authors_split_is_scikit_learns_kfold_over_sorted_folders(tmp_path: Path
 def test_unknown_split_method() -> None:
     with pytest.raises(ValueError, match="unknown split method 'sklearn'; expected one of brats-lab, authors"):
         make_splits(IDS, method="sklearn")
+
+
+def test_a_fold_trains_on_exactly_the_other_folds_validation_cases() -> None:
+    """Not only the count: a fold that trained on its own validation cases (a neighbour's list)
+    would have as many cases and pass a count check."""
+    for method in SPLIT_METHODS:
+        splits = make_splits(IDS, folds=5, seed=3, method=method)
+        for fold, split in enumerate(splits):
+            others = sorted(c for k, s in enumerate(splits) if k != fold for c in s["val"])
+            assert training_cases(splits, fold, [], "data") == others
+            excluded = others[::3]  # and a validation case: excluding it changes nothing here
+            kept = training_cases(splits, fold, [*excluded, split["val"][0]], "data")
+            assert kept == [c for c in others if c not in excluded]
+
+
+# --------------------------------------------------------------------------------------------
+# The folds as training sees them, over many drawn inputs
+
+
+@dataclasses.dataclass
+class PreparedCases:
+    """What the trainer's `_fold_data` reads of a prepared cache to split it (no arrays needed)."""
+
+    dir: Path
+    case_ids: tuple[str, ...]
+    manifest_hash: str = HASH
+    report: PrepareReport = dataclasses.field(default_factory=PrepareReport)
+
+    def entry(self, case_id: str) -> SimpleNamespace:
+        return SimpleNamespace(has_labels=True)
+
+
+def test_folds_are_disjoint_complete_and_independent_of_the_training_seed(tmp_path: Path, monkeypatch) -> None:
+    """Seeded draws of split method, fold count, case list (ids of any spelling, in any order),
+    data.exclude and seeds, through the trainer's own path from config to cases (`_fold_data`):
+    no case of a fold's validation set is in its training set, which is exactly the other folds'
+    cases less the excluded ones; every case is validated exactly once; and the folds are the same
+    for another `train.seed`, whether the splits file is made afresh or read back."""
+    from brats_lab.config import load_config, pipeline_path
+    from brats_lab.training import trainer
+
+    base = load_config(pipeline_path("A"), "cpu", [])
+    rng = np.random.default_rng(20230)
+    prepared: dict[str, PreparedCases] = {}
+    monkeypatch.setattr(trainer, "prepare", lambda root, method, progress: prepared[str(root)])
+
+    def folds_of(cfg, where: Path, case_ids: tuple[str, ...]) -> list[tuple[list[str] | None, list[str]]]:
+        """(training cases or None where training is refused, validation cases) of every fold."""
+        prepared[cfg.data.dataset] = PreparedCases(where, case_ids)
+        out = []
+        for fold in range(cfg.data.folds):
+            try:
+                _, train, val = trainer._fold_data(cfg, fold, 1, True, False)
+            except DataError as e:  # data.exclude names every training case of this fold
+                assert "leaves no case to train on" in str(e)
+                train, val = None, None
+            out.append((train, val))
+        # The validation cases of a refused fold, from the splits file the trainer wrote.
+        (path,) = where.glob("splits_*.json")
+        vals = [s["val"] for s in load_splits(path, HASH, case_ids)]
+        return [(train, vals[k] if val is None else val) for k, (train, val) in enumerate(out)]
+
+    refused = 0
+    for draw in range(120):
+        folds = int(rng.integers(2, 8))
+        n = int(rng.integers(folds, 31))
+        numbers = rng.choice(1000, size=n, replace=False)
+        prefix = str(rng.choice(["BraTS20_Training_", "BraTS-GLI-", "case", "Z_"]))
+        case_ids = tuple(f"{prefix}{i:03d}" for i in numbers)  # in drawn, not sorted, order
+        exclude = tuple(str(c) for c in rng.choice(case_ids, size=int(rng.integers(0, n)), replace=False))
+        data = dataclasses.replace(base.data, dataset=f"draw{draw}", folds=folds, split=str(rng.choice(SPLIT_METHODS)),
+                                   seed=int(rng.integers(2**32)), exclude=exclude)
+        seeds = rng.choice(2**32, size=2, replace=False)
+        cfg, other_seed = (dataclasses.replace(base, data=data, train=dataclasses.replace(base.train, seed=int(s))) for s in seeds)
+        where = f"draw {draw}: {data.split}, {folds} folds of {n} cases, {len(exclude)} excluded"
+
+        got = folds_of(cfg, tmp_path / f"{draw}-a", case_ids)
+        assert Counter(c for _, val in got for c in val) == Counter(case_ids), f"{where}: not every case validated once"
+        sizes = [len(val) for _, val in got]
+        assert max(sizes) - min(sizes) <= 1, where
+        for fold, (train, val) in enumerate(got):
+            expected = sorted(set(case_ids) - set(val) - set(exclude))
+            assert train == (expected or None), f"{where}: fold {fold}"  # refused only when nothing is left
+            assert not set(train or ()) & set(val), f"{where}: fold {fold} trains on its validation cases"
+            refused += train is None
+        # Another training seed: the same folds, made afresh and read back from the file.
+        assert folds_of(other_seed, tmp_path / f"{draw}-b", case_ids) == got, f"{where}: the folds follow train.seed"
+        assert folds_of(other_seed, tmp_path / f"{draw}-a", case_ids) == got, where
+    assert refused > 0  # the draws reach an exclude list that empties a fold

@@ -3,11 +3,14 @@ the 2023 scorer's rules on cases whose answers follow from them by hand."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import warnings
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from brats_lab.evaluation.lesionwise import (
     LESION_METRICS,
@@ -88,6 +91,18 @@ CASES = {
         volume(((12, 14, 16), (17, 20, 22), ET)),
         (1.0, 1.0, 1.0),
     ),
+    # 26-connectivity: a lesion is one lesion through a shared corner or edge (6-connectivity
+    # would see two here, and score the prediction's second cube as a true positive).
+    "ET cubes touching only at a corner, the prediction's apart": (
+        volume(((4, 4, 4), (7, 7, 7), ET), ((8, 7, 7), (11, 10, 10), ET)),
+        volume(((4, 4, 4), (7, 7, 7), ET), ((7, 7, 7), (10, 10, 10), ET)),
+        (1.0, 1.0, 1.0),
+    ),
+    "ET cubes touching only along an edge, the prediction's apart": (
+        volume(((4, 4, 4), (7, 7, 7), ET), ((8, 7, 4), (11, 10, 7), ET)),
+        volume(((4, 4, 4), (7, 7, 7), ET), ((7, 7, 4), (10, 10, 7), ET)),
+        (1.0, 1.0, 1.0),
+    ),
     "anisotropic spacing, lesions on the image border": (
         volume(*tumour(0, 0, 0, 7), *tumour(14, 17, 22, 6), ((9, 10, 10), (11, 14, 12), SNFH)),
         volume(*tumour(0, 1, 0, 7), *tumour(13, 18, 21, 7)),
@@ -96,16 +111,22 @@ CASES = {
 }
 
 
-def _official(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
-    """brats-evaluation's `gli` results per region, mapped to our names: TP/FP/FN, pq_dsc,
-    sq_hd95 and the global Dice and HD95; inf written as 373, as its result parser does."""
+@functools.cache
+def _official_evaluator():
     import brats_evaluation  # the README's test command installs it: missing, the test fails rather than skips
     from panoptica import Panoptica_Evaluator
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        evaluator = Panoptica_Evaluator.load_from_config(brats_evaluation.config_path("gli"))
-        results = evaluator.evaluate(pred, ref, voxelspacing=tuple(spacing), verbose=False)
+        return Panoptica_Evaluator.load_from_config(brats_evaluation.config_path("gli"))
+
+
+def _official(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
+    """brats-evaluation's `gli` results per region, mapped to our names: TP/FP/FN, pq_dsc,
+    sq_hd95 and the global Dice and HD95; inf written as 373, as its result parser does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = _official_evaluator().evaluate(pred, ref, voxelspacing=tuple(spacing), verbose=False)
     out = {}
     for region in REGIONS:
         r = results[region.lower()]
@@ -125,6 +146,11 @@ def _official(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_value_equals_brats_evaluation(name: str) -> None:
     pred, ref, spacing = CASES[name]
+    assert_equals_brats_evaluation(pred, ref, spacing, name)
+
+
+def assert_equals_brats_evaluation(pred: np.ndarray, ref: np.ndarray, spacing, name: str) -> dict:
+    """Every value of every region under the `gli` rules equals the package's; returns ours."""
     expected = _official(pred, ref, spacing)
     ours = lesion_metrics(pred, ref, spacing, "gli")
     assert list(ours) == list(REGIONS)
@@ -137,6 +163,7 @@ def test_every_value_equals_brats_evaluation(name: str) -> None:
                 assert math.isnan(value), f"{name}: {region} {metric} = {value}, official NaN"
             else:
                 assert value == want, f"{name}: {region} {metric} = {value}, official {want}"
+    return ours
 
 
 def test_the_hard_cases_are_hard() -> None:
@@ -156,6 +183,11 @@ def test_the_hard_cases_are_hard() -> None:
     assert all(math.isnan(getattr(nowhere, m)) for m in ("lesion_dice", "lesion_hd95", "volume_dice", "volume_hd95"))
     apart = results["masks that do not overlap at all"]["ET"]
     assert apart.volume_hd95 == 373.0  # official: no voxel in common is "no true positive", not a distance
+    for name in ("ET cubes touching only at a corner, the prediction's apart",
+                 "ET cubes touching only along an edge, the prediction's apart"):
+        et = results[name]["ET"]  # one reference lesion; the prediction's second cube is a false positive
+        assert (et.lesion_tp, et.lesion_fp, et.lesion_fn) == (1, 1, 0)
+        assert et.lesion_dice == pytest.approx(2 * 27 / (54 + 27) / 1.5)
 
 
 def test_whole_volume_hd95_ignores_spacing_as_the_official_package_does() -> None:
@@ -395,3 +427,160 @@ def test_official_file_reader_swaps_the_spacing_which_we_do_not_copy(tmp_path) -
         from_files = evaluator.evaluate(str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz"), verbose=False)
     assert from_files["et"].sq_hd95 == 1.0
     assert lesion_metrics(pred, ref, (3.0, 1.0, 1.0), "gli")["ET"].lesion_hd95 == 3.0
+
+
+# --------------------------------------------------------------------------------------------
+# Drawn label maps (seeded): brats-evaluation's values on many, and values known by hand where
+# the maps are built for it. Tiny volumes, so each draw takes milliseconds.
+
+PAINT = (NETC, SNFH, ET)
+
+
+def _touching(rng: np.random.Generator, lo: np.ndarray, hi: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """A box beside [lo, hi) that touches it only at a corner, or only along an edge: diagonally
+    past it on every axis (on all but one axis, for an edge, where it shares the box's span)."""
+    size = rng.integers(1, 4, 3)
+    sides = rng.choice([-1, 1], 3)
+    b_lo = np.where(sides > 0, hi, lo - size)
+    if how == "edge":
+        axis = int(rng.integers(3))
+        b_lo[axis] = lo[axis]
+    return b_lo, b_lo + size
+
+
+def _drawn_maps(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """(prediction, reference, spacing): 1 to 4 reference lesions, boxes of any label, some with a
+    second box touching them only at a corner or along an edge; the prediction made from them
+    box by box (kept, shifted one voxel, grown, shrunk, relabelled or missed), plus false
+    positives. Boxes may overlap: later ones are painted on top."""
+    shape = np.array((14, 14, 14))
+    boxes = []
+    for _ in range(int(rng.integers(1, 5))):
+        size = rng.integers(1, 5, 3)
+        lo = rng.integers(0, shape - size + 1)
+        boxes.append((lo, lo + size, int(rng.choice(PAINT))))
+        how = rng.choice(["alone", "corner", "edge"])
+        if how != "alone":
+            b_lo, b_hi = _touching(rng, lo, lo + size, how)
+            if (b_lo >= 0).all() and (b_hi <= shape).all():
+                boxes.append((b_lo, b_hi, int(rng.choice(PAINT))))
+    ref, pred = np.zeros(tuple(shape), np.uint8), np.zeros(tuple(shape), np.uint8)
+    for lo, hi, label in boxes:
+        ref[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = label
+        lo, hi, axis = lo.copy(), hi.copy(), int(rng.integers(3))
+        action = rng.choice(["keep", "shift", "grow", "shrink", "relabel", "miss"])
+        if action == "miss":
+            continue
+        if action == "shift":
+            step = int(rng.choice([-1, 1]))
+            lo[axis] += step
+            hi[axis] += step
+        elif action == "grow":
+            hi[axis] += 1
+        elif action == "shrink" and hi[axis] - lo[axis] > 1:
+            lo[axis] += 1
+        elif action == "relabel":
+            label = int(rng.choice(PAINT))
+        lo, hi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
+        pred[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = label
+    for _ in range(int(rng.integers(0, 3))):  # false-positive islands
+        size = rng.integers(1, 3, 3)
+        lo = rng.integers(0, shape - size + 1)
+        pred[lo[0] : lo[0] + size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]] = rng.choice(PAINT)
+    spacing = (1.0, 1.0, 1.0) if rng.random() < 0.5 else tuple(float(v) for v in rng.choice([0.8, 1.0, 1.5, 3.0], 3))
+    return pred, ref, spacing
+
+
+def test_drawn_multi_lesion_maps_equal_brats_evaluation() -> None:
+    """80 drawn maps with lesions that touch only at a corner or along an edge (26-connectivity
+    makes them one), shifted, split, merged, missed and invented lesions: every value of every
+    region equals the organisers' package."""
+    rng = np.random.default_rng(2023)
+    touching = 0
+    for draw in range(80):
+        pred, ref, spacing = _drawn_maps(rng)
+        ours = assert_equals_brats_evaluation(pred, ref, spacing, f"draw {draw}")
+        # The draws reach what they are for: fewer 26- than 6-connected reference lesions.
+        wt = np.isin(ref, PAINT)
+        touching += ndimage_label(wt)[1] < ndimage.label(wt)[1]
+        assert ours["WT"].lesion_tp + ours["WT"].lesion_fn == ndimage_label(wt)[1]
+    assert touching >= 10
+
+
+def test_one_voxel_shifts_have_the_spacing_as_hd95() -> None:
+    """Drawn lesions far apart (boxes of 2 to 4 voxels a side, 3 voxels between), each kept or
+    shifted by one voxel along one axis. By hand: a shifted box's two surfaces are at most one
+    voxel apart, and at exactly one voxel over a whole face (a quarter or more of the surface, far
+    above the 5% the 95th percentile skips): its HD95 is that axis's spacing, its Dice the
+    overlap; a kept box scores 0 and 1. The lesion-wise HD95 is their mean, as the package's."""
+    rng = np.random.default_rng(95)
+    for draw in range(40):
+        spacing = tuple(float(v) for v in rng.choice([0.7, 1.0, 1.2, 2.5, 3.0], 3))
+        ref, pred = np.zeros((18, 18, 18), np.uint8), np.zeros((18, 18, 18), np.uint8)
+        hd95s, dices = [], []
+        # One lesion in each of 1 to 4 of the eight 7-voxel cells of the volume: a box, its
+        # shift and 2 empty voxels fit in one.
+        cells = [np.unravel_index(i, (2, 2, 2)) for i in rng.choice(8, size=int(rng.integers(1, 5)), replace=False)]
+        for cell in cells:
+            size = rng.integers(2, 5, 3)
+            lo = 1 + 7 * np.array(cell) + rng.integers(0, 5 - size + 1)
+            ref[tuple(slice(a, b) for a, b in zip(lo, lo + size))] = ET
+            shift = np.zeros(3, int)
+            axis = int(rng.integers(3))
+            if rng.random() < 0.7:
+                shift[axis] = rng.choice([-1, 1])
+            pred[tuple(slice(a, b) for a, b in zip(lo + shift, lo + size + shift))] = ET
+            hd95s.append(spacing[axis] if shift.any() else 0.0)
+            dices.append((size[axis] - 1) / size[axis] if shift.any() else 1.0)
+        ours = assert_equals_brats_evaluation(pred, ref, spacing, f"draw {draw}")
+        for region in REGIONS:  # ET only: the three regions are the same masks
+            m = ours[region]
+            assert (m.lesion_tp, m.lesion_fp, m.lesion_fn) == (len(cells), 0, 0)
+            assert m.lesion_hd95 == pytest.approx(np.mean(hd95s), rel=1e-12, abs=0)
+            assert m.lesion_dice == pytest.approx(np.mean(dices), rel=1e-12, abs=0)
+
+
+def _dilation_reach() -> np.ndarray:
+    """Every voxel offset between two reference voxels whose lesions the 2023 GLI rules merge:
+    each dilated 3 times with the 18-neighbourhood, the dilations then touching (26-neighbours).
+    As sets of offsets, from the rules' words, without scipy: a (15, 15, 15) mask around 0."""
+    n18 = [d for d in itertools.product((-1, 0, 1), repeat=3) if sum(map(abs, d)) <= 2]
+    n26 = list(itertools.product((-1, 0, 1), repeat=3))
+    reach = {(0, 0, 0)}
+    for steps in [n18] * 6 + [n26]:  # 3 dilations of each lesion, then one step to touch
+        reach = {tuple(a + b for a, b in zip(r, s)) for r in reach for s in steps}
+    out = np.zeros((15, 15, 15), bool)
+    out[tuple(np.array(sorted(reach)).T + 7)] = True
+    return out
+
+
+def test_lesions_merged_only_by_the_2023_dilation_along_a_diagonal() -> None:
+    """Two 4 x 4 x 4 reference lesions (64 mm^3, over the 50 mm^3 limit) apart along a diagonal
+    by a drawn number of voxels; the prediction finds the first. Under brats-evaluation (no
+    dilation) they are two lesions, one missed, as the package says. Under the 2023 GLI rules they
+    are one lesion when their dilations touch (hand-computed offsets: `_dilation_reach`), found
+    with Dice 2 x 64 / (128 + 64); else two, one missed: (1 + 0) / 2, HD95 (0 + 374) / 2."""
+    reach = _dilation_reach()
+    rng = np.random.default_rng(18)
+    outcomes = set()
+    for draw in range(30):
+        direction = np.array(rng.choice([-1, 1], 3))
+        if rng.random() < 0.4:  # a diagonal of two axes
+            direction[rng.integers(3)] = 0
+        gap = int(rng.integers(2, 8))  # voxels from corner to corner along the diagonal
+        a_lo = np.where(direction < 0, 14, 1)
+        b_lo = a_lo + direction * (3 + gap)  # offset 0 on an axis the diagonal does not cross
+        ref = volume(((*a_lo,), (*(a_lo + 4),), SNFH), ((*b_lo,), (*(b_lo + 4),), SNFH), shape=(26, 26, 26))
+        pred = volume(((*a_lo,), (*(a_lo + 4),), SNFH), shape=(26, 26, 26))
+        # Merged if some offset from a voxel of A to one of B is within reach.
+        nearest = np.where(direction > 0, b_lo - (a_lo + 3), np.where(direction < 0, (b_lo + 3) - a_lo, 0))
+        merged = bool(reach[tuple(np.clip(nearest, -7, 7) + 7)]) and (np.abs(nearest) <= 7).all()
+        outcomes.add(merged)
+        gli = assert_equals_brats_evaluation(pred, ref, (1.0, 1.0, 1.0), f"draw {draw}")["WT"]
+        assert (gli.lesion_tp, gli.lesion_fn) == (1, 1)
+        m = lesion_metrics(pred, ref, (1.0, 1.0, 1.0), "brats2023-gli")["WT"]
+        if merged:
+            assert (m.lesion_tp, m.lesion_fp, m.lesion_fn, m.lesion_dice) == (1, 0, 0, 2 * 64 / (128 + 64)), f"draw {draw}"
+        else:
+            assert (m.lesion_tp, m.lesion_fp, m.lesion_fn, m.lesion_dice, m.lesion_hd95) == (1, 0, 1, 0.5, 187.0), f"draw {draw}"
+    assert outcomes == {True, False}

@@ -6,7 +6,6 @@ mutants runs these; tests/inference/test_predict*.py train folds and check the s
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -122,32 +121,10 @@ EXPERIMENT = "predict-fast"
 SPLIT = {"data.dataset": "data/phantom", "data.folds": "2", "data.seed": "16111990", "data.split": "brats-lab"}
 
 
-@pytest.fixture(scope="session")
-def _empty_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow store with its tables made, copied for each test. MLflow's migrations take
-    seconds, so the empty store is kept in pytest's cache, per MLflow version: the mutation run
-    starts a test session for every mutant."""
-    import mlflow
-
-    cached = request.config.cache.mkdir(f"empty-mlflow-store-{mlflow.__version__}") / "mlruns"
-    if not (cached / "mlflow.db").is_file():
-        shutil.rmtree(cached, ignore_errors=True)  # left half-made by a crash
-        root = tmp_path_factory.mktemp("empty-store")
-        tracking.client(root)
-        # Made aside and renamed in one step: two test workers may make it at once.
-        made = cached.with_name(f"mlruns-{os.getpid()}")
-        shutil.copytree(root / "mlruns", made)
-        try:
-            os.rename(made, cached)
-        except OSError:  # the other worker's is there already
-            shutil.rmtree(made)
-    return cached
-
-
 @pytest.fixture
-def store(_empty_store: Path, tmp_path: Path) -> Path:
+def store(empty_mlflow_store: Path, tmp_path: Path) -> Path:
     root = tmp_path / "project"
-    shutil.copytree(_empty_store, root / "mlruns")
+    shutil.copytree(empty_mlflow_store, root / "mlruns")
     return root
 
 

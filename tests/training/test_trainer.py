@@ -138,6 +138,78 @@ def tracking_run(run_id: str):
     return tracking.get_run(run_id)
 
 
+def test_a_training_killed_after_any_epoch_resumes_to_the_same_state(dataset, tmp_path, monkeypatch, empty_mlflow_store):
+    """Pipeline A, 2 main epochs and one averaging cycle of 2, runs straight; the same training is
+    killed after every epoch's checkpoint in turn and resumed each time: in the main phase, at
+    its end (resumed into the cycle's fresh Adam), after the first averaging epoch (epoch ==
+    train.epochs: its checkpoint holds the averaging phase's Adam, not the main phase's Ranger),
+    and after the last epoch, before the final model. Each checkpoint of the resumed training,
+    read back from its file, equals the straight one's of the same epoch, tensor for tensor; so
+    do the final weights, the scores and the logged losses. In one process, a kill being a
+    KeyboardInterrupt once the checkpoint is written: the epoch is chosen, not raced, and the
+    trainings take seconds. The test above kills a real process."""
+    from brats_lab import viz
+    from brats_lab.training import checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(empty_mlflow_store, tmp_path / "mlruns")  # MLflow's migrations done once
+    monkeypatch.setattr(viz, "render_case", lambda images, convention, path, **kwargs: Path(path).touch())  # no drawing
+    cfg = tiny_config("A", dataset, "train.amp=off")  # float32
+    epochs = 4
+    real_save = checkpoint.save
+    saved: dict[str, dict[int, dict]] = {"straight": {}, "resumed": {}}
+    now, kill_after = "straight", None
+
+    def save(path, state):
+        real_save(path, state)
+        if path.name == Path(CHECKPOINT).name:
+            saved[now][state["epoch"]] = checkpoint.load(path, checkpoint.CHECKPOINT_KEYS)
+            if state["epoch"] == kill_after:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the test above: the same summation order in every training
+    try:
+        straight = train_fold(cfg, 1, progress=False)
+        now = "resumed"
+        for kill_after in range(epochs):
+            with pytest.raises(KeyboardInterrupt):
+                train_fold(cfg, 1, resume=kill_after > 0, progress=False)
+            assert sorted(saved["resumed"]) == list(range(kill_after + 1))
+        kill_after = None
+        resumed = train_fold(cfg, 1, resume=True, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+    assert sorted(saved["straight"]) == list(range(epochs))
+    for epoch in range(epochs):
+        _assert_same(saved["resumed"][epoch], saved["straight"][epoch], f"checkpoint of epoch {epoch}")
+    assert saved["straight"][epochs - 1]["average"]["count"] == 2  # the averaging phase ran
+    a = torch.load(tracking_run(straight.run_id).artifact_dir() / FINAL_MODEL, weights_only=True)["model"]
+    b = torch.load(tracking_run(resumed.run_id).artifact_dir() / FINAL_MODEL, weights_only=True)["model"]
+    _assert_same(b, a, "final model")
+    assert resumed.per_case.equals(straight.per_case)
+    losses = [dict(tracking_run(r.run_id).metric_history("train_loss")) for r in (straight, resumed)]
+    assert losses[0] == losses[1] and sorted(losses[0]) == list(range(epochs))
+
+
+def _assert_same(a, b, where: str) -> None:
+    """Nested checkpoint content equal: tensors bit for bit (and dtype), the rest by ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
 def test_resume_without_an_unfinished_run_is_a_clear_error(dataset, tmp_path, monkeypatch):
     from brats_lab import DataError
 

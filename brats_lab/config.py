@@ -201,7 +201,10 @@ class TrainConfig:
 
     epochs: int = 200
     batch_size: int = 1
-    seed: int = 16111990  # weights, crops and augmentations
+    seed: int = 16111990  # weights, crops and augmentations, through `run_seed`
+    # Which training seed of an ablation this is (seed k, the MLflow tag `seed`). With `seed` and
+    # the fold it picks the seed a run trains with (`run_seed`); an ablation sets it, 0 elsewhere.
+    seed_index: int = 0
     # "fp16": autocast + loss scaling (the paper); "bf16": autocast, no scaling; "auto": bf16 where
     # the device supports it, else fp16 on CUDA and off on CPU; "off": float32.
     amp: Literal["auto", "fp16", "bf16", "off"] = "auto"
@@ -229,9 +232,21 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
         _require(0 <= self.seed < SEED_LIMIT, "seed", f"must be between 0 and 2**32 - 1, got {self.seed}")
+        _require(0 <= self.seed_index < SEED_LIMIT, "seed_index", f"must be between 0 and 2**32 - 1, got {self.seed_index}")
         _require(0.0 <= self.decay_start <= 1.0, "decay_start", f"must be in [0, 1], got {self.decay_start}")
         _require(self.dice_eps > 0, "dice_eps", f"must be > 0, got {self.dice_eps}")
         _require(self.min_lr >= 0, "min_lr", f"must be >= 0, got {self.min_lr}")
+
+    def run_seed(self, fold: int) -> int:
+        """The seed fold `fold` trains with (initial weights, patch order, crops, augmentation):
+        drawn from (`seed`, `seed_index`, fold) by sha256, so every fold and every seed index gets
+        its own, and two arms with the same `seed` get the same one in each (seed index, fold).
+
+        The folds are the verdict's replicates: a seed shared by every fold would share its luck
+        among them (issue 22). A hash, not `seed + k`, so that no arm's seed k is another arm's
+        seed 0 (issue 27), nor Python's `hash()`, which differs between processes."""
+        text = f"brats-lab run seed {self.seed} {self.seed_index} {fold}"
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")  # in [0, SEED_LIMIT)
 
 
 @dataclass(frozen=True)

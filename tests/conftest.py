@@ -99,6 +99,23 @@ att_equiunet = ["model.name=att_equiunet", {overrides}]
 """
 
 
+def reseeded_ablation(name: str = "tiny-reseeded", seeds: int = 2) -> str:
+    """The ablation of issue 27 (item 4), with tiny networks: the baseline against itself at
+    train.seed = the baseline's + 1 (pipeline A's 16111990), each trained with `seeds` seeds."""
+    tiny = ", ".join(f'"{s}"' for s in TINY_TRAINING)
+    return f"""
+name = "{name}"
+pipeline = "A"
+baseline = "equiunet"
+folds = 2
+seeds = {seeds}
+
+[arms]
+equiunet = ["model.name=equiunet", {tiny}]
+reseeded = ["model.name=equiunet", {tiny}, "train.seed=16111991"]
+"""
+
+
 def write_case(
     root: Path,
     case_id: str = "BraTS20_Training_001",

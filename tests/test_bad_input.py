@@ -662,6 +662,7 @@ CONFIG_CORPUS = {  # name -> (argv after `brats-lab`, with {data} and {toml}; th
     "model.out_channels=2": (["train", "--set", "model.out_channels=2"], None, r"model.out_channels.*must be 3"),
     "data.seed=-1": (["train", "--set", "data.seed=-1"], None, r"data.seed.*between 0 and 2\*\*32 - 1, got -1"),
     "train.seed=-1": (["train", "--set", "train.seed=-1"], None, r"train.seed.*between 0 and 2\*\*32 - 1, got -1"),
+    "train.seed_index=-1": (["train", "--set", "train.seed_index=-1"], None, r"train.seed_index.*between 0 and 2\*\*32 - 1, got -1"),
     "8^3 patch (one voxel at the bottom)": (["train", "--set", "data.patch_size=[8, 8, 8]"], None,
                                             r"data.patch_size.*larger than 8 on at least one axis"),
     "data.exclude lists every training case": (["train", "--set", f'data.exclude=["{CASE}", "{OTHER}"]'], None,
@@ -676,6 +677,8 @@ CONFIG_CORPUS = {  # name -> (argv after `brats-lab`, with {data} and {toml}; th
                                  r"arms must be a table"),
     "ablation: two arms resolve alike": (["ablate", "{toml}"], _ablation({"model.width=8": "model.width=4"}),
                                          r"arms 'small' and 'wide' resolve to the same configuration.*brats-lab ablate seeds"),
+    "ablation: an arm sets the seed index": (["ablate", "{toml}"], _ablation({"model.width=8": "model.width=8\", \"train.seed_index=1"}),
+                                             r"arm 'wide' sets train.seed_index=1 .*the ablation's seeds set it"),
     "ablation: [cpu] folds = \"x\"": (["ablate", "{toml}"], _ablation(append='[cpu]\nfolds = "x"\n'),
                                       r"cpu.folds must be an integer, got 'x'"),
     "ablation: [removal] fraction as words": (

@@ -13,6 +13,7 @@ from brats_lab.config import (
     DataConfig,
     ExperimentConfig,
     ModelConfig,
+    TrainConfig,
     config_hash,
     flatten,
     from_dict,
@@ -175,6 +176,20 @@ def test_hash_is_stable_across_key_order_and_sensitive_to_any_change(tmp_path):
     assert config_hash(ExperimentConfig()) == config_hash(from_dict({}))  # defaults are pipeline A's
     assert config_hash(load_config(pipeline_path("A"), "cpu", ["optim.lr=1.1e-4"])) != h
     assert config_hash(load_config(pipeline_path("A"), "cpu", ["train.swa.cycles=3"])) != h
+
+
+def test_each_fold_and_seed_index_trains_with_its_own_seed_the_same_on_every_machine():
+    train = TrainConfig(seed=16111990)
+    seeds = {(k, fold): dataclasses.replace(train, seed_index=k).run_seed(fold) for k in range(3) for fold in range(5)}
+    assert len(set(seeds.values())) == 15 and all(0 <= s < 2**32 for s in seeds.values())
+    # A hash of (seed, seed index, fold), not Python's hash() (salted per process): pinned here.
+    assert seeds[(0, 0)] == 3816776235 and seeds[(1, 4)] == TrainConfig(seed=16111990, seed_index=1).run_seed(4)
+    assert TrainConfig(seed=16111991).run_seed(0) not in seeds.values()  # not seed + k: another train.seed, other seeds
+    assert {TrainConfig(seed=16111990, epochs=3).run_seed(f) for f in range(5)} == {seeds[(0, f)] for f in range(5)}  # the seed's alone
+    cfg = load_config(pipeline_path("A"), "cpu", ["train.seed_index=2"])
+    assert cfg.train.seed_index == 2 and config_hash(cfg) != config_hash(load_config(pipeline_path("A"), "cpu"))
+    with pytest.raises(ConfigError, match=r"train.seed_index .*between 0 and 2\*\*32 - 1, got -1"):
+        load_config(pipeline_path("A"), "cpu", ["train.seed_index=-1"])
 
 
 def test_flatten_gives_dotted_string_params_and_round_trips():

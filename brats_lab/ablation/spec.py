@@ -6,9 +6,12 @@
         [cpu]    folds, seeds, set                (the CPU demo: fewer folds and seeds, on the shared
                                                    schedule of experiments/cpu_demo.toml, then `set`)
 
-`seeds = K` trains every (arm, fold) K times: seed k sets `train.seed` to the arm's own
-`train.seed` + k (weights, patches, augmentation), never the folds. So seed 0 is the arm's config
-as written, and an A/A study is two arms that differ only in `train.seed` (seeds.toml).
+`seeds = K` trains every (arm, fold) K times: seed k sets `train.seed_index` = k, and each fold run
+trains with a seed drawn from (the arm's `train.seed`, k, fold) (weights, patches, augmentation;
+`TrainConfig.run_seed`), so no two folds nor seeds share one. Arms with the same `train.seed` get
+the same seed in each (k, fold), and an A/A study is two arms that differ only in `train.seed`
+(seeds.toml). The seed index is the ablation's own: an arm may not set it, and no two (arm, seed)
+may train the same run in any fold (`refuse_shared_runs`).
         [removal] arm, metric, fraction           (patient removal: which arm trains without the
                                                    cases the baseline scores worst out of fold)
         [phantom] dataset, corrupt_fraction       (the phantoms written when there is no data)
@@ -19,6 +22,7 @@ as written, and an A/A study is two arms that differ only in `train.seed` (seeds
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import tomllib
 from typing import Any
@@ -166,7 +170,8 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
     for arm in arms:  # every arm must resolve to a valid config, now rather than mid-study
         ablation.arm_config(arm, "cpu")
         ablation.arm_config(arm, "paper")
-    _refuse_identical_arms(ablation)
+    for profile in ("cpu", "paper"):
+        refuse_shared_runs(ablation, profile, ablation.fold_count(profile), ablation.seed_count(profile))
     if search is not None:  # and every searched key must exist
         ablation.arm_config(ablation.baseline, "cpu", [f"{k}={low}" for k, (low, _, _) in search.params.items()])
     return ablation
@@ -254,19 +259,41 @@ def _check_types(data: dict, path: Path) -> None:
             expect(f"{where}.log", spec["log"], _BOOL)
 
 
-def _refuse_identical_arms(ablation: Ablation) -> None:
-    """Two arms that resolve to the same config would be one arm run compared with itself (a
-    removal arm differs only once its excluded cases are known, so it is left out)."""
-    removal = ablation.removal.arm if ablation.removal is not None else None
-    for profile in ("cpu", "paper"):
-        seen: dict[str, str] = {}
-        for arm in ablation.arms:
-            if arm == removal:
-                continue
-            chash = config_hash(ablation.arm_config(arm, profile))
-            if chash in seen:
-                raise ConfigError(
-                    f"{ablation.source}: arms {seen[chash]!r} and {arm!r} resolve to the same configuration "
-                    f"(profile {profile}): they would train the same runs and compare an arm with itself; "
-                    "make them differ, or for an A/A comparison use seeds (brats-lab ablate seeds)")
-            seen[chash] = arm
+def refuse_shared_runs(ablation: Ablation, profile: str, folds: int, seeds: int) -> None:
+    """No two (arm, seed k) may train the same run: the same configuration with the same run seed
+    in the same fold. One run would stand for both, and the study would compare it with itself
+    (issue 27: when seed k was `train.seed` + k, an arm at the baseline's seed + 1 trained the
+    baseline's seed 1 as its seed 0). Every (arm, seed) is checked in every fold; no arm may set
+    `train.seed_index`, which the seeds set. A removal arm differs from the baseline only once its
+    excluded cases are known, so it is left out of the comparison."""
+    arms = {arm: ablation.arm_config(arm, profile) for arm in ablation.arms}
+    for arm, cfg in arms.items():
+        if cfg.train.seed_index != 0:
+            raise ConfigError(f"{ablation.source}: arm {arm!r} sets train.seed_index={cfg.train.seed_index} (profile {profile}); "
+                              "the ablation's seeds set it (seed k trains with seed_index k): use seeds = K, or another train.seed")
+    if ablation.removal is not None:
+        del arms[ablation.removal.arm]
+    identical: dict[str, str] = {}
+    for arm, cfg in arms.items():
+        chash = config_hash(cfg)
+        if chash in identical:
+            raise ConfigError(
+                f"{ablation.source}: arms {identical[chash]!r} and {arm!r} resolve to the same configuration "
+                f"(profile {profile}): they would train the same runs and compare an arm with itself; "
+                "make them differ, or for an A/A comparison use seeds (brats-lab ablate seeds)")
+        identical[chash] = arm
+    for fold in range(folds):
+        seen: dict[str, tuple[str, int]] = {}
+        for arm, cfg in arms.items():
+            for k in range(seeds):
+                train = dataclasses.replace(cfg.train, seed_index=k)
+                # The run as the trainer sees it: this fold's seed in place of (train.seed, k).
+                run = dataclasses.replace(cfg, train=dataclasses.replace(train, seed=train.run_seed(fold), seed_index=0))
+                key = config_hash(run)
+                if key in seen:
+                    other, j = seen[key]
+                    raise ConfigError(
+                        f"{ablation.source}: arm {other!r} seed {j} and arm {arm!r} seed {k} would train the same run in fold {fold} "
+                        f"(profile {profile}: the same configuration with run seed {run.train.seed}); one run would count for "
+                        "both and the study would compare it with itself; give one of the arms another train.seed")
+                seen[key] = (arm, k)

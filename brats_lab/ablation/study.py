@@ -1,10 +1,15 @@
 """Run an ablation as an Optuna study: one trial is one (arm, fold, seed), trained and validated by
 the trainer, tracked in MLflow as study run -> arm runs (one per arm and seed) -> fold runs.
 
-Seed k of an arm is the arm's config with `train.seed` + k: its own config hash, so it is found,
-reused and resumed like any configuration; its arm run and fold runs carry the tags `arm` and
-`seed` (k), and `train.seed` is a param. Seed 0 is the arm as written, so a study run before seeds
-existed is reused as seed 0.
+Seed k of an arm is the arm's config with `train.seed_index` = k: its own config hash, so it is
+found, reused and resumed like any configuration. Each fold run trains with its own seed, drawn
+from (the arm's `train.seed`, k, fold) (`TrainConfig.run_seed`): the folds, the verdict's
+replicates, share no seed, and two arms with the same `train.seed` share each (k, fold)'s seed,
+which makes their paired difference less noisy. Its arm run and fold runs carry the tags `arm` and
+`seed` (k); the fold runs also carry `run_seed`, the seed they trained with (the params
+`train.seed` and `train.seed_index` are the arm's and k). Seed 0 is the arm's config as written
+(a plain `brats-lab train` of it trains the same runs). Runs seeded the old way (`train.seed` + k
+in every fold) have no `train.seed_index` in their config hash, so they are never taken for these.
 
 The launcher creates the MLflow study and arm runs and enqueues every (arm, fold, seed) not done yet as a
 waiting Optuna trial; workers (this process, `--workers` local processes, or `brats-lab worker`
@@ -14,8 +19,9 @@ heartbeat while it trains; a trial whose worker died is failed by the next launc
 enqueued again, and its fold resumes from its last checkpoint where the worker taking it can read
 that checkpoint (always with the embedded store; with an MLflow server serving artifacts, only on
 the machine that wrote it); elsewhere the dead run is closed as FAILED and the fold is trained
-again in a new run. A finished (arm, fold, seed) is found by
-config hash (which includes the seed) and fold in MLflow and reused, so running the same command twice does no work twice.
+again in a new run. A finished (arm, fold, seed) is found by config hash (which includes
+`train.seed` and the seed index, so the same hash and fold is the same run seed) and fold in MLflow
+and reused, so running the same command twice does no work twice.
 
 The storage URL (and its password masking) is `ablation/storage.py`; gathering the finished runs
 into Table 3, the verdict and the files of the study run is `ablation/report.py`.
@@ -37,7 +43,7 @@ import pandas as pd
 
 from brats_lab import DataError
 from brats_lab.ablation.report import Report, data_hash, gather, report, run_per_case
-from brats_lab.ablation.spec import Ablation, load_ablation, parse_ablation
+from brats_lab.ablation.spec import Ablation, load_ablation, parse_ablation, refuse_shared_runs
 from brats_lab.ablation.storage import DEFAULT_STORAGE, open_storage, safe_url  # noqa: F401 (DEFAULT_STORAGE: callers import it from here)
 from brats_lab.config import config_hash, flatten
 from brats_lab.evaluation.metrics import lower_is_better
@@ -56,7 +62,7 @@ class Plan:
     dataset: str
     storage: str
     excluded: tuple[str, ...] = ()  # patient removal: decided after the baseline's pass
-    seeds: tuple[int, ...] = (0,)  # seed k trains with the arm's train.seed + k
+    seeds: tuple[int, ...] = (0,)  # seed k trains with train.seed_index = k
 
     @functools.cached_property
     def study_name(self) -> str:
@@ -80,7 +86,7 @@ class Plan:
         return self.ablation.arm_config(arm, self.profile, [f"data.dataset={self.dataset}"])
 
     def config(self, arm: str, seed: int = 0):
-        """The resolved config of `arm` trained with seed index `seed` (train.seed + seed)."""
+        """The resolved config of `arm` trained with seed index `seed` (`train.seed_index`)."""
         extra = [f"data.dataset={self.dataset}"]
         removal = self.ablation.removal
         if removal is not None and arm == removal.arm:
@@ -88,9 +94,7 @@ class Plan:
                 raise DataError(f"arm {arm!r} has no configuration before the baseline's pass decides what to remove")
             extra.append(f"data.exclude={list(self.excluded)}".replace("'", '"'))
         cfg = self.ablation.arm_config(arm, self.profile, extra)
-        if seed:  # offset from the arm's own seed, so two arms with other seeds (an A/A study) stay apart
-            cfg = self.ablation.arm_config(arm, self.profile, [*extra, f"train.seed={cfg.train.seed + seed}"])
-        return cfg
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed_index=seed))
 
     def ready_arms(self) -> list[str]:
         """The arms whose configuration is known now (a removal arm only after the first pass)."""
@@ -114,6 +118,7 @@ def make_plan(name_or_path: str, profile: str, folds: int | None, dataset: str, 
     n = seeds or ablation.seed_count(profile)
     if n < 1:
         raise DataError(f"--seeds must be at least 1, got {n}")
+    refuse_shared_runs(ablation, profile, k, n)  # loading checked the TOML's counts; --folds and --seeds may differ
     return Plan(ablation, profile, tuple(range(k)), str(dataset), storage, seeds=tuple(range(n)))
 
 

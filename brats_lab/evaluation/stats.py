@@ -12,16 +12,17 @@ standard deviation of 0.01 to 0.04 Dice, issue 10). So the verdict is a test ove
   seeds of a fold are averaged, `Dbar[f]`, and a two-sided one-sample t-test on the F fold means
   (F - 1 degrees of freedom) asks whether their mean is zero; its confidence interval is the
   matching t interval. This is the summary-statistics analysis of a nested design (folds, seeds
-  within folds); with the same seeds in every fold it gives the same test of the arm effect as a
+  within folds); with as many seeds in every fold it gives the same test of the arm effect as a
   mixed model with random fold and run effects. Why folds and not the F x S runs as the replicates:
   the seeds of one fold share its validation cases and its training cases, so an arm that helps on
   some cases and hurts on others moves all of that fold's runs together; treating them as
   independent would count that shared part S times. Seeds make each fold mean less noisy (the
   noise floor shrinks as 1/sqrt(S)); folds add replicates.
   Assumptions: the fold means are independent and roughly normal with one variance (the run
-  offset and the average of many case differences are sums of many small effects; folds share
+  offset and the average of many case differences are sums of many small effects; no two folds
+  share a training seed, `TrainConfig.run_seed`, so no seed's luck repeats across them; folds share
   training cases, a dependence every cross-validated test ignores and which makes it somewhat
-  liberal, Nadeau and Bengio 2003); every fold has the same seeds and each (fold, seed) scores the
+  liberal, Nadeau and Bengio 2003); every fold has the same seed indices and each (fold, seed) scores the
   same cases in both arms. With one fold there is no estimate of the fold-to-fold spread and the
   verdict says "cannot tell". With two folds the test has one degree of freedom (critical t 12.7):
   it is calibrated but can only see differences many times the noise floor, which is the honest

@@ -109,7 +109,8 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
         arm, run, state = distributed.NoRun(), distributed.NoRun(), None
 
     # --- model, optimizer, loss, precision ------------------------------------------------------
-    model, forward = _model(cfg, device, processes)  # forward: for training steps (DDP, compiled)
+    seed = cfg.train.run_seed(fold)  # this fold's own: weights, patch order, crops, augmentation
+    model, forward = _model(cfg, seed, device, processes)  # forward: for training steps (DDP, compiled)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     amp_dtype = precision.autocast_dtype(cfg.train.amp, device)
     if is_main and progress:
@@ -125,7 +126,7 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
     if resume:
         optimizer, best, start_epoch = _restore(state, model, optimizer, scaler, average, cfg, device, processes)
     _tag_run(run, resume, model, device, amp_dtype, processes)
-    patches, sampler, loader = _loader(cfg, cache, train_ids, rank, processes)
+    patches, sampler, loader = _loader(cfg, seed, cache, train_ids, rank, processes)
     volumes = WholeVolumes(cache, val_ids, cfg.data.pad_multiple)
     epochs = total_epochs(cfg.train)
 
@@ -226,7 +227,8 @@ def _open_runs(
         run = tracking.fold_run(arm, fold, name=f"pipeline {cfg.pipeline} fold {fold}")
         run.log_params(flatten(cfg))
         run.log_dict(to_dict(cfg), "config.json")
-        run.set_tags({"manifest_hash": cache.manifest_hash, "train_cases": str(len(train_ids)), "val_cases": str(len(val_ids))})
+        run.set_tags({"manifest_hash": cache.manifest_hash, "train_cases": str(len(train_ids)), "val_cases": str(len(val_ids)),
+                      "run_seed": str(cfg.train.run_seed(fold))})  # the seed it trains with (param train.seed is the arm's)
         return arm, run, None
     run = tracking.latest_fold_run(experiment, chash, fold, statuses=("RUNNING", "FAILED", "KILLED"), root=project_root)
     if run is None:
@@ -239,10 +241,10 @@ def _open_runs(
     return arm, run, state
 
 
-def _model(cfg: ExperimentConfig, device: torch.device, processes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(the model, the module the training steps call): seeded, on `device`, wrapped in DDP with
-    several processes and compiled with `train.compile`."""
-    torch.manual_seed(cfg.train.seed)
+def _model(cfg: ExperimentConfig, seed: int, device: torch.device, processes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the model, the module the training steps call): seeded with the run's `seed`, on `device`,
+    wrapped in DDP with several processes and compiled with `train.compile`."""
+    torch.manual_seed(seed)
     model = build_model(cfg.model).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -280,10 +282,11 @@ def _tag_run(run: RunLog, resumed: bool, model: torch.nn.Module, device: torch.d
         run.set_tags({"processes": str(processes)})
 
 
-def _loader(cfg: ExperimentConfig, cache: Cache, train_ids: list[str], rank: int, processes: int) -> tuple[TrainPatches, EpochSampler, DataLoader]:
-    """The training patches, their per-epoch order and the loader of this process's batches."""
-    patches = TrainPatches(cache, train_ids, cfg.data.patch_size, augment=cfg.train.augment, seed=cfg.train.seed)
-    sampler = EpochSampler(len(patches), seed=cfg.train.seed)
+def _loader(cfg: ExperimentConfig, seed: int, cache: Cache, train_ids: list[str], rank: int, processes: int) -> tuple[TrainPatches, EpochSampler, DataLoader]:
+    """The training patches, their per-epoch order and the loader of this process's batches, all
+    drawn from the run's `seed`."""
+    patches = TrainPatches(cache, train_ids, cfg.data.patch_size, augment=cfg.train.augment, seed=seed)
+    sampler = EpochSampler(len(patches), seed=seed)
     if processes == 1:
         loader = DataLoader(patches, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers, drop_last=False)
     else:  # this process's share of each batch

@@ -10,8 +10,9 @@ import tomllib
 import pytest
 
 from brats_lab.ablation.spec import available, load_ablation
-from brats_lab.config import EXPERIMENTS_DIR, ConfigError, load_config, pipeline_path, to_dict
-from conftest import TINY_TRAINING, tiny_ablation
+from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan
+from brats_lab.config import EXPERIMENTS_DIR, ConfigError, TrainConfig, load_config, pipeline_path, to_dict
+from conftest import TINY_TRAINING, reseeded_ablation, tiny_ablation
 
 
 def _values(overrides: list[str]) -> dict[str, str]:
@@ -73,3 +74,26 @@ def test_a_removal_metric_that_is_not_a_per_case_column_is_refused_when_the_abla
         with pytest.raises(ConfigError, match=re.escape(f"removal.metric must be a per-case column, one metric of one region "
                                                         f"such as 'dice_WT' or 'hd95_WT', got {whole!r}")):
             removal(whole)
+
+
+def test_every_arm_and_seed_is_checked_in_every_fold_and_a_shared_run_names_both(tmp_path, monkeypatch):
+    # Issue 27's collision, were seed k still train.seed + k in every fold: the baseline's seed 1
+    # is the reseeded arm's seed 0. Such a pair is refused before anything trains, naming both.
+    monkeypatch.setattr(TrainConfig, "run_seed", lambda train, fold: train.seed + train.seed_index)
+    toml = tmp_path / "reseeded.toml"
+    toml.write_text(reseeded_ablation(seeds=2))
+    shared = r"arm 'equiunet' seed 1 and arm 'reseeded' seed 0 would train the same run in fold 0 \(profile cpu: .*run seed 16111991\)"
+    with pytest.raises(ConfigError, match=shared):
+        load_ablation(toml)
+    # One seed in the TOML loads; --seeds 2 at launch is checked again.
+    toml.write_text(reseeded_ablation(seeds=1))
+    load_ablation(toml)
+    with pytest.raises(ConfigError, match=shared):
+        make_plan(str(toml), "cpu", None, str(tmp_path), DEFAULT_STORAGE, seeds=2)
+
+
+def test_an_arm_may_not_set_the_seed_index_the_seeds_set(tmp_path):
+    toml = tmp_path / "indexed.toml"
+    toml.write_text(tiny_ablation().replace('"model.name=att_equiunet", ', '"model.name=att_equiunet", "train.seed_index=1", '))
+    with pytest.raises(ConfigError, match=r"arm 'att_equiunet' sets train.seed_index=1 .*the ablation's seeds set it"):
+        load_ablation(toml)

@@ -15,8 +15,8 @@ from brats_lab import DataError, tracking
 from brats_lab.ablation import study as study_module
 from brats_lab.ablation.spec import load_ablation, parse_ablation
 from brats_lab.ablation.study import DEFAULT_STORAGE, Plan, launch, make_plan, run_study
-from brats_lab.config import ConfigError
-from conftest import TINY_TRAINING, tiny_ablation
+from brats_lab.config import ConfigError, config_hash, to_dict
+from conftest import TINY_TRAINING, reseeded_ablation, tiny_ablation
 
 ABLATION = tiny_ablation()
 
@@ -43,10 +43,15 @@ def test_a_study_trains_every_arm_fold_and_seed_once_reports_and_reuses(project)
     runs = fold_runs(plan.experiment)
     cells = sorted((r.tags["config_hash"], r.tags["fold"], r.tags["seed"]) for r in runs)
     assert len(runs) == 8 and len(set(cells)) == 8 and all(r.status == "FINISHED" for r in runs)  # no (arm, fold, seed) twice
-    # The seed sets train.seed only (the arm's own + k), never the folds: both seeds of an arm and
-    # fold validate the same cases.
-    assert {(r.tags["seed"], r.params["train.seed"]) for r in runs} == {("0", "16111990"), ("1", "16111991")}
+    # Seed k sets train.seed_index only, never the folds: both seeds of an arm and fold validate
+    # the same cases. Each fold run trains with its own seed (tag run_seed), drawn from (train.seed,
+    # k, fold): one per (seed, fold), the same for both arms (they share train.seed).
+    assert {(r.tags["seed"], r.params["train.seed"], r.params["train.seed_index"]) for r in runs} == {
+        ("0", "16111990", "0"), ("1", "16111990", "1")}
     assert {r.params["data.seed"] for r in runs} == {"16111990"}
+    run_seeds = {(r.tags["seed"], r.tags["fold"], r.tags["run_seed"]) for r in runs}
+    assert len(run_seeds) == 4 and len({s for *_, s in run_seeds}) == 4
+    assert run_seeds == {(str(k), str(f), str(plan.config("equiunet", k).train.run_seed(f))) for k in (0, 1) for f in (0, 1)}
     (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
     arms = tracking.find_runs(plan.experiment, {"kind": "arm"})
     assert {a.parent_id for a in arms} == {study_run.id} and {r.parent_id for r in runs} == {a.id for a in arms}
@@ -96,6 +101,53 @@ def test_a_study_trains_every_arm_fold_and_seed_once_reports_and_reuses(project)
     assert f"{minimum_detectable_effect(noise, 2, 3):.4f} (12 runs)" in planned and "2 folds x 2 seeds" in planned
 
 
+def _old_hash(cfg) -> str:
+    """The config hash of the same config before train.seed_index existed: what the runs seeded the
+    old way (train.seed + k in every fold) carry in MLflow."""
+    import hashlib
+    import json
+
+    old = to_dict(cfg)
+    del old["train"]["seed_index"]
+    return hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
+
+
+def test_each_fold_and_seed_trains_with_its_own_seed_and_both_arms_of_a_pair_with_the_same(tmp_path):
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(tiny_ablation("tiny-seeds", "data.folds=3", seeds=3))
+    plan = make_plan(str(toml), "cpu", 3, str(tmp_path), DEFAULT_STORAGE)
+    arms = list(plan.ablation.arms)
+    seeds = {(arm, k, f): plan.config(arm, k).train.run_seed(f) for arm in arms for k in plan.seeds for f in plan.folds}
+    for arm in arms:  # 3 folds x 3 seeds: 9 seeds, none shared by two folds or two seeds
+        assert len({s for (a, _, _), s in seeds.items() if a == arm}) == 9
+    # Both arms have train.seed 16111990: in each (seed, fold) they train with the same seed.
+    assert all(seeds[("equiunet", k, f)] == seeds[("att_equiunet", k, f)] for k in plan.seeds for f in plan.folds)
+    # Each (arm, seed) is its own configuration (reuse is by its hash and the fold), and none is a
+    # configuration the old scheme logged: a run seeded the old way is never reused for these.
+    hashes = {config_hash(plan.config(arm, k)) for arm in arms for k in plan.seeds}
+    old = {_old_hash(plan.ablation.arm_config(arm, "cpu", [f"data.dataset={tmp_path}", f"train.seed={16111990 + k}"]))
+           for arm in arms for k in plan.seeds}
+    assert len(hashes) == 6 and len(old) == 6 and not hashes & old
+
+
+def test_an_arm_at_the_baselines_seed_plus_one_shares_no_run_with_it(project):
+    # Issue 27 (item 4): with seed k at train.seed + k, the baseline's seed 1 and this arm's seed 0
+    # were one run: 3 runs trained for 4, "2 training runs per arm" reported, the shared run
+    # tagged with one arm. Now each (arm, seed) trains its own run, with its own seed.
+    toml, data = project
+    toml.write_text(reseeded_ablation(seeds=2))
+    plan = make_plan(str(toml), "cpu", 1, str(data), DEFAULT_STORAGE)
+    assert len({config_hash(plan.config(arm, k)) for arm in plan.ablation.arms for k in plan.seeds}) == 4
+    result = run_study(plan, progress=False)
+    runs = fold_runs(plan.experiment)
+    arms = {a.id: a for a in tracking.find_runs(plan.experiment, {"kind": "arm"})}
+    cells = sorted((arms[r.parent_id].tags["arm"], r.tags["seed"]) for r in runs)
+    assert cells == [("equiunet", "0"), ("equiunet", "1"), ("reseeded", "0"), ("reseeded", "1")]
+    assert all(r.tags["seed"] == arms[r.parent_id].tags["seed"] for r in runs)
+    assert len({r.tags["run_seed"] for r in runs}) == 4 and all(r.status == "FINISHED" for r in runs)
+    assert result.per_case.groupby(["arm", "seed"])["case"].nunique().tolist() == [2, 2, 2, 2]
+
+
 def test_two_worker_processes_share_the_grid_without_duplicates(project, tmp_path):
     toml, data = project
     plan = make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE)
@@ -140,10 +192,12 @@ def test_the_shipped_a_a_study_is_two_arms_that_differ_only_in_their_training_se
     assert load_ablation("attention").seed_count("cpu") == 2  # the demo has seeds too
     a, b = (flatten(ablation.arm_config(arm, "cpu")) for arm in ablation.arms)
     assert {k for k in a if a[k] != b[k]} == {"train.seed"}
-    # Seed k adds k to the arm's own seed: the two arms' seeds never meet.
+    # Other train.seeds: every run of one arm trains with a seed no run of the other has, in
+    # every fold and seed, on the same folds (data.seed).
     plan = make_plan("seeds", "cpu", None, "data/phantom", DEFAULT_STORAGE)
-    seeds = [plan.config(arm, k).train.seed for arm in ablation.arms for k in plan.seeds]
-    assert len(set(seeds)) == 4 and {str(plan.config(arm, 1).data.seed) for arm in ablation.arms} == {str(a["data.seed"])}
+    seeds = {arm: {plan.config(arm, k).train.run_seed(f) for k in plan.seeds for f in plan.folds} for arm in ablation.arms}
+    assert [len(s) for s in seeds.values()] == [4, 4] and not set.intersection(*seeds.values())
+    assert {str(plan.config(arm, 1).data.seed) for arm in ablation.arms} == {str(a["data.seed"])}
 
 
 def test_plan_prints_the_design_table_without_training_and_says_when_it_lacks_a_noise_floor(tmp_path):

@@ -34,9 +34,11 @@ ROOT = Path(__file__).parents[2]  # the repository, for `import brats_lab` from 
 # The learning rates are raised so that 12 steps learn enough for non-zero Dice to compare; the
 # whole-volume validation pads to 16 (not the configs' 8): after 12 steps this network's outputs
 # sit near the threshold, and in float64 (the same on every CPU) only the padding of 16 puts some
-# voxels above it on these phantoms.
+# voxels above it on these phantoms. Whether 12 steps get there depends on the run's seed: with
+# train.seed 0, fold 0 (run seed TrainConfig.run_seed) reaches Dice 0.35 to 0.57; pipeline B's own
+# 16111990 learnt nothing above the threshold (measured for train.seed 0 to 5: 2 of 6 nothing).
 SETTINGS = [
-    *TINY_NETWORK,
+    *TINY_NETWORK, "train.seed=0",
     "train.val_every=4", "data.pad_multiple=16",
     "train.amp=off", "optim.name=ranger", "optim.lr=3e-2", "optim.lookahead_k=2", "train.epochs=4",
     "train.swa.enabled=true", "train.swa.cycles=1", "train.swa.cycle_epochs=8", "train.swa.anneal_epochs=8",

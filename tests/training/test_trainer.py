@@ -43,6 +43,8 @@ def dataset(phantom_dataset: Path, tmp_path: Path) -> Path:
 def test_a_fold_trains_validates_and_logs_everything(pipeline, dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(pipeline, dataset)
+    seeded = []  # torch's global seed: the initial weights
+    monkeypatch.setattr(torch, "manual_seed", lambda seed, real=torch.manual_seed: seeded.append(seed) or real(seed))
     result = train_fold(cfg, 0, progress=False)
 
     assert list(result.per_case.columns[:1]) == ["case"] and len(result.per_case) == 2
@@ -51,6 +53,8 @@ def test_a_fold_trains_validates_and_logs_everything(pipeline, dataset, tmp_path
     assert run.id == result.run_id and run.status == "FINISHED"
     assert run.tags["config_hash"] == config_hash(cfg) and run.tags["fold"] == "0"
     assert run.tags["manifest_hash"] and run.params["model.width"] == "4"
+    # The fold's own seed, drawn from (train.seed, seed index, fold), not train.seed itself.
+    assert seeded == [cfg.train.run_seed(0)] != [cfg.train.seed] and run.tags["run_seed"] == str(seeded[0])
     epochs = cfg.train.epochs + (cfg.train.swa.cycles * cfg.train.swa.cycle_epochs if cfg.train.swa.enabled else 0)
     assert [step for step, _ in run.metric_history("train_loss")] == list(range(epochs))
     assert len(run.metric_history("val_dice_WT")) == epochs

@@ -24,13 +24,14 @@ import pytest
 import scipy.stats as sps
 
 from brats_lab import DataError, tracking
-from brats_lab.ablation.report import design_table, plan_text, report, summarise
+from brats_lab.ablation.report import data_hash, design_table, plan_text, report, summarise
+from brats_lab.data.phantom import synthesize
 from brats_lab.ablation.spec import load_ablation
 from brats_lab.ablation.study import DEFAULT_STORAGE, Plan
 from brats_lab.config import config_hash
 from brats_lab.evaluation.stats import format_runs
 
-from conftest import TINY_TRAINING, tiny_ablation
+from conftest import TINY_SHAPE, TINY_TRAINING, tiny_ablation
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
@@ -368,6 +369,8 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
     # per_case_metrics.csv; report() must gather them by config hash, fold and seed.
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # The data the runs were trained on: a run counts only for the data's current manifest hash.
+    synthesize(Path(plan.dataset), cases=2, seed=0, shape=TINY_SHAPE, progress=False)
 
     with pytest.raises(DataError, match=r"^\(equiunet, fold 0, seed 0\) has no finished run; rerun the ablation to finish it$"):
         report(plan)  # an empty store: the first cell is named
@@ -378,15 +381,19 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
             arm_run.set_tags({"arm": arm, "seed": seed})
             for fold in FOLDS:
                 run = tracking.fold_run(arm_run, fold, f"{arm}-{seed}-{fold}")
+                run.set_tags({"manifest_hash": data_hash(plan.config(arm, seed))})
                 part = table[(table["arm"] == arm) & (table["fold"] == fold) & (table["seed"] == seed)]
                 run.log_table(part.drop(columns=["arm", "fold", "seed"]).reset_index(drop=True), "per_case_metrics.csv")
                 run.finish()
-    # A newer, failed run of one cell with other numbers must not be read.
+    # Newer runs of one cell with other numbers must not be read: a failed one, and a finished one
+    # of other data (another manifest hash: other cases, content or preprocessing).
     arm_run = tracking.arm_run(plan.experiment, config_hash(plan.config(BASE, 0)), f"{BASE}-0", {})
-    failed = tracking.fold_run(arm_run, 0, "failed")
     bad = table[(table["arm"] == BASE) & (table["fold"] == 0) & (table["seed"] == 0)].drop(columns=["arm", "fold", "seed"])
-    failed.log_table(bad.assign(dice_ET=0.0).reset_index(drop=True), "per_case_metrics.csv")
-    failed.finish("FAILED")
+    for status, data in (("FAILED", data_hash(plan.config(BASE, 0))), ("FINISHED", "0" * 64)):
+        other = tracking.fold_run(arm_run, 0, f"other-{status}")
+        other.set_tags({"manifest_hash": data})
+        other.log_table(bad.assign(dice_ET=0.0).reset_index(drop=True), "per_case_metrics.csv")
+        other.finish(status)
 
     result = report(plan)
     key = ["arm", "fold", "seed", "case"]

@@ -206,7 +206,8 @@ class TrainConfig:
     # the fold it picks the seed a run trains with (`run_seed`); an ablation sets it, 0 elsewhere.
     seed_index: int = 0
     # "fp16": autocast + loss scaling (the paper); "bf16": autocast, no scaling; "auto": bf16 where
-    # the device supports it, else fp16 on CUDA and off on CPU; "off": float32.
+    # the device executes it natively (a GPU with bf16; a CPU with AMX or AVX512-BF16), else fp16 on
+    # CUDA and float32 on a CPU (brats_lab/precision.py); "off": float32.
     amp: Literal["auto", "fp16", "bf16", "off"] = "auto"
     loss: Literal["dice_squared", "dice"] = "dice_squared"  # A squares the denominator, B does not
     dice_eps: float = 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import socket
@@ -80,40 +82,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_ablation(name: str = "tiny-attention", *extra: str, seeds: int = 1) -> str:
-    """The TOML of a two-fold ablation of tiny networks, equiunet against att_equiunet, each
-    trained with `seeds` seeds; `extra` overrides go to both arms after the tiny ones (e.g.
-    "train.epochs=6")."""
-    overrides = ", ".join(f'"{s}"' for s in (*TINY_TRAINING, *extra))
+def _ablation_toml(name: str, description: str, seeds: int, arms: dict[str, tuple[str, ...]]) -> str:
+    """A two-fold ablation TOML of pipeline A whose baseline is `equiunet`."""
+    rows = "\n".join(f"{arm} = {json.dumps(list(overrides))}" for arm, overrides in arms.items())  # a JSON list is a TOML array
     return f"""
 name = "{name}"
-description = "tiny equiunet against att_equiunet"
+description = "{description}"
 pipeline = "A"
 baseline = "equiunet"
 folds = 2
 seeds = {seeds}
 
 [arms]
-equiunet = ["model.name=equiunet", {overrides}]
-att_equiunet = ["model.name=att_equiunet", {overrides}]
+{rows}
 """
+
+
+def tiny_ablation(name: str = "tiny-attention", *extra: str, seeds: int = 1) -> str:
+    """The TOML of a two-fold ablation of tiny networks, equiunet against att_equiunet, each
+    trained with `seeds` seeds; `extra` overrides go to both arms after the tiny ones (e.g.
+    "train.epochs=6")."""
+    tiny = (*TINY_TRAINING, *extra)
+    return _ablation_toml(name, "tiny equiunet against att_equiunet", seeds,
+                          {"equiunet": ("model.name=equiunet", *tiny), "att_equiunet": ("model.name=att_equiunet", *tiny)})
 
 
 def reseeded_ablation(name: str = "tiny-reseeded", seeds: int = 2) -> str:
     """The ablation of issue 27 (item 4), with tiny networks: the baseline against itself at
     train.seed = the baseline's + 1 (pipeline A's 16111990), each trained with `seeds` seeds."""
-    tiny = ", ".join(f'"{s}"' for s in TINY_TRAINING)
-    return f"""
-name = "{name}"
-pipeline = "A"
-baseline = "equiunet"
-folds = 2
-seeds = {seeds}
-
-[arms]
-equiunet = ["model.name=equiunet", {tiny}]
-reseeded = ["model.name=equiunet", {tiny}, "train.seed=16111991"]
-"""
+    return _ablation_toml(name, "tiny equiunet against itself one training seed later", seeds,
+                          {"equiunet": ("model.name=equiunet", *TINY_TRAINING),
+                           "reseeded": ("model.name=equiunet", *TINY_TRAINING, "train.seed=16111991")})
 
 
 def write_case(

@@ -1,6 +1,7 @@
 """The CPU training step against its floor, in float32 and bf16, on the machine it runs on.
 
-    python benchmarks/bench_cpu_step.py                 # the demo's setting (cpu profile + demo schedule)
+    python benchmarks/bench_cpu_step.py                 # the attention demo's baseline arm (cpu profile + demo schedule)
+    python benchmarks/bench_cpu_step.py --arm att_equiunet
     python benchmarks/bench_cpu_step.py --precisions fp32 --epochs 4
 
 For each precision, in one process:
@@ -22,13 +23,12 @@ import argparse
 import os
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from brats_lab.config import EXPERIMENTS_DIR, load_config, pipeline_path
+from brats_lab.ablation.spec import load_ablation
 from brats_lab.data.phantom import DEMO_CASES, DEMO_SHAPE, synthesize
 from brats_lab.models import build_model
 from brats_lab.precision import autocast_dtype, cpu_capabilities, cpu_runs_natively
@@ -37,11 +37,6 @@ from brats_lab.training.optim import build_optimizer
 from brats_lab.training.step import train_step
 
 CPU = torch.device("cpu")
-
-
-def demo_settings() -> list[str]:
-    """The schedule every CPU demo trains with (experiments/cpu_demo.toml)."""
-    return list(tomllib.loads((EXPERIMENTS_DIR / "cpu_demo.toml").read_text())["set"])
 
 
 def fixed_batch(cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +121,8 @@ def _train_cases(cfg) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pipeline", default="A", choices=("A", "B"))
+    parser.add_argument("--ablation", default="attention", help="the ablation whose CPU demo is measured")
+    parser.add_argument("--arm", default=None, help="its arm (default: the baseline)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the trainer measurement (the first is left out)")
     parser.add_argument("--repeats", type=int, default=8, help="timed steps of the floor")
@@ -146,14 +142,16 @@ def main() -> None:
         dataset = Path(tmp) / "phantom"
         shape = tuple(args.shape)
         synthesize(dataset, cases=args.cases, seed=0, shape=shape, progress=False)
-        base = [*demo_settings(), f"data.dataset={dataset}", *args.overrides]
-        cfg = load_config(pipeline_path(args.pipeline), "cpu", base)
+        ablation = load_ablation(args.ablation)
+        arm = args.arm or ablation.baseline
+        base = [f"data.dataset={dataset}", *args.overrides]
+        cfg = ablation.arm_config(arm, "cpu", base)
         print(f"network: {cfg.model.name} width {cfg.model.width}, batch {cfg.train.batch_size} x 4 x "
               f"{'x'.join(map(str, cfg.data.patch_size))}, deep supervision {cfg.model.deep_supervision}; "
               f"{args.cases} phantom cases {'x'.join(map(str, shape))}")
         rows = []
         for name in args.precisions:
-            run_cfg = load_config(pipeline_path(args.pipeline), "cpu", [
+            run_cfg = ablation.arm_config(arm, "cpu", [
                 *base, f"train.amp={'off' if name == 'fp32' else name}", f"train.epochs={args.epochs}",
                 "train.swa.enabled=false", f"train.val_every={args.epochs}"])
             dtype = autocast_dtype(run_cfg.train.amp, CPU)

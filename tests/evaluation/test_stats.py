@@ -741,10 +741,12 @@ def _verdict_rows() -> pd.DataFrame:
     n/a for what one seed cannot measure; the infinite interval and MDE of one fold)."""
     rows = [
         ("att_unet", "dice_ET", 10, 3, 2, 0.71234, 0.73456, 0.02222, 0.00512, 0.03932, 0.00612, 0.00912, 0.01523, 0.0234, 0.0468,
-         "better (p=0.047)"),
-        ("att_unet", "hd95_ET", 10, 3, 2, 5.678, 4.321, -1.357, -2.5, -0.2, 0.347, 0.512, 1.234, 0.0004, 0.0008, "better (p<0.001)"),
-        ("one_fold", "dice_ET", 10, 1, 2, 0.7, 0.65, -0.05, -np.inf, np.inf, 0.004, np.nan, np.inf, 1.0, 1.0, ONE_FOLD),
-        ("loss_arm", "loss", 10, 2, 1, 0.31, 0.35, 0.04, -0.05, 0.13, np.nan, 0.0636, 0.1234, 0.12, 0.12, "no evidence of a difference"),
+         "better (p=0.047)", np.nan, "primary"),
+        ("att_unet", "hd95_ET", 10, 3, 2, 5.678, 4.321, -1.357, -2.5, -0.2, 0.347, 0.512, 1.234, 0.0004, 0.0008, "better (p<0.001)",
+         0.1, "secondary"),
+        ("one_fold", "dice_ET", 10, 1, 2, 0.7, 0.65, -0.05, -np.inf, np.inf, 0.004, np.nan, np.inf, 1.0, 1.0, ONE_FOLD, np.nan, "primary"),
+        ("loss_arm", "loss", 10, 2, 1, 0.31, 0.35, 0.04, -0.05, 0.13, np.nan, 0.0636, 0.1234, 0.12, 0.12, "no evidence of a difference",
+         np.nan, "secondary"),
     ]
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
@@ -761,9 +763,9 @@ def test_format_runs_prints_the_verdict_table_exactly():
         "arm       metric   runs  baseline  arm mean             diff [90% CI]  seed SD  fold SD  MDE (Holm)        p  p (Holm)  verdict",
         "  ".join("-" * w for w in (8, 7, 4, 8, 8, 24, 7, 7, 10, 7, 8, len(ONE_FOLD))),
         "att_unet  dice_ET   3x2    0.7123    0.7346   0.0222 [0.0051, 0.0393]   0.0061   0.0091      0.0152    0.023     0.047  better (p=0.047)",
-        "att_unet  hd95_ET   3x2      5.68      4.32      -1.36 [-2.50, -0.20]     0.35     0.51        1.23  p<0.001   p<0.001  better (p<0.001)",
+        "att_unet  hd95_ET   3x2      5.68      4.32      -1.36 [-2.50, -0.20]     0.35     0.51        1.23  p<0.001   p<0.001  secondary: better (p<0.001)",
         "one_fold  dice_ET   1x2    0.7000    0.6500       -0.0500 [-inf, inf]   0.0040      n/a         inf    1.000     1.000  " + ONE_FOLD,
-        "loss_arm  loss      2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]      n/a   0.0636      0.1234    0.120     0.120  no evidence of a difference",
+        "loss_arm  loss      2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]      n/a   0.0636      0.1234    0.120     0.120  secondary: no evidence of a difference",
         "",
         "runs = folds x seeds per arm; diff = arm - baseline, paired by fold and seed over the same cases;",
         "p: two-sided t-test on the fold means of the paired run differences (seeds averaged within a fold), 90% CI its t interval,",
@@ -773,8 +775,8 @@ def test_format_runs_prints_the_verdict_table_exactly():
         "MDE (Holm): the smallest true difference the verdict finds with 80% power at that fold SD (alpha 0.05 / regions,",
         "Holm's first step). Dice, sensitivity, specificity: higher is better; HD95: lower is better.",
         "The family: Dice (lesion-wise Dice on 2023+ data) is the primary metric, its regions' verdicts together wrong at most",
-        "5% of the time under no difference; every other metric is secondary, a Holm family of its own (with both, an arm",
-        "gets a false alarm somewhere in up to 9% of null studies).",
+        "5% of the time under no difference; every other metric is secondary, a Holm family of its own, its verdicts marked",
+        "'secondary:' (with both, an arm gets a false alarm somewhere in up to 9% of null studies).",
     ]
     assert format_runs(df).split("\n") == expected
 
@@ -785,7 +787,8 @@ def test_format_runs_without_attrs_and_without_rows():
     assert lines[0] == "Each arm against the baseline, runs as the unit"
     assert lines[2].split()[6:9] == ["diff", "[95%", "CI]"]
     # Alone, the loss row sets the widths of metric (6, its header) and p (5).
-    assert lines[4] == "loss_arm  loss     2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]      n/a   0.0636      0.1234  0.120     0.120  no evidence of a difference"
+    assert lines[4] == ("loss_arm  loss     2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]      n/a   0.0636      0.1234  0.120     0.120  "
+                        "secondary: no evidence of a difference")
     empty = _verdict_rows().iloc[:0]
     assert format_runs(empty) == "Each arm against the baseline, runs as the unit: no other arm to compare."
     empty.attrs["baseline"] = "unet"

@@ -28,6 +28,14 @@ standard deviation of 0.01 to 0.04 Dice, issue 10). So the verdict is a test ove
   it is calibrated but can only see differences many times the noise floor, which is the honest
   answer for two runs per arm. Fold means that are all equal (a tie) leave no spread to estimate
   the noise from either: "cannot tell" too, never p = 0.
+- `case_floor` (HD95 only, `floored`): a fold mean's variance from the sampling of its cases alone.
+  HD95's penalty for a missed case (373 mm) makes fold means of paired differences move in whole
+  penalties, so folds are often *nearly* equal (a few mm apart at 46 mm) and the t-test with 1 or 2
+  degrees of freedom reads that near-tie as certainty (12% false alarms per region at 2 folds).
+  The variance of the fold means is taken as at least the mean of these floors (the modified
+  Hartung-Knapp rule): near-ties then give none, at a cost in HD95's power. Dice is not floored.
+- The family: Dice (`PRIMARY`, lesion-wise Dice on 2023+ data) is the primary metric, Holm over
+  its regions; every other column is secondary, a Holm family of its own, so marked (`family`).
 - Holm-Bonferroni (`holm`) across the regions of one metric, as before.
 - `noise_floor`: the seed-to-seed standard deviation of one run's mean (same arm, same fold),
   pooled over arms and folds; needs two seeds or more. Reported beside the verdict, named as what
@@ -53,7 +61,9 @@ NaN policy: nothing here ever drops a NaN. Our metrics never produce NaN or inf 
 bias the comparison towards the cases that worked. Every function raises `ValueError` naming how
 many values and which positions (or, in `compare_arms`/`compare_runs`, which arm, case and column).
 (The lesion-wise metrics of 2023+ data are NaN by definition where a region is absent from both
-maps: `ablation/report.py` drops those explicitly, per run, before calling here, and says so.)
+maps: `compare_runs(..., undefined=True)`, which `ablation/report.py` passes for them, reads NaN
+as that, explicitly: each run's mean over its defined cases, the cases still paired, a column
+with a run of no defined case untested and its rows saying why.)
 (The noise floor of a study with one seed is reported as NaN: it was not measured.)
 """
 

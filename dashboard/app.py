@@ -203,9 +203,12 @@ def verdict_section(metric: str) -> None:
                    "seeds of each fold, a t-test and its 95% CI over the folds, Holm-corrected across the regions of each metric. "
                    "Noise floor: the seed-to-seed SD of one run's mean (blank with one seed); spread: the SD over folds of the "
                    "paired differences, the noise the test reads; MDE: the smallest difference the verdict finds with 80% power "
-                   "at that spread (Holm's first step). A difference below the noise floor is training noise.")
+                   "at that spread (Holm's first step). A difference below the noise floor is training noise. case_sd (HD95): "
+                   "the SD its cases alone give a fold mean, which the test and MDE read where the spread is smaller (a near-tie "
+                   "of HD95's penalties). family: Dice is primary (5% family-wise over its regions); the rest is secondary.")
         columns = ["arm", "metric", "folds", "seeds", "mean_baseline", "mean_arm", "mean_diff", "noise_floor",
-                   *(["spread"] if "spread" in rows.columns else []), "mde", "ci_low", "ci_high", "p_value", "p_holm", "verdict"]
+                   *(["spread"] if "spread" in rows.columns else []), *(["case_sd"] if "case_sd" in rows.columns else []), "mde",
+                   "ci_low", "ci_high", "p_value", "p_holm", "verdict", *(["family"] if "family" in rows.columns else [])]
     else:  # a study from before seeds: the per-case test it was reported with
         st.caption(f"Paired over the out-of-fold cases against {against}: bootstrap 95% CI of the mean difference; Wilcoxon "
                    "signed-rank p, Holm-corrected across the regions of each metric. (A study from before the run-level test: "

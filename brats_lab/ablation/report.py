@@ -61,6 +61,7 @@ class Report:
                       "as the MDE column. More folds buy power fastest (brats-lab ablate NAME --plan).", ""]
         lines += [f"The per-case paired differences over the {self.per_case['case'].nunique()} out-of-fold cases describe the "
                   "cases (comparison_per_case.csv); they are not the test, since the cases of a run share its training noise."]
+        lines += self._left_out_note()
         if self.search is not None:
             lines += ["", f"search around {self.plan.ablation.baseline!r} ({len(self.search)} trials, Optuna TPE, seed 0), best first:",
                       "", self.search.to_string(index=False)]
@@ -68,6 +69,20 @@ class Report:
             lines += ["", f"left out of training in {self.plan.ablation.removal.arm!r} ({len(self.plan.excluded)}): "
                       + ", ".join(self.plan.excluded) + _phantom_truth(self.plan)]
         return "\n".join(lines)
+
+    def _left_out_note(self) -> list[str]:
+        """What the per-case description left out (cases undefined in one arm of a pair: the
+        false-positive lesions) and how counting them moves its mean difference."""
+        described = self.per_case_comparison
+        if described is None or "left_out" not in described.columns or not (described["left_out"] > 0).any():
+            return []
+        lines = ["It pairs only the cases with a value in both arms; left out (undefined in one arm, the false-positive lesions "
+                 "among them, whose penalty the verdict counts), and the mean difference with them counted (mean_diff_all_cases):"]
+        for r in described[described["left_out"] > 0].itertuples(index=False):
+            digits = 4 if "dice" in r.metric else 2
+            lines.append(f"  {r.arm} {r.metric}: {r.left_out} case{'s' if r.left_out > 1 else ''} left out, mean difference "
+                         f"{r.mean_diff:.{digits}f} without them, {r.mean_diff_all_cases:.{digits}f} with them")
+        return lines
 
     def _rules_note(self) -> list[str]:
         """How the metrics were scored: one line for lesion-wise data, none for BraTS 2020 rules."""
@@ -126,27 +141,6 @@ def ranking_metrics(per_case: pd.DataFrame) -> tuple[str, ...]:
     return ("dice", "hd95")
 
 
-def _defined_run_means(per_case: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """One row per run (arm, fold, seed) with each column's mean over the run's cases where it is
-    defined, as a per-case table with one pseudo-case per run: what `compare_runs` tests.
-
-    A lesion-wise value is NaN where a region is absent from both the reference and the
-    prediction (nothing to score). Each run's mean skips those cases, as brats-evaluation's
-    parser skips them when it averages a team's cases; the cases are not dropped from the other
-    arm, since an arm that predicts a false-positive lesion there scores Dice 0 / HD95 373 and
-    that penalty is the point. `compare_runs` refuses NaN on purpose, so the dropping happens
-    here, explicitly. A run with no defined case in a column cannot be compared: DataError.
-    """
-    means = per_case.groupby(["arm", "fold", "seed"], sort=False)[columns].mean().reset_index()
-    for col in columns:
-        empty = means[means[col].isna()]
-        if not empty.empty:
-            first = empty.iloc[0]
-            raise DataError(f"{col}: run ({first['arm']}, fold {first['fold']}, seed {first['seed']}) has no case where the region "
-                            "is present in the reference or the prediction; it cannot be compared")
-    return means.assign(case="(run mean)")
-
-
 def report(plan: Plan) -> Report:
     """Gather the finished runs' per-case metrics and compare the arms, runs as the unit, on the
     metrics of the data's rules (`ranking_metrics`)."""
@@ -157,7 +151,7 @@ def summarise(plan: Plan, per_case: pd.DataFrame) -> Report:
     """The report of these out-of-fold per-case metrics (columns arm, fold, seed, case, metrics, as
     `gather` returns them): Table 3, the seed spread, the run-level verdict and the per-case
     description. Separate from `gather` so that a per-case table made by hand can be reported."""
-    from brats_lab.evaluation.stats import compare_arms, noise_floor, run_means
+    from brats_lab.evaluation.stats import run_means
 
     families = ranking_metrics(per_case)
     regions = [r for r in REGIONS if f"{families[0]}_{r}" in per_case.columns]
@@ -168,9 +162,7 @@ def summarise(plan: Plan, per_case: pd.DataFrame) -> Report:
     for m in metrics:
         digits = 3 if "dice" in m else 1
         table[m] = [f"{mean.loc[a, m]:.{digits}f} ({std.loc[a, m]:.{digits}f})" for a in table.index]
-    # Holm corrects across the three regions of one metric, as the paper's table reads. First, so
-    # that a lesion-wise run with no defined case is refused with its name (`_defined_run_means`)
-    # before the seed spread meets its NaN mean.
+    # Holm corrects across the three regions of one metric, as the paper's table reads.
     lesionwise = families[0] == "lesion_dice"
     comparison = pd.concat([_compare_runs(per_case, plan.ablation.baseline, [f"{m}_{r}" for r in regions], lesionwise)
                             for m in families], ignore_index=True)
@@ -180,31 +172,64 @@ def summarise(plan: Plan, per_case: pd.DataFrame) -> Report:
         seed_spread = pd.DataFrame(index=list(plan.ablation.arms))
         for m in metrics:
             digits = 4 if "dice" in m else 2
-            seed_spread[m] = [f"{noise_floor(by_run.loc[a, m].unstack('seed').to_numpy()):.{digits}f}" for a in seed_spread.index]
-    # The description: each case's scores averaged over the seeds, paired over cases. Pairs need a
-    # value on both sides: with lesion-wise metrics the cases undefined in any arm (for any region
-    # of the metric) are left out of that metric's description; its n column counts the rest.
+            seed_spread[m] = [_seed_sd(by_run.loc[a, m].unstack("seed").to_numpy(), digits) for a in seed_spread.index]
+    return Report(plan, per_case, table, comparison, seed_spread=seed_spread,
+                  per_case_comparison=describe_cases(per_case, plan.ablation.baseline, families, regions))
+
+
+def _seed_sd(runs, digits: int) -> str:
+    """The noise floor of one arm's runs (fold, seed), or "undefined" where a lesion-wise run had no
+    defined case (its mean is NaN; the verdict's row for that region says which run)."""
+    import numpy as np
+
+    from brats_lab.evaluation.stats import noise_floor
+
+    return "undefined" if np.isnan(runs).any() else f"{noise_floor(runs):.{digits}f}"
+
+
+def describe_cases(per_case: pd.DataFrame, baseline: str, families: tuple[str, ...], regions: list[str]) -> pd.DataFrame:
+    """The per-case description (comparison_per_case.csv): each case's scores averaged over the
+    seeds, each arm paired with the baseline over the cases (`compare_arms`, Holm over a metric's
+    regions). Pairs need a value on both sides: lesion-wise, a case undefined in either arm of the
+    pair (for any region of the metric) is left out of that metric's pairs, and those are exactly
+    the false-positive lesions (undefined in one arm, the penalty in the other). So that nothing is
+    dropped quietly, two more columns: `left_out`, how many cases with a value in one arm or both
+    were left out of this row's pairs, and `mean_diff_all_cases`, the difference of the two arms'
+    means over every case each arm has a value for (the penalties counted, as the run means count
+    them); where `left_out` is 0 it equals `mean_diff`."""
+    from brats_lab.evaluation.stats import compare_arms
+
+    metrics = [f"{m}_{r}" for m in families for r in regions]
     cases = per_case.groupby(["arm", "case"], sort=False)[metrics].mean().reset_index()
     described = []
-    for m in families:
-        cols = [f"{m}_{r}" for r in regions]
-        undefined = set(cases.loc[cases[cols].isna().any(axis=1), "case"])
-        described.append(compare_arms(cases[~cases["case"].isin(undefined)], plan.ablation.baseline, cols))
-    return Report(plan, per_case, table, comparison, seed_spread=seed_spread,
-                  per_case_comparison=pd.concat(described, ignore_index=True))
+    for m in families:  # metric by metric, the arms in the table's order within each, as the verdict
+        for arm in [a for a in pd.unique(cases["arm"]) if a != baseline]:
+            pair = cases[cases["arm"].isin([baseline, arm])]
+            cols = [f"{m}_{r}" for r in regions]
+            undefined = set(pair.loc[pair[cols].isna().any(axis=1), "case"])
+            result = compare_arms(pair[~pair["case"].isin(undefined)], baseline, cols)
+            left_out, all_cases = [], []
+            for col in cols:
+                scored = pair[pair["case"].isin(undefined) & pair[col].notna()]
+                left_out.append(int(scored["case"].nunique()))
+                means = pair.groupby("arm")[col].mean()  # each arm over the cases it has a value for
+                all_cases.append(float(means[arm] - means[baseline]))
+            described.append(result.assign(left_out=left_out, mean_diff_all_cases=all_cases))
+    if not described:
+        return compare_arms(cases, baseline, metrics).assign(left_out=0, mean_diff_all_cases=0.0)
+    return pd.concat(described, ignore_index=True)
 
 
 def _compare_runs(per_case: pd.DataFrame, baseline: str, columns: list[str], lesionwise: bool) -> pd.DataFrame:
-    """`compare_runs` on these columns; lesion-wise ones on the run means over their defined cases
-    (`_defined_run_means`), with `n` still the number of distinct cases the arm was scored on."""
+    """`compare_runs` on these columns; lesion-wise ones with `undefined=True`: each run's mean over
+    its defined cases (as brats-evaluation's parser averages a team's cases), the cases still
+    paired run by run (a run on 5 cases against a baseline run on 6 is refused, as on BraTS 2020
+    data), a region with a run of no defined case not tested (its rows say why), and `n` the
+    cases the arm has a value for in that column. The other arm's value on a case undefined in one
+    arm is kept: a false-positive lesion there scores Dice 0 / HD95 373, the penalty is the point."""
     from brats_lab.evaluation.stats import compare_runs
 
-    if not lesionwise:
-        return compare_runs(per_case, baseline, columns)
-    result = compare_runs(_defined_run_means(per_case, columns), baseline, columns)
-    defined = {(arm, col): int(part.loc[part[col].notna(), "case"].nunique()) for arm, part in per_case.groupby("arm") for col in columns}
-    result["n"] = [defined[(r.arm, r.metric)] for r in result.itertuples(index=False)]
-    return result
+    return compare_runs(per_case, baseline, columns, undefined=lesionwise)
 
 
 def _markdown(df: pd.DataFrame) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -417,8 +418,8 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
     ])
     rows = markdown_rows(comparison)
     assert rows[0] == ["arm", "metric", "n", "folds", "seeds", "mean_baseline", "mean_arm", "mean_diff", "ci_low", "ci_high",
-                       "noise_floor", "spread", "mde", "p_value", "p_holm", "verdict"]
-    assert rows[1] == ["---"] * 16
+                       "noise_floor", "spread", "mde", "p_value", "p_holm", "verdict", "case_sd", "family"]
+    assert rows[1] == ["---"] * 18
     expected = expected_verdict()
     assert [r[1] for r in rows[2:]] == METRICS
     for r in rows[2:]:
@@ -429,6 +430,9 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
         for name, cell in numbers.items():  # report.md writes floats with 4 significant digits
             assert cell == f"{float(want[name] if name != 'mde' else mde):.4g}", (r[1], name)
         assert r[15] == want["verdict"]
+        # Each run's cases sit at the same offsets in both arms: the paired case differences of a run
+        # are equal, so HD95's case floor is 0 (Dice has none); Dice primary, HD95 secondary.
+        assert r[16:] == (["nan", "primary"] if r[1].startswith("dice") else ["0", "secondary"])
     assert (study.artifact_dir() / "report.txt").read_text() == result.text() + "\n"
     # The CSV tables beside it, one per part of the report, each readable on its own.
     out = study.artifact_dir()
@@ -445,7 +449,8 @@ def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_bot
     # No index column in either comparison: the rows of the two metrics are numbered as one table.
     assert list(csv["comparison.csv"].columns) == rows[0]
     assert list(csv["comparison_per_case.csv"].columns) == ["arm", "metric", "n", "mean_baseline", "mean_arm", "mean_diff",
-                                                            "ci_low", "ci_high", "p_value", "p_holm", "verdict"]
+                                                            "ci_low", "ci_high", "p_value", "p_holm", "verdict", "left_out",
+                                                            "mean_diff_all_cases"]
     assert csv["comparison.csv"].set_index("metric").loc["dice_ET", "p_value"] == pytest.approx(expected["dice_ET"]["p_value"], rel=1e-9)
     assert list(csv["comparison_per_case.csv"]["metric"]) == METRICS  # the description, per case
     assert len(csv["per_case_out_of_fold.csv"]) == len(table)
@@ -503,15 +508,57 @@ def test_lesion_wise_table3_and_verdict_average_each_run_over_its_defined_cases(
     kept = table[~table["case"].isin(["BraTS20_Training_002", "BraTS20_Training_005"])]
     wt = kept[kept["arm"] == BASE].groupby("case")["lesion_dice_WT"].mean()  # seeds averaged per case
     assert described.loc["lesion_dice_WT", "mean_baseline"] == pytest.approx(wt.mean(), rel=1e-12)
+    # Nothing left out quietly: each row counts the 2 cases it left out (002: the arm's false-positive
+    # lesion; 005), and gives the mean difference with every case each arm has a value for, as the
+    # run means count them: the arm's Dice 0 on 002 is in it.
+    assert (described["left_out"] == 2).all()
+    by_case = table.groupby(["arm", "case"])[[f"lesion_{m}" for m in METRICS]].mean()  # seeds averaged, NaN skipped
+    for col in described.index:
+        want = by_case.loc[ARM, col].mean() - by_case.loc[BASE, col].mean()
+        assert described.loc[col, "mean_diff_all_cases"] == pytest.approx(want, rel=1e-12, abs=1e-12), col
+    et = described.loc["lesion_dice_ET"]
+    assert et["mean_diff_all_cases"] < et["mean_diff"] - 0.05  # the penalty moves the description's mean
+    assert ("\nIt pairs only the cases with a value in both arms; left out (undefined in one arm, the false-positive lesions "
+            "among them, whose penalty the verdict counts), and the mean difference with them counted (mean_diff_all_cases):\n"
+            f"  {ARM} lesion_dice_ET: 2 cases left out, mean difference {et['mean_diff']:.4f} without them, "
+            f"{et['mean_diff_all_cases']:.4f} with them\n") in result.text()
 
 
-def test_a_lesion_wise_run_with_no_defined_case_cannot_be_compared_and_is_named(plan):
-    # The arm's fold-1 seed-1 run has ET undefined in both its cases: no mean to compare.
+def test_a_lesion_wise_run_with_no_defined_case_leaves_only_that_region_untested(plan):
+    # The arm's fold-1 seed-1 run has ET undefined in both its cases: no mean to compare there. The
+    # ET rows say so and why; TC and WT are tested, Holm over those two; the rest of the report stands.
     table = hand_table().rename(columns={m: f"lesion_{m}" for m in METRICS})
     table.loc[(table["arm"] == ARM) & (table["fold"] == 1) & (table["seed"] == 1), ["lesion_dice_ET", "lesion_hd95_ET"]] = np.nan
-    with pytest.raises(DataError, match=r"^lesion_dice_ET: run \(att_equiunet, fold 1, seed 1\) has no case where the region is "
-                                        r"present in the reference or the prediction; it cannot be compared$"):
-        summarise(plan, table)
+    result = summarise(plan, table)
+    got = result.comparison.set_index("metric")
+    for col in ("lesion_dice_ET", "lesion_hd95_ET"):
+        assert got.loc[col, "verdict"] == (
+            f"undefined: run (att_equiunet, fold 1, seed 1) has no case where {col} is defined (the region is absent from both "
+            "the reference and the prediction in every case), so this region is not tested; the others are"), col
+        assert np.isnan(got.loc[col, ["mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "mde"]].to_numpy(dtype=float)).all()
+    for family in ("lesion_dice", "lesion_hd95"):
+        cols = [f"{family}_{r}" for r in ("TC", "WT")]
+        p = [sps.ttest_1samp((run_means(ARM, c.removeprefix("lesion_")) - run_means(BASE, c.removeprefix("lesion_"))).mean(axis=1),
+                             0.0).pvalue for c in cols]
+        assert got.loc[cols, "p_value"].to_numpy(dtype=float) == pytest.approx(p, rel=1e-9)
+        assert got.loc[cols, "p_holm"].to_numpy(dtype=float) == pytest.approx(hand_holm(p), rel=1e-9)  # over 2 regions
+    assert got.loc["lesion_dice_WT", "verdict"].startswith("better")
+    assert result.seed_spread.loc[ARM, "lesion_dice_ET"] == "undefined" and result.seed_spread.loc[BASE, "lesion_dice_ET"] != "undefined"
+    text = result.text()
+    assert "secondary: undefined: run (att_equiunet, fold 1, seed 1) has no case where lesion_hd95_ET is defined" in text
+    assert "  undefined: run (att_equiunet, fold 1, seed 1) has no case where lesion_dice_ET is defined" in text
+
+
+@pytest.mark.parametrize("short", [ARM, BASE])
+def test_a_lesion_wise_run_on_fewer_cases_than_its_pair_is_refused_either_way(plan, short):
+    # One run scored on 2 cases where its pair in the other arm was scored on 3 (fold 0, seed 0):
+    # refused as on BraTS 2020 data, whichever arm is short, never averaged over other cases.
+    for rename in (lambda m: m, lambda m: f"lesion_{m}"):
+        table = hand_table().rename(columns={m: rename(m) for m in METRICS})
+        gone = (table["arm"] == short) & (table["fold"] == 0) & (table["seed"] == 0) & (table["case"] == "BraTS20_Training_003")
+        with pytest.raises(ValueError, match=re.escape("cases must be paired: fold 0, seed 0 has cases ['BraTS20_Training_003'] in "
+                                                       f"only one of '{ARM}' and '{BASE}'")):
+            summarise(plan, table[~gone].reset_index(drop=True))
 
 
 def test_the_verdict_lists_the_arms_in_the_per_case_tables_order_lesion_wise_too(tmp_path):

@@ -15,6 +15,7 @@ from brats_lab.evaluation.stats import (
     ONE_FOLD,
     RESULT_COLUMNS,
     RUN_COLUMNS,
+    case_floor,
     compare_arms,
     compare_runs,
     format_runs,
@@ -741,10 +742,12 @@ def _verdict_rows() -> pd.DataFrame:
     n/a for what one seed cannot measure; the infinite interval and MDE of one fold)."""
     rows = [
         ("att_unet", "dice_ET", 10, 3, 2, 0.71234, 0.73456, 0.02222, 0.00512, 0.03932, 0.00612, 0.00912, 0.01523, 0.0234, 0.0468,
-         "better (p=0.047)"),
-        ("att_unet", "hd95_ET", 10, 3, 2, 5.678, 4.321, -1.357, -2.5, -0.2, 0.347, 0.512, 1.234, 0.0004, 0.0008, "better (p<0.001)"),
-        ("one_fold", "dice_ET", 10, 1, 2, 0.7, 0.65, -0.05, -np.inf, np.inf, 0.004, np.nan, np.inf, 1.0, 1.0, ONE_FOLD),
-        ("loss_arm", "loss", 10, 2, 1, 0.31, 0.35, 0.04, -0.05, 0.13, np.nan, 0.0636, 0.1234, 0.12, 0.12, "no evidence of a difference"),
+         "better (p=0.047)", np.nan, "primary"),
+        ("att_unet", "hd95_ET", 10, 3, 2, 5.678, 4.321, -1.357, -2.5, -0.2, 0.347, 0.512, 1.234, 0.0004, 0.0008, "better (p<0.001)",
+         0.1, "secondary"),
+        ("one_fold", "dice_ET", 10, 1, 2, 0.7, 0.65, -0.05, -np.inf, np.inf, 0.004, np.nan, np.inf, 1.0, 1.0, ONE_FOLD, np.nan, "primary"),
+        ("loss_arm", "loss", 10, 2, 1, 0.31, 0.35, 0.04, -0.05, 0.13, np.nan, 0.0636, 0.1234, 0.12, 0.12, "no evidence of a difference",
+         np.nan, "secondary"),
     ]
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
@@ -761,9 +764,9 @@ def test_format_runs_prints_the_verdict_table_exactly():
         "arm       metric   runs  baseline  arm mean             diff [90% CI]  seed SD  fold SD  MDE (Holm)        p  p (Holm)  verdict",
         "  ".join("-" * w for w in (8, 7, 4, 8, 8, 24, 7, 7, 10, 7, 8, len(ONE_FOLD))),
         "att_unet  dice_ET   3x2    0.7123    0.7346   0.0222 [0.0051, 0.0393]   0.0061   0.0091      0.0152    0.023     0.047  better (p=0.047)",
-        "att_unet  hd95_ET   3x2      5.68      4.32      -1.36 [-2.50, -0.20]     0.35     0.51        1.23  p<0.001   p<0.001  better (p<0.001)",
+        "att_unet  hd95_ET   3x2      5.68      4.32      -1.36 [-2.50, -0.20]     0.35     0.51        1.23  p<0.001   p<0.001  secondary: better (p<0.001)",
         "one_fold  dice_ET   1x2    0.7000    0.6500       -0.0500 [-inf, inf]   0.0040      n/a         inf    1.000     1.000  " + ONE_FOLD,
-        "loss_arm  loss      2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]      n/a   0.0636      0.1234    0.120     0.120  no evidence of a difference",
+        "loss_arm  loss      2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]      n/a   0.0636      0.1234    0.120     0.120  secondary: no evidence of a difference",
         "",
         "runs = folds x seeds per arm; diff = arm - baseline, paired by fold and seed over the same cases;",
         "p: two-sided t-test on the fold means of the paired run differences (seeds averaged within a fold), 90% CI its t interval,",
@@ -773,8 +776,8 @@ def test_format_runs_prints_the_verdict_table_exactly():
         "MDE (Holm): the smallest true difference the verdict finds with 80% power at that fold SD (alpha 0.05 / regions,",
         "Holm's first step). Dice, sensitivity, specificity: higher is better; HD95: lower is better.",
         "The family: Dice (lesion-wise Dice on 2023+ data) is the primary metric, its regions' verdicts together wrong at most",
-        "5% of the time under no difference; every other metric is secondary, a Holm family of its own (with both, an arm",
-        "gets a false alarm somewhere in up to 9% of null studies).",
+        "5% of the time under no difference; every other metric is secondary, a Holm family of its own, its verdicts marked",
+        "'secondary:' (with both, an arm gets a false alarm somewhere in up to 9% of null studies).",
     ]
     assert format_runs(df).split("\n") == expected
 
@@ -785,7 +788,8 @@ def test_format_runs_without_attrs_and_without_rows():
     assert lines[0] == "Each arm against the baseline, runs as the unit"
     assert lines[2].split()[6:9] == ["diff", "[95%", "CI]"]
     # Alone, the loss row sets the widths of metric (6, its header) and p (5).
-    assert lines[4] == "loss_arm  loss     2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]      n/a   0.0636      0.1234  0.120     0.120  no evidence of a difference"
+    assert lines[4] == ("loss_arm  loss     2x1    0.3100    0.3500  0.0400 [-0.0500, 0.1300]      n/a   0.0636      0.1234  0.120     0.120  "
+                        "secondary: no evidence of a difference")
     empty = _verdict_rows().iloc[:0]
     assert format_runs(empty) == "Each arm against the baseline, runs as the unit: no other arm to compare."
     empty.attrs["baseline"] = "unet"
@@ -796,3 +800,48 @@ def test_fold_spread_reads_a_tie_as_exactly_zero_and_one_fold_as_unmeasured():
     assert fold_spread(np.array([[0.1, 0.1], [0.2, 0.0], [0.05, 0.15]])) == 0.0  # fold means 0.1 each, up to round-off
     assert fold_spread(np.array([[0.1], [0.3]])) == pytest.approx(np.sqrt(0.02), abs=1e-12)
     assert np.isnan(fold_spread(np.array([[0.1, 0.3]])))
+
+
+def test_an_hd95_near_tie_is_read_at_its_cases_spread_not_as_certainty():
+    # 2 folds x 1 seed, 4 cases each: the arm misses one case per fold (373.13 mm) and is 0.01 mm
+    # off on another in fold 0 only (the baseline 1 mm apart between the folds): fold means of the
+    # paired differences 92.785 and 92.5325, a spread of 0.18 mm. The plain t-test (1 degree of
+    # freedom) calls that p ~ 0.0009, "worse" even after Holm. HD95's
+    # spread is floored at what the cases alone give a fold mean: var(d, ddof 1) / 4 per fold.
+    base = {0: [2.0, 2.0, 2.0, 2.0], 1: [3.0, 3.0, 3.0, 3.0]}
+    arm = {0: [373.13, 2.01, 2.0, 2.0], 1: [373.13, 3.0, 3.0, 3.0]}
+    rows = [{"arm": name, "fold": f, "case": f"c{f}{i}", "hd95_WT": v, "dice_WT": 0.8 + 0.01 * i}
+            for name, scores in (("base", base), ("new", arm)) for f in (0, 1) for i, v in enumerate(scores[f])]
+    result = compare_runs(pd.DataFrame(rows), "base", ["dice_WT", "hd95_WT"])
+    hd = result.set_index("metric").loc["hd95_WT"]
+    d = {f: np.array(arm[f]) - np.array(base[f]) for f in (0, 1)}
+    fold_means = np.array([d[0].mean(), d[1].mean()])
+    floor = np.mean([d[f].var(ddof=1) / 4 for f in (0, 1)])
+    assert hd["spread"] == pytest.approx(fold_means.std(ddof=1), rel=1e-6) and hd["case_sd"] == pytest.approx(np.sqrt(floor), rel=1e-12)
+    t = fold_means.mean() / np.sqrt(floor / 2)
+    assert hd["p_value"] == pytest.approx(2 * sps.t.sf(t, 1), rel=1e-9) and hd["p_value"] > 0.1
+    assert run_level_test(fold_means[:, None])[3] < 0.001  # what the plain test said
+    assert hd["verdict"] == "no evidence of a difference" and hd["family"] == "secondary"
+    assert hd["mde"] == pytest.approx(spread_mde(np.sqrt(floor), 2, 0.05 / 2), rel=1e-12)  # the MDE reads the floor too
+    half = sps.t.ppf(1 - 0.05 / 4, 1) * np.sqrt(floor / 2)
+    assert (hd["ci_low"], hd["ci_high"]) == pytest.approx((fold_means.mean() - half, fold_means.mean() + half), rel=1e-9)
+    # Dice is not floored: no case SD, the plain t-test, primary.
+    dice = result.set_index("metric").loc["dice_WT"]
+    assert np.isnan(dice["case_sd"]) and dice["family"] == "primary" and dice["verdict"] == NO_SPREAD
+    text = format_runs(result)
+    assert f"{np.sqrt(floor):.2f}*" in text and "secondary: no evidence of a difference" in text
+    assert text.endswith("*: HD95's fold means scatter less than their cases alone make them scatter (a near-tie of its penalty "
+                         "values,\n373 mm a missed case): the test and the MDE read that case SD instead, never the near-tie.")
+
+
+def test_case_floor_is_var_over_n_when_all_is_defined_and_the_delta_method_with_undefined_values():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(2, 3, 2, 6))  # (fold, seed, case)
+    want = ((b - a).var(axis=-1, ddof=1) / 6).sum(axis=-1) / 4  # two seeds: the fold mean's variance
+    assert case_floor(a, b) == pytest.approx(want, rel=1e-12)
+    # With undefined values: psi = N/n_b (b - mean_b) - N/n_a (a - mean_a), 0 where undefined, by hand.
+    a1, b1 = np.array([1.0, np.nan, 3.0, 5.0]), np.array([2.0, 0.0, np.nan, 4.0])
+    psi = np.array([4 / 3 * (2 - 2) - 4 / 3 * (1 - 3), 4 / 3 * (0 - 2), -4 / 3 * (3 - 3), 4 / 3 * (4 - 2) - 4 / 3 * (5 - 3)])
+    assert case_floor(a1[None, None], b1[None, None]) == pytest.approx([np.sum(psi**2) / (4 * 3)], rel=1e-12)
+    with pytest.raises(ValueError, match=re.escape("per-case scores must have one shape (..., folds, seeds, cases), got (4,) and (4,)")):
+        case_floor(a1, b1)

@@ -293,6 +293,17 @@ def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True, 
     return train_fold(cfg, fold, resume=resume, experiment=plan.experiment, parent=arm_run, progress=progress).per_case
 
 
+def default_workers(plan: Plan) -> int:
+    """With the cpu profile, one worker per core (at most one per trial), each on one thread: the
+    small 3D convolutions of a CPU run leave much of a second thread idle, two runs side by side do
+    not (benchmarks/bench_cpu_workers.py); else one."""
+    import torch
+
+    if plan.profile != "cpu" or torch.cuda.is_available():
+        return 1
+    return max(1, min(os.cpu_count() or 1, len(plan.ablation.arms) * len(plan.folds) * len(plan.seeds)))
+
+
 def run_study(plan: Plan, workers: int = 1, progress: bool = True) -> "Report":
     """Launch, work (with `workers` processes on this machine), wait for the trials that other
     workers still run, and report."""

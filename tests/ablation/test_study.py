@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytest
 from brats_lab import DataError, tracking
 from brats_lab.ablation import study as study_module
 from brats_lab.ablation.spec import load_ablation, parse_ablation
-from brats_lab.ablation.study import DEFAULT_STORAGE, Plan, launch, make_plan, run_study
+from brats_lab.ablation.study import DEFAULT_STORAGE, Plan, default_workers, launch, make_plan, run_study
 from brats_lab.config import ConfigError, config_hash, to_dict
 from conftest import TINY_TRAINING, reseeded_ablation, tiny_ablation
 
@@ -377,6 +379,21 @@ def test_workers_option_runs_trials_in_parallel_processes(project):
     pids = {r.tags.get("pid") for r in runs}
     assert len(pids) == 2, pids  # both processes trained
     assert len(result.per_case) == 8
+
+
+def test_cpu_studies_default_to_one_single_threaded_worker_per_core(project, monkeypatch):
+    # Two runs side by side on one thread each train more steps per second on a CPU than one run
+    # on every core (benchmarks/bench_cpu_workers.py); never more workers than trials, one on a GPU profile.
+    toml, data = project
+    plan = make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE)  # 2 arms x 2 folds
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert default_workers(plan) == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert default_workers(plan) == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert default_workers(plan) == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert default_workers(dataclasses.replace(plan, profile="paper")) == 1
 
 
 def test_a_finished_run_is_reused_only_on_the_same_data(project):

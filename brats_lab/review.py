@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from brats_lab import run_files
 from brats_lab.evaluation.metrics import lower_is_better
 from brats_lab.labels import REGIONS, LabelConvention
 
 if TYPE_CHECKING:
     import pandas as pd
 
-PER_CASE = "per_case_metrics.csv"
-COMPARISON = "comparison.csv"
 _HASH = "tags.config_hash"
 _FOLD = "tags.fold"
 
@@ -174,8 +173,7 @@ def worst_cases(per_case: pd.DataFrame, arm: str, region: str, n: int = 10, by: 
 # --- reading artifacts (through tracking, into a local cache) -----------------------------------
 
 
-def _cache_dir(run_id: str) -> Path:
-    return Path(tempfile.gettempdir()) / "brats-lab-dashboard" / run_id
+DOWNLOADS = Path(tempfile.gettempdir()) / "brats-lab-dashboard"  # remote stores' artifacts, copied for the dashboard
 
 
 def read_artifact_table(run_id: str, name: str, root: Path | str | None = None) -> pd.DataFrame | None:
@@ -184,10 +182,8 @@ def read_artifact_table(run_id: str, name: str, root: Path | str | None = None) 
 
     from brats_lab import tracking
 
-    run = tracking.get_run(run_id, root)
-    if name not in run.list_artifacts(str(Path(name).parent) if "/" in name else ""):
-        return None
-    return pd.read_csv(run.download_artifact(name, _cache_dir(run_id)))
+    path = tracking.get_run(run_id, root).artifact(name, DOWNLOADS)
+    return None if path is None else pd.read_csv(path)
 
 
 def load_per_case(cells: pd.DataFrame, root: Path | str | None = None) -> tuple[pd.DataFrame, list[str]]:
@@ -200,15 +196,14 @@ def load_per_case(cells: pd.DataFrame, root: Path | str | None = None) -> tuple[
         if cell.status != "FINISHED":
             notes.append(f"{cell.arm} fold {cell.fold}: {cell.status.lower()}, no metrics yet")
             continue
-        table = read_artifact_table(cell.run_id, PER_CASE, root)
+        table = read_artifact_table(cell.run_id, run_files.PER_CASE, root)
         if table is None:
-            notes.append(f"{cell.arm} fold {cell.fold}: run {cell.run_id} has no {PER_CASE}")
+            notes.append(f"{cell.arm} fold {cell.fold}: run {cell.run_id} has no {run_files.PER_CASE}")
             continue
         frames.append(table.assign(arm=cell.arm, fold=cell.fold, seed=getattr(cell, "seed", 0), run_id=cell.run_id))
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), notes
 
 
-SEARCH = "search.csv"
 CURVE_KEYS = ("train_loss", "val_loss", "lr")  # offered first; every per-epoch metric can be chosen
 
 
@@ -311,11 +306,4 @@ def prediction_path(run_id: str, case: str, root: Path | str | None = None) -> P
     """A local copy of the fold run's `predictions/<case>.nii.gz`, or None when it has none."""
     from brats_lab import tracking
 
-    run = tracking.get_run(run_id, root)
-    name = f"predictions/{case}.nii.gz"
-    local = run.artifact_dir()
-    if local is not None:
-        return local / name if (local / name).is_file() else None
-    if name not in run.list_artifacts("predictions"):
-        return None
-    return run.download_artifact(name, _cache_dir(run_id))
+    return tracking.get_run(run_id, root).artifact(run_files.prediction(case), DOWNLOADS)

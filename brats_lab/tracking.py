@@ -212,6 +212,17 @@ class Run:
             path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def artifact(self, name: str, downloads: Path | str = Path("mlruns") / "downloads") -> Path | None:
+        """A local path of the run's artifact file `name` (named in brats_lab/run_files.py): the
+        file itself in a local store, else a fresh copy downloaded into `downloads`/<run id>; None
+        when the run has no such file."""
+        local = self.artifact_dir()
+        if local is not None:
+            return local / name if (local / name).is_file() else None
+        if name not in self.list_artifacts(str(Path(name).parent) if "/" in name else ""):
+            return None
+        return self.download_artifact(name, Path(downloads) / self.id)
+
     def download_artifact(self, path: str, dst: Path | str) -> Path:
         """Copy the artifact `path` (file or folder) into the folder `dst`; returns the local copy."""
         dst = Path(dst)

@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from brats_lab import review
-from brats_lab import tracking, viz
+from brats_lab import run_files, tracking, viz
 from brats_lab.data.cases import MODALITIES
 from brats_lab.labels import REGIONS
 from brats_lab.urls import safe_url, url_password
@@ -158,7 +158,7 @@ def compare_page() -> None:
     if study["type"] == "ablation":
         verdict_section(metric)
     curves_section()
-    search = load_table(uri, study_id, review.SEARCH) if study["type"] == "ablation" else None
+    search = load_table(uri, study_id, run_files.SEARCH) if study["type"] == "ablation" else None
     if search is not None and not search.empty:
         st.subheader("Hyperparameter search")
         score = next(c for c in search.columns if c.startswith("mean_"))
@@ -170,7 +170,7 @@ def compare_page() -> None:
 
 def verdict_section(metric: str) -> None:
     st.subheader("Each arm against the baseline")
-    comparison = load_table(uri, study_id, review.COMPARISON)
+    comparison = load_table(uri, study_id, run_files.COMPARISON)
     if comparison is None:
         st.info("No comparison yet: the study writes comparison.csv once every fold has finished.")
         return

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from brats_lab import review as db
-from brats_lab import tracking
+from brats_lab import run_files, tracking
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
@@ -44,7 +44,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "arm": ["attention"], "metric": ["dice_ET"], "n": [6], "mean_baseline": [0.6], "mean_arm": [0.55],
             "mean_diff": [-0.05], "ci_low": [-0.06], "ci_high": [-0.04], "p_value": [0.03], "p_holm": [0.03],
             "verdict": ["worse (p=0.03)"]}),
-                        db.COMPARISON)
+                        run_files.COMPARISON)
         study.finish()
 
         # A second study still going: one fold finished, one running.
@@ -73,7 +73,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         run.log_table(table, db.PER_CASE)
                     frames.append(table.assign(arm=arm_name, fold=fold, seed=seed))
                 arm.finish()
-        aa.log_table(compare_runs(pd.concat(frames), "equiunet", ["dice_ET", "dice_TC", "dice_WT"]), db.COMPARISON)
+        aa.log_table(compare_runs(pd.concat(frames), "equiunet", ["dice_ET", "dice_TC", "dice_WT"]), run_files.COMPARISON)
         aa.finish()
 
         training = tracking.arm_run("brats-lab", "t0", "pipeline A", {"pipeline": "A"}, root=root)
@@ -168,16 +168,16 @@ def test_a_study_with_seeds_shows_each_seed_as_its_own_run(in_store):
     # equiunet, ET: runs (fold, seed) have means 0.6 and 0.59 (seed 1 is 0.01 lower) in both folds.
     equi = marks[(marks["arm"] == "equiunet") & (marks["region"] == "ET")].sort_values(["fold", "seed"])
     assert [round(v, 10) for v in equi["value"]] == [0.6, 0.59, 0.6, 0.59]
-    comparison = db.read_artifact_table(_study_id(runs, "seeds"), db.COMPARISON)
+    comparison = db.read_artifact_table(_study_id(runs, "seeds"), run_files.COMPARISON)
     assert {"noise_floor", "mde", "folds", "seeds"} <= set(comparison.columns)
     assert (comparison["verdict"] == "no evidence of a difference").all()
 
 
 def test_comparison_table(in_store):
     runs = tracking.read_runs()
-    comparison = db.read_artifact_table(_study_id(runs, "attention"), db.COMPARISON)
+    comparison = db.read_artifact_table(_study_id(runs, "attention"), run_files.COMPARISON)
     assert comparison is not None and comparison["arm"].tolist() == ["attention"]
-    assert db.read_artifact_table(_study_id(runs, "norm"), db.COMPARISON) is None
+    assert db.read_artifact_table(_study_id(runs, "norm"), run_files.COMPARISON) is None
     rows = db.comparison_rows(comparison, "dice")
     assert rows[["region", "label"]].values.tolist() == [["ET", "attention ET"]]
     assert db.comparison_rows(comparison, "hd95").empty

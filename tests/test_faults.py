@@ -27,7 +27,8 @@ from brats_lab.cli import main
 from brats_lab.config import config_hash, flatten, load_config, pipeline_path, to_dict
 from brats_lab.io import read_image, write_image
 from brats_lab.models import build_model
-from brats_lab.training.checkpoint import CHECKPOINT, CHECKPOINT_KEYS, FINAL_MODEL
+from brats_lab.run_files import CHECKPOINT, FINAL_MODEL
+from brats_lab.training.checkpoint import CHECKPOINT_KEYS
 from brats_lab.training.checkpoint import save as _save
 from brats_lab.training.trainer import EXPERIMENT
 from conftest import TINY_NETWORK

@@ -49,3 +49,21 @@ def test_training_imports_nothing_from_inference():
     for path in sorted((PACKAGE / "training").glob("*.py")):
         for module, _ in imports(path):
             assert not module.startswith("brats_lab.inference"), f"training/{path.name} imports {module}"
+
+
+def test_every_file_a_run_keeps_is_named_in_run_files_only():
+    # Changing what a fold or study run writes touches one module (issue 24): no other module of
+    # the package or the dashboard spells one of its names, or a folder of them with a file in it.
+    from brats_lab import run_files
+
+    names = {value for key, value in vars(run_files).items() if key.isupper() and isinstance(value, str)}
+    folders = {name.split("/")[0] + "/" for name in names if "/" in name} | {f"{run_files.PREDICTIONS}/", f"{run_files.OVERLAYS}/"}
+    for path in sorted([*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "dashboard").rglob("*.py")]):
+        if path.name == "run_files.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and not isinstance(node.value, bytes):
+                text = node.value
+                assert text not in names, f"{path.relative_to(PACKAGE.parent)} spells {text!r}: use brats_lab.run_files"
+                assert not any(text.startswith(folder) for folder in folders), (
+                    f"{path.relative_to(PACKAGE.parent)} spells {text!r}: use brats_lab.run_files")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from brats_lab import DataError
+from brats_lab import DataError, run_files
 from brats_lab.config import config_hash
 from brats_lab.labels import REGIONS
 
@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 
 
 def run_per_case(run) -> pd.DataFrame:
-    """A finished fold run's out-of-fold per-case metrics (its per_case_metrics.csv artifact)."""
-    local = run.artifact_dir()
-    path = local / "per_case_metrics.csv" if local is not None else run.download_artifact("per_case_metrics.csv", Path("mlruns/downloads") / run.id)
+    """A finished fold run's out-of-fold per-case metrics (its run_files.PER_CASE artifact)."""
+    path = run.artifact(run_files.PER_CASE)
+    if path is None:
+        raise DataError(f"fold run {run.id}: no {run_files.PER_CASE} among its artifacts (did its training finish?)")
     return pd.read_csv(path)
 
 
@@ -93,17 +94,17 @@ class Report:
                 "an arm's false-positive lesion there still counts (Dice 0, HD95 373)."]
 
     def log(self, study_run) -> None:
-        study_run.log_table(self.per_case, "per_case_out_of_fold.csv")
-        study_run.log_table(self.table.reset_index(names="arm"), "table3.csv")
-        study_run.log_table(self.comparison, "comparison.csv")
+        study_run.log_table(self.per_case, run_files.PER_CASE_OUT_OF_FOLD)
+        study_run.log_table(self.table.reset_index(names="arm"), run_files.TABLE3)
+        study_run.log_table(self.comparison, run_files.COMPARISON)
         if self.per_case_comparison is not None:
-            study_run.log_table(self.per_case_comparison, "comparison_per_case.csv")
+            study_run.log_table(self.per_case_comparison, run_files.COMPARISON_PER_CASE)
         if self.seed_spread is not None:
-            study_run.log_table(self.seed_spread.reset_index(names="arm"), "seed_spread.csv")
-        study_run.log_text(_markdown(self.table.reset_index(names="arm")) + "\n\n" + _markdown(self.comparison) + "\n", "report.md")
-        study_run.log_text(self.text() + "\n", "report.txt")
+            study_run.log_table(self.seed_spread.reset_index(names="arm"), run_files.SEED_SPREAD)
+        study_run.log_text(_markdown(self.table.reset_index(names="arm")) + "\n\n" + _markdown(self.comparison) + "\n", run_files.REPORT)
+        study_run.log_text(self.text() + "\n", run_files.REPORT_TEXT)
         if self.search is not None:
-            study_run.log_table(self.search, "search.csv")
+            study_run.log_table(self.search, run_files.SEARCH)
 
 
 def gather(plan: Plan, arms: list[str]) -> pd.DataFrame:
@@ -268,12 +269,10 @@ def measured_noise(experiment: str, profile: str) -> tuple[dict[str, float], str
     for run in tracking.find_runs(experiment, {"kind": "study", "profile": profile}, statuses=("FINISHED",)):
         if int(run.params.get("seeds", "1")) < 2:
             continue
-        local = run.artifact_dir()
-        try:
-            path = local / "comparison.csv" if local is not None else run.download_artifact("comparison.csv", Path("mlruns/downloads") / run.id)
-            table = pd.read_csv(path)
-        except Exception:  # a study stopped before its report: look further back
+        path = run.artifact(run_files.COMPARISON)
+        if path is None:  # a study stopped before its report: look further back
             continue
+        table = pd.read_csv(path)
         if "noise_floor" not in table.columns:
             continue
         pooled = table.groupby("metric")["noise_floor"].apply(lambda v: float(np.sqrt(np.mean(np.square(v)))))

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from brats_lab import DataError
+from brats_lab import DataError, run_files
 from brats_lab.ablation.report import Report, data_hash, gather, report, run_per_case
 from brats_lab.ablation.spec import Ablation, load_ablation, parse_ablation, refuse_shared_runs
 from brats_lab.ablation.storage import DEFAULT_STORAGE, open_storage, safe_url  # noqa: F401 (DEFAULT_STORAGE: callers import it from here)
@@ -340,7 +340,7 @@ def run_study(plan: Plan, workers: int = 1, progress: bool = True) -> "Report":
         # Second pass: the cases the baseline scored worst out of fold, left out of training.
         plan = dataclasses.replace(plan, excluded=choose_removed(plan))
         study_run.set_tags({"removed_cases": ",".join(plan.excluded)})
-        study_run.log_text("\n".join(plan.excluded) + "\n", "removed_cases.txt")
+        study_run.log_text("\n".join(plan.excluded) + "\n", run_files.REMOVED_CASES)
         launch(plan)
         _work_until_done(plan.study_name, plan.storage, progress)
     result = report(plan)

@@ -42,7 +42,7 @@ _LAYOUT = next(layout for layout in LAYOUTS if layout.name == "brats2020")
 _LAYOUTS = {"brats2020": (_LAYOUT, CASE_PREFIX), "brats2023": (next(l for l in LAYOUTS if l.name == "brats2023"), "BraTS-GLI-")}
 SATELLITE_FRACTION = 0.5  # share of 2023-layout cases with satellite lesions
 # The dataset `brats-lab ablate` writes when there is none (the CPU demo's): cases, shape (x, y, z).
-DEMO_CASES, DEMO_SHAPE = 40, (64, 64, 48)
+DEMO_CASES, DEMO_SHAPE = 40, (48, 48, 36)
 
 # Labels from the convention, not literals: ET, TC minus ET (necrosis / non-enhancing), WT minus TC.
 (ET,) = BRATS_2020.regions["ET"]

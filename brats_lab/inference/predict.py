@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from brats_lab import DataError
+from brats_lab import DataError, run_files
 from brats_lab.config import ExperimentConfig, from_dict
 from brats_lab.data.cases import Case
 from brats_lab.data.preprocess import label_map, pad_to_multiple, paste_back, preprocess_case, unpad
@@ -26,7 +26,7 @@ from brats_lab.io import write_image, write_text
 from brats_lab.labels import REGIONS
 from brats_lab.models import build_model
 from brats_lab.precision import autocast_dtype
-from brats_lab.training.checkpoint import FINAL_MODEL, MODEL_KEYS, load
+from brats_lab.training.checkpoint import MODEL_KEYS, load
 
 
 ENSEMBLE_RECORD = "ensemble.json"
@@ -188,10 +188,9 @@ def load_members(run_ids: list[str], device: torch.device, root: Path | None = N
     members = []
     for run_id in resolve_runs(run_ids, root):
         run = tracking.get_run(run_id, root=root)
-        local = run.artifact_dir()
-        path = local / FINAL_MODEL if local is not None else run.download_artifact(FINAL_MODEL, Path.cwd() / "mlruns" / "downloads" / run_id)
-        if not Path(path).is_file():
-            raise DataError(f"run {run_id}: no final model at {path} (did its training finish?)")
+        path = run.artifact(run_files.FINAL_MODEL)
+        if path is None:
+            raise DataError(f"run {run_id}: no final model ({run_files.FINAL_MODEL}) among its artifacts (did its training finish?)")
         state = load(Path(path), MODEL_KEYS)  # weights_only: no arbitrary unpickling
         config = from_dict(legacy_config(state["config"]), source=str(path))
         model = build_model(config.model)

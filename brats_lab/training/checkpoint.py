@@ -25,9 +25,8 @@ import torch
 from brats_lab import DataError
 from brats_lab.config import ExperimentConfig, config_hash, to_dict
 from brats_lab.io import atomic_path
+from brats_lab.run_files import CHECKPOINT
 
-CHECKPOINT = "checkpoints/last.pt"
-FINAL_MODEL = "model/model.pt"
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scaler", "average", "best", "rng", "config_hash")
 MODEL_KEYS = ("model", "config")  # what a final model needs to be rebuilt and loaded
 

@@ -25,6 +25,7 @@ from brats_lab.data.preprocess import label_map, paste_back
 from brats_lab.evaluation.lesionwise import case_scores
 from brats_lab.evaluation.metrics import dice_from_counts
 from brats_lab.io import atomic_path, read_image, write_image
+from brats_lab import run_files
 from brats_lab.labels import REGIONS
 
 
@@ -72,7 +73,7 @@ def score_cases(
     for item in tqdm(volumes, desc="validation", total=len(volumes), disable=not progress, dynamic_ncols=True):
         entry = cache.entry(item.case_id)
         regions = (predict_logits(model, item.image, device, amp_dtype) > 0).cpu().numpy()
-        path = workdir / "predictions" / f"{item.case_id}.nii.gz"
+        path = workdir / run_files.prediction(item.case_id)
         labels = label_map(regions, item.pads, entry.convention, entry.bbox, entry.geometry.shape)
         write_image(labels, entry.geometry, path)
         reference, _ = read_image(segs[item.case_id])
@@ -88,7 +89,7 @@ def score_cases(
             images = paste_back(np.asarray(cache.load(case_id)[0]), entry.bbox, entry.original_shape)
             labels, reference = predictions[case_id]
             dice = ", ".join(f"{r} {table.loc[index, f'dice_{r}']:.2f}" for r in REGIONS)
-            with atomic_path(workdir / "overlays" / f"{tag}_{case_id}.png", suffix=".png") as tmp:
+            with atomic_path(workdir / run_files.overlay(tag, case_id), suffix=".png") as tmp:
                 render_case(images, entry.convention, tmp, reference=reference, prediction=labels,
                             title=f"{tag}: {case_id}, Dice {dice}; {{slice}}")
     return table

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from brats_lab import DataError, precision
+from brats_lab import DataError, precision, run_files
 from brats_lab.config import ExperimentConfig, config_hash, flatten, to_dict
 from brats_lab.data.cache import Cache, prepare
 from brats_lab.data.dataset import EpochSampler, TrainPatches, WholeVolumes
@@ -48,7 +48,7 @@ from brats_lab.data.splits import load_splits, make_splits, save_splits, trainin
 from brats_lab.labels import REGIONS
 from brats_lab.models import build_model, count_parameters
 from brats_lab.training import checkpoint, distributed
-from brats_lab.training.checkpoint import CHECKPOINT, CHECKPOINT_KEYS, FINAL_MODEL
+from brats_lab.training.checkpoint import CHECKPOINT_KEYS
 from brats_lab.training.losses import make_loss
 from brats_lab.training.optim import (
     WeightAverage,
@@ -165,17 +165,17 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
             run.log_metrics(metrics, step=epoch)
 
             if is_main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last):
-                checkpoint.save(workdir / CHECKPOINT, checkpoint.training_state(epoch, model, optimizer, scaler, average, best, cfg, device))
+                checkpoint.save(workdir / run_files.CHECKPOINT, checkpoint.training_state(epoch, model, optimizer, scaler, average, best, cfg, device))
         bar.close()
         if not is_main:
             return None  # rank 0 makes, scores and logs the final model
 
         # --- final weights, scored in the original geometry -----------------------------------
         chosen = load_final_weights(model, average, best, cfg.train.keep)
-        checkpoint.save(workdir / FINAL_MODEL, checkpoint.model_state(model, cfg, fold))
+        checkpoint.save(workdir / run_files.FINAL_MODEL, checkpoint.model_state(model, cfg, fold))
         per_case = score_cases(model, cache, volumes, Path(cfg.data.dataset), device, amp_dtype, workdir, progress)
         run.log_metrics({f"final_{c}": float(per_case[c].mean()) for c in per_case.columns if c != "case"}, step=epochs - 1)
-        run.log_table(per_case, "per_case_metrics.csv")
+        run.log_table(per_case, run_files.PER_CASE)
         run.set_tags({"final_model": chosen, "wall_seconds": f"{time.perf_counter() - started:.0f}"})
         _upload(run, workdir)
     except BaseException as e:  # KeyboardInterrupt: Ctrl-C, or SIGTERM through the CLI
@@ -226,7 +226,7 @@ def _open_runs(
     if not resume:
         run = tracking.fold_run(arm, fold, name=f"pipeline {cfg.pipeline} fold {fold}")
         run.log_params(flatten(cfg))
-        run.log_dict(to_dict(cfg), "config.json")
+        run.log_dict(to_dict(cfg), run_files.CONFIG)
         run.set_tags({"manifest_hash": cache.manifest_hash, "train_cases": str(len(train_ids)), "val_cases": str(len(val_ids)),
                       "run_seed": str(cfg.train.run_seed(fold))})  # the seed it trains with (param train.seed is the arm's)
         return arm, run, None
@@ -345,12 +345,11 @@ def _upload(run: Any, workdir: Path) -> None:
     are already the run's artifacts)."""
     if run.artifact_dir() is not None:
         return
-    run.log_artifact(workdir / FINAL_MODEL, "model")
-    run.log_artifact(workdir / CHECKPOINT, "checkpoints")
-    for png in sorted((workdir / "overlays").glob("*.png")):
-        run.log_artifact(png, "overlays")
-    for prediction in sorted((workdir / "predictions").glob("*.nii.gz")):
-        run.log_artifact(prediction, "predictions")
+    for name in (run_files.FINAL_MODEL, run_files.CHECKPOINT):
+        run.log_artifact(workdir / name, str(Path(name).parent))
+    for folder, pattern in ((run_files.OVERLAYS, "*.png"), (run_files.PREDICTIONS, "*.nii.gz")):
+        for path in sorted((workdir / folder).glob(pattern)):
+            run.log_artifact(path, folder)
 
 
 def _close(run: RunLog, own_arm: RunLog | None, status: Literal["FINISHED", "FAILED", "KILLED"]) -> None:

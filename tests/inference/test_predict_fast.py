@@ -33,7 +33,8 @@ from brats_lab.inference.predict import (
 )
 from brats_lab.io import read_header, read_image
 from brats_lab.models import build_model
-from brats_lab.training.checkpoint import FINAL_MODEL, model_state, save
+from brats_lab.run_files import FINAL_MODEL
+from brats_lab.training.checkpoint import model_state, save
 from conftest import TINY_NETWORK, ConstantLogits
 
 CPU = torch.device("cpu")

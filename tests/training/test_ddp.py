@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from brats_lab import DataError, tracking
 from brats_lab.data.dataset import EpochSampler
 from brats_lab.training.distributed import RankBatches, check_batches
-from brats_lab.training.trainer import CHECKPOINT, EXPERIMENT, FINAL_MODEL
+from brats_lab.run_files import CHECKPOINT, FINAL_MODEL
+from brats_lab.training.trainer import EXPERIMENT
 from conftest import TINY_NETWORK, free_port
 
 # One xdist worker runs them all: the one-process reference is trained once, and each two-process

@@ -25,7 +25,8 @@ import torch
 
 from brats_lab import tracking
 from brats_lab.training.optim import WeightAverage
-from brats_lab.training.trainer import CHECKPOINT, EXPERIMENT, FINAL_MODEL, load_final_weights
+from brats_lab.run_files import CHECKPOINT, FINAL_MODEL
+from brats_lab.training.trainer import EXPERIMENT, load_final_weights
 from conftest import TINY_NETWORK
 
 pytestmark = pytest.mark.xdist_group("final-weights")  # one worker copies the phantoms once

@@ -16,7 +16,8 @@ import torch
 from brats_lab import tracking
 from brats_lab.config import config_hash, load_config, pipeline_path
 from brats_lab.labels import REGIONS
-from brats_lab.training.trainer import CHECKPOINT, FINAL_MODEL, train_fold
+from brats_lab.run_files import CHECKPOINT, FINAL_MODEL
+from brats_lab.training.trainer import train_fold
 from conftest import TINY_NETWORK
 
 TINY = [*TINY_NETWORK, "train.val_every=1"]

@@ -280,8 +280,17 @@ def _ablate_parser(commands: argparse._SubParsersAction) -> None:
     ablate.add_argument("--plan", action="store_true", help="train nothing: print the minimum detectable effect of folds x seeds designs")
     ablate.add_argument("--noise", type=float, default=None, help="with --plan: the noise floor to assume (default: the one measured in the store)")
     ablate.add_argument("--data", type=Path, default=None, help=f"dataset folder (default: {DEFAULT_PHANTOM}, written if missing)")
-    ablate.add_argument("--workers", type=int, default=1, help="worker processes on this machine sharing the study")
+    ablate.add_argument("--workers", type=int, default=None,
+                        help="worker processes on this machine sharing the study (default 1); with --slurm, array tasks (default: slurm.workers)")
     ablate.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///mlruns/optuna.db; postgresql://... to share)")
+    ablate.add_argument("--slurm", action="store_true",
+                        help="run the workers as a SLURM job array (settings: the [slurm] table of the profile, then of the ablation, then --slurm-set); "
+                        "waits for them and prints the report")
+    ablate.add_argument("--slurm-set", dest="slurm_set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --slurm: partition, account, workers, gpus_per_worker, cpus_per_worker, mem, time, signal_delay, "
+                        "or sbatch.OPTION for any other sbatch option, e.g. --slurm-set partition=gpu --slurm-set sbatch.qos=high (repeatable)")
+    ablate.add_argument("--detach", action="store_true", help="with --slurm: submit and return; the same command again waits, --report prints the report")
+    ablate.add_argument("--report", action="store_true", help="train nothing: print the study's report if its runs are done, else how far it is")
     ablate.set_defaults(run=_ablate)
 
 
@@ -509,6 +518,19 @@ def _ablate(args: argparse.Namespace) -> int:
         raise DataError(str(e)) from None
     if args.noise is not None and not (args.plan and args.noise > 0):
         raise DataError(f"--noise goes with --plan and must be above 0, got {args.noise}")
+    for flag, given in (("--slurm-set", args.slurm_set), ("--detach", args.detach)):
+        if given and not args.slurm:
+            raise DataError(f"{flag} goes with --slurm")
+    if args.workers is not None and args.workers < 1:
+        raise DataError(f"--workers must be at least 1, got {args.workers}")
+    slurm = _slurm_settings(args, ablation, profile) if args.slurm else None  # refused before anything is made
+    if args.report:
+        plan = make_plan(args.ablation, profile, args.folds, str(args.data or ablation.phantom_dataset or DEFAULT_PHANTOM),
+                         args.storage or DEFAULT_STORAGE, args.seeds)
+        from brats_lab.ablation.study import report_when_done
+
+        print(report_when_done(plan).text())
+        return 0
     if args.plan:  # nothing trained, no dataset needed
         try:
             plan = make_plan(args.ablation, profile, args.folds, str(args.data or ablation.phantom_dataset or DEFAULT_PHANTOM),
@@ -533,11 +555,32 @@ def _ablate(args: argparse.Namespace) -> int:
         raise DataError(str(e)) from None
     print(f"study {plan.study_name}: {len(plan.ablation.arms)} arms x {len(plan.folds)} folds x {len(plan.seeds)} seed{'s' if len(plan.seeds) > 1 else ''} "
           f"(join from another machine: brats-lab worker --study {plan.study_name} --storage URL)")
-    result = run_study(plan, workers=max(1, args.workers))
+    if slurm is not None:
+        from brats_lab.ablation.slurm import run_on_slurm
+
+        result = run_on_slurm(plan, slurm, detach=args.detach, say=lambda line: print(line, flush=True))
+        if result is None:
+            return 0
+    else:
+        result = run_study(plan, workers=args.workers or 1)
     print()
     print(result.text())
     print(f"\nin MLflow: experiment {plan.experiment!r} (brats-lab ui); report files: report.md, table3.csv, comparison.csv on the study run")
     return 0
+
+
+def _slurm_settings(args: argparse.Namespace, ablation, profile: str):
+    """The [slurm] tables of the profile and the ablation, then --slurm-set and --workers, checked
+    (keys, values, and sbatch options against the installed sbatch)."""
+    from brats_lab.ablation.slurm import check_options, overrides_layer, profile_table, settings
+
+    layers = {f"profile {profile}": profile_table(profile), ablation.source: dict(ablation.slurm)}
+    layers["--slurm-set"] = overrides_layer(args.slurm_set)
+    if args.workers is not None:
+        layers["--workers"] = {"workers": args.workers}
+    result = settings(layers)
+    check_options(result)
+    return result
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -185,7 +185,7 @@ def test_a_study_on_slurm_survives_a_cancelled_and_a_preempted_task_and_reports_
     for folder in (cluster, alone):
         shutil.copytree(phantom_dataset, folder / "phantom")
         (folder / "tiny.toml").write_text(ABLATION)
-    logs.mkdir()
+    logs.mkdir(exist_ok=True)  # the MLflow server logs there too
     storage = f"postgresql://root@{PG}/{databases()}"
     base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     base.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), base.get("PYTHONPATH", "")])})

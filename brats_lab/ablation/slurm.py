@@ -200,8 +200,9 @@ def job_folder(study_name: str) -> Path:
     return Path.cwd() / "slurm" / study_name
 
 
-def submit(study_name: str, storage: str, s: SlurmSettings, tasks: int) -> tuple[str, Path]:
-    """Submit `tasks` workers (an array) on the study; returns (the array's job id, log folder)."""
+def submit(study_name: str, storage: str, s: SlurmSettings, tasks: int) -> tuple[str, list[Path]]:
+    """Submit `tasks` workers (an array; one task is a plain job) on the study; returns (the job
+    id, each task's log file)."""
     import submitit
 
     folder = job_folder(study_name)
@@ -221,7 +222,7 @@ def submit(study_name: str, storage: str, s: SlurmSettings, tasks: int) -> tuple
     except subprocess.CalledProcessError as e:  # sbatch refused: its own words
         output = (e.output or b"").decode(errors="replace") if isinstance(e.output, bytes) else str(e.output or "")
         raise DataError(f"sbatch refused the job array: {output.strip() or e}") from None
-    return jobs[0].job_id.partition("_")[0], folder
+    return jobs[0].job_id.partition("_")[0], [job.paths.stderr for job in jobs]
 
 
 def live_tasks(job_ids: list[str]) -> dict[str, str]:
@@ -255,10 +256,10 @@ class ArrayTask:
     storage: str
 
     def __call__(self, index: int) -> str:
-        job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "?"))
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        job_id = f"{job}_{task}" if task is not None else job
-        log = job_folder(self.study) / f"{job_id}_0_log.err"
+        import submitit
+
+        env = submitit.JobEnvironment()
+        job_id, log = env.job_id, env.paths.stderr  # `12_1` in an array, `13` alone (a one-task array is a plain job)
         if "OMP_NUM_THREADS" not in os.environ and os.environ.get("SLURM_CPUS_PER_TASK"):
             import torch
 
@@ -331,14 +332,12 @@ def describe(s: SlurmSettings) -> str:
 
 # --- the launcher: `brats-lab ablate NAME --slurm` ---------------------------------------------
 
-MAX_SUBMISSIONS = 4  # arrays submitted by one waiting launcher before it gives up and says where to look
-
-
 def run_on_slurm(plan, s: SlurmSettings, detach: bool = False, say=print):
-    """Create (or find) the study, submit its workers as a job array unless one is still queued or
-    running, then (unless `detach`) wait for the trials and return the report (None when detached).
-    An array that ended with trials left (tasks cancelled, failed, killed) is followed by another,
-    once stale trials are past their grace period."""
+    """Create (or find) the study and keep `workers` array tasks on it: submit an array unless
+    enough tasks of the study's arrays are still queued or running, and top it up when some ended
+    early (cancelled, failed, killed) while trials wait. Then (unless `detach`) wait for the trials
+    and return the report (None when detached). Stale trials of dead tasks go back in the queue
+    after their grace period, as anywhere."""
     import time
 
     from brats_lab.ablation import study as study_module
@@ -349,7 +348,7 @@ def run_on_slurm(plan, s: SlurmSettings, detach: bool = False, say=print):
     check_options(s)  # refused before anything is created or submitted
     study_run = study_module.launch(plan)
     study = study_module.load(plan)  # one connection pool for the whole wait
-    submitted = 0
+    submitted, most = 0, max(4, 2 * s.workers)  # tasks that keep dying: give up, say where to look
     last = None
     while True:
         counts, attrs = study_module.progress_of(plan, study)
@@ -358,21 +357,22 @@ def run_on_slurm(plan, s: SlurmSettings, detach: bool = False, say=print):
             break
         jobs = list(attrs.get("slurm_jobs", []))
         alive = live_tasks(jobs)
-        if not alive:
-            if submitted:  # an array of ours ended early: its stale trials back in the queue, failed cells again
-                study_run = study_module.launch(plan)
-                counts, attrs = study_module.progress_of(plan, study)
-            if counts["waiting"]:
-                if submitted >= MAX_SUBMISSIONS:
-                    raise DataError(f"{submitted} job arrays ended with {total - counts['done']} of {total} runs not done; "
-                                    f"see their logs in {job_folder(plan.study_name)}/ and rerun the command")
-                job, folder = submit(plan.study_name, plan.storage, s, min(s.workers, counts["waiting"]))
-                submitted += 1
-                study.set_user_attr("slurm_jobs", [*jobs, job])  # the same command again finds it, submits no other
-                alive = live_tasks([*jobs, job])
-                say(f"submitted SLURM job array {job} for study {plan.study_name}: {describe(replace(s, workers=min(s.workers, counts['waiting'])))}")
-                say(f"  follow it: squeue -j {job}; each task's log: {folder}/{job}_<task>_0_log.err")
-        elif last is None:
+        if not alive and submitted:  # our tasks all ended early: failed cells queued again
+            study_run = study_module.launch(plan)
+            counts, attrs = study_module.progress_of(plan, study)
+        short = min(s.workers, counts["waiting"] + counts["running"]) - len(alive)
+        if short > 0 and counts["waiting"]:
+            if submitted >= most:
+                raise DataError(f"{submitted} array tasks submitted and {total - counts['done']} of {total} runs still not done; "
+                                f"see the tasks' logs in {job_folder(plan.study_name)}/ and rerun the command")
+            job, logs = submit(plan.study_name, plan.storage, s, short)
+            submitted += short
+            jobs.append(job)
+            study.set_user_attr("slurm_jobs", jobs)  # the same command again finds it, submits no other
+            alive = live_tasks(jobs)
+            say(f"submitted SLURM job array {job} for study {plan.study_name}: {describe(replace(s, workers=short))}")
+            say(f"  follow it: squeue -j {job}; the log of each task: {', '.join(map(str, logs))}")
+        elif last is None and alive:
             say(f"study {plan.study_name}: SLURM job{'s' if len(jobs) > 1 else ''} {', '.join(jobs)} still at work "
                 f"({', '.join(f'{t} {st}' for t, st in sorted(alive.items()))}); not submitting another")
         if detach:

@@ -34,6 +34,8 @@ from brats_lab.cli import main
 from conftest import free_port, tiny_ablation
 from test_scale_out import PG, _read, _stop, databases, mlflow_server  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.xdist_group("slurm")  # one cluster at a time, in one test worker
+
 EPOCHS = 3
 SLURM_TABLE = """
 [slurm]

@@ -525,8 +525,11 @@ def _ablate(args: argparse.Namespace) -> int:
         raise DataError(f"--workers must be at least 1, got {args.workers}")
     slurm = _slurm_settings(args, ablation, profile) if args.slurm else None  # refused before anything is made
     if args.report:
-        plan = make_plan(args.ablation, profile, args.folds, str(args.data or ablation.phantom_dataset or DEFAULT_PHANTOM),
-                         args.storage or DEFAULT_STORAGE, args.seeds)
+        try:
+            plan = make_plan(args.ablation, profile, args.folds, str(args.data or ablation.phantom_dataset or DEFAULT_PHANTOM),
+                             args.storage or DEFAULT_STORAGE, args.seeds)
+        except ConfigError as e:
+            raise DataError(str(e)) from None
         from brats_lab.ablation.study import report_when_done
 
         print(report_when_done(plan).text())

@@ -217,11 +217,12 @@ def submit(study_name: str, storage: str, s: SlurmSettings, tasks: int) -> tuple
         if getattr(s, key) is not None:
             params[key] = getattr(s, key)
     executor.update_parameters(**params)
+    from submitit.core.utils import FailedJobError
+
     try:
         jobs = executor.map_array(ArrayTask(study_name, storage), list(range(tasks)))
-    except subprocess.CalledProcessError as e:  # sbatch refused: its own words
-        output = (e.output or b"").decode(errors="replace") if isinstance(e.output, bytes) else str(e.output or "")
-        raise DataError(f"sbatch refused the job array: {output.strip() or e}") from None
+    except FailedJobError as e:  # sbatch refused (a partition, account or limit): its own words
+        raise DataError(f"sbatch refused the workers' job: {' '.join(str(e).split())}") from None
     return jobs[0].job_id.partition("_")[0], [job.paths.stderr for job in jobs]
 
 
@@ -357,8 +358,8 @@ def run_on_slurm(plan, s: SlurmSettings, detach: bool = False, say=print):
             break
         jobs = list(attrs.get("slurm_jobs", []))
         alive = live_tasks(jobs)
-        if not alive and submitted:  # our tasks all ended early: failed cells queued again
-            study_run = study_module.launch(plan)
+        if not alive and last is not None:  # no task left and runs not done: stale trials (past their
+            study_run = study_module.launch(plan)  # grace period) and failed cells go back in the queue
             counts, attrs = study_module.progress_of(plan, study)
         short = min(s.workers, counts["waiting"] + counts["running"]) - len(alive)
         if short > 0 and counts["waiting"]:
@@ -375,6 +376,9 @@ def run_on_slurm(plan, s: SlurmSettings, detach: bool = False, say=print):
         elif last is None and alive:
             say(f"study {plan.study_name}: SLURM job{'s' if len(jobs) > 1 else ''} {', '.join(jobs)} still at work "
                 f"({', '.join(f'{t} {st}' for t, st in sorted(alive.items()))}); not submitting another")
+        elif last is None and not alive:
+            say(f"study {plan.study_name}: {counts['running']} runs held by workers that stopped answering; "
+                f"they go back in the queue after their grace period ({study_module.GRACE_SECONDS} s)")
         if detach:
             say(f"{counts['done']} of {total} runs done. Detached: rerun this command without --detach to wait for the report, "
                 "or with --report to print it once the runs are done")

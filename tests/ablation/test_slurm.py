@@ -336,3 +336,10 @@ def test_unknown_slurm_settings_are_refused_before_anything_is_submitted(slurm_c
     assert proc.returncode == 1 and "unknown key 'slurm.gpus'" in proc.stderr, proc.stderr
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "slurm").exists()
+
+    # What only the scheduler knows (its partitions, accounts, limits): sbatch's own words.
+    proc = subprocess.run([*command, "--slurm-set", "partition=nope"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("brats-lab: error: sbatch refused the workers' job: "), proc.stderr
+    assert "invalid partition specified: nope" in proc.stderr and "Traceback" not in proc.stderr
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""

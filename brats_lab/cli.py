@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from brats_lab import DataError, __version__
+from brats_lab import DataError, __version__, run_files
 from brats_lab.precision import PRECISIONS
 
 DEFAULT_PHANTOM = Path("data/phantom")
@@ -283,8 +283,16 @@ def _ablate_parser(commands: argparse._SubParsersAction) -> None:
     ablate.add_argument("--workers", type=int, default=None,
                         help="worker processes on this machine sharing the study (default: with the cpu profile one per "
                              "core, each on one thread, which trains more runs per hour than one process on every core; "
-                             "else 1)")
+                             "else 1); with --slurm, array tasks (default: slurm.workers)")
     ablate.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///mlruns/optuna.db; postgresql://... to share)")
+    ablate.add_argument("--slurm", action="store_true",
+                        help="run the workers as a SLURM job array (settings: the [slurm] table of the profile, then of the ablation, then --slurm-set); "
+                        "waits for them and prints the report")
+    ablate.add_argument("--slurm-set", dest="slurm_set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --slurm: partition, account, workers, gpus_per_worker, cpus_per_worker, mem, time, signal_delay, "
+                        "or sbatch.OPTION for any other sbatch option, e.g. --slurm-set partition=gpu --slurm-set sbatch.qos=high (repeatable)")
+    ablate.add_argument("--detach", action="store_true", help="with --slurm: submit and return; the same command again waits, --report prints the report")
+    ablate.add_argument("--report", action="store_true", help="train nothing: print the study's report if its runs are done, else how far it is")
     ablate.set_defaults(run=_ablate)
 
 
@@ -514,6 +522,20 @@ def _ablate(args: argparse.Namespace) -> int:
         raise DataError(f"--workers must be at least 1, got {args.workers}")
     if args.noise is not None and not (args.plan and args.noise > 0):
         raise DataError(f"--noise goes with --plan and must be above 0, got {args.noise}")
+    for flag, given in (("--slurm-set", args.slurm_set), ("--detach", args.detach)):
+        if given and not args.slurm:
+            raise DataError(f"{flag} goes with --slurm")
+    slurm = _slurm_settings(args, ablation, profile) if args.slurm else None  # refused before anything is made
+    if args.report:
+        try:
+            plan = make_plan(args.ablation, profile, args.folds, str(args.data or ablation.phantom_dataset or DEFAULT_PHANTOM),
+                             args.storage or DEFAULT_STORAGE, args.seeds)
+        except ConfigError as e:
+            raise DataError(str(e)) from None
+        from brats_lab.ablation.study import report_when_done
+
+        print(report_when_done(plan).text())
+        return 0
     if args.plan:  # nothing trained, no dataset needed
         try:
             plan = make_plan(args.ablation, profile, args.folds, str(args.data or ablation.phantom_dataset or DEFAULT_PHANTOM),
@@ -538,14 +560,35 @@ def _ablate(args: argparse.Namespace) -> int:
         raise DataError(str(e)) from None
     print(f"study {plan.study_name}: {len(plan.ablation.arms)} arms x {len(plan.folds)} folds x {len(plan.seeds)} seed{'s' if len(plan.seeds) > 1 else ''} "
           f"(join from another machine: brats-lab worker --study {plan.study_name} --storage URL)")
-    workers = args.workers or default_workers(plan)
-    if workers > 1:
-        print(f"{workers} worker processes on this machine, {max(1, (os.cpu_count() or 1) // workers)} thread(s) each")
-    result = run_study(plan, workers=workers)
+    if slurm is not None:
+        from brats_lab.ablation.slurm import run_on_slurm
+
+        result = run_on_slurm(plan, slurm, detach=args.detach, say=lambda line: print(line, flush=True))
+        if result is None:
+            return 0
+    else:
+        workers = args.workers or default_workers(plan)
+        if workers > 1:
+            print(f"{workers} worker processes on this machine, {max(1, (os.cpu_count() or 1) // workers)} thread(s) each")
+        result = run_study(plan, workers=workers)
     print()
     print(result.text())
-    print(f"\nin MLflow: experiment {plan.experiment!r} (brats-lab ui); report files: report.md, table3.csv, comparison.csv on the study run")
+    print(f"\nin MLflow: experiment {plan.experiment!r} (brats-lab ui); report files: {run_files.REPORT}, {run_files.TABLE3}, {run_files.COMPARISON} on the study run")
     return 0
+
+
+def _slurm_settings(args: argparse.Namespace, ablation, profile: str):
+    """The [slurm] tables of the profile and the ablation, then --slurm-set and --workers, checked
+    (keys, values, and sbatch options against the installed sbatch)."""
+    from brats_lab.ablation.slurm import check_options, overrides_layer, profile_table, settings
+
+    layers = {f"profile {profile}": profile_table(profile), ablation.source: dict(ablation.slurm)}
+    layers["--slurm-set"] = overrides_layer(args.slurm_set)
+    if args.workers is not None:
+        layers["--workers"] = {"workers": args.workers}
+    result = settings(layers)
+    check_options(result)
+    return result
 
 
 def _worker(args: argparse.Namespace) -> int:

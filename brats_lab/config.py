@@ -306,7 +306,9 @@ def load_config(
                 f"no profile {str(profile)!r}: {ppath} does not exist"
                 + (f"; known profiles: {', '.join(known)}" if known else "")
             )
-        layers.append((str(ppath), _read_toml(ppath)))
+        # A profile's [slurm] table says where `ablate --slurm` runs the workers (ablation/slurm.py
+        # reads it), not how a run trains: it is no part of the config or its hash.
+        layers.append((str(ppath), {k: v for k, v in _read_toml(ppath).items() if k != "slurm"}))
     for item in overrides:
         layers.append((f"--set {item}", _parse_override(item)))
     return _from_layers(layers)

@@ -18,6 +18,7 @@ may train the same run in any fold (`refuse_shared_runs`).
         [search]  trials, seed, [search.params] "key" = {low, high, log}
                                                   (optional: after the arms, Optuna's TPE sampler
                                                    searches these values around the baseline arm)
+        [slurm]   partition, account, workers, ... (`--slurm`: the job array; ablation/slurm.py)
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from brats_lab.evaluation.metrics import METRIC_REGIONS, metric_direction
 
 ABLATIONS_DIR = EXPERIMENTS_DIR / "ablations"
 CPU_DEMO = EXPERIMENTS_DIR / "cpu_demo.toml"  # the one CPU demo schedule every ablation's [cpu] shares
-_KEYS = {"name", "description", "pipeline", "baseline", "folds", "seeds", "arms", "cpu", "removal", "phantom", "search"}
+_KEYS = {"name", "description", "pipeline", "baseline", "folds", "seeds", "arms", "cpu", "removal", "phantom", "search", "slurm"}
 _CPU_KEYS = {"folds", "seeds", "set"}
 _REMOVAL_KEYS = {"arm", "metric", "fraction"}
 _PHANTOM_KEYS = {"dataset", "corrupt_fraction"}
@@ -81,6 +82,7 @@ class Ablation:
     search: Search | None = None
     phantom_dataset: str | None = None  # where to write phantoms when there is no data
     phantom_corrupt_fraction: float = 0.0
+    slurm: dict[str, Any] = dataclasses.field(default_factory=dict)  # the [slurm] table, checked (ablation/slurm.py)
     source: str = ""
     text: str = ""  # the TOML itself, so a worker on another machine needs no copy of the file
 
@@ -149,6 +151,13 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
         if not params or int(data["search"].get("trials", 0)) < 1:
             raise ConfigError(f"{path}: a [search] needs trials >= 1 and at least one entry in [search.params]")
         search = Search(trials=int(data["search"]["trials"]), params=params, seed=int(data["search"].get("seed", 0)))
+    if "slurm" in data:  # not part of any run's config: where the workers run
+        from brats_lab.ablation.slurm import check_table
+
+        try:
+            check_table(data["slurm"], str(path))
+        except DataError as e:
+            raise ConfigError(str(e)) from None
     ablation = Ablation(
         name=str(data["name"]),
         description=str(data.get("description", "")),
@@ -164,6 +173,7 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
         search=search,
         phantom_dataset=data.get("phantom", {}).get("dataset"),
         phantom_corrupt_fraction=float(data.get("phantom", {}).get("corrupt_fraction", 0.0)),
+        slurm=dict(data.get("slurm", {})),
         source=str(path),
         text=text,
     )
@@ -217,7 +227,7 @@ _ANY = (lambda v: True, "anything")  # a key this table does not know yet: `_kno
 _TEXTS = (lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v), 'a list of "key=value" strings')
 _TYPES: dict[str, tuple[Any, str]] = {
     "name": _TEXT, "description": _TEXT, "pipeline": _TEXT, "baseline": _TEXT, "folds": _INT,
-    "arms": _TABLE, "cpu": _TABLE, "removal": _TABLE, "phantom": _TABLE, "search": _TABLE,
+    "arms": _TABLE, "cpu": _TABLE, "removal": _TABLE, "phantom": _TABLE, "search": _TABLE, "slurm": _TABLE,
     "seeds": _INT, "cpu.folds": _INT, "cpu.seeds": _INT, "cpu.set": _TEXTS,
     "removal.arm": _TEXT, "removal.metric": _TEXT, "removal.fraction": _NUMBER,
     "phantom.dataset": _TEXT, "phantom.corrupt_fraction": _NUMBER,

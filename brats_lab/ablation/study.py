@@ -179,8 +179,14 @@ def _arm_run(plan: Plan, study_run, arm: str, seed: int):
     return run
 
 
-def work(study_name: str, storage: str, progress: bool = True) -> int:
-    """Claim and run waiting trials until none is left; returns how many this worker ran."""
+def work(study_name: str, storage: str, progress: bool = True, release: bool = False, tags: dict[str, str] | None = None) -> int:
+    """Claim and run waiting trials until none is left; returns how many this worker ran.
+
+    `release`: a worker stopped (SIGTERM, Ctrl-C, a scheduler's preemption signal: any
+    KeyboardInterrupt) puts its (arm, fold, seed) back in the queue, a new waiting trial, so the
+    workers still running take it at once and resume its fold from the checkpoint; otherwise the
+    trial fails and waits for the next launch. `tags` go on each trial (user attributes) and its
+    fold run: where this worker runs and logs (a SLURM job)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -205,12 +211,16 @@ def work(study_name: str, storage: str, progress: bool = True) -> int:
         if trial is None:
             return done
         arm, fold, seed = trial.user_attrs["arm"], trial.user_attrs["fold"], trial.user_attrs.get("seed", 0)
+        for key, value in (tags or {}).items():
+            store.set_trial_user_attr(trial._trial_id, key, value)
         beat = _Heartbeat(store, trial._trial_id)
         try:
-            table = run_cell(plan, parent, arm, fold, progress, seed)
-        except BaseException:
+            table = run_cell(plan, parent, arm, fold, progress, seed, tags)
+        except BaseException as e:
             beat.stop()
             store.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            if release and isinstance(e, KeyboardInterrupt):
+                study.enqueue_trial({}, user_attrs={"arm": arm, "fold": fold, "seed": seed})
             raise
         beat.stop()
         store.set_trial_state_values(trial._trial_id, state=TrialState.COMPLETE, values=[float(table["dice_WT"].mean())])
@@ -268,9 +278,11 @@ class _Heartbeat:
         self._thread.join()
 
 
-def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True, seed: int = 0) -> pd.DataFrame:
+def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True, seed: int = 0,
+             tags: dict[str, str] | None = None) -> pd.DataFrame:
     """The per-case metrics of (arm, fold, seed): reused if a finished run exists, resumed if an
-    unfinished one has a checkpoint this machine can read, trained afresh otherwise."""
+    unfinished one has a checkpoint this machine can read, trained afresh otherwise (`tags` on
+    the fold run)."""
     from brats_lab import tracking
     from brats_lab.training.checkpoint import checkpoint_path
     from brats_lab.training.trainer import train_fold
@@ -290,7 +302,7 @@ def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True, 
                                           f"{checkpoint_path(unfinished)} and trained the fold again in a new run"})
         unfinished.finish("FAILED")
     arm_run = _arm_run(plan, study_run, arm, seed)
-    return train_fold(cfg, fold, resume=resume, experiment=plan.experiment, parent=arm_run, progress=progress).per_case
+    return train_fold(cfg, fold, resume=resume, experiment=plan.experiment, parent=arm_run, progress=progress, tags=tags).per_case
 
 
 def default_workers(plan: Plan) -> int:
@@ -343,6 +355,12 @@ def run_study(plan: Plan, workers: int = 1, progress: bool = True) -> "Report":
         study_run.log_text("\n".join(plan.excluded) + "\n", run_files.REMOVED_CASES)
         launch(plan)
         _work_until_done(plan.study_name, plan.storage, progress)
+    return conclude(plan, study_run, progress)
+
+
+def conclude(plan: Plan, study_run, progress: bool = True) -> "Report":
+    """The report of a study whose trials are done (and its search, if any), logged to the study
+    run; the study and arm runs finished."""
     result = report(plan)
     if plan.ablation.search is not None:
         result.search = search(plan, study_run, progress)
@@ -353,6 +371,56 @@ def run_study(plan: Plan, workers: int = 1, progress: bool = True) -> "Report":
         arm_run.finish("FINISHED")
     study_run.finish("FINISHED")
     return result
+
+
+def report_when_done(plan: Plan) -> "Report":
+    """`brats-lab ablate NAME --report`: the report of a study whose runs are all done (concluded
+    now if no launcher has yet), or a DataError saying how far it is."""
+    from brats_lab import tracking
+
+    counts, attrs = progress_of(plan)
+    total = sum(counts.values())
+    if counts["done"] < total:
+        jobs = attrs.get("slurm_jobs", [])
+        raise DataError(f"study {plan.study_name} is not done: {counts['done']} of {total} runs done, {counts['running']} running, "
+                        f"{counts['waiting']} waiting" + (f", {counts['not queued']} not queued (rerun the command without --report)"
+                                                          if counts["not queued"] else "")
+                        + (f"; its SLURM jobs: {', '.join(jobs)} (squeue -j {','.join(jobs)})" if jobs else ""))
+    study_run = tracking.get_run(attrs["mlflow_study_run"])
+    return report(plan) if study_run.status == "FINISHED" else conclude(plan, study_run, progress=False)
+
+
+def load(plan: Plan):
+    """The plan's Optuna study, which must exist (a DataError says how to start it)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return optuna.load_study(study_name=plan.study_name, storage=_storage(plan.storage, create=False))
+    except (KeyError, SQLAlchemyError):
+        raise DataError(f"no study {plan.study_name} in {safe_url(plan.storage)} yet: start it with `brats-lab ablate` "
+                        "(the same arguments, without --report)") from None
+
+
+def progress_of(plan: Plan, study=None) -> tuple[dict[str, int], dict]:
+    """(how many of the plan's (arm, fold, seed) are done, running, waiting and not queued; the
+    study's user attributes), read from the Optuna storage (`study`, if given) without changing it."""
+    from optuna.trial import TrialState
+
+    study = study or load(plan)
+    state: dict[tuple, str] = {}
+    rank = {TrialState.COMPLETE: 3, TrialState.RUNNING: 2, TrialState.WAITING: 1}
+    for t in study.get_trials(deepcopy=False):
+        cell = (t.user_attrs.get("arm"), t.user_attrs.get("fold"), t.user_attrs.get("seed", 0))
+        if rank.get(t.state, 0) > rank.get(state.get(cell), 0):
+            state[cell] = t.state
+    names = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+    counts = {"done": 0, "running": 0, "waiting": 0, "not queued": 0}
+    for cell in plan.cells():
+        counts[names.get(state.get(cell), "not queued")] += 1
+    return counts, study.user_attrs
 
 
 def search(plan: Plan, study_run, progress: bool = True) -> pd.DataFrame:

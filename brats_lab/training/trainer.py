@@ -85,7 +85,8 @@ class FoldResult:
 
 
 def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experiment: str = EXPERIMENT, parent: Any = None,
-               project_root: Path | None = None, progress: bool = True, device: str | None = None) -> FoldResult | None:
+               project_root: Path | None = None, progress: bool = True, device: str | None = None,
+               tags: dict[str, str] | None = None) -> FoldResult | None:
     """Train fold `fold` of `cfg`, validate it on its held-out cases, log everything to MLflow.
 
     `resume` continues the newest unfinished run of the same configuration and fold from its last
@@ -93,6 +94,7 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
     this configuration in `experiment` is found or created. In a process group (`torchrun`, see
     `training/distributed.py`) the processes share each batch; rank 0 returns the result, the
     others None. A non-finite training loss raises `TrainingDiverged` (the run is FAILED).
+    `tags` go on the fold run, set again on resume (e.g. the SLURM job and its log file).
     """
     started = time.perf_counter()
     rank, processes = distributed.rank_and_size()  # (0, 1) unless launched by torchrun
@@ -126,6 +128,8 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
     if resume:
         optimizer, best, start_epoch = _restore(state, model, optimizer, scaler, average, cfg, device, processes)
     _tag_run(run, resume, model, device, amp_dtype, processes)
+    if tags:
+        run.set_tags(tags)
     patches, sampler, loader = _loader(cfg, seed, cache, train_ids, rank, processes)
     volumes = WholeVolumes(cache, val_ids, cfg.data.pad_multiple)
     epochs = total_epochs(cfg.train)

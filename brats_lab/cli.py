@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -43,6 +44,16 @@ def main(argv: list[str] | None = None) -> int:
 def _error(*lines: str) -> None:
     for line in lines:
         print(f"brats-lab: error: {line}", file=sys.stderr)
+
+
+def _seed_option(option: str, value: int) -> None:
+    if not 0 <= value < 2**32:  # what numpy's and torch's seeding accept
+        raise DataError(f"{option} must be between 0 and 2**32 - 1, got {value}")
+
+
+def _port_option(port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise DataError(f"--port must be between 1 and 65535, got {port}")
 
 
 def _cases_named(cases: list[str], most: int = 10) -> str:
@@ -366,6 +377,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     if args.cases < 1:
         raise DataError(f"--cases must be at least 1, got {args.cases}")
+    _seed_option("--seed", args.seed)
     if min(args.shape) < 16:
         raise DataError(f"--shape must be at least 16 voxels per axis, got {tuple(args.shape)}")
     for name in ("no_et_fraction", "corrupt_fraction"):
@@ -428,6 +440,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_config(pipeline_path(args.pipeline), profile, overrides)
     except ConfigError as e:
         raise DataError(str(e)) from None
+    if not 0 <= args.fold < cfg.data.folds:
+        raise DataError(f"--fold must be between 0 and {cfg.data.folds - 1} (data.folds = {cfg.data.folds}), got {args.fold}")
     if not Path(cfg.data.dataset).is_dir():
         raise DataError(f"{cfg.data.dataset}: no dataset there; write phantoms with `brats-lab data synth --out {cfg.data.dataset}` or pass --data DIR")
 
@@ -452,6 +466,10 @@ def _predict(args: argparse.Namespace) -> int:
     from brats_lab.data.cases import discover
     from brats_lab.inference.predict import load_members, predict_folder, select_top, write_ensemble_record
 
+    if args.small_et < 0:
+        raise DataError(f"--small-et must be >= 0 voxels (0: never relabel), got {args.small_et}")
+    if args.top is not None and args.top < 1:
+        raise DataError(f"--top must be at least 1, got {args.top}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases = discover(args.input)
     runs, selection = args.runs, None
@@ -507,8 +525,11 @@ def _ablate(args: argparse.Namespace) -> int:
         ablation = load_ablation(args.ablation)
     except ConfigError as e:
         raise DataError(str(e)) from None
-    if args.noise is not None and not (args.plan and args.noise > 0):
-        raise DataError(f"--noise goes with --plan and must be above 0, got {args.noise}")
+    if args.noise is not None and not (args.plan and args.noise > 0 and math.isfinite(args.noise)):
+        raise DataError(f"--noise goes with --plan and must be a finite number above 0, got {args.noise}")
+    for option, value in (("--seeds", args.seeds), ("--workers", args.workers)):  # --folds: make_plan knows the data's folds
+        if value is not None and value < 1:
+            raise DataError(f"{option} must be at least 1, got {value}")
     if args.plan:  # nothing trained, no dataset needed
         try:
             plan = make_plan(args.ablation, profile, args.folds, str(args.data or ablation.phantom_dataset or DEFAULT_PHANTOM),
@@ -533,7 +554,7 @@ def _ablate(args: argparse.Namespace) -> int:
         raise DataError(str(e)) from None
     print(f"study {plan.study_name}: {len(plan.ablation.arms)} arms x {len(plan.folds)} folds x {len(plan.seeds)} seed{'s' if len(plan.seeds) > 1 else ''} "
           f"(join from another machine: brats-lab worker --study {plan.study_name} --storage URL)")
-    result = run_study(plan, workers=max(1, args.workers))
+    result = run_study(plan, workers=args.workers)
     print()
     print(result.text())
     print(f"\nin MLflow: experiment {plan.experiment!r} (brats-lab ui); report files: report.md, table3.csv, comparison.csv on the study run")
@@ -569,10 +590,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _ui(args: argparse.Namespace) -> int:
     from brats_lab.tracking import serve_ui
 
+    _port_option(args.port)
     return serve_ui(host=args.host, port=args.port)
 
 
 def _dashboard(args: argparse.Namespace) -> int:
+    _port_option(args.port)
     root = Path(__file__).resolve().parents[1]  # the checkout that holds dashboard/app.py
     app = root / "dashboard" / "app.py"
     if not app.is_file():

@@ -115,7 +115,7 @@ def make_plan(name_or_path: str, profile: str, folds: int | None, dataset: str, 
     total = ablation.arm_config(ablation.baseline, profile).data.folds
     if not 1 <= k <= total:
         raise DataError(f"--folds must be between 1 and {total} (the data is split in {total} folds), got {k}")
-    n = seeds or ablation.seed_count(profile)
+    n = ablation.seed_count(profile) if seeds is None else seeds  # --seeds 0 is refused, not the default
     if n < 1:
         raise DataError(f"--seeds must be at least 1, got {n}")
     refuse_shared_runs(ablation, profile, k, n)  # loading checked the TOML's counts; --folds and --seeds may differ

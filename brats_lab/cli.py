@@ -468,8 +468,6 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.small_et < 0:
         raise DataError(f"--small-et must be >= 0 voxels (0: never relabel), got {args.small_et}")
-    if args.top is not None and args.top < 1:
-        raise DataError(f"--top must be at least 1, got {args.top}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases = discover(args.input)
     runs, selection = args.runs, None
@@ -480,7 +478,7 @@ def _predict(args: argparse.Namespace) -> int:
                 f"{c['model']} (arm {str(c['arm_run_id'])[:8]}) {args.by} {c['score']:.3f}{' chosen' if c['chosen'] else ''}"
                 for c in candidates))
     members = load_members(runs, device)
-    write_ensemble_record(args.output, members, selection, args.tta, args.precision)
+    write_ensemble_record(args.output, members, selection, args.tta, args.precision, args.small_et, args.overwrite)
     written, skipped, failures = predict_folder(
         cases, members, args.output, device, tta=args.tta, probabilities=args.probabilities,
         small_et=args.small_et, overwrite=args.overwrite, precision=args.precision,

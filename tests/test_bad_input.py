@@ -687,7 +687,7 @@ CONFIG_CORPUS = {  # name -> (argv after `brats-lab`, with {data} and {toml}; th
     "predict: --small-et -1": (["predict", "--run", "any", "--input", "{work}/data", "--output", "{work}/out", "--small-et", "-1"], None,
                                r"--small-et must be >= 0 voxels"),
     "predict: --top 0": (["predict", "--run", "any", "--input", "{work}/data", "--output", "{work}/out", "--top", "0"], None,
-                         r"--top must be at least 1, got 0"),
+                         r"--top must be >= 1, got 0"),
     **{f"{c}: --port {p}": ([c, "--port", str(p)], None, rf"--port must be between 1 and 65535, got {p}")
        for c, p in (("ui", 0), ("dashboard", 70000))},
     "ablation: arms as a list": (["ablate", "{toml}"], ABLATION_TOML.split("[arms]")[0] + 'arms = ["small", "wide"]\n',

@@ -317,6 +317,34 @@ def find_runs(
     return _search(mlc, experiment_id, tags, statuses)
 
 
+def study_run(
+    experiment: str,
+    study: str,
+    name: str,
+    tags: Mapping[str, Any] | None = None,
+    *,
+    root: Path | str | None = None,
+) -> tuple[Run, bool]:
+    """The study run of `study` in `experiment`, created (with `tags`) if there is none; returns
+    (run, whether this call created it).
+
+    Two launchers of one study started at once both find none and both create one: each then
+    looks again and keeps the oldest, and the younger one is deleted by its creator, so the study
+    has one study run, and one set of arm runs under it (issue 27)."""
+    mlc = client(root)
+    experiment_id = _experiment_id(mlc, experiment, create=True)
+    match = {"kind": "study", "study": study}
+    found = _search(mlc, experiment_id, match)  # type: ignore[arg-type]
+    if found:
+        return found[-1], False  # the oldest: every launcher converges on the same one
+    mine = _create_run(mlc, experiment_id, name, "study", {**(tags or {}), "study": study}, None)  # type: ignore[arg-type]
+    oldest = _search(mlc, experiment_id, match)[-1]  # type: ignore[arg-type]
+    if oldest.id != mine.id:  # lost a creation race
+        mlc.delete_run(mine.id)
+        return oldest, False
+    return mine, True
+
+
 def arm_run(
     experiment: str,
     config_hash: str,

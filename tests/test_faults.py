@@ -216,6 +216,44 @@ def test_a_terminated_ablation_stops_its_helper_workers_too(dataset, tmp_path):
             os.kill(pid, 0)
     study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
     assert sorted(t.state.name for t in study.trials) == ["FAIL", "FAIL"]
+    # The study run and its arm runs end KILLED too, not RUNNING for good (issue 27 item 8) ...
+    (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
+    arms = tracking.find_runs(plan.experiment, {"kind": "arm"})
+    assert study_run.status == "KILLED" and len(arms) == 2 and {a.status for a in arms} == {"KILLED"}
+    # ... and a relaunch reopens the same ones.
+    from brats_lab.ablation.study import launch
+
+    assert launch(plan).id == study_run.id
+    assert study_run.status == "RUNNING" and {a.status for a in arms} == {"RUNNING"}
+
+
+LAUNCHERS = 3
+
+
+def test_launchers_started_at_once_share_one_study_run_one_set_of_arm_runs_and_train_each_fold_once(dataset, tmp_path):
+    """Several `brats-lab ablate` of one study started together (issue 27 item 8: two study runs,
+    two sets of arm runs, the dashboard listing the study twice): every launcher finishes with the
+    report, and the store holds one study run, one arm run per arm and one fold run per trial."""
+    from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan
+
+    toml = tiny_ablation(tmp_path, epochs=1)
+    argv = ["ablate", str(toml), "--folds", "1", "--data", str(dataset)]
+    launchers = [start(argv, tmp_path) for _ in range(LAUNCHERS)]
+    outputs = [proc.communicate(timeout=600) for proc in launchers]
+    for proc, (stdout, stderr) in zip(launchers, outputs):
+        assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+        assert "Each arm against 'equiunet'" in stdout, stdout[-3000:]
+    plan = make_plan(str(toml), "cpu", 1, str(dataset), DEFAULT_STORAGE)
+    studies = tracking.find_runs(plan.experiment, {"kind": "study"})
+    assert len(studies) == 1 and studies[0].status == "FINISHED"
+    arms = tracking.find_runs(plan.experiment, {"kind": "arm"})
+    assert sorted(a.name for a in arms) == ["att_equiunet", "equiunet"] and {a.parent_id for a in arms} == {studies[0].id}
+    assert {a.status for a in arms} == {"FINISHED"}
+    folds = tracking.find_runs(plan.experiment, {"kind": "fold"})
+    assert len(folds) == 2 and {f.status for f in folds} == {"FINISHED"}  # each trained once
+    assert {f.parent_id for f in folds} == {a.id for a in arms}
+    study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
+    assert sorted(t.state.name for t in study.trials if t.state.name != "PRUNED") == ["COMPLETE", "COMPLETE"]
 
 
 # --- a write that fails half-way (the disk fills up) -------------------------------------------

@@ -24,7 +24,7 @@ import torch
 
 from brats_lab import DataError
 from brats_lab.config import ExperimentConfig, config_hash, to_dict
-from brats_lab.io import atomic_path
+from brats_lab.io import atomic_path, write_error
 
 CHECKPOINT = "checkpoints/last.pt"
 FINAL_MODEL = "model/model.pt"
@@ -94,7 +94,7 @@ def save(path: Path, state: dict) -> None:
         error = e if isinstance(e, OSError) else e.__context__  # torch raises RuntimeError over it
         if not isinstance(error, OSError):
             raise
-        raise OSError(f"{path}: could not write ({error.strerror or error})") from None
+        raise write_error(path, error, "could not write") from None
 
 
 def load(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -244,8 +244,8 @@ def _predict_parser(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--top", type=int, metavar="K",
                          help="per fold, keep only the K models with the best validation score among the --run given "
                               "(the paper's final pipeline A: three arms, --top 2); the choice is written to OUTPUT/ensemble.json")
-    predict.add_argument("--by", default="dice", metavar="METRIC",
-                         help="the validation score of --top: dice, hd95, sensitivity, specificity (mean over ET, TC, WT) "
+    predict.add_argument("--by", default=None, metavar="METRIC",
+                         help="the validation score of --top (default: dice): dice, hd95, sensitivity, specificity (mean over ET, TC, WT) "
                               "or one region, e.g. dice_ET, lesion_hd95_WT; HD95 and lesion false positives/negatives: lowest is best")
     predict.add_argument("--precision", choices=PRECISIONS, default="auto",
                          help="autocast dtype of the networks; auto: bf16 on a GPU, on a CPU bf16 only where it executes "
@@ -466,6 +466,9 @@ def _predict(args: argparse.Namespace) -> int:
     from brats_lab.data.cases import discover
     from brats_lab.inference.predict import load_members, predict_folder, select_top, write_ensemble_record
 
+    if args.by is not None and args.top is None:
+        raise DataError(f"--by {args.by} goes with --top K (it ranks the models --top keeps); without --top every --run is used")
+    args.by = args.by or "dice"
     if args.small_et < 0:
         raise DataError(f"--small-et must be >= 0 voxels (0: never relabel), got {args.small_et}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -686,6 +686,8 @@ CONFIG_CORPUS = {  # name -> (argv after `brats-lab`, with {data} and {toml}; th
                          r"--seed must be between 0 and 2\*\*32 - 1, got -1"),
     "predict: --small-et -1": (["predict", "--run", "any", "--input", "{work}/data", "--output", "{work}/out", "--small-et", "-1"], None,
                                r"--small-et must be >= 0 voxels"),
+    "predict: --by without --top": (["predict", "--run", "any", "--input", "{work}/data", "--output", "{work}/out", "--by", "hd95"], None,
+                                    r"--by hd95 goes with --top K"),
     "predict: --top 0": (["predict", "--run", "any", "--input", "{work}/data", "--output", "{work}/out", "--top", "0"], None,
                          r"--top must be >= 1, got 0"),
     **{f"{c}: --port {p}": ([c, "--port", str(p)], None, rf"--port must be between 1 and 65535, got {p}")

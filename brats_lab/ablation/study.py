@@ -135,7 +135,6 @@ def _storage(url: str, create: bool = True):
 def launch(plan: Plan):
     """Create (or find) the study, its MLflow runs and the waiting trials; return the study run."""
     import optuna
-    from optuna.trial import TrialState
 
     from brats_lab import tracking
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -43,6 +44,16 @@ def main(argv: list[str] | None = None) -> int:
 def _error(*lines: str) -> None:
     for line in lines:
         print(f"brats-lab: error: {line}", file=sys.stderr)
+
+
+def _seed_option(option: str, value: int) -> None:
+    if not 0 <= value < 2**32:  # what numpy's and torch's seeding accept
+        raise DataError(f"{option} must be between 0 and 2**32 - 1, got {value}")
+
+
+def _port_option(port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise DataError(f"--port must be between 1 and 65535, got {port}")
 
 
 def _cases_named(cases: list[str], most: int = 10) -> str:
@@ -233,8 +244,8 @@ def _predict_parser(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--top", type=int, metavar="K",
                          help="per fold, keep only the K models with the best validation score among the --run given "
                               "(the paper's final pipeline A: three arms, --top 2); the choice is written to OUTPUT/ensemble.json")
-    predict.add_argument("--by", default="dice", metavar="METRIC",
-                         help="the validation score of --top: dice, hd95, sensitivity, specificity (mean over ET, TC, WT) "
+    predict.add_argument("--by", default=None, metavar="METRIC",
+                         help="the validation score of --top (default: dice): dice, hd95, sensitivity, specificity (mean over ET, TC, WT) "
                               "or one region, e.g. dice_ET, lesion_hd95_WT; HD95 and lesion false positives/negatives: lowest is best")
     predict.add_argument("--precision", choices=PRECISIONS, default="auto",
                          help="autocast dtype of the networks; auto: bf16 on a GPU, on a CPU bf16 only where it executes "
@@ -377,6 +388,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     if args.cases < 1:
         raise DataError(f"--cases must be at least 1, got {args.cases}")
+    _seed_option("--seed", args.seed)
     if min(args.shape) < 16:
         raise DataError(f"--shape must be at least 16 voxels per axis, got {tuple(args.shape)}")
     for name in ("no_et_fraction", "corrupt_fraction"):
@@ -439,6 +451,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg = load_config(pipeline_path(args.pipeline), profile, overrides)
     except ConfigError as e:
         raise DataError(str(e)) from None
+    if not 0 <= args.fold < cfg.data.folds:
+        raise DataError(f"--fold must be between 0 and {cfg.data.folds - 1} (data.folds = {cfg.data.folds}), got {args.fold}")
     if not Path(cfg.data.dataset).is_dir():
         raise DataError(f"{cfg.data.dataset}: no dataset there; write phantoms with `brats-lab data synth --out {cfg.data.dataset}` or pass --data DIR")
 
@@ -463,6 +477,11 @@ def _predict(args: argparse.Namespace) -> int:
     from brats_lab.data.cases import discover
     from brats_lab.inference.predict import load_members, predict_folder, select_top, write_ensemble_record
 
+    if args.by is not None and args.top is None:
+        raise DataError(f"--by {args.by} goes with --top K (it ranks the models --top keeps); without --top every --run is used")
+    args.by = args.by or "dice"
+    if args.small_et < 0:
+        raise DataError(f"--small-et must be >= 0 voxels (0: never relabel), got {args.small_et}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases = discover(args.input)
     runs, selection = args.runs, None
@@ -473,7 +492,7 @@ def _predict(args: argparse.Namespace) -> int:
                 f"{c['model']} (arm {str(c['arm_run_id'])[:8]}) {args.by} {c['score']:.3f}{' chosen' if c['chosen'] else ''}"
                 for c in candidates))
     members = load_members(runs, device)
-    write_ensemble_record(args.output, members, selection, args.tta, args.precision)
+    write_ensemble_record(args.output, members, selection, args.tta, args.precision, args.small_et, args.overwrite)
     written, skipped, failures = predict_folder(
         cases, members, args.output, device, tta=args.tta, probabilities=args.probabilities,
         small_et=args.small_et, overwrite=args.overwrite, precision=args.precision,
@@ -518,10 +537,11 @@ def _ablate(args: argparse.Namespace) -> int:
         ablation = load_ablation(args.ablation)
     except ConfigError as e:
         raise DataError(str(e)) from None
-    if args.workers is not None and args.workers < 1:
-        raise DataError(f"--workers must be at least 1, got {args.workers}")
-    if args.noise is not None and not (args.plan and args.noise > 0):
-        raise DataError(f"--noise goes with --plan and must be above 0, got {args.noise}")
+    if args.noise is not None and not (args.plan and args.noise > 0 and math.isfinite(args.noise)):
+        raise DataError(f"--noise goes with --plan and must be a finite number above 0, got {args.noise}")
+    for option, value in (("--seeds", args.seeds), ("--workers", args.workers)):  # --folds: make_plan knows the data's folds
+        if value is not None and value < 1:
+            raise DataError(f"{option} must be at least 1, got {value}")
     for flag, given in (("--slurm-set", args.slurm_set), ("--detach", args.detach)):
         if given and not args.slurm:
             raise DataError(f"{flag} goes with --slurm")
@@ -620,10 +640,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _ui(args: argparse.Namespace) -> int:
     from brats_lab.tracking import serve_ui
 
+    _port_option(args.port)
     return serve_ui(host=args.host, port=args.port)
 
 
 def _dashboard(args: argparse.Namespace) -> int:
+    _port_option(args.port)
     root = Path(__file__).resolve().parents[1]  # the checkout that holds dashboard/app.py
     app = root / "dashboard" / "app.py"
     if not app.is_file():

@@ -20,6 +20,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -474,6 +475,8 @@ def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
     elif hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):  # TOML has nan and inf; no setting here means either
+            raise ConfigError(f"{key} in {source}: expected a finite number, got {value!r}")
     elif hint is str:
         ok = isinstance(value, str)
     else:  # pragma: no cover - a field type this module does not handle yet

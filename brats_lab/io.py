@@ -313,7 +313,30 @@ def write_text(path: Path, text: str) -> None:
         with atomic_path(Path(path)) as tmp:
             tmp.write_text(text)
     except OSError as e:
-        raise OSError(f"{path}: could not write the file ({e.strerror or e})") from None
+        raise write_error(path, e) from None
+
+
+def write_error(path: Path | str, e: OSError, what: str = "could not write the file") -> OSError:
+    """The OSError to raise for a write to `path` that failed with `e`: one line naming the file
+    and why, in words: "disk full" for ENOSPC, and for a short write without an errno (numpy's
+    "12000 requested and 3968 written") when its file system has no room left."""
+    why = e.strerror or str(e)
+    if e.errno == errno.ENOSPC or (e.errno is None and _no_room(Path(path))):
+        why = f"disk full: {why}" if e.errno is None else "disk full (no space left on device)"
+    error = OSError(f"{path}: {what} ({why})")
+    error.errno = e.errno if e.errno is not None else (errno.ENOSPC if why.startswith("disk full") else None)
+    return error
+
+
+def _no_room(path: Path) -> bool:
+    """Whether the file system `path` is (to be) written on has less than 1 MiB left."""
+    for folder in (path.parent, *path.parent.parents):
+        try:
+            stat = os.statvfs(folder)
+        except OSError:
+            continue
+        return stat.f_bavail * stat.f_frsize < 2**20
+    return False
 
 
 def _itk_reason(error: RuntimeError) -> str:

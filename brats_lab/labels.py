@@ -61,3 +61,22 @@ BRATS_2023 = LabelConvention(
 )
 
 CONVENTIONS: dict[str, LabelConvention] = {c.name: c for c in (BRATS_2020, BRATS_2023)}
+
+
+def foreign_convention(pred_labels: set[int], ref_labels: set[int], convention: LabelConvention) -> LabelConvention | None:
+    """The other convention a prediction's labels belong to, when it is scored against a
+    reference of `convention`; None when nothing says so.
+
+    The tell is the ET label: the prediction holds another convention's ET label and not its
+    own, and the reference holds no voxel of that label (a 2023 prediction that writes ET as 4,
+    the 2020 label, scored against a 2023 reference without resection cavity). Such a map would
+    be scored as if its ET were something else (resection cavity, which no region holds).
+    """
+    own = set(convention.regions["ET"])
+    for other in CONVENTIONS.values():
+        theirs = set(other.regions["ET"])
+        if other is convention or theirs == own:
+            continue
+        if pred_labels & theirs and not pred_labels & own and not ref_labels & theirs and pred_labels <= other.allowed:
+            return other
+    return None

@@ -24,6 +24,7 @@ worker processes stay independent.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -328,6 +329,34 @@ def find_runs(
     return _search(mlc, experiment_id, tags, statuses)
 
 
+def study_run(
+    experiment: str,
+    study: str,
+    name: str,
+    tags: Mapping[str, Any] | None = None,
+    *,
+    root: Path | str | None = None,
+) -> tuple[Run, bool]:
+    """The study run of `study` in `experiment`, created (with `tags`) if there is none; returns
+    (run, whether this call created it).
+
+    Two launchers of one study started at once both find none and both create one: each then
+    looks again and keeps the oldest, and the younger one is deleted by its creator, so the study
+    has one study run, and one set of arm runs under it (issue 27)."""
+    mlc = client(root)
+    experiment_id = _experiment_id(mlc, experiment, create=True)
+    match = {"kind": "study", "study": study}
+    found = _search(mlc, experiment_id, match)  # type: ignore[arg-type]
+    if found:
+        return found[-1], False  # the oldest: every launcher converges on the same one
+    mine = _create_run(mlc, experiment_id, name, "study", {**(tags or {}), "study": study}, None)  # type: ignore[arg-type]
+    oldest = _search(mlc, experiment_id, match)[-1]  # type: ignore[arg-type]
+    if oldest.id != mine.id:  # lost a creation race
+        mlc.delete_run(mine.id)
+        return oldest, False
+    return mine, True
+
+
 def arm_run(
     experiment: str,
     config_hash: str,
@@ -564,17 +593,62 @@ def _prepare_sqlite(uri: str) -> None:
     from brats_lab.io import file_lock  # here: io imports SimpleITK, which reading runs never needs
 
     with file_lock(db.with_name(db.name + ".lock")):
-        # Before the migrations too: they are a few hundred small transactions, faster in WAL.
-        with contextlib.suppress(sqlite3.Error):  # e.g. locked by an old reader: stays as it is
-            conn = sqlite3.connect(db, timeout=30)
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-            finally:
-                conn.close()
+        if not db.exists():
+            _create_sqlite(db)
         # MLflow caches one engine per URI, so the client's store later reuses this one. The
         # artifact root given here only places the Default experiment (ours name their own).
         SqlAlchemyStore(uri, str(db.parent / ARTIFACTS_DIR))
     _prepared.add(uri)
+
+
+def _create_sqlite(db: Path) -> None:
+    """Make a new MLflow store: tables migrated, the Default experiment, WAL, in a file beside `db`
+    renamed into place once complete. A failure (a full disk half-way through the migrations)
+    leaves nothing: a half-migrated `mlflow.db` would break every later command until deleted by
+    hand (issue 27). Raises OSError naming the file and why ("disk full")."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from brats_lab.io import write_error
+
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    parts = [tmp, *(tmp.with_name(tmp.name + end) for end in ("-wal", "-shm", "-journal"))]
+    uri = "sqlite:///" + tmp.as_posix()
+    try:
+        # Before the migrations: they are a few hundred small transactions, faster in WAL.
+        conn = sqlite3.connect(tmp, timeout=30)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        finally:
+            conn.close()
+        SqlAlchemyStore(uri, str(db.parent / ARTIFACTS_DIR))
+        _forget_engine(uri)
+        conn = sqlite3.connect(tmp, timeout=30)
+        try:  # everything into the database file itself before it is renamed (its WAL is not)
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+        os.replace(tmp, db)
+    except BaseException as e:  # OSError, sqlite3.Error, SQLAlchemyError, MlflowException over them; Ctrl-C
+        for part in parts:
+            part.unlink(missing_ok=True)
+        _forget_engine(uri)
+        if not isinstance(e, Exception):
+            raise
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "disk is full" in reason or "No space left" in reason
+        error = write_error(db, OSError(errno.ENOSPC if full else getattr(e, "errno", None), reason), "could not create the MLflow store")
+        raise OSError(f"{error}; nothing was left behind: free some space and run the command again") from None
+
+
+def _forget_engine(uri: str) -> None:
+    """Drop MLflow's cached engine of a temporary database, so nothing holds its file open."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    engines = getattr(SqlAlchemyStore, "_engine_map", None)  # MLflow 3's per-URI cache
+    if isinstance(engines, dict):
+        engine = engines.pop(uri, None)
+        if engine is not None:
+            engine.dispose()
 
 
 _KIND_TAG = "mlflow.experimentKind"

@@ -673,6 +673,25 @@ CONFIG_CORPUS = {  # name -> (argv after `brats-lab`, with {data} and {toml}; th
                                   r"folds must be an integer, got 'two'"),
     "ablation: folds = 0": (["ablate", "{toml}"], _ablation({"folds = 2": "folds = 0"}), r"folds must be >= 1, got 0"),
     "ablation: --folds 0": (["ablate", "{toml}", "--folds", "0"], _ablation(), r"--folds must be between 1 and \d+.*got 0"),
+    "ablation: --seeds 0": (["ablate", "{toml}", "--seeds", "0"], _ablation(), r"--seeds must be at least 1, got 0"),
+    "ablation: --workers 0": (["ablate", "{toml}", "--workers", "0"], _ablation(), r"--workers must be at least 1, got 0"),
+    "ablation: --plan --noise inf": (["ablate", "{toml}", "--plan", "--noise", "inf"], _ablation(),
+                                     r"--noise goes with --plan and must be a finite number above 0, got inf"),
+    "train: --fold 2 of 2": (["train", "--fold", "2"], None, r"--fold must be between 0 and 1 \(data.folds = 2\), got 2"),
+    "train: --fold -1": (["train", "--fold", "-1"], None, r"--fold must be between 0 and 1 \(data.folds = 2\), got -1"),
+    **{f"train: --set {item}": (["train", "--set", item], None, rf"{re.escape(item.split('=')[0])} in --set {re.escape(item)}: expected a finite number, got {v}")
+       for item, v in (("optim.lr=inf", "inf"), ("optim.weight_decay=nan", "nan"), ("train.min_lr=inf", "inf"),
+                       ("optim.betas=[0.9, nan]", "nan"))},
+    "synth: --seed -1": (["data", "synth", "--out", "{work}/synth", "--cases", "1", "--seed", "-1"], None,
+                         r"--seed must be between 0 and 2\*\*32 - 1, got -1"),
+    "predict: --small-et -1": (["predict", "--run", "any", "--input", "{work}/data", "--output", "{work}/out", "--small-et", "-1"], None,
+                               r"--small-et must be >= 0 voxels"),
+    "predict: --by without --top": (["predict", "--run", "any", "--input", "{work}/data", "--output", "{work}/out", "--by", "hd95"], None,
+                                    r"--by hd95 goes with --top K"),
+    "predict: --top 0": (["predict", "--run", "any", "--input", "{work}/data", "--output", "{work}/out", "--top", "0"], None,
+                         r"--top must be >= 1, got 0"),
+    **{f"{c}: --port {p}": ([c, "--port", str(p)], None, rf"--port must be between 1 and 65535, got {p}")
+       for c, p in (("ui", 0), ("dashboard", 70000))},
     "ablation: arms as a list": (["ablate", "{toml}"], ABLATION_TOML.split("[arms]")[0] + 'arms = ["small", "wide"]\n',
                                  r"arms must be a table"),
     "ablation: two arms resolve alike": (["ablate", "{toml}"], _ablation({"model.width=8": "model.width=4"}),
@@ -695,7 +714,29 @@ CONFIG_CORPUS = {  # name -> (argv after `brats-lab`, with {data} and {toml}; th
         r"search.trials must be an integer, got 'many'"),
     "ablation: search bounds as strings": (
         ["ablate", "{toml}"], _ablation(append='[search]\ntrials = 2\n[search.params]\n"optim.lr" = {low = "1e-5", high = "1e-3"}\n'),
-        r"search.params.optim.lr.low must be a number, got '1e-5'"),
+        r"search.params.optim.lr.low must be a finite number, got '1e-5'"),
+    "ablation: log-scale search range from 0": (
+        ["ablate", "{toml}"], _ablation(append='[search]\ntrials = 2\n[search.params]\n"optim.lr" = {low = 0.0, high = 1e-3, log = true}\n'),
+        r"search.params.optim.lr: a log-scale range needs low > 0, got low = 0.0"),
+    "ablation: search bound inf": (
+        ["ablate", "{toml}"], _ablation(append='[search]\ntrials = 2\n[search.params]\n"optim.lr" = {low = 1e-5, high = inf}\n'),
+        r"search.params.optim.lr.high must be a finite number, got inf"),
+    "ablation: search over an integer key": (
+        ["ablate", "{toml}"], _ablation(append='[search]\ntrials = 2\n[search.params]\n"model.width" = {low = 4, high = 8}\n'),
+        r"\[search.params\] model.width in --set model.width=4.0: expected an integer"),
+    "ablation: search.seed = -1": (
+        ["ablate", "{toml}"], _ablation(append='[search]\ntrials = 2\nseed = -1\n[search.params]\n"optim.lr" = {low = 1e-5, high = 1e-3}\n'),
+        r"search.seed must be between 0 and 2\*\*32 - 1, got -1"),
+    "ablation: [phantom] corrupt_fraction = 2": (
+        ["ablate", "{toml}"], _ablation(append='[phantom]\ncorrupt_fraction = 2\n'),
+        r"phantom.corrupt_fraction must be between 0 and 1, got 2"),
+    "ablation: [removal] fraction = nan": (
+        ["ablate", "{toml}"], _ablation(append='[removal]\narm = "wide"\nfraction = nan\n'),
+        r"removal.fraction must be a finite number, got nan"),
+    **{f"evaluate: --rules {r} on 2020 data": (
+        ["evaluate", "--pred", "{valid}/pred-data", "--gt", "{work}/data", "--out", "{work}/out/metrics.csv", "--rules", r], None,
+        rf"--rules {r} does not fit .*data: rules '{r}' are written for brats2023 labels and the data's labels are brats2020 "
+        r"\(1 NCR/NET, 2 ED, 4 ET\); rules that fit: brats2020$") for r in ("gli", "brats2023-gli")},
     "worker: SQLite storage that does not exist": (
         ["worker", "--study", "x", "--storage", "sqlite:///{work}/nowhere/x.db"], None, r"no Optuna storage at .*nowhere/x.db"),
     **{f"worker: password holding {c!r}": (
@@ -715,7 +756,8 @@ def test_bad_configuration_is_refused_in_one_line_before_anything_is_written(nam
         argv = ["train", "--pipeline", "B", "--profile", "cpu", "--data", str(data), *_sets(TINY_TRAIN), *argv[1:]]
     if argv[0] == "ablate":
         argv = [*argv, "--data", str(data), "--storage", f"sqlite:///{tmp_path}/optuna.db"]
-    argv = [a.replace("{toml}", str(tmp_path / "bad.toml")).replace("{work}", str(tmp_path)) for a in argv]
+    argv = [a.replace("{toml}", str(tmp_path / "bad.toml")).replace("{work}", str(tmp_path)).replace("{valid}", str(valid))
+            for a in argv]
     result = cli(argv, tmp_path)
     errors = [line for line in result.stderr.splitlines() if line.startswith("brats-lab: error:")]
     output = result.stdout + result.stderr
@@ -723,6 +765,40 @@ def test_bad_configuration_is_refused_in_one_line_before_anything_is_written(nam
     assert len(errors) == 1 and re.search(why, errors[0]), output[-3000:]
     assert SECRET not in output
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "optuna.db").exists() and not (tmp_path / "nowhere").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "synth").exists()
+
+
+def test_a_2023_prediction_that_writes_et_as_4_is_refused_not_scored_as_resection_cavity(valid, tmp_path):
+    """A perfect 2023 map with ET written as 4 (the 2020 label), scored against 2023 references
+    without resection cavity: refused by name (it used to score ET Dice 0 and exit 0); the other
+    case, written in 2023 labels, is scored as it should be (perfect)."""
+    pred = tmp_path / "pred"
+    shutil.copytree(valid / "pred-data2023", pred)
+    name = pred / f"{CASE_2023}.nii.gz"
+    rewrite(name, lambda a, g: (np.where(a == 3, 4, a).astype(np.uint8), g))
+    out = tmp_path / "out" / "metrics.csv"
+    result = cli(["evaluate", "--pred", str(pred), "--gt", str(valid / "data2023"), "--out", str(out)], tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("brats-lab: error:")]
+    assert errors and CASE_2023 in errors[-1], output[-3000:]
+    assert any(str(name) in line and "follow the brats2020 convention (ET = 4), not the reference's brats2023 (ET = 3; 4 = RC" in line
+               for line in output.splitlines()), output[-3000:]
+    table = pd.read_csv(out).set_index("case")
+    assert table.loc[CASE_2023, "status"] == "labels" and table.loc[CASE_2023, "dice_WT"] == 0.0  # worst-case, not scored
+    assert table.loc[OTHER_2023, "status"] == "ok" and table.loc[OTHER_2023, ["dice_ET", "lesion_dice_ET"]].tolist() == [1.0, 1.0]
+
+
+def test_lesion_wise_rules_fit_2023_data_and_a_2020_map_scored_with_2020_rules_is_not_refused(valid, tmp_path):
+    """The controls of the two refusals above: 2023 rules on 2023 data, and a 2020 prediction
+    holding ET = 4 against a 2020 reference, go through with perfect scores."""
+    for data, rules in (("data2023", "brats2023-gli"), ("data", None)):
+        out = tmp_path / data / "metrics.csv"
+        argv = ["evaluate", "--pred", str(valid / f"pred-{data}"), "--gt", str(valid / data), "--out", str(out)]
+        result = cli(argv + (["--rules", rules] if rules else []), tmp_path)
+        assert result.returncode == 0 and "brats-lab: error" not in result.stderr, result.stderr[-3000:]
+        table = pd.read_csv(out)
+        assert (table["status"] == "ok").all() and (table["dice_ET"] == 1.0).all()
 
 
 @pytest.mark.parametrize("char", list("?#/@%:"))

@@ -273,7 +273,10 @@ def test_a_password_in_the_tracking_uri_is_never_shown(tmp_path, monkeypatch):
         assert any(masked in text for text in shown), shown
         assert not any("s3cret" in text for text in shown), shown
         # `brats-lab ui` prints the store before it starts the server: read that line, then stop it.
-        proc = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", "ui", "--port", "0"], stdout=subprocess.PIPE,
+        from conftest import free_port
+
+        # A real port: 0 is refused up front, as the address printed would not be the server's.
+        proc = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", "ui", "--port", str(free_port())], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         try:
             first = proc.stdout.readline()

@@ -9,6 +9,7 @@ and what is left behind (run states, whole files, no temporary files, resumable 
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import signal
@@ -217,6 +218,44 @@ def test_a_terminated_ablation_stops_its_helper_workers_too(dataset, tmp_path):
             os.kill(pid, 0)
     study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
     assert sorted(t.state.name for t in study.trials) == ["FAIL", "FAIL"]
+    # The study run and its arm runs end KILLED too, not RUNNING for good (issue 27 item 8) ...
+    (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
+    arms = tracking.find_runs(plan.experiment, {"kind": "arm"})
+    assert study_run.status == "KILLED" and len(arms) == 2 and {a.status for a in arms} == {"KILLED"}
+    # ... and a relaunch reopens the same ones.
+    from brats_lab.ablation.study import launch
+
+    assert launch(plan).id == study_run.id
+    assert study_run.status == "RUNNING" and {a.status for a in arms} == {"RUNNING"}
+
+
+LAUNCHERS = 3
+
+
+def test_launchers_started_at_once_share_one_study_run_one_set_of_arm_runs_and_train_each_fold_once(dataset, tmp_path):
+    """Several `brats-lab ablate` of one study started together (issue 27 item 8: two study runs,
+    two sets of arm runs, the dashboard listing the study twice): every launcher finishes with the
+    report, and the store holds one study run, one arm run per arm and one fold run per trial."""
+    from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan
+
+    toml = tiny_ablation(tmp_path, epochs=1)
+    argv = ["ablate", str(toml), "--folds", "1", "--data", str(dataset)]
+    launchers = [start(argv, tmp_path) for _ in range(LAUNCHERS)]
+    outputs = [proc.communicate(timeout=600) for proc in launchers]
+    for proc, (stdout, stderr) in zip(launchers, outputs):
+        assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+        assert "Each arm against 'equiunet'" in stdout, stdout[-3000:]
+    plan = make_plan(str(toml), "cpu", 1, str(dataset), DEFAULT_STORAGE)
+    studies = tracking.find_runs(plan.experiment, {"kind": "study"})
+    assert len(studies) == 1 and studies[0].status == "FINISHED"
+    arms = tracking.find_runs(plan.experiment, {"kind": "arm"})
+    assert sorted(a.name for a in arms) == ["att_equiunet", "equiunet"] and {a.parent_id for a in arms} == {studies[0].id}
+    assert {a.status for a in arms} == {"FINISHED"}
+    folds = tracking.find_runs(plan.experiment, {"kind": "fold"})
+    assert len(folds) == 2 and {f.status for f in folds} == {"FINISHED"}  # each trained once
+    assert {f.parent_id for f in folds} == {a.id for a in arms}
+    study = optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE)
+    assert sorted(t.state.name for t in study.trials if t.state.name != "PRUNED") == ["COMPLETE", "COMPLETE"]
 
 
 # --- a write that fails half-way (the disk fills up) -------------------------------------------
@@ -237,6 +276,70 @@ def test_a_checkpoint_write_that_fails_half_way_keeps_the_previous_checkpoint(da
     (run,) = tracking.find_runs(EXPERIMENT, {"kind": "fold"})
     assert run.status == "FAILED"  # and resumable again once there is room:
     assert tracking.latest_fold_run(EXPERIMENT, config_hash(train_config(dataset)), 0, statuses=("FAILED",)).id == run.id
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A function that mounts a tmpfs of `size` bytes on a new folder and returns it: a disk that
+    fills up for real (ENOSPC, as a full disk says it), unmounted at the end whatever happens."""
+    mounted: list[Path] = []
+
+    def mount(size: int, name: str = "disk") -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs to fill a disk for real: {result.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_a_full_disk_while_the_mlflow_store_is_first_created_leaves_no_half_migrated_store(dataset, small_disk):
+    """The store's schema migrations run out of room half-way (issue 27 item 7: a SQLAlchemy
+    traceback, and a half-migrated mlflow.db that broke every later command until deleted by
+    hand): one line naming the file and saying disk full, nothing left in mlruns/, and once space
+    is freed the same command works."""
+    disk = small_disk(512 * 1024)  # the migrated store takes about 950 kB
+    proc = start(train_argv(dataset, epochs=1), disk)
+    _, stderr = proc.communicate(timeout=300)
+
+    db = disk / "mlruns" / "mlflow.db"
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert last_line(stderr) == (f"brats-lab: error: {db}: could not create the MLflow store (disk full (no space left on device)); "
+                                 "nothing was left behind: free some space and run the command again")
+    assert sorted(p.name for p in (disk / "mlruns").iterdir()) == ["mlflow.db.lock"]
+    subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], check=True)  # space freed
+    proc = start(train_argv(dataset, epochs=1), disk)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    (run,) = tracking.find_runs(EXPERIMENT, {"kind": "fold"}, root=disk)
+    assert run.status == "FINISHED"
+
+
+def test_a_full_disk_in_data_prepare_names_the_file_and_says_disk_full(dataset, small_disk):
+    """The cache on a disk that fills up while the first array is written (issue 27 item 7: "12000
+    requested and 3968 written", without the file): the file and "disk full" on one line, no
+    manifest, no temporary file; with room, the same command prepares every case."""
+    disk = small_disk(64 * 1024)
+    out = disk / "cache"
+    proc = start(["data", "prepare", str(dataset), "--pipeline", "B", "--out", str(out)], dataset.parent)
+    _, stderr = proc.communicate(timeout=300)
+
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    line = last_line(stderr)
+    assert re.fullmatch(rf"brats-lab: error: {re.escape(str(out))}/cases/BraTS20_Training_001/\w+/images\.npy: "
+                        r"could not write the cached array \(\d+ bytes\) \(disk full.*\)", line), line
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name == "manifest.json" or ".tmp" in p.name], files
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    proc = start(["data", "prepare", str(dataset), "--pipeline", "B", "--out", str(out)], dataset.parent)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert (out / "manifest.json").is_file()
 
 
 def fold_run_with_model(dataset: Path, model_file: bytes | None = None):

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
 from brats_lab import DataError
-from brats_lab.config import EXPERIMENTS_DIR, ConfigError, ExperimentConfig, config_hash, load_config, pipeline_path
+from brats_lab.config import EXPERIMENTS_DIR, SEED_LIMIT, ConfigError, ExperimentConfig, config_hash, load_config, pipeline_path
 from brats_lab.evaluation.metrics import METRIC_REGIONS, metric_direction
 
 ABLATIONS_DIR = EXPERIMENTS_DIR / "ablations"
@@ -147,7 +148,10 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
         for key, spec in data["search"].get("params", {}).items():
             if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or not spec["low"] < spec["high"]:
                 raise ConfigError(f"{path}: search.params.{key} must be {{low = ..., high = ..., log = true|false}} with low < high")
-            params[key] = (float(spec["low"]), float(spec["high"]), bool(spec.get("log", False)))
+            low, high, log = float(spec["low"]), float(spec["high"]), bool(spec.get("log", False))
+            if log and low <= 0:  # Optuna refuses it only when the first search trial samples, after every arm trained
+                raise ConfigError(f"{path}: search.params.{key}: a log-scale range needs low > 0, got low = {spec['low']!r}")
+            params[key] = (low, high, log)
         if not params or int(data["search"].get("trials", 0)) < 1:
             raise ConfigError(f"{path}: a [search] needs trials >= 1 and at least one entry in [search.params]")
         search = Search(trials=int(data["search"]["trials"]), params=params, seed=int(data["search"].get("seed", 0)))
@@ -182,8 +186,13 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
         ablation.arm_config(arm, "paper")
     for profile in ("cpu", "paper"):
         refuse_shared_runs(ablation, profile, ablation.fold_count(profile), ablation.seed_count(profile))
-    if search is not None:  # and every searched key must exist
-        ablation.arm_config(ablation.baseline, "cpu", [f"{k}={low}" for k, (low, _, _) in search.params.items()])
+    if search is not None:  # every searched key must exist, and take both ends of its range
+        for profile in ("cpu", "paper"):
+            for end in (0, 1):  # Optuna samples floats: a key that takes none is refused here
+                try:
+                    ablation.arm_config(ablation.baseline, profile, [f"{k}={bounds[end]!r}" for k, bounds in search.params.items()])
+                except ConfigError as e:
+                    raise ConfigError(f"{path}: [search.params] {e}") from None
     return ablation
 
 
@@ -220,6 +229,7 @@ def _known(data: dict, keys: set[str], path: Path, prefix: str) -> None:
 # Each key's expected type: (checks, what to say). Integers are accepted where numbers are.
 _INT = (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
 _NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
+_FINITE = (lambda v: _NUMBER[0](v) and math.isfinite(v), "a finite number")
 _TEXT = (lambda v: isinstance(v, str), "a string")
 _BOOL = (lambda v: isinstance(v, bool), "a boolean (true/false)")
 _TABLE = (lambda v: isinstance(v, dict), "a table")
@@ -262,11 +272,23 @@ def _check_types(data: dict, path: Path) -> None:
     for param, spec in data.get("search", {}).get("params", {}).items():
         where = f"search.params.{param}"
         expect(where, spec, _TABLE)
+        _known(spec, {"low", "high", "log"}, path, f"{where}.")
         for bound in ("low", "high"):
             if bound in spec:
-                expect(f"{where}.{bound}", spec[bound], _NUMBER)
+                expect(f"{where}.{bound}", spec[bound], _FINITE)
         if "log" in spec:
             expect(f"{where}.log", spec["log"], _BOOL)
+    seed = data.get("search", {}).get("seed")
+    if seed is not None and not 0 <= seed < SEED_LIMIT:  # what Optuna's TPE sampler (numpy) accepts
+        raise ConfigError(f"{path}: search.seed must be between 0 and 2**32 - 1, got {seed}")
+    for key in ("removal.fraction", "phantom.corrupt_fraction"):
+        section, _, sub = key.partition(".")
+        value = data.get(section, {}).get(sub)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{path}: {key} must be a finite number, got {value!r}")
+    corrupt = data.get("phantom", {}).get("corrupt_fraction")
+    if corrupt is not None and not 0 <= corrupt <= 1:
+        raise ConfigError(f"{path}: phantom.corrupt_fraction must be between 0 and 1, got {corrupt}")
 
 
 def refuse_shared_runs(ablation: Ablation, profile: str, folds: int, seeds: int) -> None:

@@ -9,6 +9,7 @@ message or an MLflow tag: `safe_url` replaces it with `***`, and a connection er
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -29,12 +30,18 @@ def open_storage(url: str, heartbeat_seconds: int, grace_seconds: int, create: b
     from sqlalchemy.exc import SQLAlchemyError
 
     given = url
+    lock = contextlib.nullcontext()
     if url.startswith("sqlite:///"):
         file = Path(url.removeprefix("sqlite:///").partition("?")[0])
         if not create and not file.is_file():
             raise DataError(f"no Optuna storage at {file} (a worker does not create one); "
                             "start the study with `brats-lab ablate`, and give workers its --storage")
         file.parent.mkdir(parents=True, exist_ok=True)
+        # Launchers started at once would each create Optuna's tables, and all but one fail half-way
+        # (UNIQUE constraint failed: alembic_version): one at a time, the others find them made.
+        from brats_lab.io import file_lock
+
+        lock = file_lock(file.with_name(file.name + ".lock"))
     url = _quote_at(url)  # a raw '@' in the password would end it early for SQLAlchemy
     # The driver we depend on is psycopg 3; SQLAlchemy before 2.1 reads a plain postgresql:// as
     # psycopg2, and never accepts postgres://.
@@ -51,8 +58,9 @@ def open_storage(url: str, heartbeat_seconds: int, grace_seconds: int, create: b
             retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
             callback = ({"heartbeat_stale_trial_callback": retry(max_retry=3)} if retry is not None
                         else {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)})
-            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_seconds, grace_period=grace_seconds,
-                                              skip_table_creation=not create, **callback)
+            with lock:
+                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_seconds, grace_period=grace_seconds,
+                                                  skip_table_creation=not create, **callback)
         except (SQLAlchemyError, ImportError, optuna.exceptions.StorageInternalError) as e:
             if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None:
                 e = e.__cause__  # Optuna's own words say nothing of the cause

@@ -14,7 +14,11 @@ in every fold) have no `train.seed_index` in their config hash, so they are neve
 The launcher creates the MLflow study and arm runs and enqueues every (arm, fold, seed) not done yet as a
 waiting Optuna trial; workers (this process, `--workers` local processes, or `brats-lab worker`
 on other machines sharing the storage) claim waiting trials one at a time. Claiming is Optuna's
-own atomic WAITING -> RUNNING transition, so no (arm, fold, seed) is trained twice. A worker records a
+own atomic WAITING -> RUNNING transition, so no (arm, fold, seed) is trained twice; launchers
+started at once share one study run (the oldest, `tracking.study_run`), and a cell two of them
+enqueued is trained by its first live trial only (`_duplicate`). A launcher stopped (Ctrl-C,
+SIGTERM) or failing ends its study run and arm runs KILLED or FAILED, unless other workers still
+hold trials; the next launch reopens them. A worker records a
 heartbeat while it trains; a trial whose worker died is failed by the next launcher or worker and
 enqueued again, and its fold resumes from its last checkpoint where the worker taking it can read
 that checkpoint (always with the embedded store; with an MLflow server serving artifacts, only on
@@ -115,7 +119,7 @@ def make_plan(name_or_path: str, profile: str, folds: int | None, dataset: str, 
     total = ablation.arm_config(ablation.baseline, profile).data.folds
     if not 1 <= k <= total:
         raise DataError(f"--folds must be between 1 and {total} (the data is split in {total} folds), got {k}")
-    n = seeds or ablation.seed_count(profile)
+    n = ablation.seed_count(profile) if seeds is None else seeds  # --seeds 0 is refused, not the default
     if n < 1:
         raise DataError(f"--seeds must be at least 1, got {n}")
     refuse_shared_runs(ablation, profile, k, n)  # loading checked the TOML's counts; --folds and --seeds may differ
@@ -131,7 +135,6 @@ def _storage(url: str, create: bool = True):
 def launch(plan: Plan):
     """Create (or find) the study, its MLflow runs and the waiting trials; return the study run."""
     import optuna
-    from optuna.trial import TrialState
 
     from brats_lab import tracking
 
@@ -139,10 +142,9 @@ def launch(plan: Plan):
     # Both stores open before any run changes state: a relaunch with a storage that cannot be
     # opened must leave finished runs FINISHED.
     store = _storage(plan.storage)
-    study_run = next(iter(tracking.find_runs(plan.experiment, {"kind": "study", "study": plan.study_name})), None)
-    if study_run is None:
-        study_run = tracking.start_run(plan.experiment, plan.ablation.name, "study",
-                                       {"study": plan.study_name, "storage": safe_url(plan.storage), "profile": plan.profile})
+    study_run, created = tracking.study_run(plan.experiment, plan.study_name, plan.ablation.name,
+                                            {"storage": safe_url(plan.storage), "profile": plan.profile})
+    if created:
         study_run.log_params({"ablation": plan.ablation.name, "baseline": plan.ablation.baseline,
                               "arms": ",".join(plan.ablation.arms), "folds": str(len(plan.folds)), "seeds": str(len(plan.seeds)),
                               "profile": plan.profile})
@@ -159,12 +161,30 @@ def launch(plan: Plan):
     for key, value in {**plan.attrs(), "mlflow_study_run": study_run.id}.items():
         study.set_user_attr(key, value)
     _fail_stale(study)  # workers that died: their trials fail here, then are enqueued again
-    pending = {(t.user_attrs.get("arm"), t.user_attrs.get("fold"), t.user_attrs.get("seed", 0))
-               for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE))}
+    pending = {_cell(t) for t in study.get_trials(deepcopy=False, states=_live_states())}
     for arm, fold, seed in plan.cells():
         if (arm, fold, seed) not in pending:
+            # Two launchers at once may both enqueue a cell; a worker drops the later trial (`_duplicate`).
             study.enqueue_trial({}, user_attrs={"arm": arm, "fold": fold, "seed": seed})
     return study_run
+
+
+def _cell(trial) -> tuple:
+    return trial.user_attrs.get("arm"), trial.user_attrs.get("fold"), trial.user_attrs.get("seed", 0)
+
+
+def _duplicate(study, trial) -> bool:
+    """Whether another live trial of the same (arm, fold, seed) came first: the one with the lowest
+    number of those waiting, running or complete does the cell's work, so two launchers that
+    enqueued the same cell at once never train it twice (nor take each other's run for a dead one)."""
+    cell = _cell(trial)
+    return any(t.number < trial.number and _cell(t) == cell for t in study.get_trials(deepcopy=False, states=_live_states()))
+
+
+def _live_states():
+    from optuna.trial import TrialState
+
+    return (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
 
 
 def _arm_run(plan: Plan, study_run, arm: str, seed: int):
@@ -210,6 +230,9 @@ def work(study_name: str, storage: str, progress: bool = True, release: bool = F
         trial = _claim(study, store)
         if trial is None:
             return done
+        if _duplicate(study, trial):
+            store.set_trial_state_values(trial._trial_id, state=TrialState.PRUNED)  # done by the first, not here
+            continue
         arm, fold, seed = trial.user_attrs["arm"], trial.user_attrs["fold"], trial.user_attrs.get("seed", 0)
         for key, value in (tags or {}).items():
             store.set_trial_user_attr(trial._trial_id, key, value)
@@ -319,9 +342,38 @@ def default_workers(plan: Plan) -> int:
 def run_study(plan: Plan, workers: int = 1, progress: bool = True) -> "Report":
     """Launch, work (with `workers` processes on this machine), wait for the trials that other
     workers still run, and report."""
+    study_run = launch(plan)
+    try:
+        return _run_launched(plan, study_run, workers, progress)
+    except BaseException as e:
+        # Stopped (Ctrl-C, SIGTERM) or failed after the runs were opened: the fold runs are KILLED
+        # or FAILED by the trainer; the study run and its arm runs end the same way, unless other
+        # workers still hold trials (their folds go on, and the next launcher reports).
+        _close_runs(plan, study_run, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _close_runs(plan: Plan, study_run, status: str) -> None:
+    import optuna
+    from optuna.trial import TrialState
+
+    from brats_lab import tracking
+
+    try:
+        study = optuna.load_study(study_name=plan.study_name, storage=_storage(plan.storage, create=False))
+        _fail_stale(study)
+        if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            return
+        for arm_run in tracking.find_runs(plan.experiment, {"kind": "arm", "mlflow.parentRunId": study_run.id}, statuses=("RUNNING",)):
+            arm_run.finish(status)
+        study_run.finish(status)
+    except Exception as e:  # the stores themselves failing: say so, and let the first error speak
+        print(f"brats-lab: warning: could not mark the study run {study_run.id} {status}: {e}", file=sys.stderr)
+
+
+def _run_launched(plan: Plan, study_run, workers: int, progress: bool) -> "Report":
     import torch
 
-    study_run = launch(plan)
     helpers = []
     threads = torch.get_num_threads()
     if workers > 1:

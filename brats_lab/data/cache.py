@@ -52,7 +52,7 @@ from brats_lab.data.preprocess import (
     bbox_to_list,
     preprocess_case,
 )
-from brats_lab.io import Geometry, atomic_path, file_lock, why_not_a_file, write_text
+from brats_lab.io import Geometry, atomic_path, file_lock, why_not_a_file, write_error, write_text
 from brats_lab.labels import CONVENTIONS, LabelConvention
 
 FORMAT_VERSION = 1
@@ -359,9 +359,12 @@ def _build(
 
 
 def _write_array(path: Path, array: np.ndarray) -> dict:
-    with atomic_path(path, suffix=".npy") as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+    try:
+        with atomic_path(path, suffix=".npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+    except OSError as e:  # numpy says "N requested and M written" on a full disk: name the file and why
+        raise write_error(path, e, f"could not write the cached array ({array.nbytes} bytes)") from None
     stat = path.stat()
     return {
         "file": path.name,

@@ -30,7 +30,7 @@ from brats_lab.evaluation.lesionwise import (
 )
 from brats_lab.evaluation.metrics import EMPTY_HD95, METRICS, RegionMetrics, case_metrics
 from brats_lab.io import Geometry, atomic_path, read_header, read_volume
-from brats_lab.labels import REGIONS
+from brats_lab.labels import REGIONS, LabelConvention, foreign_convention
 
 STATUSES: tuple[str, ...] = ("ok", "missing", "unreadable", "geometry", "labels")
 
@@ -98,7 +98,9 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, progress: bool = True, rules: 
     none for 2020/2021 data). Unknown `rules` raise ValueError.
 
     Raises DataError when `pred_dir` is not a folder or `gt_dir` holds no case with a
-    segmentation; every other problem goes to `result.problems` and the case's `status`.
+    segmentation, and when `rules` do not fit the data's label convention (lesion-wise rules on
+    BraTS 2020 labels); every other problem goes to `result.problems` and the case's `status`,
+    a prediction whose labels follow another release's convention than its reference included.
     """
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if not pred_dir.is_dir():
@@ -109,7 +111,10 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, progress: bool = True, rules: 
     scored = [c for c in cases if c.seg is not None or c.problems]
     if not scored:
         raise DataError(f"{gt_dir}: no case has a segmentation to evaluate against")
-    rules = rules_for(cases[0].convention, rules)  # one layout, so one convention, per dataset
+    try:
+        rules = rules_for(cases[0].convention, rules)  # one layout, so one convention, per dataset
+    except ValueError as e:
+        raise DataError(f"--rules {rules} does not fit {gt_dir}: {e}") from None
     unscored = [c for c in cases if c.seg is None and not c.problems]
     problems = [f"{c.id}: no reference segmentation in {c.dir}; case not evaluated" for c in unscored]
     concerned = {c.id for c in unscored}
@@ -221,7 +226,25 @@ def _score_legacy(
         metrics = case_metrics(pred, ref, ref_geometry.spacing_zyx, case.convention)
     except ValueError as e:
         return "labels", worst, [*problems, f"{case.id}: prediction {pred_path}: {e}"], None
+    if bad := _foreign_labels(pred, ref, case.convention):
+        return "labels", worst, [*problems, f"{case.id}: prediction {pred_path}: {bad}"], None
     return "ok", metrics, problems, (pred, ref, ref_geometry.spacing_zyx)
+
+
+def _foreign_labels(pred: np.ndarray, ref: np.ndarray, convention: LabelConvention) -> str | None:
+    """Why a prediction's labels look like another release's than its reference's, or None: a
+    2023 prediction that writes ET as 4 would be scored as resection cavity (ET Dice 0 on a perfect
+    map), so it is refused rather than scored."""
+    pred_labels, ref_labels = set(np.unique(pred).tolist()), set(np.unique(ref).tolist())
+    other = foreign_convention(pred_labels, ref_labels, convention)
+    if other is None:
+        return None
+    theirs, own = other.regions["ET"], convention.regions["ET"]
+    return (f"labels {sorted(int(v) for v in pred_labels)} follow the {other.name} convention (ET = {', '.join(map(str, theirs))}), "
+            f"not the reference's {convention.name} (ET = {', '.join(map(str, own))}; "
+            f"{', '.join(f'{v} = {convention.labels[v]}' for v in theirs if v in convention.labels)}): "
+            f"it holds no label {', '.join(map(str, own))} and the reference no label {', '.join(map(str, theirs))}; "
+            f"relabel the map to {convention.name}")
 
 
 def _reference_problem(case: Case, ref: np.ndarray, geometry: Geometry) -> str | None:

@@ -101,7 +101,9 @@ class LesionRules:
     `matching` is "bipartite" (brats-evaluation / panoptica) or "dilation" (the 2023 scorer);
     `dilation` and `min_volume_mm3` only apply to "dilation" (reference lesions with a volume
     <= `min_volume_mm3` are ignored). `penalty_hd95` is what an infinite HD95 is written as.
-    `labels` are the non-zero labels a prediction may hold.
+    `labels` are the non-zero labels a prediction may hold. `conventions` are the label
+    conventions (`labels.CONVENTIONS`) of the data these rules were written for: every rule set
+    here reads 2023+ labels (ET = 3 for glioma), so none fits BraTS 2020/2021 data (ET = 4).
     """
 
     name: str
@@ -112,6 +114,7 @@ class LesionRules:
     dilation: int = 0
     min_volume_mm3: float = 0.0
     penalty_hd95: float = 373.0
+    conventions: tuple[str, ...] = ("brats2023",)
 
 
 def _panoptica(name: str, config: str, regions: dict[str, tuple[int, ...]], labels: tuple[int, ...]) -> LesionRules:
@@ -173,12 +176,27 @@ class LesionMetrics:
 
 def rules_for(convention: LabelConvention, rules: str | None = None) -> str:
     """The rule-set name to score data of `convention` with: `rules` when given (checked), else
-    the convention's default (BraTS 2020 metrics for 2020/2021 labels, `gli` for 2023+)."""
+    the convention's default (BraTS 2020 metrics for 2020/2021 labels, `gli` for 2023+).
+
+    Rules written for another label convention are refused (ValueError): lesion-wise rules on
+    BraTS 2020 data would read its ET (label 4) as resection cavity and look for ET as label 3,
+    so a prediction without any ET would score a perfect lesion-wise ET.
+    """
     if rules is None:
         return DEFAULT_RULES.get(convention.name, LEGACY_RULES)
     if rules not in RULE_NAMES:
         raise ValueError(f"unknown rules '{rules}' (expected one of: {', '.join(RULE_NAMES)})")
+    if rules != LEGACY_RULES and convention.name not in RULES[rules].conventions:
+        fitting = [LEGACY_RULES, *(n for n, r in RULES.items() if convention.name in r.conventions)]
+        raise ValueError(
+            f"rules '{rules}' are written for {' or '.join(RULES[rules].conventions)} labels and the data's labels are "
+            f"{convention.name} ({_label_text(convention)}); rules that fit: {', '.join(fitting)}"
+        )
     return rules
+
+
+def _label_text(convention: LabelConvention) -> str:
+    return ", ".join(f"{v} {n}" for v, n in sorted(convention.labels.items()) if v)
 
 
 def lesion_metrics(

@@ -52,9 +52,10 @@ def select_top(run_ids: list[str], top: int, by: str = "dice", root: Path | None
     Returns (the chosen fold run ids, fold by fold; a record of every candidate, its score and
     whether it was chosen). Best is the metric's declared direction (`metrics.metric_direction`:
     the highest Dice, the lowest HD95, lesion-wise HD95 or false-positive count...). Ties keep the
-    order of `run_ids`. Raises DataError for an unknown metric (before any run is read), when a
-    fold has fewer than `top` candidates, or when the candidates of a fold were validated on
-    different cases (another dataset, split or seed).
+    order of `run_ids`. A fold run given twice (its id twice, or an arm and one of its folds) is
+    one candidate, listed where it was first given. Raises DataError for an unknown metric
+    (before any run is read), when a fold has fewer than `top` distinct candidates, or when the
+    candidates of a fold were validated on different cases (another dataset, split or seed).
     """
     from brats_lab import tracking
 
@@ -62,8 +63,14 @@ def select_top(run_ids: list[str], top: int, by: str = "dice", root: Path | None
         raise DataError(f"--top must be >= 1, got {top}")
     lower = lower_is_better(by)  # and an unknown `by` is refused here, before any run is read
     by_fold: dict[int, list[dict[str, Any]]] = {}
+    seen: set[str] = set()
+    repeated: list[str] = []
     for given in run_ids:
         for fold_id in resolve_runs([given], root):
+            if fold_id in seen:  # the same model twice would take two of the fold's `top` places
+                repeated.append(fold_id)
+                continue
+            seen.add(fold_id)
             run = tracking.get_run(fold_id, root=root)
             arm_id = run.parent_id
             params = run.params
@@ -85,7 +92,9 @@ def select_top(run_ids: list[str], top: int, by: str = "dice", root: Path | None
             described = "; ".join(f"{c['run_id']}: {c['_split']}" for c in candidates)
             raise DataError(f"fold {fold}: the candidates were validated on different cases ({described}); their scores do not compare")
         if len(candidates) < top:
-            raise DataError(f"fold {fold}: {len(candidates)} trained model(s) among the --run given, --top {top} needs {top}")
+            twice = [r for r in repeated if r in {c["run_id"] for c in candidates}]
+            note = f" (given more than once, counted once: {', '.join(dict.fromkeys(twice))})" if twice else ""
+            raise DataError(f"fold {fold}: {len(candidates)} trained model(s) among the --run given, --top {top} needs {top}{note}")
         ranked = sorted(range(len(candidates)), key=lambda i: (candidates[i]["score"] if lower else -candidates[i]["score"], i))
         for rank, i in enumerate(ranked):
             candidates[i]["rank"] = rank + 1
@@ -104,15 +113,29 @@ def select_top(run_ids: list[str], top: int, by: str = "dice", root: Path | None
     return chosen, record
 
 
-def write_ensemble_record(out_dir: Path, members: list["Member"], selection: dict[str, Any] | None, tta: bool, precision: str) -> None:
-    """`<out_dir>/ensemble.json`: the models of this prediction and, with a top-k selection, every
-    candidate of every fold, its score, and whether it was chosen. Refuses (DataError) a folder whose
-    record names other models: its label maps would mix two ensembles."""
+# The options that change the label maps the same models write; a record older than `small_et`
+# was written by a `predict` that never relabelled small ET.
+_MAP_SETTINGS: dict[str, Any] = {"tta": False, "precision": "auto", "small_et": 0}
+
+
+def write_ensemble_record(
+    out_dir: Path, members: list["Member"], selection: dict[str, Any] | None, tta: bool, precision: str,
+    small_et: int = 0, overwrite: bool = False,
+) -> None:
+    """`<out_dir>/ensemble.json`: the models of this prediction, the settings its label maps are
+    made with (TTA, precision, small-ET threshold) and, with a top-k selection, every candidate of
+    every fold, its score, and whether it was chosen.
+
+    Refuses (DataError) a folder whose record names other models (its label maps would mix two
+    ensembles), and one whose label maps were made with other settings unless `overwrite` (which
+    remakes every map): the maps already there would be skipped, and the record would describe
+    settings they were not made with."""
     path = Path(out_dir) / ENSEMBLE_RECORD
     record = {
         "members": [m.run_id for m in members],
         "tta": tta,
         "precision": precision,
+        "small_et": small_et,
         "selection": selection,
     }
     if path.is_file():
@@ -127,6 +150,15 @@ def write_ensemble_record(out_dir: Path, members: list["Member"], selection: dic
             )
         if old == record:
             return  # a rerun of the same ensemble: the record already says it
+        before = {k: old.get(k, default) for k, default in _MAP_SETTINGS.items()}
+        now = {k: record[k] for k in _MAP_SETTINGS}
+        maps = sorted(p.name for p in Path(out_dir).glob("*.nii.gz"))
+        if before != now and maps and not overwrite:
+            said = lambda settings: ", ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())  # noqa: E731
+            raise DataError(
+                f"{path}: the {len(maps)} label map(s) in this folder were made with {said(before)}, not {said(now)}; "
+                "rerun with those settings, add --overwrite to remake every map with the new ones, or use another --output folder"
+            )
     write_text(path, json.dumps(record, indent=1) + "\n")
 
 

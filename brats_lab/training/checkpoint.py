@@ -24,7 +24,7 @@ import torch
 
 from brats_lab import DataError
 from brats_lab.config import ExperimentConfig, config_hash, to_dict
-from brats_lab.io import atomic_path
+from brats_lab.io import atomic_path, write_error
 from brats_lab.run_files import CHECKPOINT
 
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scaler", "average", "best", "rng", "config_hash")
@@ -93,7 +93,7 @@ def save(path: Path, state: dict) -> None:
         error = e if isinstance(e, OSError) else e.__context__  # torch raises RuntimeError over it
         if not isinstance(error, OSError):
             raise
-        raise OSError(f"{path}: could not write ({error.strerror or error})") from None
+        raise write_error(path, error, "could not write") from None
 
 
 def load(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:

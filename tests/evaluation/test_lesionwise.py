@@ -19,6 +19,7 @@ from brats_lab.evaluation.lesionwise import (
     lesion_columns,
     lesion_metrics,
     rules_for,
+    RULE_NAMES,
 )
 from brats_lab.evaluation.metrics import METRICS
 from brats_lab.labels import BRATS_2020, BRATS_2023, REGIONS
@@ -296,6 +297,12 @@ def test_rules_follow_the_label_convention() -> None:
     assert rules_for(BRATS_2023, "brats2023-gli") == "brats2023-gli"
     with pytest.raises(ValueError, match="unknown rules 'gly'"):
         rules_for(BRATS_2023, "gly")
+    # Lesion-wise rules read 2023+ labels (ET = 3): on 2020 labels they would score ET from label 3.
+    assert rules_for(BRATS_2020, "brats2020") == "brats2020"
+    for name in RULE_NAMES[1:]:
+        assert rules_for(BRATS_2023, name) == name
+        with pytest.raises(ValueError, match=f"rules '{name}' are written for brats2023 labels.*rules that fit: brats2020$"):
+            rules_for(BRATS_2020, name)
     assert lesion_columns("brats2020") == []
     assert lesion_columns("gli")[:3] == ["lesion_dice_ET", "lesion_dice_TC", "lesion_dice_WT"]
     assert {r.dilation for r in RULES.values() if r.name.startswith("brats2023-")} == {1, 3}

@@ -90,15 +90,37 @@ def test_the_ensemble_record_names_the_models_and_is_kept_on_a_rerun(tmp_path: P
     selection = {"top": 1, "by": "dice", "folds": {}}
     write_ensemble_record(tmp_path, _members("r1", "r2"), selection, True, "fp16")
     path = tmp_path / ENSEMBLE_RECORD
-    expected = {"members": ["r1", "r2"], "tta": True, "precision": "fp16", "selection": selection}
+    expected = {"members": ["r1", "r2"], "tta": True, "precision": "fp16", "small_et": 0, "selection": selection}
     assert path.read_text() == json.dumps(expected, indent=1) + "\n"
     # The same ensemble again: the record already says it, so the file is not rewritten.
     path.write_text(json.dumps(expected))
     write_ensemble_record(tmp_path, _members("r1", "r2"), selection, True, "fp16")
     assert path.read_text() == json.dumps(expected)
-    # The same models with other options: the record is rewritten with them.
-    write_ensemble_record(tmp_path, _members("r1", "r2"), None, False, "fp32")
-    assert json.loads(path.read_text()) == {"members": ["r1", "r2"], "tta": False, "precision": "fp32", "selection": None}
+    # The same models with other options, and no label map made yet: the record is rewritten with them.
+    write_ensemble_record(tmp_path, _members("r1", "r2"), None, False, "fp32", small_et=30)
+    assert json.loads(path.read_text()) == {"members": ["r1", "r2"], "tta": False, "precision": "fp32", "small_et": 30,
+                                            "selection": None}
+
+
+def test_the_ensemble_record_refuses_other_settings_over_maps_made_with_its_own(tmp_path: Path) -> None:
+    """Maps made without TTA in fp32: a rerun with TTA in bf16 would skip them and write a record
+    of settings they were not made with (issue 27 item 9). Refused, the record left as it was;
+    --overwrite (which remakes every map) rewrites it. A record older than small_et counts as 0."""
+    path = tmp_path / ENSEMBLE_RECORD
+    path.write_text(json.dumps({"members": ["r1"], "tta": False, "precision": "fp32", "selection": None}))
+    (tmp_path / "BraTS20_Training_001.nii.gz").write_bytes(b"a map")
+    old = path.read_text()
+    message = (f"{path}: the 1 label map(s) in this folder were made with tta=false, precision=\"fp32\", small_et=0, "
+               f"not tta=true, precision=\"bf16\", small_et=0; rerun with those settings, add --overwrite")
+    with pytest.raises(DataError, match=re.escape(message)):
+        write_ensemble_record(tmp_path, _members("r1"), None, True, "bf16")
+    with pytest.raises(DataError, match=re.escape("small_et=0, not tta=false, precision=\"fp32\", small_et=20;")):
+        write_ensemble_record(tmp_path, _members("r1"), None, False, "fp32", small_et=20)
+    assert path.read_text() == old
+    write_ensemble_record(tmp_path, _members("r1"), None, False, "fp32")  # the same settings: fine, and recorded
+    assert json.loads(path.read_text())["small_et"] == 0
+    write_ensemble_record(tmp_path, _members("r1"), None, True, "bf16", overwrite=True)
+    assert json.loads(path.read_text()) == {"members": ["r1"], "tta": True, "precision": "bf16", "small_et": 0, "selection": None}
 
 
 def test_the_ensemble_record_refuses_a_folder_of_another_ensemble(tmp_path: Path) -> None:
@@ -223,6 +245,14 @@ def test_top_k_refuses_too_few_candidates_other_cases_and_a_bad_top(store: Path)
     assert select_top([a.id], 1, root=store)[0] == [run_a]  # exactly `top` candidates are enough
     with pytest.raises(DataError, match=re.escape("--top must be >= 1, got 0")):
         select_top([a.id], 0, root=store)
+    # The same run given twice is one candidate: --top 2 does not choose it twice (issue 27 item 9).
+    with pytest.raises(DataError, match=re.escape(f"fold 0: 1 trained model(s) among the --run given, --top 2 needs 2 "
+                                                  f"(given more than once, counted once: {run_a})")):
+        select_top([a.id, a.id], 2, root=store)
+    with pytest.raises(DataError, match=re.escape(f"(given more than once, counted once: {run_a})")):
+        select_top([run_a, a.id], 2, root=store)  # a fold run and its arm
+    chosen, record = select_top([run_a, a.id], 1, root=store)
+    assert chosen == [run_a] and [c["given_as"] for c in record["folds"]["0"]] == [run_a]
     described = f"{run_a}: {dict(SPLIT)}; {run_b}: {dict(SPLIT, **{'data.seed': '7'})}"
     with pytest.raises(DataError, match=re.escape(f"fold 0: the candidates were validated on different cases ({described}); "
                                                   "their scores do not compare")):

@@ -169,3 +169,34 @@ def _dice_of_masks(p: np.ndarray, r: np.ndarray) -> float:
     """2 |P & R| / (|P| + |R|); 1 when both are empty (BraTS)."""
     total = int(p.sum() + r.sum())
     return 1.0 if total == 0 else 2 * int((p & r).sum()) / total
+
+
+def test_a_folder_of_maps_made_with_other_settings_is_refused_and_small_et_is_recorded(folds, predict, capsys):
+    """Maps made without TTA and --small-et: a second `predict` into the folder with --tta or
+    another --small-et would skip them and rewrite ensemble.json with settings they were not made
+    with; it is refused, the record and maps left as they were; --overwrite remakes them and says
+    so in the record. --top 2 with the same run given twice refuses to choose it twice (issue 27
+    item 9)."""
+    import json
+
+    project, dataset, runs = folds
+    out = predict(runs[:1])
+    record = out / "ensemble.json"
+    assert json.loads(record.read_text())["small_et"] == 0 and json.loads(record.read_text())["tta"] is False
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    base = ["predict", "--input", str(dataset), "--output", str(out), "--run", runs[0]]
+    capsys.readouterr()
+    for extra, said in ((["--tta"], "not tta=true"), (["--small-et", "50"], "small_et=50")):
+        assert main([*base, *extra]) == 1
+        err = capsys.readouterr().err
+        assert f"brats-lab: error: {record}: the {len(_cases(out))} label map(s) in this folder were made with tta=false" in err
+        assert said in err, err
+        assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main([*base, "--small-et", "50", "--overwrite"]) == 0
+    assert json.loads(record.read_text())["small_et"] == 50
+    capsys.readouterr()
+    assert main(["predict", "--input", str(dataset), "--output", str(out.parent / "top"), "--run", runs[0], "--run", runs[0],
+                 "--top", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"--top 2 needs 2 (given more than once, counted once: {runs[0]})" in err, err
+    assert not (out.parent / "top").exists()

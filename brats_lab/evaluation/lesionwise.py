@@ -73,7 +73,7 @@ from brats_lab.evaluation.metrics import (
     _nonzero_union,
     case_metrics,
 )
-from brats_lab.labels import LabelConvention
+from brats_lab.labels import BRATS_2023, LabelConvention
 
 LEGACY_RULES = "brats2020"  # the BraTS 2020 metrics alone (evaluation/metrics.py)
 
@@ -90,7 +90,7 @@ LESION_METRICS: tuple[str, ...] = (
     "lesion_fn",
 )
 
-_GLI_REGIONS = {"ET": (3,), "TC": (1, 3), "WT": (1, 2, 3)}
+_GLI_REGIONS = dict(BRATS_2023.regions)  # ET 3, TC 1 or 3, WT 1, 2 or 3: the 2023+ glioma labels
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
 

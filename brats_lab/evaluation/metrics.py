@@ -27,7 +27,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -120,6 +120,16 @@ def metric_direction(name: str) -> Literal["higher", "lower"]:
 def lower_is_better(name: str) -> bool:
     """True for a metric where lower is better (HD95, lesion false positives...); see `metric_direction`."""
     return metric_direction(name) == "lower"
+
+
+def ranking_metrics(columns: Iterable[str]) -> tuple[str, str]:
+    """The Dice and HD95 metrics that rank cases and compare arms, by the rules of the data:
+    lesion-wise (`lesion_dice`, `lesion_hd95`) when the per-case table's `columns` have them (2023+
+    labels, see `lesionwise.py`), else the BraTS 2020 `dice` and `hd95`. A DataFrame iterates over
+    its column names, so `ranking_metrics(per_case)` reads."""
+    if any(str(c).startswith("lesion_dice_") for c in columns):
+        return ("lesion_dice", "lesion_hd95")
+    return ("dice", "hd95")
 
 
 def dice_from_counts(overlap: int, n_pred: int, n_ref: int) -> float:

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from brats_lab import DataError, precision, run_files
+from brats_lab import DataError, UserError, precision, run_files
 from brats_lab.config import ExperimentConfig, config_hash, flatten, to_dict
 from brats_lab.data.cache import Cache, prepare
 from brats_lab.data.dataset import EpochSampler, TrainPatches, WholeVolumes
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 EXPERIMENT = "brats-lab"  # the MLflow experiment of trainings outside an ablation
 
 
-class TrainingDiverged(DataError):
+class TrainingDiverged(UserError):
     """The training loss stopped being finite: the weights are lost, the run is FAILED."""
 
 
@@ -344,7 +344,7 @@ def load_final_weights(model: torch.nn.Module, average: WeightAverage, best: dic
     return "last epoch"
 
 
-def _upload(run: Any, workdir: Path) -> None:
+def _upload(run: RunLog, workdir: Path) -> None:
     """With a remote artifact store, upload what was written locally (with a local one the files
     are already the run's artifacts)."""
     if run.artifact_dir() is not None:

@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _usage(parser: argparse.ArgumentParser) -> int:
+    """A command group run without its subcommand: its help, exit status 2."""
+    parser.print_help()
+    return 2
+
+
 def _error(*lines: str) -> None:
     for line in lines:
         print(f"brats-lab: error: {line}", file=sys.stderr)
@@ -115,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _data_parser(commands: argparse._SubParsersAction) -> None:
     data = _command(commands, "data", "make, check and prepare datasets", "Make, check and prepare BraTS datasets.")
     data_commands = data.add_subparsers(title="data commands", metavar="DATA_COMMAND")
-    data.set_defaults(run=lambda a: data.print_help() or 2)
+    data.set_defaults(run=lambda a: _usage(data))
     _synth_parser(data_commands)
     _check_parser(data_commands)
     _prepare_parser(data_commands)

@@ -442,7 +442,7 @@ def _build(cls: type, data: dict, prefix: str, origins: dict[str, str]) -> Any:
             continue
         dotted = prefix + name
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, data[name], dotted + ".", origins)
+            kwargs[name] = _build(hint, data[name], dotted + ".", origins)  # type: ignore[arg-type]
         else:
             kwargs[name] = _convert(data[name], hint, dotted, origins.get(dotted, "<dict>"))
     try:
@@ -515,7 +515,7 @@ def _override_layer(key: str, text: str, source: str) -> dict:
     parts = key.split(".")
     cls: Any = ExperimentConfig
     for i, part in enumerate(parts):
-        hints = _hints(cls) if dataclasses.is_dataclass(cls) else {}
+        hints = _hints(cls) if dataclasses.is_dataclass(cls) else {}  # type: ignore[arg-type]
         prefix = ".".join(parts[:i]) + "." if i else ""
         if not hints:
             raise ConfigError(f"{source}: {prefix[:-1]!r} is a value, it has no key {part!r}")
@@ -524,7 +524,7 @@ def _override_layer(key: str, text: str, source: str) -> dict:
         cls = hints[part]
     if dataclasses.is_dataclass(cls):
         raise ConfigError(
-            f"{source}: {key!r} is a section; set one of its keys ({', '.join(f'{key}.{k}' for k in _hints(cls))})"
+            f"{source}: {key!r} is a section; set one of its keys ({', '.join(f'{key}.{k}' for k in _hints(cls))})"  # type: ignore[arg-type]
         )
     value = _parse_value(text, cls)
     for part in reversed(parts):

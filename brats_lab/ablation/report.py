@@ -68,7 +68,7 @@ class Report:
             lines += ["", f"search around {self.plan.ablation.baseline!r} ({len(self.search)} trials, Optuna TPE, seed 0), best first:",
                       "", self.search.to_string(index=False)]
         if self.plan.excluded:
-            lines += ["", f"left out of training in {self.plan.ablation.removal.arm!r} ({len(self.plan.excluded)}): "
+            lines += ["", f"left out of training in {self.plan.ablation.removal.arm!r} ({len(self.plan.excluded)}): "  # type: ignore[union-attr]
                       + ", ".join(self.plan.excluded) + _phantom_truth(self.plan)]
         return "\n".join(lines)
 

@@ -160,7 +160,7 @@ def pad_to_multiple(array: np.ndarray, multiple: int = 16) -> tuple[np.ndarray, 
 def unpad(array: np.ndarray, pads: Pads) -> np.ndarray:
     """Inverse of `pad_to_multiple` (or of any (before, after) padding of the last three axes)."""
     index = tuple(slice(before, n - after) for (before, after), n in zip(pads, array.shape[-3:]))
-    return array[(..., *index)]
+    return array[(..., *index)]  # type: ignore[arg-type]
 
 
 def _pad(array: np.ndarray, pads: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -205,7 +205,7 @@ def sample_crop(shape: Sequence[int], size: int | Sequence[int], rng: np.random.
 def crop(array: np.ndarray, params: CropParams) -> np.ndarray:
     """Apply a sampled patch to the last three axes of `array` (deterministic)."""
     index = tuple(slice(a, a + n) for a, n in zip(params.starts, params.sizes))
-    return _pad(array[(..., *index)], params.pads)
+    return _pad(array[(..., *index)], params.pads)  # type: ignore[arg-type]
 
 
 def random_crop(

@@ -231,7 +231,7 @@ def _nonzero_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
     """Bounding box of the nonzero voxels plus a 1-voxel margin, clipped to the array; None if empty."""
-    box = []
+    box: list[slice] = []
     for axis in range(mask.ndim):
         # Reduce over the other axes of the part already known to hold the object: each axis after
         # the first looks at a smaller block.
@@ -285,7 +285,7 @@ def _score(
     elif fp == 0 and fn == 0:
         hd95 = 0.0  # identical masks: every surface distance is 0
     else:
-        hd95 = _hd95(pred, ref, spacing)
+        hd95 = _hd95(pred, ref, spacing)  # type: ignore[arg-type]  # not None: both masks hold voxels here
     return RegionMetrics(dice=dice, sensitivity=sensitivity, specificity=specificity, hd95=hd95)
 
 
@@ -318,7 +318,7 @@ def _surface(mask: np.ndarray, pad: np.ndarray) -> np.ndarray:
         lo[axis], hi[axis] = slice(None, -1), slice(1, None)
         eroded[tuple(hi)] &= mask[tuple(lo)]
         eroded[tuple(lo)] &= mask[tuple(hi)]
-        lo[axis], hi[axis] = 0, -1
+        lo[axis], hi[axis] = 0, -1  # type: ignore[call-overload]  # an int index: the border plane
         eroded[tuple(lo)] = False
         eroded[tuple(hi)] = False
     out = np.zeros(tuple(n + 2 * p for n, p in zip(mask.shape, pad)), dtype=bool)

@@ -133,6 +133,8 @@ class NoRun:
     """Stands in for the MLflow run on the processes other than rank 0, which log nothing: a
     `tracking.RunLog`, as `tracking.Run` is."""
 
+    id = ""  # no run: rank 0 reports the run's id
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass
 

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from brats_lab import DataError
+from brats_lab.config import MODEL_STRIDE
 from brats_lab.data.cases import MODALITIES, Case
 from brats_lab.io import Geometry, read_volume
 from brats_lab.labels import LabelConvention
@@ -148,9 +149,10 @@ def bbox_from_list(values: Sequence[Sequence[int]]) -> BBox:
 Pads = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (before, after) per z, y, x
 
 
-def pad_to_multiple(array: np.ndarray, multiple: int = 16) -> tuple[np.ndarray, Pads]:
-    """Zero-pad the end of each spatial axis up to a multiple of `multiple` (inference: the network
-    halves the size four times). Returns the padded array and the pads `unpad` needs."""
+def pad_to_multiple(array: np.ndarray, multiple: int = MODEL_STRIDE) -> tuple[np.ndarray, Pads]:
+    """Zero-pad the end of each spatial axis up to a multiple of `multiple` (by default
+    `config.MODEL_STRIDE`, 8: the networks halve the size three times; callers pass
+    `data.pad_multiple`). Returns the padded array and the pads `unpad` needs."""
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     pads = tuple((0, -n % multiple) for n in array.shape[-3:])

@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from brats_lab import DataError, __version__, run_files
+from brats_lab import DataError, UserError, __version__, run_files
 from brats_lab.precision import PRECISIONS
 
 DEFAULT_PHANTOM = Path("data/phantom")
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = _stop_on_sigterm()
     try:
         return args.run(args) or 0
-    except DataError as e:
+    except UserError as e:  # DataError, ConfigError, TrainingDiverged: the user's to fix
         _error(*str(e).splitlines())  # a multi-line message (prepare's failed cases): one error each
         return 1
     except OSError as e:  # a write that failed (disk full, permissions); the message names the file
@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    """A command group run without its subcommand: its help, exit status 2."""
+    parser.print_help()
+    return 2
 
 
 def _error(*lines: str) -> None:
@@ -115,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _data_parser(commands: argparse._SubParsersAction) -> None:
     data = _command(commands, "data", "make, check and prepare datasets", "Make, check and prepare BraTS datasets.")
     data_commands = data.add_subparsers(title="data commands", metavar="DATA_COMMAND")
-    data.set_defaults(run=lambda a: data.print_help() or 2)
+    data.set_defaults(run=lambda a: _usage(data))
     _synth_parser(data_commands)
     _check_parser(data_commands)
     _prepare_parser(data_commands)
@@ -443,14 +449,11 @@ def _baseline(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from brats_lab.config import ConfigError, load_config, pipeline_path
+    from brats_lab.config import load_config, pipeline_path
 
     profile = args.profile or _default_profile()
     overrides = list(args.overrides) + ([f"data.dataset={args.data}"] if args.data else [])
-    try:
-        cfg = load_config(pipeline_path(args.pipeline), profile, overrides)
-    except ConfigError as e:
-        raise DataError(str(e)) from None
+    cfg = load_config(pipeline_path(args.pipeline), profile, overrides)
     if not 0 <= args.fold < cfg.data.folds:
         raise DataError(f"--fold must be between 0 and {cfg.data.folds - 1} (data.folds = {cfg.data.folds}), got {args.fold}")
     if not Path(cfg.data.dataset).is_dir():
@@ -528,15 +531,11 @@ def _ablate(args: argparse.Namespace) -> int:
     from brats_lab.ablation.report import plan_text
     from brats_lab.ablation.storage import DEFAULT_STORAGE
     from brats_lab.ablation.study import default_workers, make_plan, run_study
-    from brats_lab.config import ConfigError
 
     from brats_lab.ablation.spec import load_ablation
 
     profile = args.profile or _default_profile()
-    try:
-        ablation = load_ablation(args.ablation)
-    except ConfigError as e:
-        raise DataError(str(e)) from None
+    ablation = load_ablation(args.ablation)
     if args.noise is not None and not (args.plan and args.noise > 0 and math.isfinite(args.noise)):
         raise DataError(f"--noise goes with --plan and must be a finite number above 0, got {args.noise}")
     for option, value in (("--seeds", args.seeds), ("--workers", args.workers)):  # --folds: make_plan knows the data's folds
@@ -547,21 +546,15 @@ def _ablate(args: argparse.Namespace) -> int:
             raise DataError(f"{flag} goes with --slurm")
     slurm = _slurm_settings(args, ablation, profile) if args.slurm else None  # refused before anything is made
     if args.report:
-        try:
-            plan = make_plan(args.ablation, profile, args.folds, str(args.data or ablation.phantom_dataset or DEFAULT_PHANTOM),
-                             args.storage or DEFAULT_STORAGE, args.seeds)
-        except ConfigError as e:
-            raise DataError(str(e)) from None
+        plan = make_plan(args.ablation, profile, args.folds, str(args.data or ablation.phantom_dataset or DEFAULT_PHANTOM),
+                         args.storage or DEFAULT_STORAGE, args.seeds)
         from brats_lab.ablation.study import report_when_done
 
         print(report_when_done(plan).text())
         return 0
     if args.plan:  # nothing trained, no dataset needed
-        try:
-            plan = make_plan(args.ablation, profile, args.folds, str(args.data or ablation.phantom_dataset or DEFAULT_PHANTOM),
-                             args.storage or DEFAULT_STORAGE, args.seeds)
-        except ConfigError as e:
-            raise DataError(str(e)) from None
+        plan = make_plan(args.ablation, profile, args.folds, str(args.data or ablation.phantom_dataset or DEFAULT_PHANTOM),
+                         args.storage or DEFAULT_STORAGE, args.seeds)
         print(plan_text(plan, args.noise))
         return 0
     data = args.data or Path(ablation.phantom_dataset or DEFAULT_PHANTOM)
@@ -574,10 +567,7 @@ def _ablate(args: argparse.Namespace) -> int:
         print(f"no dataset at {data}: writing {DEMO_CASES} phantom cases ({' x '.join(map(str, DEMO_SHAPE))}) there first"
               + (f", {corrupt:.0%} of them with corrupted labels" if corrupt else ""))
         synthesize(data, cases=DEMO_CASES, seed=0, shape=DEMO_SHAPE, corrupt_fraction=corrupt)
-    try:
-        plan = make_plan(args.ablation, profile, args.folds, str(data), args.storage or DEFAULT_STORAGE, args.seeds)
-    except ConfigError as e:
-        raise DataError(str(e)) from None
+    plan = make_plan(args.ablation, profile, args.folds, str(data), args.storage or DEFAULT_STORAGE, args.seeds)
     print(f"study {plan.study_name}: {len(plan.ablation.arms)} arms x {len(plan.folds)} folds x {len(plan.seeds)} seed{'s' if len(plan.seeds) > 1 else ''} "
           f"(join from another machine: brats-lab worker --study {plan.study_name} --storage URL)")
     if slurm is not None:

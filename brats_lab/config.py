@@ -10,7 +10,8 @@ one; a value of the wrong type is rejected with the expected type. The result is
 `ExperimentConfig`; `to_dict`/`from_dict`, `flatten` (MLflow params) and `config_hash` (the
 identity of a piece of work, with the fold) are defined on it.
 
-Standard library only: this module sits at the bottom of the import graph.
+Standard library only (and the package's `UserError`): this module sits at the bottom of the
+import graph.
 """
 
 from __future__ import annotations
@@ -27,18 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+from brats_lab import UserError
+
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 PIPELINES: tuple[str, ...] = ("A", "B")
-MODEL_NAMES: tuple[str, ...] = (  # the registry of brats_lab.models; a test keeps the two equal
-    "unet",
-    "equiunet",
-    "att_equiunet",
-    "att_equiunet_woo",
-    "unet_tiny",
-    "equiunet_tiny",
-    "att_equiunet_tiny",
-    "att_equiunet_woo_tiny",
-)
+# The model registry, as data, so that names are checked without torch: each network's name and
+# its class in `brats_lab.models.unet`. Every network also has a tiny variant, `<name>_tiny` (the
+# same class; `ModelConfig` pins its width to TINY_WIDTH). `brats_lab.models.MODELS` is built from
+# this: there is no second list of names.
+NETWORKS: dict[str, str] = {
+    "unet": "Unet",
+    "equiunet": "EquiUnet",
+    "att_equiunet": "AttEquiUnet",  # the authors' Att_EquiUnet (their CBAM)
+    "att_equiunet_woo": "AttEquiUnetWoo",  # the CBAM paper's spatial gate instead: not the paper's network
+}
+TINY_SUFFIX = "_tiny"
+MODEL_NAMES: tuple[str, ...] = (*NETWORKS, *(name + TINY_SUFFIX for name in NETWORKS))
 TINY_WIDTH = 4  # the width a `*_tiny` model name pins
 DEFAULT_WIDTH = 48
 # The networks pool three times: every spatial size they see must be a multiple of 2**3.
@@ -48,8 +53,8 @@ OUT_CHANNELS = 3  # the regions ET, TC, WT, brats_lab.labels.REGIONS; likewise
 SEED_LIMIT = 2**32  # seeds are in [0, 2**32): what every numpy and torch seeding call accepts
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used. The message names the key, where it came from, and
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot be used (a `UserError`; a ValueError as well, as it always was). The message names the key, where it came from, and
     what was expected."""
 
 
@@ -130,12 +135,12 @@ class ModelConfig:
     out_channels: int = 3  # ET, TC, WT
 
     def __post_init__(self) -> None:
-        if self.name.endswith("_tiny"):
+        if self.name.endswith(TINY_SUFFIX):
             _require(
                 self.width in (TINY_WIDTH, DEFAULT_WIDTH),
                 "width",
                 f"model {self.name!r} has width {TINY_WIDTH}, got width={self.width}; "
-                f"use model.name={self.name.removesuffix('_tiny')!r} for another width",
+                f"use model.name={self.name.removesuffix(TINY_SUFFIX)!r} for another width",
             )
             object.__setattr__(self, "width", TINY_WIDTH)
         _require(self.width >= 1, "width", f"must be >= 1, got {self.width}")
@@ -206,9 +211,9 @@ class TrainConfig:
     # Which training seed of an ablation this is (seed k, the MLflow tag `seed`). With `seed` and
     # the fold it picks the seed a run trains with (`run_seed`); an ablation sets it, 0 elsewhere.
     seed_index: int = 0
-    # "fp16": autocast + loss scaling (the paper); "bf16": autocast, no scaling; "auto": bf16 where
-    # the device executes it natively (a GPU with bf16; a CPU with AMX or AVX512-BF16), else fp16 on
-    # CUDA and float32 on a CPU (brats_lab/precision.py); "off": float32.
+    # "fp16": autocast + loss scaling (the paper); "bf16": autocast, no scaling; "off": float32;
+    # "auto": what brats_lab/precision.py's one rule picks on the device (the rule of
+    # `predict --precision` too, whose "fp32" is this "off").
     amp: Literal["auto", "fp16", "bf16", "off"] = "auto"
     loss: Literal["dice_squared", "dice"] = "dice_squared"  # A squares the denominator, B does not
     dice_eps: float = 1.0
@@ -437,7 +442,7 @@ def _build(cls: type, data: dict, prefix: str, origins: dict[str, str]) -> Any:
             continue
         dotted = prefix + name
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, data[name], dotted + ".", origins)
+            kwargs[name] = _build(hint, data[name], dotted + ".", origins)  # type: ignore[arg-type]
         else:
             kwargs[name] = _convert(data[name], hint, dotted, origins.get(dotted, "<dict>"))
     try:
@@ -510,7 +515,7 @@ def _override_layer(key: str, text: str, source: str) -> dict:
     parts = key.split(".")
     cls: Any = ExperimentConfig
     for i, part in enumerate(parts):
-        hints = _hints(cls) if dataclasses.is_dataclass(cls) else {}
+        hints = _hints(cls) if dataclasses.is_dataclass(cls) else {}  # type: ignore[arg-type]
         prefix = ".".join(parts[:i]) + "." if i else ""
         if not hints:
             raise ConfigError(f"{source}: {prefix[:-1]!r} is a value, it has no key {part!r}")
@@ -519,7 +524,7 @@ def _override_layer(key: str, text: str, source: str) -> dict:
         cls = hints[part]
     if dataclasses.is_dataclass(cls):
         raise ConfigError(
-            f"{source}: {key!r} is a section; set one of its keys ({', '.join(f'{key}.{k}' for k in _hints(cls))})"
+            f"{source}: {key!r} is a section; set one of its keys ({', '.join(f'{key}.{k}' for k in _hints(cls))})"  # type: ignore[arg-type]
         )
     value = _parse_value(text, cls)
     for part in reversed(parts):

@@ -227,9 +227,9 @@ def nonfinite(path: Path, array: np.ndarray) -> str | None:
 def _scaling(path: Path) -> str:
     import nibabel
 
-    proxy = nibabel.load(str(path)).dataobj  # nibabel moves the header's scaling onto the proxy
+    proxy = nibabel.load(str(path)).dataobj  # type: ignore[attr-defined]  # nibabel moves the header's scaling onto the proxy
     slope, inter = getattr(proxy, "slope", None), getattr(proxy, "inter", None)
-    return f"scl_slope {float(slope):g}, scl_inter {float(inter):g}" if slope is not None else "scaled"
+    return f"scl_slope {float(slope):g}, scl_inter {float(inter):g}" if slope is not None else "scaled"  # type: ignore[arg-type]
 
 
 def count_nonfinite(path: Path) -> int:
@@ -240,9 +240,9 @@ def count_nonfinite(path: Path) -> int:
     import nibabel
 
     image = nibabel.load(str(path))
-    if not np.issubdtype(image.get_data_dtype(), np.floating):
+    if not np.issubdtype(image.get_data_dtype(), np.floating):  # type: ignore[attr-defined]
         return 0
-    return int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj))))
+    return int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj))))  # type: ignore[attr-defined]
 
 
 def write_image(array: np.ndarray, geometry: Geometry, path: Path) -> None:

@@ -11,7 +11,7 @@ An explicit "bf16" or "fp16" on a CPU without it still runs, with a warning that
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where a precision is used: the CLI's parser reads PRECISIONS
     import torch
@@ -22,7 +22,7 @@ _ALIASES = {"off": "fp32"}  # train.amp's word for float32
 _NATIVE_CPU = {"bf16": ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16"), "fp16": ("amx_fp16", "avx512_fp16", "fp16_arith")}
 
 
-def cpu_capabilities() -> dict:
+def cpu_capabilities() -> dict[str, Any]:
     """What this CPU executes (a function of its own, so that tests can pose as another CPU)."""
     import torch
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from brats_lab import run_files
-from brats_lab.evaluation.metrics import lower_is_better
+from brats_lab.evaluation.metrics import lower_is_better, ranking_metrics  # ranking_metrics: for the dashboard
 from brats_lab.labels import REGIONS, LabelConvention
 
 if TYPE_CHECKING:
@@ -149,14 +149,6 @@ def fold_table(per_case: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     runs = by_run.reset_index().groupby("arm")
     table["folds"], table["seeds"] = runs["fold"].nunique(), runs["seed"].nunique()
     return table
-
-
-def ranking_metrics(per_case: pd.DataFrame) -> tuple[str, str]:
-    """The Dice and HD95 metrics that rank this data: lesion-wise (`lesion_dice`, `lesion_hd95`)
-    when the per-case table has them (2023+ labels), else `dice` and `hd95`."""
-    if any(c.startswith("lesion_dice_") for c in per_case.columns):
-        return ("lesion_dice", "lesion_hd95")
-    return ("dice", "hd95")
 
 
 def worst_cases(per_case: pd.DataFrame, arm: str, region: str, n: int = 10, by: str = "dice") -> pd.DataFrame:

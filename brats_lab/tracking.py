@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
@@ -88,7 +88,7 @@ def client(root: Path | str | None = None) -> MlflowClient:
     uri = tracking_uri(root)
     if _sqlite_path(uri) is not None:
         _prepare_sqlite(uri)
-    return mlflow.MlflowClient(tracking_uri=uri)
+    return mlflow.MlflowClient(tracking_uri=uri)  # type: ignore[no-any-return]  # mlflow's own annotation is lost in functools.cache
 
 
 def get_or_create_experiment(name: str, root: Path | str | None = None) -> str:
@@ -106,11 +106,27 @@ def get_or_create_experiment(name: str, root: Path | str | None = None) -> str:
 @runtime_checkable
 class RunLog(Protocol):
     """What a training writes to its runs on every process: `Run` on rank 0, and
-    `training.distributed.NoRun` on the other processes of a `torchrun` group, which log nothing."""
+    `training.distributed.NoRun` on the other processes of a `torchrun` group, which log nothing.
+    Every method the trainer calls on a run is declared here (mypy checks the calls)."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
 
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None: ...
+
+    def log_dict(self, obj: Any, name: str) -> None: ...
+
+    def log_table(self, df: pd.DataFrame, name: str) -> None: ...
+
+    def artifact_dir(self) -> Path | None: ...
+
+    def reopen(self) -> None: ...
+
+    @property
+    def id(self) -> str: ...
 
     def finish(self, status: Literal["FINISHED", "FAILED", "KILLED"] = "FINISHED") -> None: ...
 
@@ -249,12 +265,12 @@ class Run:
 
     @property
     def name(self) -> str:
-        return self.info.run_name
+        return cast(str, self.info.run_name)
 
     @property
     def status(self) -> str:
         """RUNNING, SCHEDULED, FINISHED, FAILED or KILLED."""
-        return self.info.status
+        return cast(str, self.info.status)
 
     @property
     def tags(self) -> dict[str, str]:
@@ -714,7 +730,8 @@ def _search(
 def _search_raw(mlc: MlflowClient, experiment_ids: list[str], filter_string: str) -> list[Any]:
     if not experiment_ids:
         return []
-    runs, token = [], None
+    runs: list[Any] = []
+    token = None
     while True:
         page = mlc.search_runs(
             experiment_ids, filter_string, max_results=1000, order_by=["attributes.start_time DESC"], page_token=token
@@ -797,6 +814,6 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]

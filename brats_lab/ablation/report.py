@@ -16,6 +16,7 @@ import pandas as pd
 
 from brats_lab import DataError, run_files
 from brats_lab.config import config_hash
+from brats_lab.evaluation.metrics import ranking_metrics
 from brats_lab.labels import REGIONS
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class Report:
             lines += ["", f"search around {self.plan.ablation.baseline!r} ({len(self.search)} trials, Optuna TPE, seed 0), best first:",
                       "", self.search.to_string(index=False)]
         if self.plan.excluded:
-            lines += ["", f"left out of training in {self.plan.ablation.removal.arm!r} ({len(self.plan.excluded)}): "
+            lines += ["", f"left out of training in {self.plan.ablation.removal.arm!r} ({len(self.plan.excluded)}): "  # type: ignore[union-attr]
                       + ", ".join(self.plan.excluded) + _phantom_truth(self.plan)]
         return "\n".join(lines)
 
@@ -131,15 +132,6 @@ def data_hash(cfg: "ExperimentConfig") -> str:
     from brats_lab.data.cache import prepare
 
     return prepare(Path(cfg.data.dataset), cfg.data.normalization, progress=False).manifest_hash
-
-
-def ranking_metrics(per_case: pd.DataFrame) -> tuple[str, ...]:
-    """The metrics an ablation's Table 3 and verdict compare, by the rules of the data: lesion-wise
-    Dice and HD95 (`lesion_dice`, `lesion_hd95`) when the per-case table has them (2023+ labels,
-    see `evaluation/lesionwise.py`), else the BraTS 2020 `dice` and `hd95`."""
-    if any(c.startswith("lesion_dice_") for c in per_case.columns):
-        return ("lesion_dice", "lesion_hd95")
-    return ("dice", "hd95")
 
 
 def report(plan: Plan) -> Report:

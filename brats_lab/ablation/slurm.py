@@ -151,13 +151,13 @@ def time_minutes(value: Any, where: str = "slurm.time") -> int:
         raise DataError(f"{where} must be minutes or [D-]HH:MM[:SS] as sbatch --time reads it, got {value!r}")
     days, a, b, c = (int(g) if g is not None else None for g in match.groups())
     if days is not None:  # D-HH[:MM[:SS]]
-        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)  # type: ignore[operator]
     elif c is not None:  # HH:MM:SS
-        seconds = a * 3600 + b * 60 + c
+        seconds = a * 3600 + b * 60 + c  # type: ignore[operator]
     elif b is not None:  # MM:SS
-        seconds = a * 60 + b
+        seconds = a * 60 + b  # type: ignore[operator]
     else:  # minutes
-        seconds = a * 60
+        seconds = a * 60  # type: ignore[operator]
     if seconds < 60:
         raise DataError(f"{where} must be at least one minute, got {value!r}")
     return -(-seconds // 60)

@@ -27,7 +27,7 @@ import dataclasses
 import difflib
 import math
 import tomllib
-from typing import Any
+from typing import Any, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +93,7 @@ class Ablation:
     def seed_count(self, profile: str) -> int:
         return self.cpu_seeds if profile == "cpu" and self.cpu_seeds else self.seeds
 
-    def arm_config(self, arm: str, profile: str, extra: list[str] = ()) -> ExperimentConfig:
+    def arm_config(self, arm: str, profile: str, extra: Sequence[str] = ()) -> ExperimentConfig:
         """The resolved config of one arm: pipeline, profile, the profile's demo settings, the arm's
         overrides, then `extra` (e.g. the dataset)."""
         base = list(self.cpu_set) if profile == "cpu" else []

@@ -41,7 +41,7 @@ def open_storage(url: str, heartbeat_seconds: int, grace_seconds: int, create: b
         # (UNIQUE constraint failed: alembic_version): one at a time, the others find them made.
         from brats_lab.io import file_lock
 
-        lock = file_lock(file.with_name(file.name + ".lock"))
+        lock = file_lock(file.with_name(file.name + ".lock"))  # type: ignore[assignment]
     url = _quote_at(url)  # a raw '@' in the password would end it early for SQLAlchemy
     # The driver we depend on is psycopg 3; SQLAlchemy before 2.1 reads a plain postgresql:// as
     # psycopg2, and never accepts postgres://.
@@ -63,7 +63,7 @@ def open_storage(url: str, heartbeat_seconds: int, grace_seconds: int, create: b
                                                   skip_table_creation=not create, **callback)
         except (SQLAlchemyError, ImportError, optuna.exceptions.StorageInternalError) as e:
             if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None:
-                e = e.__cause__  # Optuna's own words say nothing of the cause
+                e = e.__cause__  # type: ignore[assignment]  # Optuna's own words say nothing of the cause
             reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
             if not create and "version_info" in reason:  # a database without Optuna's tables
                 reason += " (a worker does not create a storage: start the study with `brats-lab ablate`)"

@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
@@ -325,7 +326,7 @@ def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True, 
                                           f"{checkpoint_path(unfinished)} and trained the fold again in a new run"})
         unfinished.finish("FAILED")
     arm_run = _arm_run(plan, study_run, arm, seed)
-    return train_fold(cfg, fold, resume=resume, experiment=plan.experiment, parent=arm_run, progress=progress, tags=tags).per_case
+    return train_fold(cfg, fold, resume=resume, experiment=plan.experiment, parent=arm_run, progress=progress, tags=tags).per_case  # type: ignore[union-attr]
 
 
 def default_workers(plan: Plan) -> int:
@@ -365,7 +366,7 @@ def _close_runs(plan: Plan, study_run, status: str) -> None:
         if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             return
         for arm_run in tracking.find_runs(plan.experiment, {"kind": "arm", "mlflow.parentRunId": study_run.id}, statuses=("RUNNING",)):
-            arm_run.finish(status)
+            arm_run.finish(status)  # type: ignore[arg-type]
         study_run.finish(status)
     except Exception as e:  # the stores themselves failing: say so, and let the first error speak
         print(f"brats-lab: warning: could not mark the study run {study_run.id} {status}: {e}", file=sys.stderr)
@@ -462,13 +463,13 @@ def progress_of(plan: Plan, study=None) -> tuple[dict[str, int], dict]:
     from optuna.trial import TrialState
 
     study = study or load(plan)
-    state: dict[tuple, str] = {}
-    rank = {TrialState.COMPLETE: 3, TrialState.RUNNING: 2, TrialState.WAITING: 1}
+    state: dict[tuple[Any, ...], TrialState] = {}
+    rank: dict[TrialState | None, int] = {TrialState.COMPLETE: 3, TrialState.RUNNING: 2, TrialState.WAITING: 1}
     for t in study.get_trials(deepcopy=False):
         cell = (t.user_attrs.get("arm"), t.user_attrs.get("fold"), t.user_attrs.get("seed", 0))
         if rank.get(t.state, 0) > rank.get(state.get(cell), 0):
             state[cell] = t.state
-    names = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
+    names: dict[TrialState | None, str] = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
     counts = {"done": 0, "running": 0, "waiting": 0, "not queued": 0}
     for cell in plan.cells():
         counts[names.get(state.get(cell), "not queued")] += 1
@@ -500,7 +501,7 @@ def search(plan: Plan, study_run, progress: bool = True) -> pd.DataFrame:
         for fold in plan.folds:
             finished = tracking.latest_fold_run(plan.experiment, config_hash(cfg), fold, statuses=("FINISHED",),
                                                 manifest_hash=data_hash(cfg))
-            table = run_per_case(finished) if finished is not None else train_fold(
+            table = run_per_case(finished) if finished is not None else train_fold(  # type: ignore[union-attr]
                 cfg, fold, experiment=plan.experiment, parent=arm_run, progress=progress).per_case
             scores.append(float(table[spec.metric].mean()))
         return sum(scores) / len(scores)

@@ -170,9 +170,9 @@ def flip(images: np.ndarray, target: np.ndarray | None, flips: Flips) -> tuple[n
         raise ValueError(f"flips must name the 3 spatial axes (z, y, x), got {flips}")
     axes = [axis for axis, f in enumerate(flips) if f]
     if axes:
-        images = np.flip(images, axis=[images.ndim - 3 + a for a in axes])
+        images = np.flip(images, axis=tuple(images.ndim - 3 + a for a in axes))
         if target is not None:
-            target = np.flip(target, axis=[target.ndim - 3 + a for a in axes])
+            target = np.flip(target, axis=tuple(target.ndim - 3 + a for a in axes))
     return np.ascontiguousarray(images), None if target is None else np.ascontiguousarray(target)
 
 

@@ -35,6 +35,7 @@ import re
 import shutil
 import sys
 import time
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,7 +170,7 @@ class Cache:
         they disagree: run `brats-lab data prepare` again.
         """
         record = self._record(case_id)
-        out = []
+        out: list[Any] = []
         for name in ("images", "labels"):
             info = record["arrays"].get(name)
             if info is None:
@@ -474,7 +475,7 @@ def _hash_inputs(case: Case, root: Path, known: dict, verify_hashes: bool) -> di
         # A record without `racy` or `ctime_ns` (older manifests) is not trusted either.
         same = prev is not None and prev.get("racy") is False and all(prev.get(k) == v for k, v in seen.items())
         try:
-            sha = prev["sha256"] if same and not verify_hashes else _sha256_file(path)
+            sha = prev["sha256"] if same and not verify_hashes else _sha256_file(path)  # type: ignore[index]
         except PermissionError:
             raise DataError(f"{case.id}: {path}: permission denied (the file cannot be read)") from None
         out[name] = {**seen, "sha256": sha, "racy": racy}

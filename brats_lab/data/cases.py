@@ -187,7 +187,7 @@ def _case(folder: Path, layout: Layout) -> Case:
     seg = _find(files, folder, case_id, layout, layout.seg_suffix, problems)
     notes: tuple[str, ...] = ()
     if not seg.is_file():
-        seg, notes = _find_odd_seg({n: ps[0] for n, ps in files.items()}, images, case_id, layout)
+        seg, notes = _find_odd_seg({n: ps[0] for n, ps in files.items()}, images, case_id, layout)  # type: ignore[assignment]
     return Case(id=case_id, dir=folder, images=images, seg=seg, layout=layout, notes=notes, problems=tuple(problems))
 
 

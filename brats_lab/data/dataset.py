@@ -92,7 +92,7 @@ class TrainPatches(Dataset):
         image = crop(images, where)
         target = self.cache.entry(case_id).convention.to_regions(crop(labels, where))
         params = aug.sample(self.augment, rng, image.shape)
-        image, target = aug.apply(image, target, params)
+        image, target = aug.apply(image, target, params)  # type: ignore[assignment]
         self.last_params = (case_id, where, params)
         return _tensor(image, np.float32), _tensor(target, np.bool_)
 

@@ -127,7 +127,7 @@ def synthesize(
     above 0 and there are two or more cases). `out/phantom.json` records what was generated.
     """
     out = Path(out)
-    shape = tuple(int(s) for s in shape)
+    shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
     if cases < 0:
         raise ValueError(f"cases must be >= 0, got {cases}")
     if len(shape) != 3 or min(shape) < 8:
@@ -532,10 +532,10 @@ def _sample_tumour(rng: np.random.Generator, anatomy: _Anatomy, lgg: bool) -> _T
         edema = float(rng.uniform(4.0, 28.0))
         rim = float(rng.uniform(2.5, 6.0))
     return _Tumour(
-        centre_mm=tuple(float(v) for v in centre_mm),
+        centre_mm=tuple(float(v) for v in centre_mm),  # type: ignore[arg-type]
         hemisphere=hemisphere,
         radius_mm=radius,
-        axes=axes,
+        axes=axes,  # type: ignore[arg-type]
         rotation=tuple(float(v) for v in q.ravel()),
         irregularity=float(rng.uniform(0.15, 0.35)),
         rim_mm=rim,

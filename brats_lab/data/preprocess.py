@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from brats_lab import DataError
+from brats_lab.config import MODEL_STRIDE
 from brats_lab.data.cases import MODALITIES, Case
 from brats_lab.io import Geometry, read_volume
 from brats_lab.labels import LabelConvention
@@ -148,9 +149,10 @@ def bbox_from_list(values: Sequence[Sequence[int]]) -> BBox:
 Pads = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (before, after) per z, y, x
 
 
-def pad_to_multiple(array: np.ndarray, multiple: int = 16) -> tuple[np.ndarray, Pads]:
-    """Zero-pad the end of each spatial axis up to a multiple of `multiple` (inference: the network
-    halves the size four times). Returns the padded array and the pads `unpad` needs."""
+def pad_to_multiple(array: np.ndarray, multiple: int = MODEL_STRIDE) -> tuple[np.ndarray, Pads]:
+    """Zero-pad the end of each spatial axis up to a multiple of `multiple` (by default
+    `config.MODEL_STRIDE`, 8: the networks halve the size three times; callers pass
+    `data.pad_multiple`). Returns the padded array and the pads `unpad` needs."""
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     pads = tuple((0, -n % multiple) for n in array.shape[-3:])
@@ -160,7 +162,7 @@ def pad_to_multiple(array: np.ndarray, multiple: int = 16) -> tuple[np.ndarray, 
 def unpad(array: np.ndarray, pads: Pads) -> np.ndarray:
     """Inverse of `pad_to_multiple` (or of any (before, after) padding of the last three axes)."""
     index = tuple(slice(before, n - after) for (before, after), n in zip(pads, array.shape[-3:]))
-    return array[(..., *index)]
+    return array[(..., *index)]  # type: ignore[arg-type]
 
 
 def _pad(array: np.ndarray, pads: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -205,7 +207,7 @@ def sample_crop(shape: Sequence[int], size: int | Sequence[int], rng: np.random.
 def crop(array: np.ndarray, params: CropParams) -> np.ndarray:
     """Apply a sampled patch to the last three axes of `array` (deterministic)."""
     index = tuple(slice(a, a + n) for a, n in zip(params.starts, params.sizes))
-    return _pad(array[(..., *index)], params.pads)
+    return _pad(array[(..., *index)], params.pads)  # type: ignore[arg-type]
 
 
 def random_crop(

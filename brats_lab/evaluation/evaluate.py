@@ -206,7 +206,7 @@ def _score_legacy(
         problems.append(f"{case.id}: both {found[0].name} and {found[1].name} in {pred_dir}; scored {found[0].name}")
     pred_path = found[0]
     try:
-        ref, ref_geometry = read_volume(case.seg)
+        ref, ref_geometry = read_volume(case.seg)  # type: ignore[arg-type]
     except DataError as e:
         return "unreadable", worst, [*problems, f"{case.id}: reference unreadable: {e}"], None
     if bad := _reference_problem(case, ref, ref_geometry):

@@ -73,7 +73,7 @@ from brats_lab.evaluation.metrics import (
     _nonzero_union,
     case_metrics,
 )
-from brats_lab.labels import LabelConvention
+from brats_lab.labels import BRATS_2023, LabelConvention
 
 LEGACY_RULES = "brats2020"  # the BraTS 2020 metrics alone (evaluation/metrics.py)
 
@@ -90,7 +90,7 @@ LESION_METRICS: tuple[str, ...] = (
     "lesion_fn",
 )
 
-_GLI_REGIONS = {"ET": (3,), "TC": (1, 3), "WT": (1, 2, 3)}
+_GLI_REGIONS = dict(BRATS_2023.regions)  # ET 3, TC 1 or 3, WT 1, 2 or 3: the 2023+ glioma labels
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
 
@@ -447,10 +447,10 @@ def _pieces(union: np.ndarray) -> list[tuple[slice, ...]]:
         if not profiles[0].any():
             continue
         # Tighten the box, then cut it at its first inner empty plane, if any.
-        spans = [(int(np.argmax(p)), len(p) - int(np.argmax(p[::-1]))) for p in profiles]
+        spans = [(int(np.argmax(p)), len(p) - int(np.argmax(p[::-1]))) for p in profiles]  # type: ignore[arg-type, index]
         tight = tuple(slice(b.start + lo, b.start + hi) for b, (lo, hi) in zip(box, spans))
         for axis, (p, (lo, hi)) in enumerate(zip(profiles, spans)):
-            empty = np.flatnonzero(~p[lo:hi])
+            empty = np.flatnonzero(~p[lo:hi])  # type: ignore[index]
             if empty.size:
                 cut = tight[axis].start + int(empty[0])
                 for part in (slice(tight[axis].start, cut), slice(cut + 1, tight[axis].stop)):
@@ -485,7 +485,7 @@ class _Lesions:
                     first.append((box[0].start + zs.start, box[1].start + ys.start + y, box[2].start + xs.start + x))
                 keys.append(np.ravel_multi_index(np.array(first).T, mask.shape))
                 owners.append(np.stack([np.full(n, i), np.arange(1, n + 1)], axis=1))
-        self.n = int(sum(len(k) for k in keys))
+        self.n = int(sum(len(k) for k in keys))  # type: ignore[arg-type, misc]
         self.where = np.zeros((self.n + 1, 2), dtype=np.int64)
         self.area = np.zeros(self.n + 1, dtype=np.int64)
         self.ids = [np.zeros(len(self.box_list(i)) + 1, dtype=np.int64) for i in range(len(self.labels))]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -120,6 +120,16 @@ def metric_direction(name: str) -> Literal["higher", "lower"]:
 def lower_is_better(name: str) -> bool:
     """True for a metric where lower is better (HD95, lesion false positives...); see `metric_direction`."""
     return metric_direction(name) == "lower"
+
+
+def ranking_metrics(columns: Iterable[str]) -> tuple[str, str]:
+    """The Dice and HD95 metrics that rank cases and compare arms, by the rules of the data:
+    lesion-wise (`lesion_dice`, `lesion_hd95`) when the per-case table's `columns` have them (2023+
+    labels, see `lesionwise.py`), else the BraTS 2020 `dice` and `hd95`. A DataFrame iterates over
+    its column names, so `ranking_metrics(per_case)` reads."""
+    if any(str(c).startswith("lesion_dice_") for c in columns):
+        return ("lesion_dice", "lesion_hd95")
+    return ("dice", "hd95")
 
 
 def dice_from_counts(overlap: int, n_pred: int, n_ref: int) -> float:
@@ -221,7 +231,7 @@ def _nonzero_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
     """Bounding box of the nonzero voxels plus a 1-voxel margin, clipped to the array; None if empty."""
-    box = []
+    box: list[slice] = []
     for axis in range(mask.ndim):
         # Reduce over the other axes of the part already known to hold the object: each axis after
         # the first looks at a smaller block.
@@ -275,7 +285,7 @@ def _score(
     elif fp == 0 and fn == 0:
         hd95 = 0.0  # identical masks: every surface distance is 0
     else:
-        hd95 = _hd95(pred, ref, spacing)
+        hd95 = _hd95(pred, ref, spacing)  # type: ignore[arg-type]  # not None: both masks hold voxels here
     return RegionMetrics(dice=dice, sensitivity=sensitivity, specificity=specificity, hd95=hd95)
 
 
@@ -308,7 +318,7 @@ def _surface(mask: np.ndarray, pad: np.ndarray) -> np.ndarray:
         lo[axis], hi[axis] = slice(None, -1), slice(1, None)
         eroded[tuple(hi)] &= mask[tuple(lo)]
         eroded[tuple(lo)] &= mask[tuple(hi)]
-        lo[axis], hi[axis] = 0, -1
+        lo[axis], hi[axis] = 0, -1  # type: ignore[call-overload]  # an int index: the border plane
         eroded[tuple(lo)] = False
         eroded[tuple(hi)] = False
     out = np.zeros(tuple(n + 2 * p for n, p in zip(mask.shape, pad)), dtype=bool)

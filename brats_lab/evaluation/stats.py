@@ -369,7 +369,7 @@ def compare_arms(
                     "p_value": wilcoxon_paired(a, b),
                 }
             )
-        adjusted = holm([r["p_value"] for r in arm_rows])
+        adjusted = holm([float(r["p_value"]) for r in arm_rows])  # type: ignore[arg-type]  # the rows' p-values are floats
         for row, p_adj, d in zip(arm_rows, adjusted, diffs):
             row["p_holm"] = float(p_adj)
             row["verdict"] = verdict(str(row["metric"]), d, float(p_adj), alpha)

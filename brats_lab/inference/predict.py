@@ -204,7 +204,7 @@ def resolve_runs(run_ids: list[str], root: Path | None = None) -> list[str]:
             children = tracking.find_runs(experiment, {"kind": "fold", "mlflow.parentRunId": run.id}, statuses=("FINISHED",), root=root)
             if not children:
                 raise DataError(f"run {run_id}: an arm run without finished folds")
-            newest = {}  # a fold trained twice counts once: its newest run (find_runs is newest first)
+            newest: dict[Any, Any] = {}  # a fold trained twice counts once: its newest run (find_runs is newest first)
             for child in children:
                 newest.setdefault(child.tags.get("fold"), child.id)
             folds += [newest[f] for f in sorted(newest)]

@@ -14,22 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from brats_lab.config import MODEL_NAMES, ModelConfig
+from brats_lab.config import MODEL_NAMES, NETWORKS, TINY_SUFFIX, ModelConfig
+from brats_lab.models import unet as _networks
 from brats_lab.models.layers import CBAM, group_count, norm_layer
 from brats_lab.models.unet import STRIDE, AttEquiUnet, AttEquiUnetWoo, EquiUnet, Unet
 
-# Name -> class. A `*_tiny` name is the same class; `ModelConfig` pins its width to 4.
+# Name -> class, from the registry `brats_lab.config.NETWORKS` (which config checks names against
+# without torch). A `*_tiny` name is the same class; `ModelConfig` pins its width to 4.
 MODELS: dict[str, type[nn.Module]] = {
-    "unet": Unet,
-    "equiunet": EquiUnet,
-    "att_equiunet": AttEquiUnet,  # the authors' Att_EquiUnet (their CBAM)
-    "att_equiunet_woo": AttEquiUnetWoo,  # the CBAM paper's spatial gate instead: not the paper's network
-    "unet_tiny": Unet,
-    "equiunet_tiny": EquiUnet,
-    "att_equiunet_tiny": AttEquiUnet,
-    "att_equiunet_woo_tiny": AttEquiUnetWoo,
+    name: getattr(_networks, NETWORKS[name.removesuffix(TINY_SUFFIX)]) for name in MODEL_NAMES
 }
-assert tuple(MODELS) == MODEL_NAMES, "brats_lab.config.MODEL_NAMES must list the registry"
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -105,7 +105,7 @@ class _UNet3D(nn.Module):
             # On bottom, bottom_2, decoder3, decoder2: coarse to fine.
             self.deep_heads = nn.ModuleList(DeepSupervisionHead(c, out_channels) for c in (f[3], f[2], f[1], f[0]))
         else:
-            self.deep_heads = None
+            self.deep_heads = None  # type: ignore[assignment]  # no heads: forward checks for None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -124,8 +124,8 @@ class _UNet3D(nn.Module):
         # can start on over much of the brain, and the Dice loss's gradient to switch it off
         # vanishes as the predicted volume grows (seen for ET on phantoms, pipeline B).
         for head in [self.head, *(h.conv for h in self.deep_heads or [])]:
-            nn.init.normal_(head.weight, std=0.01)
-            nn.init.constant_(head.bias, HEAD_PRIOR_LOGIT)
+            nn.init.normal_(head.weight, std=0.01)  # type: ignore[arg-type, union-attr]  # a Conv3d
+            nn.init.constant_(head.bias, HEAD_PRIOR_LOGIT)  # type: ignore[arg-type, union-attr]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """(B, C_in, D, H, W) -> logits (B, C_out, D, H, W), or `(logits, [aux x 4])` when deep

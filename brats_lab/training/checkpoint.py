@@ -9,7 +9,8 @@ Two files per fold run, in the run's artifact folder when the store is local:
 
 Both carry the resolved config (`config`, as `config.to_dict`) and its `config_hash`, so a model
 file alone rebuilds its network (nanoGPT's checkpoints do the same). `inference/predict.py` and
-`ablation/` read this module, never the trainer. Needs torch and `brats_lab.io` only.
+`ablation/` read this module, never the trainer. Needs torch, `brats_lab.config`, `brats_lab.io`
+and `brats_lab.run_files` only.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Iterator, Literal, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from brats_lab import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Rank 0 validates and writes checkpoints while the others wait in their next collective; the
 # default timeout (10 min for NCCL) can be shorter than a validation of a full fold.
@@ -129,10 +133,30 @@ class NoRun:
     """Stands in for the MLflow run on the processes other than rank 0, which log nothing: a
     `tracking.RunLog`, as `tracking.Run` is."""
 
+    id = ""  # no run: rank 0 reports the run's id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        pass
+
+    def log_table(self, df: pd.DataFrame, name: str) -> None:
+        pass
+
+    def artifact_dir(self) -> Path | None:
+        return None
+
+    def reopen(self) -> None:
         pass
 
     def finish(self, status: Literal["FINISHED", "FAILED", "KILLED"] = "FINISHED") -> None:

@@ -96,7 +96,7 @@ class Ranger(RAdam):
         self.param_groups[-1].setdefault("lookahead_step", 0)
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         """One Ranger step; `closure` (optional) re-evaluates the model and returns the loss."""
         loss = None
         if closure is not None:
@@ -111,7 +111,11 @@ class Ranger(RAdam):
             # after RAdam's update because RAdam initializes a parameter's state only when empty.
             fresh = [p for p in group["params"] if p.grad is not None and "slow" not in self.state[p]]
             initial = [p.detach().clone() for p in fresh]
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            exp_avgs: list[torch.Tensor] = []
+            exp_avg_sqs: list[torch.Tensor] = []
+            steps: list[Any] = []
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
             # The functional update rather than super().step(): the base class's step is wrapped
             # with the optimizer hooks, which would then run twice per Ranger step.

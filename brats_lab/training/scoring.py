@@ -35,8 +35,9 @@ def validate(model: torch.nn.Module, volumes: WholeVolumes, loss_fn, device: tor
     In eval mode the models return the main output only, so this is the main head's loss.
     """
     model.eval()
-    losses, dice = [], {r: [] for r in REGIONS}
-    for item in volumes:
+    losses: list[float] = []
+    dice: dict[str, list[float]] = {r: [] for r in REGIONS}
+    for item in volumes:  # type: ignore[attr-defined]
         logits = predict_logits(model, item.image, device, amp_dtype)  # (3, Z, Y, X) float32
         target = item.target.to(device)
         pred = logits > 0  # sigmoid > 0.5
@@ -76,7 +77,7 @@ def score_cases(
         path = workdir / run_files.prediction(item.case_id)
         labels = label_map(regions, item.pads, entry.convention, entry.bbox, entry.geometry.shape)
         write_image(labels, entry.geometry, path)
-        reference, _ = read_image(segs[item.case_id])
+        reference, _ = read_image(segs[item.case_id])  # type: ignore[arg-type]
         # The rules of the data: the BraTS 2020 columns always, the lesion-wise ones on 2023+ labels.
         rows.append({"case": item.case_id, **case_scores(labels, reference, entry.geometry.spacing_zyx, entry.convention)})
         predictions[item.case_id] = (labels, reference)

@@ -13,7 +13,7 @@ def train_step(forward, image, target, optimizer, scaler, loss_fn, weighting: st
     float32, backward with loss scaling (a no-op unless fp16), step. Returns the loss."""
     with torch.autocast(image.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         output = forward(image)
-    loss = output_loss(output, target, loss_fn, weighting)
+    loss = output_loss(output, target, loss_fn, weighting)  # type: ignore[arg-type]
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from brats_lab import DataError, precision, run_files
+from brats_lab import DataError, UserError, precision, run_files
 from brats_lab.config import ExperimentConfig, config_hash, flatten, to_dict
 from brats_lab.data.cache import Cache, prepare
 from brats_lab.data.dataset import EpochSampler, TrainPatches, WholeVolumes
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 EXPERIMENT = "brats-lab"  # the MLflow experiment of trainings outside an ablation
 
 
-class TrainingDiverged(DataError):
+class TrainingDiverged(UserError):
     """The training loss stopped being finite: the weights are lost, the run is FAILED."""
 
 
@@ -100,7 +100,7 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
     rank, processes = distributed.rank_and_size()  # (0, 1) unless launched by torchrun
     is_main = rank == 0  # the process that logs, validates and writes
     progress = progress and is_main
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # `device` as given, `dev` as used
 
     # --- data, runs --------------------------------------------------------------------------
     cache, train_ids, val_ids = _fold_data(cfg, fold, processes, is_main, progress)
@@ -112,12 +112,12 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
 
     # --- model, optimizer, loss, precision ------------------------------------------------------
     seed = cfg.train.run_seed(fold)  # this fold's own: weights, patch order, crops, augmentation
-    model, forward = _model(cfg, seed, device, processes)  # forward: for training steps (DDP, compiled)
+    model, forward = _model(cfg, seed, dev, processes)  # forward: for training steps (DDP, compiled)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
-    amp_dtype = precision.autocast_dtype(cfg.train.amp, device)
+    amp_dtype = precision.autocast_dtype(cfg.train.amp, dev)
     if is_main and progress:
-        print(precision.describe(cfg.train.amp, device), file=sys.stderr)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        print(precision.describe(cfg.train.amp, dev), file=sys.stderr)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
     loss_fn = make_loss(cfg.train.loss, cfg.train.dice_eps)
     # Several processes: the Dice of the global batch, its sums added over the processes.
     train_loss_fn = loss_fn if processes == 1 else make_loss(cfg.train.loss, cfg.train.dice_eps, distributed.global_sum)
@@ -126,8 +126,8 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
     best: dict[str, Any] = {"loss": float("inf"), "epoch": -1, "state": None}
     start_epoch = 0
     if resume:
-        optimizer, best, start_epoch = _restore(state, model, optimizer, scaler, average, cfg, device, processes)
-    _tag_run(run, resume, model, device, amp_dtype, processes)
+        optimizer, best, start_epoch = _restore(state, model, optimizer, scaler, average, cfg, dev, processes)
+    _tag_run(run, resume, model, dev, amp_dtype, processes)
     if tags:
         run.set_tags(tags)
     patches, sampler, loader = _loader(cfg, seed, cache, train_ids, rank, processes)
@@ -147,7 +147,7 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
             patches.set_epoch(epoch)
             sampler.set_epoch(epoch)
 
-            losses, data_seconds = _train_epoch(model, forward, loader, optimizer, scaler, train_loss_fn, cfg, device, amp_dtype, bar)
+            losses, data_seconds = _train_epoch(model, forward, loader, optimizer, scaler, train_loss_fn, cfg, dev, amp_dtype, bar)
             _stop_if_diverged(losses, epoch, fold, cfg)
             metrics = {"train_loss": float(np.mean(losses)), "lr": lr, "epoch_data_seconds": data_seconds,
                        "epoch_step_seconds": time.perf_counter() - tic - data_seconds}
@@ -156,7 +156,7 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
             last = epoch == epochs - 1
             validated = time.perf_counter()
             if is_main and ((epoch + 1) % cfg.train.val_every == 0 or last):
-                val = validate(model, volumes, loss_fn, device, amp_dtype)
+                val = validate(model, volumes, loss_fn, dev, amp_dtype)
                 metrics.update(val)
                 if val["val_loss"] < best["loss"]:
                     best = {"loss": val["val_loss"], "epoch": epoch, "state": _copy_state(model)}
@@ -164,12 +164,12 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
             if epoch in snapshots:
                 average.update(model.state_dict())
             metrics["epoch_seconds"] = time.perf_counter() - tic
-            if device.type == "cuda":  # the peak so far, for sizing batches and patches
-                metrics["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if dev.type == "cuda":  # the peak so far, for sizing batches and patches
+                metrics["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
             run.log_metrics(metrics, step=epoch)
 
             if is_main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last):
-                checkpoint.save(workdir / run_files.CHECKPOINT, checkpoint.training_state(epoch, model, optimizer, scaler, average, best, cfg, device))
+                checkpoint.save(workdir / run_files.CHECKPOINT, checkpoint.training_state(epoch, model, optimizer, scaler, average, best, cfg, dev))
         bar.close()
         if not is_main:
             return None  # rank 0 makes, scores and logs the final model
@@ -177,7 +177,7 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
         # --- final weights, scored in the original geometry -----------------------------------
         chosen = load_final_weights(model, average, best, cfg.train.keep)
         checkpoint.save(workdir / run_files.FINAL_MODEL, checkpoint.model_state(model, cfg, fold))
-        per_case = score_cases(model, cache, volumes, Path(cfg.data.dataset), device, amp_dtype, workdir, progress)
+        per_case = score_cases(model, cache, volumes, Path(cfg.data.dataset), dev, amp_dtype, workdir, progress)
         run.log_metrics({f"final_{c}": float(per_case[c].mean()) for c in per_case.columns if c != "case"}, step=epochs - 1)
         run.log_table(per_case, run_files.PER_CASE)
         run.set_tags({"final_model": chosen, "wall_seconds": f"{time.perf_counter() - started:.0f}"})
@@ -228,12 +228,12 @@ def _open_runs(
     if parent is None and arm.status != "RUNNING":  # a training of our own: the arm runs while a fold does
         arm.reopen()
     if not resume:
-        run = tracking.fold_run(arm, fold, name=f"pipeline {cfg.pipeline} fold {fold}")
-        run.log_params(flatten(cfg))
-        run.log_dict(to_dict(cfg), run_files.CONFIG)
-        run.set_tags({"manifest_hash": cache.manifest_hash, "train_cases": str(len(train_ids)), "val_cases": str(len(val_ids)),
+        new = tracking.fold_run(arm, fold, name=f"pipeline {cfg.pipeline} fold {fold}")
+        new.log_params(flatten(cfg))
+        new.log_dict(to_dict(cfg), run_files.CONFIG)
+        new.set_tags({"manifest_hash": cache.manifest_hash, "train_cases": str(len(train_ids)), "val_cases": str(len(val_ids)),
                       "run_seed": str(cfg.train.run_seed(fold))})  # the seed it trains with (param train.seed is the arm's)
-        return arm, run, None
+        return arm, new, None
     run = tracking.latest_fold_run(experiment, chash, fold, statuses=("RUNNING", "FAILED", "KILLED"), root=project_root)
     if run is None:
         raise DataError(f"nothing to resume: no unfinished run of fold {fold} for this configuration (hash {chash[:12]})")
@@ -251,12 +251,12 @@ def _model(cfg: ExperimentConfig, seed: int, device: torch.device, processes: in
     torch.manual_seed(seed)
     model = build_model(cfg.model).to(device)
     if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+        model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's stubs omit memory_format
     # Training patches have one shape: let cuDNN pick its fastest kernels for it (measured 1.15x on
     # an H100). Validation volumes vary in shape, so they run on the uncompiled `model`.
     torch.backends.cudnn.benchmark = device.type == "cuda"
     forward = model if processes == 1 else torch.nn.parallel.DistributedDataParallel(model)  # averages gradients
-    return model, torch.compile(forward) if cfg.train.compile else forward
+    return model, torch.compile(forward) if cfg.train.compile else forward  # type: ignore[return-value]  # compiled: called as the module
 
 
 def _restore(
@@ -344,7 +344,7 @@ def load_final_weights(model: torch.nn.Module, average: WeightAverage, best: dic
     return "last epoch"
 
 
-def _upload(run: Any, workdir: Path) -> None:
+def _upload(run: RunLog, workdir: Path) -> None:
     """With a remote artifact store, upload what was written locally (with a local one the files
     are already the run's artifacts)."""
     if run.artifact_dir() is not None:

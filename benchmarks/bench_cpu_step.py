@@ -55,8 +55,8 @@ def seconds_per_call(call, warmup: int, repeats: int) -> float:
     return (time.perf_counter() - tic) / repeats
 
 
-def floor(cfg, dtype, repeats: int) -> tuple[float, float]:
-    """(the trainer's step on a fixed batch, forward + backward alone), seconds per step."""
+def fixed_step(cfg, dtype):
+    """(the trainer's step on one fixed batch, as a call; its model, batch and loss), seeded."""
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     optimizer = build_optimizer(model.parameters(), cfg.optim)
@@ -67,6 +67,13 @@ def floor(cfg, dtype, repeats: int) -> tuple[float, float]:
 
     def step() -> None:
         train_step(model, image, target, optimizer, scaler, loss_fn, weighting, dtype)
+
+    return step, (model, image, target, loss_fn, weighting)
+
+
+def floor(cfg, dtype, repeats: int) -> tuple[float, float]:
+    """(the trainer's step on a fixed batch, forward + backward alone), seconds per step."""
+    step, (model, image, target, loss_fn, weighting) = fixed_step(cfg, dtype)
 
     def forward_backward() -> None:
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -21,30 +21,15 @@ import time
 
 import torch
 
-from benchmarks.bench_cpu_step import fixed_batch
+from bench_cpu_step import fixed_step  # this folder, as a script runs it
 from brats_lab.ablation.spec import load_ablation
-from brats_lab.models import build_model
-from brats_lab.training.losses import make_loss
-from brats_lab.training.optim import build_optimizer
-from brats_lab.training.step import train_step
 
 
 def steps_seconds(ablation_name: str, threads: int, steps: int, start=None) -> float:
     """Seconds for `steps` float32 steps of every arm of the ablation, after a warm-up."""
     torch.set_num_threads(threads)
     ablation = load_ablation(ablation_name)
-    calls = []
-    for arm in ablation.arms:
-        cfg = ablation.arm_config(arm, "cpu", ["train.amp=off"])
-        torch.manual_seed(0)
-        model = build_model(cfg.model).train()
-        optimizer = build_optimizer(model.parameters(), cfg.optim)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        loss_fn = make_loss(cfg.train.loss, cfg.train.dice_eps)
-        image, target = fixed_batch(cfg)
-        weighting = cfg.train.deep_supervision_weighting
-        calls.append(lambda m=model, o=optimizer, s=scaler, f=loss_fn, x=image, y=target, w=weighting:
-                     train_step(m, x, y, o, s, f, w, None))
+    calls = [fixed_step(ablation.arm_config(arm, "cpu", ["train.amp=off"]), None)[0] for arm in ablation.arms]
     for call in calls:
         call()
         call()

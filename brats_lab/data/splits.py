@@ -151,6 +151,26 @@ def load_splits(
     return [{"train": list(s["train"]), "val": list(s["val"])} for s in splits]
 
 
+def splits_path(folder: Path | str, method: str, folds: int, seed: int) -> Path:
+    """Where the folds of a dataset are kept (beside its cache): one file per method, fold count and seed."""
+    prefix = "" if method == "brats-lab" else f"{method}_"  # the first method's files kept their old name
+    return Path(folder) / f"splits_{prefix}{folds}folds_seed{seed}.json"
+
+
+def kept_splits(folder: Path | str, case_ids: Sequence[str], manifest_hash: str, folds: int, seed: int,
+                method: str, dataset: str) -> list[Split]:
+    """The folds of this data, made once and kept in `folder` so every run uses the same: read
+    back (and checked against the data) if kept, else made and kept."""
+    path = splits_path(folder, method, folds, seed)
+    if path.is_file():
+        return load_splits(path, manifest_hash, case_ids)
+    if len(case_ids) < folds:
+        raise DataError(f"{dataset}: {len(case_ids)} cases cannot make {folds} folds")
+    splits = make_splits(case_ids, folds, seed, method)
+    save_splits(path, splits, manifest_hash, seed)
+    return splits
+
+
 def _check(splits: Sequence[Split], where: str) -> None:
     """Every case in exactly one val fold; each fold's train is exactly the other folds' val."""
     if len(splits) < 2:

@@ -44,7 +44,7 @@ from brats_lab import DataError, UserError, precision, run_files
 from brats_lab.config import ExperimentConfig, config_hash, flatten, to_dict
 from brats_lab.data.cache import Cache, prepare
 from brats_lab.data.dataset import EpochSampler, TrainPatches, WholeVolumes
-from brats_lab.data.splits import load_splits, make_splits, save_splits, training_cases
+from brats_lab.data.splits import kept_splits, training_cases
 from brats_lab.labels import REGIONS
 from brats_lab.models import build_model, count_parameters
 from brats_lab.training import checkpoint, distributed
@@ -204,7 +204,8 @@ def _fold_data(cfg: ExperimentConfig, fold: int, processes: int, is_main: bool, 
         raise DataError(f"{unlabelled[0]}: no segmentation file in {cfg.data.dataset}"
                         + (f" (nor in {len(unlabelled) - 1} more cases)" if len(unlabelled) > 1 else "")
                         + "; training needs one per case")
-    splits = _splits(cache, cfg)
+    splits = kept_splits(cache.dir, cache.case_ids, cache.manifest_hash, cfg.data.folds, cfg.data.seed, cfg.data.split,
+                         cfg.data.dataset)
     if not 0 <= fold < len(splits):
         raise DataError(f"fold {fold} does not exist: the splits have folds 0 to {len(splits) - 1}")
     train_ids, val_ids = splits[fold]["train"], splits[fold]["val"]
@@ -362,19 +363,6 @@ def _close(run: RunLog, own_arm: RunLog | None, status: Literal["FINISHED", "FAI
     run.finish(status)
     if own_arm is not None:
         own_arm.finish(status)
-
-
-def _splits(cache: Cache, cfg: ExperimentConfig) -> list[dict]:
-    """The folds of this data, made once and kept beside the cache so every run uses the same."""
-    method = "" if cfg.data.split == "brats-lab" else f"{cfg.data.split}_"  # the old name for the old method
-    path = cache.dir / f"splits_{method}{cfg.data.folds}folds_seed{cfg.data.seed}.json"
-    if path.is_file():
-        return load_splits(path, cache.manifest_hash, cache.case_ids)
-    if len(cache.case_ids) < cfg.data.folds:
-        raise DataError(f"{cfg.data.dataset}: {len(cache.case_ids)} cases cannot make {cfg.data.folds} folds")
-    splits = make_splits(cache.case_ids, cfg.data.folds, cfg.data.seed, cfg.data.split)
-    save_splits(path, splits, cache.manifest_hash, cfg.data.seed)
-    return splits
 
 
 def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

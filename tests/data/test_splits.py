@@ -198,3 +198,20 @@ def test_folds_are_disjoint_complete_and_independent_of_the_training_seed(tmp_pa
         assert folds_of(other_seed, tmp_path / f"{draw}-b", case_ids) == got, f"{where}: the folds follow train.seed"
         assert folds_of(other_seed, tmp_path / f"{draw}-a", case_ids) == got, where
     assert refused > 0  # the draws reach an exclude list that empties a fold
+
+
+def test_kept_splits_are_made_once_per_method_and_read_back_checked(tmp_path):
+    from brats_lab.data.splits import kept_splits, splits_path
+
+    ids = [f"BraTS20_Training_{i:03d}" for i in range(1, 11)]
+    first = kept_splits(tmp_path, ids, "hash-a", 5, 7, "brats-lab", "d")
+    assert splits_path(tmp_path, "brats-lab", 5, 7).name == "splits_5folds_seed7.json"  # the name runs kept before
+    assert splits_path(tmp_path, "authors", 5, 7).name == "splits_authors_5folds_seed7.json"
+    assert (tmp_path / "splits_5folds_seed7.json").is_file()
+    assert kept_splits(tmp_path, ids, "hash-a", 5, 7, "brats-lab", "d") == first  # read back, not made again
+    authors = kept_splits(tmp_path, ids, "hash-a", 5, 7, "authors", "d")
+    assert (tmp_path / "splits_authors_5folds_seed7.json").is_file() and authors == make_splits(ids, 5, 7, "authors")
+    with pytest.raises(DataError, match="manifest"):  # the kept folds of other data are refused
+        kept_splits(tmp_path, ids, "hash-b", 5, 7, "brats-lab", "d")
+    with pytest.raises(DataError, match="d: 3 cases cannot make 5 folds"):
+        kept_splits(tmp_path / "other", ids[:3], "hash-a", 5, 7, "brats-lab", "d")

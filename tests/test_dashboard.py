@@ -38,7 +38,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
             arm = tracking.arm_run("ablation-attention", chash, arm_name, {"model": arm_name}, parent=study)
             for fold in range(2):
                 with tracking.fold_run(arm, fold, f"{arm_name} fold {fold}") as run:
-                    run.log_table(_per_case(offset, fold), db.PER_CASE)
+                    run.log_table(_per_case(offset, fold), run_files.PER_CASE)
             arm.finish()
         study.log_table(pd.DataFrame({  # as compare_arms writes it
             "arm": ["attention"], "metric": ["dice_ET"], "n": [6], "mean_baseline": [0.6], "mean_arm": [0.55],
@@ -52,7 +52,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         half.log_params({"arms": "baseline,instance", "folds": "1"})
         arm = tracking.arm_run("ablation-norm", "n0", "baseline", {}, parent=half)
         with tracking.fold_run(arm, 0, "baseline fold 0") as run:
-            run.log_table(_per_case(0.1, 0), db.PER_CASE)
+            run.log_table(_per_case(0.1, 0), run_files.PER_CASE)
         arm2 = tracking.arm_run("ablation-norm", "n1", "instance", {}, parent=half)
         tracking.fold_run(arm2, 0, "instance fold 0")  # left RUNNING, no metrics
 
@@ -70,7 +70,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 for fold in range(2):
                     table = _per_case(0.01 * seed + 0.004 * k * fold, fold)
                     with tracking.fold_run(arm, fold, f"{arm_name} seed {seed} fold {fold}") as run:
-                        run.log_table(table, db.PER_CASE)
+                        run.log_table(table, run_files.PER_CASE)
                     frames.append(table.assign(arm=arm_name, fold=fold, seed=seed))
                 arm.finish()
         aa.log_table(compare_runs(pd.concat(frames), "equiunet", ["dice_ET", "dice_TC", "dice_WT"]), run_files.COMPARISON)
@@ -78,7 +78,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
         training = tracking.arm_run("brats-lab", "t0", "pipeline A", {"pipeline": "A"}, root=root)
         with tracking.fold_run(training, 0, "pipeline A fold 0") as run:
-            run.log_table(_per_case(0.2, 0), db.PER_CASE)
+            run.log_table(_per_case(0.2, 0), run_files.PER_CASE)
         training.finish()
     return root
 

@@ -33,6 +33,7 @@ from brats_lab.inference.predict import (
 )
 from brats_lab.io import read_header, read_image
 from brats_lab.models import build_model
+from brats_lab.precision import autocast_dtype
 from brats_lab.run_files import FINAL_MODEL
 from brats_lab.training.checkpoint import model_state, save
 from conftest import TINY_NETWORK, ConstantLogits
@@ -318,8 +319,8 @@ def test_members_must_preprocess_alike_and_have_a_final_model(store: Path) -> No
     with pytest.raises(DataError, match=re.escape(message) + "$"):
         load_members([run_b, run_a], CPU, root=store)
     unfinished = tracking.fold_run(_arm(store, "c"), 0, "c fold 0")
-    path = unfinished.artifact_dir() / FINAL_MODEL
-    with pytest.raises(DataError, match=re.escape(f"run {unfinished.id}: no final model at {path} (did its training finish?)")):
+    expected = f"run {unfinished.id}: no final model ({FINAL_MODEL}) among its artifacts (did its training finish?)"
+    with pytest.raises(DataError, match=re.escape(expected) + "$"):
         load_members([unfinished.id], CPU, root=store)
 
 
@@ -462,12 +463,13 @@ def _by_hand(members: list[Member], image: np.ndarray, dtype: torch.dtype | None
     return (sum(o.double() for o in outputs) / len(outputs))[0].numpy()
 
 
-def test_probabilities_are_the_mean_sigmoid_in_float32_by_default() -> None:
-    """Defaults: no TTA and "auto" precision (float32 on a CPU); a float64 image is read as float32."""
+def test_probabilities_are_the_mean_sigmoid_in_the_auto_precision_by_default() -> None:
+    """Defaults: no TTA and "auto" precision (float32 on an AVX2 CPU, bf16 on one with AMX); a
+    float64 image is read as float32, and the probabilities come back in float32 either way."""
     members, image = _convolutions(2), np.random.default_rng(0).random((4, 8, 8, 8))  # float64
     got = predict_probabilities(members, image, CPU)
     assert got.shape == (3, 8, 8, 8) and got.dtype == np.float32
-    np.testing.assert_allclose(got, _by_hand(members, image, None), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, _by_hand(members, image, autocast_dtype("auto", CPU)), rtol=0, atol=1e-6)
     assert not np.allclose(got, _by_hand(members[:1], image, None), atol=1e-3)  # both members count
     assert not np.allclose(got, _by_hand(members, image, None, tta=True), atol=1e-3)  # the views differ
 
@@ -484,5 +486,5 @@ def test_probabilities_in_the_precision_asked(precision: str, dtype: torch.dtype
 
 def test_probabilities_with_tta_average_every_members_views() -> None:
     members, image = _convolutions(2), np.random.default_rng(2).random((4, 8, 8, 8)).astype(np.float32)
-    got = predict_probabilities(members, image, CPU, tta=True)
+    got = predict_probabilities(members, image, CPU, tta=True, precision="fp32")
     np.testing.assert_allclose(got, _by_hand(members, image, None, tta=True), rtol=0, atol=1e-6)

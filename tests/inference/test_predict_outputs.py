@@ -152,7 +152,7 @@ def test_the_last_validation_dice_is_that_of_each_region_thresholded_on_its_own(
     for run_id in runs:
         run = tracking.get_run(run_id, root=project)
         cases = list(pd.read_csv(run.artifact_dir() / "per_case_metrics.csv")["case"])
-        out = predict([run_id])
+        out = predict([run_id], "--precision", "fp32")  # the folds trained and validated with amp off
         dice = {r: [] for r in ("ET", "TC", "WT")}
         for case in cases:
             probabilities = _probabilities(out, case)

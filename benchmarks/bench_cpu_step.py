@@ -34,7 +34,7 @@ from brats_lab.models import build_model
 from brats_lab.precision import autocast_dtype, cpu_capabilities, cpu_runs_natively
 from brats_lab.training.losses import make_loss, output_loss
 from brats_lab.training.optim import build_optimizer
-from brats_lab.training.step import train_step
+from brats_lab.training.step import Compute, Step, train_step
 
 CPU = torch.device("cpu")
 
@@ -65,8 +65,10 @@ def fixed_step(cfg, dtype):
     image, target = fixed_batch(cfg)
     weighting = cfg.train.deep_supervision_weighting
 
+    how = Step(model, loss_fn, weighting, Compute(torch.device("cpu"), dtype))
+
     def step() -> None:
-        train_step(model, image, target, optimizer, scaler, loss_fn, weighting, dtype)
+        train_step(how, image, target, optimizer, scaler)
 
     return step, (model, image, target, loss_fn, weighting)
 

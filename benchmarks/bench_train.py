@@ -33,7 +33,7 @@ from brats_lab.config import load_config, pipeline_path
 from brats_lab.models import build_model
 from brats_lab.training.losses import make_loss
 from brats_lab.training.optim import build_optimizer
-from brats_lab.training.step import train_step
+from brats_lab.training.step import Compute, Step, train_step
 
 # Dense bf16/fp16 tensor-core peaks, TFLOP/s (vendor datasheets, without sparsity).
 PEAK_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -68,9 +68,10 @@ def make_step(cfg, device: torch.device, variant: str):
         image = image.contiguous(memory_format=torch.channels_last_3d)
     target = torch.rand(batch, 3, *cfg.data.patch_size, device=device) > 0.7
     model.train()
+    how = Step(forward, loss_fn, cfg.train.deep_supervision_weighting, Compute(device, dtype), channels_last)
 
     def step() -> None:  # the trainer's own step
-        train_step(forward, image, target, optimizer, scaler, loss_fn, cfg.train.deep_supervision_weighting, dtype)
+        train_step(how, image, target, optimizer, scaler)
 
     return step, model, image
 

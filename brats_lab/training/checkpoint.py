@@ -11,15 +11,21 @@ Both carry the resolved config (`config`, as `config.to_dict`) and its `config_h
 file alone rebuilds its network (nanoGPT's checkpoints do the same). `inference/predict.py` and
 `ablation/` read this module, never the trainer. Needs torch, `brats_lab.config`, `brats_lab.io`
 and `brats_lab.run_files` only.
+
+What a training carries from epoch to epoch is one `TrainState` (model, optimizer, loss scaler,
+SWA average, the `Best` validation so far, the last epoch trained); `training_state` writes it
+into a checkpoint and `restore` reads it back, in the same format since the first checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -28,11 +34,48 @@ from brats_lab.config import ExperimentConfig, config_hash, to_dict
 from brats_lab.io import atomic_path, write_error
 from brats_lab.run_files import CHECKPOINT
 
+if TYPE_CHECKING:
+    from brats_lab.tracking import RunLog
+    from brats_lab.training.optim import WeightAverage
+
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scaler", "average", "best", "rng", "config_hash")
 MODEL_KEYS = ("model", "config")  # what a final model needs to be rebuilt and loaded
 
 
-def workdir(run: Any, project_root: Path | None = None) -> Path:
+@dataclass
+class Best:
+    """The lowest validation loss so far, its epoch and a copy of the weights that gave it;
+    `weights` is None (and `epoch` -1) before the first validation."""
+
+    loss: float = math.inf
+    epoch: int = -1
+    weights: dict[str, torch.Tensor] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """As a checkpoint holds it (`"best"`): {"loss", "epoch", "state"}."""
+        return {"loss": self.loss, "epoch": self.epoch, "state": self.weights}
+
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> Best:
+        return cls(loss=saved["loss"], epoch=saved["epoch"], weights=saved["state"])
+
+
+@dataclass
+class TrainState:
+    """What a training carries from epoch to epoch, and what its checkpoint restores: the model,
+    its optimizer (replaced at each SWA cycle start), the loss scaler, the SWA average
+    (`optim.WeightAverage`), the best validation so far and the last epoch trained (-1 before
+    the first)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    average: WeightAverage
+    best: Best = field(default_factory=Best)
+    epoch: int = -1
+
+
+def workdir(run: RunLog, project_root: Path | None = None) -> Path:
     """Where a run's checkpoint and final model are written: the run's own artifact folder when
     the store is local, else `<project root>/mlruns/checkpoints/<run id>` on this machine."""
     local = run.artifact_dir()
@@ -41,43 +84,49 @@ def workdir(run: Any, project_root: Path | None = None) -> Path:
     return Path(project_root or Path.cwd()) / "mlruns" / "checkpoints" / run.id
 
 
-def checkpoint_path(run: Any, project_root: Path | None = None) -> Path:
+def checkpoint_path(run: RunLog, project_root: Path | None = None) -> Path:
     """Where `run`'s resumable checkpoint is, seen from this machine. With a remote artifact
     store (an MLflow server serving artifacts) it is a local folder of the machine that trained
     the run, so another machine finds nothing there."""
     return workdir(run, project_root) / CHECKPOINT
 
 
-def training_state(
-    epoch: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    average: Any,
-    best: dict[str, Any],
-    cfg: ExperimentConfig,
-    device: torch.device,
-) -> dict[str, Any]:
-    """The resumable state after `epoch`: weights, optimizer, loss scaler, the SWA average
-    (`optim.WeightAverage`), the best weights so far, the RNG states and the config."""
+def config_entries(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What every file of a training carries of its config: `config` (as `config.to_dict`) and
+    `config_hash`. A training computes them once, not at every checkpoint."""
+    return {"config": to_dict(cfg), "config_hash": config_hash(cfg)}
+
+
+def training_state(state: TrainState, config: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The checkpoint of `state` after its epoch: weights, optimizer, loss scaler, the SWA average,
+    the best weights so far, the RNG states (CUDA's too on a `device` of type cuda) and `config`
+    (`config_entries`)."""
     return {
-        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(), "average": average.state_dict(), "best": best,
+        "epoch": state.epoch, "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(), "average": state.average.state_dict(), "best": state.best.as_dict(),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-        "config": to_dict(cfg), "config_hash": config_hash(cfg),
+        **config,
     }
 
 
-def restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    """Set the RNG states saved by `training_state`."""
-    torch.set_rng_state(state["rng"]["torch"])
-    if device.type == "cuda" and state["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
+def restore(state: TrainState, saved: Mapping[str, Any], device: torch.device) -> None:
+    """Load a checkpoint written by `training_state` (`saved`, as `load` returns it) into `state`:
+    weights, optimizer, scaler, average, best and epoch, and set the RNG states it saved. The
+    optimizer must be of the kind that wrote it (the SWA phase's Adam after `train.epochs`)."""
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scaler.load_state_dict(saved["scaler"])
+    state.average.load_state_dict(saved["average"])
+    state.best = Best.from_dict(saved["best"])
+    state.epoch = saved["epoch"]
+    torch.set_rng_state(saved["rng"]["torch"])
+    if device.type == "cuda" and saved["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
 
 
 def model_state(model: torch.nn.Module, cfg: ExperimentConfig, fold: int) -> dict[str, Any]:
     """The final model file's content: weights, the config that builds them, its hash, the fold."""
-    return {"model": model.state_dict(), "config": to_dict(cfg), "config_hash": config_hash(cfg), "fold": fold}
+    return {"model": model.state_dict(), **config_entries(cfg), "fold": fold}
 
 
 def save(path: Path, state: dict) -> None:

@@ -7,7 +7,8 @@
   geometry), scored against its segmentation file with the BraTS 2020 metrics, the best and the
   worst case drawn (`viz`).
 
-The trainer imports this module and neither `io` nor `viz`.
+Both run the model where and in the precision the training's `step.Compute` says. The trainer
+imports this module and neither `io` nor `viz`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from brats_lab.data.cache import Cache
 from brats_lab.data.cases import discover
 from brats_lab.data.dataset import WholeVolumes
 from brats_lab.data.preprocess import label_map, paste_back
@@ -27,9 +27,11 @@ from brats_lab.evaluation.metrics import dice_from_counts
 from brats_lab.io import atomic_path, read_image, write_image
 from brats_lab import run_files
 from brats_lab.labels import REGIONS
+from brats_lab.training.losses import LossFn
+from brats_lab.training.step import Compute
 
 
-def validate(model: torch.nn.Module, volumes: WholeVolumes, loss_fn, device: torch.device, amp_dtype) -> dict[str, float]:
+def validate(model: torch.nn.Module, volumes: WholeVolumes, loss_fn: LossFn, compute: Compute) -> dict[str, float]:
     """Mean loss and Dice per region (threshold 0.5) over whole padded brain crops.
 
     In eval mode the models return the main output only, so this is the main head's loss.
@@ -38,8 +40,8 @@ def validate(model: torch.nn.Module, volumes: WholeVolumes, loss_fn, device: tor
     losses: list[float] = []
     dice: dict[str, list[float]] = {r: [] for r in REGIONS}
     for item in volumes:  # type: ignore[attr-defined]
-        logits = predict_logits(model, item.image, device, amp_dtype)  # (3, Z, Y, X) float32
-        target = item.target.to(device)
+        logits = predict_logits(model, item.image, compute)  # (3, Z, Y, X) float32
+        target = item.target.to(compute.device)
         pred = logits > 0  # sigmoid > 0.5
         # (4, 3): loss, then overlap, predicted and reference voxels per region; one transfer.
         counts = torch.stack([(pred & target).flatten(1).sum(1), pred.flatten(1).sum(1), target.flatten(1).sum(1)], dim=1)
@@ -50,30 +52,24 @@ def validate(model: torch.nn.Module, volumes: WholeVolumes, loss_fn, device: tor
 
 
 def score_cases(
-    model: torch.nn.Module,
-    cache: Cache,
-    volumes: WholeVolumes,
-    dataset: Path,
-    device: torch.device,
-    amp_dtype,
-    workdir: Path,
-    progress: bool,
+    model: torch.nn.Module, volumes: WholeVolumes, dataset: Path, workdir: Path, compute: Compute, *, progress: bool = False,
 ) -> pd.DataFrame:
-    """Predict each validation case whole, write it to `workdir/predictions/<case>.nii.gz` in its
-    original geometry and score it against its segmentation file with the rules of the data
-    (`lesionwise.case_scores`: one row per case with the BraTS 2020 columns dice_ET, ..., hd95_WT,
-    plus the lesion-wise ones on 2023+ labels); draw the best and worst cases to
-    `workdir/overlays/`."""
+    """Predict each case of `volumes` whole, write it to `workdir/predictions/<case>.nii.gz` in its
+    original geometry (its entry in `volumes.cache`) and score it against its segmentation file
+    in `dataset` with the rules of the data (`lesionwise.case_scores`: one row per case with the
+    BraTS 2020 columns dice_ET, ..., hd95_WT, plus the lesion-wise ones on 2023+ labels); draw
+    the best and worst cases to `workdir/overlays/`."""
     from tqdm import tqdm
 
     from brats_lab.viz import render_case
 
     model.eval()
+    cache = volumes.cache
     segs = {c.id: c.seg for c in discover(dataset)}
     rows, predictions = [], {}
     for item in tqdm(volumes, desc="validation", total=len(volumes), disable=not progress, dynamic_ncols=True):
         entry = cache.entry(item.case_id)
-        regions = (predict_logits(model, item.image, device, amp_dtype) > 0).cpu().numpy()
+        regions = (predict_logits(model, item.image, compute) > 0).cpu().numpy()
         path = workdir / run_files.prediction(item.case_id)
         labels = label_map(regions, item.pads, entry.convention, entry.bbox, entry.geometry.shape)
         write_image(labels, entry.geometry, path)
@@ -96,9 +92,9 @@ def score_cases(
     return table
 
 
-def predict_logits(model: torch.nn.Module, image: torch.Tensor, device: torch.device, amp_dtype) -> torch.Tensor:
+def predict_logits(model: torch.nn.Module, image: torch.Tensor, compute: Compute) -> torch.Tensor:
     """Logits (3, Z, Y, X) in float32 for one padded volume (4, Z, Y, X), without gradients (all
     that `validate` and `score_cases` compute comes from them, so no graph is ever built)."""
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = model(image[None].to(device))
+    with torch.no_grad(), compute.autocast():
+        logits = model(image[None].to(compute.device))
     return logits[0].float()

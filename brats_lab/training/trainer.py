@@ -4,10 +4,13 @@
     -> epochs: [SWA cycle start] lr, train steps, validation, snapshot, metrics, checkpoint
     -> final weights (SWA average, best or last) -> scoring in the original geometry -> close runs
 
-Its helpers, in this file, do one thing each: open or reopen the runs, restore a checkpoint,
-choose the final weights, upload to a remote store, close the runs with one status. The
-checkpoint format is `training/checkpoint.py`; the per-epoch validation and the final scoring
-with pictures are `training/scoring.py`.
+What changes from epoch to epoch is one `checkpoint.TrainState` (model, optimizer, loss scaler,
+SWA average, the `Best` validation so far, the last epoch trained); what every step calls is one
+`step.Step` (the module, the loss, where and in what precision it runs). Its helpers, in this
+file, do one thing each: open the arm run, open a fold run or reopen an unfinished one, restore
+a checkpoint, choose the final weights, upload to a remote store, close the runs with one
+status. The checkpoint format is `training/checkpoint.py`; the per-epoch validation and the
+final scoring with pictures are `training/scoring.py`.
 
 A checkpoint is written atomically at the end of every `checkpoint_every`-th epoch. Everything a
 resumed run needs is in it (weights, optimizer, scaler, the SWA average, the best weights, RNG
@@ -33,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -48,7 +51,7 @@ from brats_lab.data.splits import kept_splits, training_cases
 from brats_lab.labels import REGIONS
 from brats_lab.models import build_model, count_parameters
 from brats_lab.training import checkpoint, distributed
-from brats_lab.training.checkpoint import CHECKPOINT_KEYS
+from brats_lab.training.checkpoint import CHECKPOINT_KEYS, Best, TrainState
 from brats_lab.training.losses import make_loss
 from brats_lab.training.optim import (
     WeightAverage,
@@ -61,10 +64,10 @@ from brats_lab.training.optim import (
     total_epochs,
 )
 from brats_lab.training.scoring import score_cases, validate
-from brats_lab.training.step import train_step
+from brats_lab.training.step import Compute, Step, train_step
 
 if TYPE_CHECKING:
-    from brats_lab.tracking import RunLog
+    from brats_lab.tracking import Run, RunLog
 
 EXPERIMENT = "brats-lab"  # the MLflow experiment of trainings outside an ablation
 
@@ -84,9 +87,9 @@ class FoldResult:
         return {r: float(self.per_case[f"{metric}_{r}"].mean()) for r in REGIONS}
 
 
-def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experiment: str = EXPERIMENT, parent: Any = None,
-               project_root: Path | None = None, progress: bool = True, device: str | None = None,
-               tags: dict[str, str] | None = None) -> FoldResult | None:
+def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experiment: str = EXPERIMENT,
+               parent: Run | None = None, project_root: Path | None = None, progress: bool = True,
+               device: str | None = None, tags: dict[str, str] | None = None) -> FoldResult | None:
     """Train fold `fold` of `cfg`, validate it on its held-out cases, log everything to MLflow.
 
     `resume` continues the newest unfinished run of the same configuration and fold from its last
@@ -103,51 +106,57 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # `device` as given, `dev` as used
 
     # --- data, runs --------------------------------------------------------------------------
-    cache, train_ids, val_ids = _fold_data(cfg, fold, processes, is_main, progress)
+    data = _fold_data(cfg, fold, processes, is_main, progress)
+    arm: RunLog
+    run: RunLog
+    saved: dict[str, Any] | None = None  # the checkpoint to resume from
     if is_main:
-        arm, run, state = _open_runs(cfg, fold, resume, experiment, parent, project_root, cache, train_ids, val_ids)
+        arm = _arm_run(cfg, experiment, parent, project_root)
+        if resume:
+            run, saved = _unfinished_run(cfg, fold, experiment, project_root)
+        else:
+            run = _new_run(arm, cfg, fold, data)
         workdir = checkpoint.workdir(run, project_root)
     else:
-        arm, run, state = distributed.NoRun(), distributed.NoRun(), None
+        arm, run = distributed.NoRun(), distributed.NoRun()
 
     # --- model, optimizer, loss, precision ------------------------------------------------------
     seed = cfg.train.run_seed(fold)  # this fold's own: weights, patch order, crops, augmentation
     model, forward = _model(cfg, seed, dev, processes)  # forward: for training steps (DDP, compiled)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
-    amp_dtype = precision.autocast_dtype(cfg.train.amp, dev)
+    compute = Compute(dev, precision.autocast_dtype(cfg.train.amp, dev))
     if is_main and progress:
         print(precision.describe(cfg.train.amp, dev), file=sys.stderr)
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(dev.type, enabled=compute.amp_dtype == torch.float16)
+    state = TrainState(model, build_optimizer(model.parameters(), cfg.optim), scaler, WeightAverage())
     loss_fn = make_loss(cfg.train.loss, cfg.train.dice_eps)
     # Several processes: the Dice of the global batch, its sums added over the processes.
     train_loss_fn = loss_fn if processes == 1 else make_loss(cfg.train.loss, cfg.train.dice_eps, distributed.global_sum)
-    average = WeightAverage()
+    step = Step(forward, train_loss_fn, cfg.train.deep_supervision_weighting, compute, cfg.train.channels_last)
     snapshots = {cfg.train.epochs + e for e in swa_snapshot_epochs(cfg.train.swa)}
-    best: dict[str, Any] = {"loss": float("inf"), "epoch": -1, "state": None}
-    start_epoch = 0
     if resume:
-        optimizer, best, start_epoch = _restore(state, model, optimizer, scaler, average, cfg, dev, processes)
-    _tag_run(run, resume, model, dev, amp_dtype, processes)
+        _restore(state, saved, cfg, dev, processes)
+    _tag_run(run, resume, model, compute, processes)
     if tags:
         run.set_tags(tags)
-    patches, sampler, loader = _loader(cfg, seed, cache, train_ids, rank, processes)
-    volumes = WholeVolumes(cache, val_ids, cfg.data.pad_multiple)
+    patches, sampler, loader = _loader(cfg, seed, data, rank, processes)
+    volumes = WholeVolumes(data.cache, data.val_ids, cfg.data.pad_multiple)
     epochs = total_epochs(cfg.train)
+    config = checkpoint.config_entries(cfg)  # in every checkpoint: hashed once, not every epoch
 
     # --- the epochs -----------------------------------------------------------------------------
-    bar = _progress(progress, total=(epochs - start_epoch) * len(loader), desc=f"fold {fold}")
+    bar = _progress(progress, total=(epochs - state.epoch - 1) * len(loader), desc=f"fold {fold}")
     try:
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(state.epoch + 1, epochs):
             tic = time.perf_counter()
             swa_epoch = epoch - cfg.train.epochs
             if swa_epoch >= 0 and is_swa_cycle_start(swa_epoch, cfg.train.swa):
-                optimizer = build_swa_optimizer(model.parameters(), cfg.train.swa)  # restart, fresh moments
+                state.optimizer = build_swa_optimizer(model.parameters(), cfg.train.swa)  # restart, fresh moments
             lr = lr_at(epoch, cfg)
-            set_lr(optimizer, lr)
+            set_lr(state.optimizer, lr)
             patches.set_epoch(epoch)
             sampler.set_epoch(epoch)
 
-            losses, data_seconds = _train_epoch(model, forward, loader, optimizer, scaler, train_loss_fn, cfg, dev, amp_dtype, bar)
+            losses, data_seconds = _train_epoch(state, step, loader, bar)
             _stop_if_diverged(losses, epoch, fold, cfg)
             metrics = {"train_loss": float(np.mean(losses)), "lr": lr, "epoch_data_seconds": data_seconds,
                        "epoch_step_seconds": time.perf_counter() - tic - data_seconds}
@@ -156,28 +165,29 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
             last = epoch == epochs - 1
             validated = time.perf_counter()
             if is_main and ((epoch + 1) % cfg.train.val_every == 0 or last):
-                val = validate(model, volumes, loss_fn, dev, amp_dtype)
+                val = validate(model, volumes, loss_fn, compute)
                 metrics.update(val)
-                if val["val_loss"] < best["loss"]:
-                    best = {"loss": val["val_loss"], "epoch": epoch, "state": _copy_state(model)}
+                if val["val_loss"] < state.best.loss:
+                    state.best = Best(val["val_loss"], epoch, _copy_state(model))
             metrics["epoch_val_seconds"] = time.perf_counter() - validated
             if epoch in snapshots:
-                average.update(model.state_dict())
+                state.average.update(model.state_dict())
             metrics["epoch_seconds"] = time.perf_counter() - tic
             if dev.type == "cuda":  # the peak so far, for sizing batches and patches
                 metrics["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
             run.log_metrics(metrics, step=epoch)
 
+            state.epoch = epoch  # trained
             if is_main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last):
-                checkpoint.save(workdir / run_files.CHECKPOINT, checkpoint.training_state(epoch, model, optimizer, scaler, average, best, cfg, dev))
+                checkpoint.save(workdir / run_files.CHECKPOINT, checkpoint.training_state(state, config, dev))
         bar.close()
         if not is_main:
             return None  # rank 0 makes, scores and logs the final model
 
         # --- final weights, scored in the original geometry -----------------------------------
-        chosen = load_final_weights(model, average, best, cfg.train.keep)
+        chosen = load_final_weights(model, state.average, state.best, cfg.train.keep)
         checkpoint.save(workdir / run_files.FINAL_MODEL, checkpoint.model_state(model, cfg, fold))
-        per_case = score_cases(model, cache, volumes, Path(cfg.data.dataset), dev, amp_dtype, workdir, progress)
+        per_case = score_cases(model, volumes, Path(cfg.data.dataset), workdir, compute, progress=progress)
         run.log_metrics({f"final_{c}": float(per_case[c].mean()) for c in per_case.columns if c != "case"}, step=epochs - 1)
         run.log_table(per_case, run_files.PER_CASE)
         run.set_tags({"final_model": chosen, "wall_seconds": f"{time.perf_counter() - started:.0f}"})
@@ -193,7 +203,16 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
 # --- the steps of train_fold, in its order -----------------------------------------------------
 
 
-def _fold_data(cfg: ExperimentConfig, fold: int, processes: int, is_main: bool, progress: bool) -> tuple[Cache, list[str], list[str]]:
+class FoldData(NamedTuple):
+    """A fold's data: the prepared cache, the training cases (data.exclude applied), the
+    validation cases."""
+
+    cache: Cache
+    train_ids: list[str]
+    val_ids: list[str]
+
+
+def _fold_data(cfg: ExperimentConfig, fold: int, processes: int, is_main: bool, progress: bool) -> FoldData:
     """The prepared cache and the fold's training and validation cases (data.exclude applied)."""
     cache = prepare(Path(cfg.data.dataset), cfg.data.normalization, progress=progress)
     for case_id, why in cache.report.built.items():
@@ -208,42 +227,53 @@ def _fold_data(cfg: ExperimentConfig, fold: int, processes: int, is_main: bool, 
                          cfg.data.dataset)
     if not 0 <= fold < len(splits):
         raise DataError(f"fold {fold} does not exist: the splits have folds 0 to {len(splits) - 1}")
-    train_ids, val_ids = splits[fold]["train"], splits[fold]["val"]
     train_ids = training_cases(splits, fold, cfg.data.exclude, cfg.data.dataset)
     if processes > 1:
         distributed.check_batches(len(train_ids), cfg.train.batch_size, processes)
-    return cache, train_ids, val_ids
+    return FoldData(cache, train_ids, splits[fold]["val"])
 
 
-def _open_runs(
-    cfg: ExperimentConfig, fold: int, resume: bool, experiment: str, parent: Any, project_root: Path | None,
-    cache: Cache, train_ids: list[str], val_ids: list[str],
-) -> tuple[RunLog, RunLog, dict[str, Any] | None]:
-    """(arm run, fold run, checkpoint to resume from or None). A new fold run logs the config;
-    with `resume`, the newest unfinished fold run of this configuration is reopened, after its
-    checkpoint was read (a checkpoint that does not load leaves the run as it was)."""
+def _arm_run(cfg: ExperimentConfig, experiment: str, parent: Run | None, project_root: Path | None) -> Run:
+    """`parent` (an ablation's arm run) if given, else this configuration's arm run in
+    `experiment`, found or created, and running while a fold of it trains."""
+    from brats_lab import tracking
+
+    if parent is not None:
+        return parent
+    arm = tracking.arm_run(experiment, config_hash(cfg), name=f"pipeline {cfg.pipeline}", params=flatten(cfg), root=project_root)
+    if arm.status != "RUNNING":
+        arm.reopen()
+    return arm
+
+
+def _new_run(arm: Run, cfg: ExperimentConfig, fold: int, data: FoldData) -> RunLog:
+    """A new fold run under `arm`, with the config (params and file) and what the fold trains on."""
+    from brats_lab import tracking
+
+    run = tracking.fold_run(arm, fold, name=f"pipeline {cfg.pipeline} fold {fold}")
+    run.log_params(flatten(cfg))
+    run.log_dict(to_dict(cfg), run_files.CONFIG)
+    run.set_tags({"manifest_hash": data.cache.manifest_hash, "train_cases": str(len(data.train_ids)),
+                  "val_cases": str(len(data.val_ids)),
+                  "run_seed": str(cfg.train.run_seed(fold))})  # the seed it trains with (param train.seed is the arm's)
+    return run
+
+
+def _unfinished_run(cfg: ExperimentConfig, fold: int, experiment: str, project_root: Path | None) -> tuple[RunLog, dict[str, Any]]:
+    """(the newest unfinished fold run of this configuration, reopened; its checkpoint). The
+    checkpoint is read first: one that does not load leaves the run as it was."""
     from brats_lab import tracking
 
     chash = config_hash(cfg)
-    arm = parent or tracking.arm_run(experiment, chash, name=f"pipeline {cfg.pipeline}", params=flatten(cfg), root=project_root)
-    if parent is None and arm.status != "RUNNING":  # a training of our own: the arm runs while a fold does
-        arm.reopen()
-    if not resume:
-        new = tracking.fold_run(arm, fold, name=f"pipeline {cfg.pipeline} fold {fold}")
-        new.log_params(flatten(cfg))
-        new.log_dict(to_dict(cfg), run_files.CONFIG)
-        new.set_tags({"manifest_hash": cache.manifest_hash, "train_cases": str(len(train_ids)), "val_cases": str(len(val_ids)),
-                      "run_seed": str(cfg.train.run_seed(fold))})  # the seed it trains with (param train.seed is the arm's)
-        return arm, new, None
     run = tracking.latest_fold_run(experiment, chash, fold, statuses=("RUNNING", "FAILED", "KILLED"), root=project_root)
     if run is None:
         raise DataError(f"nothing to resume: no unfinished run of fold {fold} for this configuration (hash {chash[:12]})")
     path = checkpoint.checkpoint_path(run, project_root)
     if not path.is_file():
         raise DataError(f"nothing to resume: run {run.id} stopped before its first checkpoint; train afresh")
-    state = checkpoint.load(path, CHECKPOINT_KEYS)
+    saved = checkpoint.load(path, CHECKPOINT_KEYS)
     run.reopen()
-    return arm, run, state
+    return run, saved
 
 
 def _model(cfg: ExperimentConfig, seed: int, device: torch.device, processes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -260,37 +290,30 @@ def _model(cfg: ExperimentConfig, seed: int, device: torch.device, processes: in
     return model, torch.compile(forward) if cfg.train.compile else forward  # type: ignore[return-value]  # compiled: called as the module
 
 
-def _restore(
-    state: dict[str, Any] | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-    average: WeightAverage, cfg: ExperimentConfig, device: torch.device, processes: int,
-) -> tuple[torch.optim.Optimizer, dict[str, Any], int]:
-    """Load a checkpoint into the model, optimizer, scaler, average and RNGs (rank 0's state, on
-    every process); returns (the optimizer, the best weights so far, the epoch to start at)."""
+def _restore(state: TrainState, saved: dict[str, Any] | None, cfg: ExperimentConfig, device: torch.device, processes: int) -> None:
+    """Load the checkpoint `saved` (rank 0's, on every process) into `state` and the RNGs; a
+    checkpoint of the SWA phase gets the SWA optimizer its state belongs to."""
     if processes > 1:
-        state = distributed.broadcast(state)
-    assert state is not None
-    model.load_state_dict(state["model"])
-    if state["epoch"] >= cfg.train.epochs:  # stopped in the SWA phase: the state is its Adam's
-        optimizer = build_swa_optimizer(model.parameters(), cfg.train.swa)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    average.load_state_dict(state["average"])
-    checkpoint.restore_rng(state, device)
-    return optimizer, state["best"], state["epoch"] + 1
+        saved = distributed.broadcast(saved)
+    assert saved is not None
+    if saved["epoch"] >= cfg.train.epochs:  # stopped in the SWA phase: the state is its Adam's
+        state.optimizer = build_swa_optimizer(state.model.parameters(), cfg.train.swa)
+    checkpoint.restore(state, saved, device)
 
 
-def _tag_run(run: RunLog, resumed: bool, model: torch.nn.Module, device: torch.device, amp_dtype, processes: int) -> None:
+def _tag_run(run: RunLog, resumed: bool, model: torch.nn.Module, compute: Compute, processes: int) -> None:
     if not resumed:
-        run.set_tags({"parameters": str(count_parameters(model)), "device": str(device), "amp": str(amp_dtype).removeprefix("torch.")})
+        run.set_tags({"parameters": str(count_parameters(model)), "device": str(compute.device),
+                      "amp": str(compute.amp_dtype).removeprefix("torch.")})
     run.set_tags({"host": socket.gethostname(), "pid": str(os.getpid())})  # which worker trains it (again, on resume)
     if processes > 1:
         run.set_tags({"processes": str(processes)})
 
 
-def _loader(cfg: ExperimentConfig, seed: int, cache: Cache, train_ids: list[str], rank: int, processes: int) -> tuple[TrainPatches, EpochSampler, DataLoader]:
+def _loader(cfg: ExperimentConfig, seed: int, data: FoldData, rank: int, processes: int) -> tuple[TrainPatches, EpochSampler, DataLoader]:
     """The training patches, their per-epoch order and the loader of this process's batches, all
     drawn from the run's `seed`."""
-    patches = TrainPatches(cache, train_ids, cfg.data.patch_size, augment=cfg.train.augment, seed=seed)
+    patches = TrainPatches(data.cache, data.train_ids, cfg.data.patch_size, augment=cfg.train.augment, seed=seed)
     sampler = EpochSampler(len(patches), seed=seed)
     if processes == 1:
         loader = DataLoader(patches, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers, drop_last=False)
@@ -300,19 +323,15 @@ def _loader(cfg: ExperimentConfig, seed: int, cache: Cache, train_ids: list[str]
     return patches, sampler, loader
 
 
-def _train_epoch(model: torch.nn.Module, forward, loader: DataLoader, optimizer, scaler, loss_fn, cfg: ExperimentConfig, device: torch.device, amp_dtype, bar) -> tuple[list[float], float]:
-    """One pass over the loader: (the step losses, seconds spent waiting for batches). The losses
-    stay on the device until the end: reading one per step would make the CPU wait for the GPU
-    at every step, and it could not queue the next step's work meanwhile."""
-    model.train()
+def _train_epoch(state: TrainState, step: Step, loader: DataLoader, bar: Any) -> tuple[list[float], float]:
+    """One pass over the loader, a `train_step` per batch: (the step losses, seconds spent waiting
+    for batches). The losses stay on the device until the end: reading one per step would make
+    the CPU wait for the GPU at every step, and it could not queue the next step's work meanwhile."""
+    state.model.train()
     losses, data_seconds, waiting = [], 0.0, time.perf_counter()
     for image, target in loader:
         data_seconds += time.perf_counter() - waiting
-        image = image.to(device, non_blocking=True)  # (B, 4, P, P, P)
-        target = target.to(device, non_blocking=True)  # (B, 3, P, P, P) bool
-        if cfg.train.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last_3d)
-        loss = train_step(forward, image, target, optimizer, scaler, loss_fn, cfg.train.deep_supervision_weighting, amp_dtype)
+        loss = train_step(step, image, target, state.optimizer, state.scaler)
         losses.append(loss.detach())
         bar.update(1)
         waiting = time.perf_counter()
@@ -331,17 +350,16 @@ def _stop_if_diverged(losses: list[float], epoch: int, fold: int, cfg: Experimen
         f"(--set optim.lr=..., now {cfg.optim.lr:g}) or train.amp=off")
 
 
-def load_final_weights(model: torch.nn.Module, average: WeightAverage, best: dict[str, Any], keep: str) -> str:
+def load_final_weights(model: torch.nn.Module, average: WeightAverage, best: Best, keep: str) -> str:
     """Load the final weights into `model`: the self-ensemble if there are snapshots, else the
-    best validation loss's (with `keep="best"`; `best` as `train_fold` keeps it: loss, epoch and a
-    copy of the weights, state None before any validation), else the last epoch's. Says which (the
-    run's `final_model` tag)."""
+    best validation loss's (with `keep="best"`; no weights in `best` before any validation), else
+    the last epoch's. Says which (the run's `final_model` tag)."""
     if average.count:
         model.load_state_dict(average.average())
         return f"average of {average.count} snapshots"
-    if keep == "best" and best["state"] is not None:
-        model.load_state_dict(best["state"])
-        return f"best validation loss (epoch {best['epoch']})"
+    if keep == "best" and best.weights is not None:
+        model.load_state_dict(best.weights)
+        return f"best validation loss (epoch {best.epoch})"
     return "last epoch"
 
 

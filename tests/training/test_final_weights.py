@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from brats_lab import tracking
+from brats_lab.training.checkpoint import Best
 from brats_lab.training.optim import WeightAverage
 from brats_lab.run_files import CHECKPOINT, FINAL_MODEL
 from brats_lab.training.trainer import EXPERIMENT, load_final_weights
@@ -143,7 +144,7 @@ def _weight(model: torch.nn.Module) -> tuple[float, float]:
     return model.weight.item(), model.bias.item()
 
 
-NO_BEST = {"loss": float("inf"), "epoch": -1, "state": None}
+NO_BEST = Best()  # before any validation: loss inf, epoch -1, no weights
 
 
 @pytest.mark.parametrize("keep", ["best", "last"])
@@ -152,19 +153,19 @@ def test_snapshots_win_over_best_and_last_and_their_mean_is_loaded(keep):
     for w in (1.0, 2.0, 6.0):
         average.update(_state(w))
     model = _model(10.0)  # the last epoch's weights
-    said = load_final_weights(model, average, {"loss": 0.1, "epoch": 4, "state": _state(7.0)}, keep)
+    said = load_final_weights(model, average, Best(loss=0.1, epoch=4, weights=_state(7.0)), keep)
     assert said == "average of 3 snapshots"
     assert _weight(model) == (3.0, -3.0)  # (1 + 2 + 6) / 3
 
 
 def test_without_snapshots_keep_best_loads_the_best_weights_and_names_their_epoch():
     model = _model(10.0)
-    said = load_final_weights(model, WeightAverage(), {"loss": 0.2, "epoch": 3, "state": _state(7.0)}, "best")
+    said = load_final_weights(model, WeightAverage(), Best(loss=0.2, epoch=3, weights=_state(7.0)), "best")
     assert said == "best validation loss (epoch 3)"
     assert _weight(model) == (7.0, -7.0)
 
 
-@pytest.mark.parametrize(("keep", "best"), [("last", {"loss": 0.2, "epoch": 3, "state": _state(7.0)}), ("best", NO_BEST)])
+@pytest.mark.parametrize(("keep", "best"), [("last", Best(loss=0.2, epoch=3, weights=_state(7.0))), ("best", NO_BEST)])
 def test_otherwise_the_last_weights_stay(keep, best):
     """keep = last; or keep = best before any validation (no best weights to load)."""
     model = _model(10.0)

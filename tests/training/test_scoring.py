@@ -23,6 +23,7 @@ from brats_lab.data.dataset import WholeVolumes
 from brats_lab.data.preprocess import paste_back
 from brats_lab.training.losses import make_loss
 from brats_lab.training.scoring import predict_logits, score_cases, validate
+from brats_lab.training.step import Compute
 from brats_lab.viz import render_case
 
 from conftest import ConstantLogits
@@ -64,7 +65,7 @@ def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
 def test_validation_is_the_mean_over_cases_of_the_loss_and_of_each_regions_dice(data, amp):
     _, _, volumes = data
     model, loss_fn = ShiftedIntensities(), make_loss("dice", 1.0)
-    got = validate(model, volumes, loss_fn, CPU, amp)
+    got = validate(model, volumes, loss_fn, Compute(CPU, amp))
 
     losses, dice = [], {r: [] for r in REGIONS}
     for item in volumes:
@@ -81,7 +82,7 @@ def test_validation_is_the_mean_over_cases_of_the_loss_and_of_each_regions_dice(
     for region, values in dice.items():
         assert got[f"val_dice_{region}"] == pytest.approx(np.mean(values), rel=1e-9), region
     if amp is not None:  # in the precision asked: bfloat16's rounding moves voxels at the thresholds
-        assert got != validate(model, volumes, loss_fn, CPU, None)
+        assert got != validate(model, volumes, loss_fn, Compute(CPU, None))
 
 
 @pytest.mark.parametrize("logit", [0.0, -10.0])
@@ -89,7 +90,7 @@ def test_validation_of_a_model_that_predicts_nothing(data, logit):
     """Logits 0 (probability exactly 0.5) or below: no voxel in any region, so Dice 0 where the
     reference has the region (all four phantoms have all three)."""
     _, _, volumes = data
-    got = validate(ConstantLogits((logit,) * 3), volumes, make_loss("dice", 1.0), CPU, None)
+    got = validate(ConstantLogits((logit,) * 3), volumes, make_loss("dice", 1.0), Compute(CPU, None))
     assert got["val_dice_ET"] == got["val_dice_TC"] == got["val_dice_WT"] == 0.0
     assert 0.5 < got["val_loss"] <= 1.0
 
@@ -100,7 +101,7 @@ def _read(path: Path) -> np.ndarray:
 
 def test_final_scores_are_those_of_the_label_maps_written_in_each_cases_geometry(data, tmp_path):
     dataset, cache, volumes = data
-    table = score_cases(ShiftedIntensities(), cache, volumes, dataset, CPU, None, tmp_path, progress=False)
+    table = score_cases(ShiftedIntensities(), volumes, dataset, tmp_path, Compute(CPU, None))
 
     assert list(table["case"]) == list(cache.case_ids)
     for row in table.itertuples():
@@ -121,15 +122,15 @@ def test_final_scores_are_those_of_the_label_maps_written_in_each_cases_geometry
 
 
 def test_final_scores_in_the_precision_asked(data, tmp_path):
-    dataset, cache, volumes = data
-    full = score_cases(ShiftedIntensities(), cache, volumes, dataset, CPU, None, tmp_path / "fp32", progress=False)
-    bf16 = score_cases(ShiftedIntensities(), cache, volumes, dataset, CPU, torch.bfloat16, tmp_path / "bf16", progress=False)
+    dataset, _, volumes = data
+    full = score_cases(ShiftedIntensities(), volumes, dataset, tmp_path / "fp32", Compute(CPU, None))
+    bf16 = score_cases(ShiftedIntensities(), volumes, dataset, tmp_path / "bf16", Compute(CPU, torch.bfloat16))
     assert not full.equals(bf16)  # bfloat16's rounding moves voxels at the thresholds
 
 
 def test_a_logit_of_zero_is_outside_every_region_in_the_written_label_maps(data, tmp_path):
-    dataset, cache, volumes = data
-    table = score_cases(ConstantLogits((0.0, 0.0, 0.0)), cache, volumes, dataset, CPU, None, tmp_path, progress=False)
+    dataset, _, volumes = data
+    table = score_cases(ConstantLogits((0.0, 0.0, 0.0)), volumes, dataset, tmp_path, Compute(CPU, None))
     for case in table["case"]:
         assert not _read(tmp_path / "predictions" / f"{case}.nii.gz").any(), case
     assert (table[[f"dice_{r}" for r in REGIONS]] == 0).all().all()
@@ -139,7 +140,7 @@ def test_the_best_and_the_worst_case_by_mean_dice_are_drawn(data, tmp_path):
     """Each overlay is `viz.render_case` of the case's images, its segmentation and the written
     prediction, titled with its Dice as the table has it: drawn again here, byte for byte."""
     dataset, cache, volumes = data
-    table = score_cases(ShiftedIntensities(), cache, volumes, dataset, CPU, None, tmp_path, progress=False)
+    table = score_cases(ShiftedIntensities(), volumes, dataset, tmp_path, Compute(CPU, None))
     mean_dice = table.set_index("case")[[f"dice_{r}" for r in REGIONS]].mean(axis=1)
     assert mean_dice.nunique() == len(mean_dice)  # no tie: best and worst are well defined
     drawn = sorted(p.name for p in (tmp_path / "overlays").iterdir())
@@ -157,7 +158,7 @@ def test_the_best_and_the_worst_case_by_mean_dice_are_drawn(data, tmp_path):
 
 def test_no_case_no_table_and_no_drawing(data, tmp_path):
     dataset, cache, _ = data
-    table = score_cases(ShiftedIntensities(), cache, WholeVolumes(cache, []), dataset, CPU, None, tmp_path, progress=False)
+    table = score_cases(ShiftedIntensities(), WholeVolumes(cache, []), dataset, tmp_path, Compute(CPU, None))
     assert isinstance(table, pd.DataFrame) and len(table) == 0
     assert not (tmp_path / "overlays").exists()
 
@@ -171,10 +172,10 @@ def test_logits_are_float32_from_the_precision_asked():
     image = torch.rand(4, 6, 6, 6)
     with torch.no_grad():
         exact = conv(image[None])[0]
-    full = predict_logits(conv, image, CPU, None)
+    full = predict_logits(conv, image, Compute(CPU, None))
     assert full.shape == (3, 6, 6, 6) and full.dtype == torch.float32 and not full.requires_grad
     assert torch.equal(full, exact)
-    reduced = {dtype: predict_logits(conv, image, CPU, dtype) for dtype in (torch.bfloat16, torch.float16)}
+    reduced = {dtype: predict_logits(conv, image, Compute(CPU, dtype)) for dtype in (torch.bfloat16, torch.float16)}
     for dtype, logits in reduced.items():
         assert logits.dtype == torch.float32, dtype
         assert 0 < (logits - exact).abs().max().item() < 0.05, dtype

@@ -107,18 +107,13 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
 
     # --- data, runs --------------------------------------------------------------------------
     data = _fold_data(cfg, fold, processes, is_main, progress)
-    arm: RunLog
-    run: RunLog
+    arm: RunLog = distributed.NoRun()  # on rank 0 the runs; the other processes log nothing
+    run: RunLog = distributed.NoRun()
     saved: dict[str, Any] | None = None  # the checkpoint to resume from
     if is_main:
         arm = _arm_run(cfg, experiment, parent, project_root)
-        if resume:
-            run, saved = _unfinished_run(cfg, fold, experiment, project_root)
-        else:
-            run = _new_run(arm, cfg, fold, data)
+        run, saved = _unfinished_run(cfg, fold, experiment, project_root) if resume else (_new_run(arm, cfg, fold, data), None)
         workdir = checkpoint.workdir(run, project_root)
-    else:
-        arm, run = distributed.NoRun(), distributed.NoRun()
 
     # --- model, optimizer, loss, precision ------------------------------------------------------
     seed = cfg.train.run_seed(fold)  # this fold's own: weights, patch order, crops, augmentation
@@ -177,7 +172,7 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
                 metrics["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
             run.log_metrics(metrics, step=epoch)
 
-            state.epoch = epoch  # trained
+            state.epoch = epoch  # done: a checkpoint now holds it, a resume starts after it
             if is_main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or last):
                 checkpoint.save(workdir / run_files.CHECKPOINT, checkpoint.training_state(state, config, dev))
         bar.close()

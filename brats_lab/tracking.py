@@ -107,7 +107,8 @@ def get_or_create_experiment(name: str, root: Path | str | None = None) -> str:
 class RunLog(Protocol):
     """What a training writes to its runs on every process: `Run` on rank 0, and
     `training.distributed.NoRun` on the other processes of a `torchrun` group, which log nothing.
-    Every method the trainer calls on a run is declared here (mypy checks the calls)."""
+    Every method the trainer (and `training.checkpoint.workdir`) calls on a run is declared here
+    (mypy checks the calls)."""
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
 

@@ -10,7 +10,7 @@ Two files per fold run, in the run's artifact folder when the store is local:
 Both carry the resolved config (`config`, as `config.to_dict`) and its `config_hash`, so a model
 file alone rebuilds its network (nanoGPT's checkpoints do the same). `inference/predict.py` and
 `ablation/` read this module, never the trainer. Needs torch, `brats_lab.config`, `brats_lab.io`
-and `brats_lab.run_files` only.
+and `brats_lab.run_files` only (`tracking` and `training.optim` for its annotations).
 
 What a training carries from epoch to epoch is one `TrainState` (model, optimizer, loss scaler,
 SWA average, the `Best` validation so far, the last epoch trained); `training_state` writes it

@@ -190,7 +190,7 @@ def describe_cases(per_case: pd.DataFrame, baseline: str, families: tuple[str, .
     were left out of this row's pairs, and `mean_diff_all_cases`, the difference of the two arms'
     means over every case each arm has a value for (the penalties counted, as the run means count
     them); where `left_out` is 0 it equals `mean_diff`."""
-    from brats_lab.evaluation.stats import compare_arms
+    from brats_lab.evaluation.case_stats import compare_arms
 
     metrics = [f"{m}_{r}" for m in families for r in regions]
     cases = per_case.groupby(["arm", "case"], sort=False)[metrics].mean().reset_index()

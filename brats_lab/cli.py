@@ -628,7 +628,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from brats_lab.tracking import serve_ui
+    from brats_lab.mlflow_ui import serve_ui
 
     _port_option(args.port)
     return serve_ui(host=args.host, port=args.port)

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkabl
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
+from brats_lab.files import file_lock, write_error
+
 if TYPE_CHECKING:  # annotations only: mlflow and pandas are imported when a function needs them
     import pandas as pd
     from mlflow import MlflowClient
@@ -221,7 +223,7 @@ class Run:
         created if missing; None for remote stores (`mlflow-artifacts:`, `s3:`, ...).
 
         Files written here are the run's artifacts, with no copy: the trainer writes checkpoints
-        straight into it (atomically, with `brats_lab.io.atomic_path`).
+        straight into it (atomically, with `brats_lab.files.atomic_path`).
         """
         path = _local_path(self.info.artifact_uri)
         if path is not None:
@@ -532,8 +534,6 @@ def _prepare_sqlite(uri: str) -> None:
     db = _sqlite_path(uri)
     assert db is not None
     db.parent.mkdir(parents=True, exist_ok=True)
-    from brats_lab.io import file_lock  # here: io imports SimpleITK, which reading runs never needs
-
     with file_lock(db.with_name(db.name + ".lock")):
         if not db.exists():
             _create_sqlite(db)
@@ -549,8 +549,6 @@ def _create_sqlite(db: Path) -> None:
     leaves nothing: a half-migrated `mlflow.db` would break every later command until deleted by
     hand (issue 27). Raises OSError naming the file and why ("disk full")."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    from brats_lab.io import write_error
 
     tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
     parts = [tmp, *(tmp.with_name(tmp.name + end) for end in ("-wal", "-shm", "-journal"))]

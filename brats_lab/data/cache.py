@@ -53,7 +53,8 @@ from brats_lab.data.preprocess import (
     bbox_to_list,
     preprocess_case,
 )
-from brats_lab.io import Geometry, atomic_path, file_lock, why_not_a_file, write_error, write_text
+from brats_lab.files import atomic_path, file_lock, why_not_a_file, write_error, write_text
+from brats_lab.io import Geometry
 from brats_lab.labels import CONVENTIONS, LabelConvention
 
 FORMAT_VERSION = 1

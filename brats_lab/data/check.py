@@ -11,7 +11,8 @@ import numpy as np
 from brats_lab import DataError
 from brats_lab.data.cases import MODALITIES, Case, discover
 from brats_lab.data.preprocess import flat_channel
-from brats_lab.io import Geometry, nonfinite, read_image, why_not_a_file
+from brats_lab.files import why_not_a_file
+from brats_lab.io import Geometry, nonfinite, read_image
 
 
 @dataclass(frozen=True)

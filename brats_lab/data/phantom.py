@@ -29,7 +29,8 @@ from scipy import ndimage
 
 from brats_lab import DataError
 from brats_lab.data.cases import LAYOUTS, MODALITIES
-from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, write_image, write_text
+from brats_lab.files import write_text
+from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, write_image
 from brats_lab.labels import BRATS_2020, BRATS_2023
 
 FIELD_MM = (240.0, 240.0, 155.0)  # physical field of view (x, y, z), whatever the voxel shape

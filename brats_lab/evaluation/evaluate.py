@@ -29,7 +29,8 @@ from brats_lab.evaluation.lesionwise import (
     rules_for,
 )
 from brats_lab.evaluation.metrics import EMPTY_HD95, METRICS, RegionMetrics, case_metrics
-from brats_lab.io import Geometry, atomic_path, read_header, read_volume
+from brats_lab.files import atomic_path
+from brats_lab.io import Geometry, read_header, read_volume
 from brats_lab.labels import REGIONS, LabelConvention, foreign_convention
 
 STATUSES: tuple[str, ...] = ("ok", "missing", "unreadable", "geometry", "labels")

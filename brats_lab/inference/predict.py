@@ -22,7 +22,8 @@ from brats_lab.config import ExperimentConfig, from_dict
 from brats_lab.data.cases import Case
 from brats_lab.data.preprocess import label_map, pad_to_multiple, paste_back, preprocess_case, unpad
 from brats_lab.evaluation.metrics import METRICS, lower_is_better
-from brats_lab.io import write_image, write_text
+from brats_lab.files import write_text
+from brats_lab.io import write_image
 from brats_lab.labels import REGIONS
 from brats_lab.models import build_model
 from brats_lab.precision import autocast_dtype

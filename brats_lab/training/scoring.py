@@ -24,7 +24,8 @@ from brats_lab.data.dataset import WholeVolumes
 from brats_lab.data.preprocess import label_map, paste_back
 from brats_lab.evaluation.lesionwise import case_scores
 from brats_lab.evaluation.metrics import dice_from_counts
-from brats_lab.io import atomic_path, read_image, write_image
+from brats_lab.files import atomic_path
+from brats_lab.io import read_image, write_image
 from brats_lab import run_files
 from brats_lab.labels import REGIONS
 

@@ -3,6 +3,9 @@
 
 Arrays are in SimpleITK's (z, y, x) order: a BraTS volume of 240 x 240 x 155 voxels is an array of
 shape (155, 240, 240). `Geometry.size` is in ITK's (x, y, z) order, as viewers show it.
+
+nibabel is imported only where a float file's raw voxels are read (`count_nonfinite`, `_scaling`):
+a third of a second that reading integer files (label maps, int16 modalities) never pays.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import getpass
 import json
 import logging
 import os
@@ -683,9 +684,7 @@ def _standard_tags() -> dict[str, str]:
     """Git commit and dirtiness of the code's checkout, and the user. Computed once per process:
     the code that runs is the code imported at start, whatever is committed later."""
     tags: dict[str, str] = {}
-    with contextlib.suppress(Exception):
-        import getpass
-
+    with contextlib.suppress(Exception):  # no user name in some containers (getuser raises)
         tags["mlflow.user"] = getpass.getuser()
     commit, dirty = _git_state(_CODE_ROOT)
     if commit:

@@ -10,6 +10,7 @@ message or an MLflow tag: `safe_url` replaces it with `***`, and a connection er
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -25,9 +26,7 @@ def open_storage(url: str, heartbeat_seconds: int, grace_seconds: int, create: b
     silent for `grace_seconds` stale; with `create` false (a worker), refuse a SQLite file or an
     empty database instead of creating it: a worker given a wrong URL must leave nothing behind.
     Any failure is one DataError line, the URL and the driver's words without the password."""
-    import warnings
-
-    import optuna
+    import optuna  # here, not at the top: a second of imports that only opening a study needs
     from sqlalchemy.exc import SQLAlchemyError
 
     given = url

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from brats_lab import DataError
 from brats_lab.data.cases import Case, discover
@@ -232,8 +233,6 @@ def _prepare_locked(
     method, settings_hash = config["method"], _sha256_json(config)
     old = _read_manifest(cache_dir)
     old_cases = old["cases"] if old and old.get("settings") == config else {}
-
-    from tqdm import tqdm  # lazy: the cache module is imported by training, which may not need it
 
     report = PrepareReport()
     records: dict[str, dict] = {}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from brats_lab import DataError
 from brats_lab.data.cases import MODALITIES, Case, discover
@@ -95,8 +96,6 @@ def check_dataset(root: Path, progress: bool = True, workers: int = 2) -> tuple[
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda c: check_case(c, expect_seg), cases)
         if progress:
-            from tqdm import tqdm
-
             results = tqdm(results, total=len(cases), desc="checking", unit="case", leave=False)
         problems = [p for case_problems in results for p in case_problems]
     return cases, problems

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+from tqdm import tqdm
 
 from brats_lab import DataError
 from brats_lab.data.cases import LAYOUTS, MODALITIES
@@ -169,8 +170,6 @@ def _write_cases(out: Path, cases: int, seed: int, shape: tuple[int, int, int], 
     case_layout, prefix = _LAYOUTS[layout]
     geometry = phantom_geometry(shape)
     corrupted = _corrupted_cases(seed, cases, corrupt_fraction)
-
-    from tqdm import tqdm
 
     folders, records = [], []
     for k in tqdm(range(cases), desc="phantom cases", unit="case", file=sys.stderr, disable=not progress):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from brats_lab import DataError
 from brats_lab.data.cases import IMAGE_EXTENSIONS, Case, discover
@@ -132,8 +133,6 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, progress: bool = True, rules: 
 
     iterator = scored
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(scored, desc="evaluating", unit="case", file=sys.stderr, leave=False)
     rows = []
     for case in iterator:

@@ -33,20 +33,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from brats_lab import DataError, UserError, precision, run_files
+from brats_lab import DataError, UserError, precision, run_files, tracking
 from brats_lab.config import ExperimentConfig, config_hash, flatten, to_dict
 from brats_lab.data.cache import Cache, prepare
 from brats_lab.data.dataset import EpochSampler, TrainPatches, WholeVolumes
 from brats_lab.data.splits import kept_splits, training_cases
 from brats_lab.labels import REGIONS
 from brats_lab.models import build_model, count_parameters
+from brats_lab.tracking import RunLog
 from brats_lab.training import checkpoint, distributed
 from brats_lab.training.checkpoint import CHECKPOINT_KEYS
 from brats_lab.training.losses import make_loss
@@ -62,9 +64,6 @@ from brats_lab.training.optim import (
 )
 from brats_lab.training.scoring import score_cases, validate
 from brats_lab.training.step import train_step
-
-if TYPE_CHECKING:
-    from brats_lab.tracking import RunLog
 
 EXPERIMENT = "brats-lab"  # the MLflow experiment of trainings outside an ablation
 
@@ -222,8 +221,6 @@ def _open_runs(
     """(arm run, fold run, checkpoint to resume from or None). A new fold run logs the config;
     with `resume`, the newest unfinished fold run of this configuration is reopened, after its
     checkpoint was read (a checkpoint that does not load leaves the run as it was)."""
-    from brats_lab import tracking
-
     chash = config_hash(cfg)
     arm = parent or tracking.arm_run(experiment, chash, name=f"pipeline {cfg.pipeline}", params=flatten(cfg), root=project_root)
     if parent is None and arm.status != "RUNNING":  # a training of our own: the arm runs while a fold does
@@ -370,6 +367,4 @@ def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _progress(enabled: bool, **kwargs):
-    from tqdm import tqdm
-
     return tqdm(disable=not enabled, dynamic_ncols=True, **kwargs)

@@ -1,4 +1,5 @@
-"""The `brats-lab` command. Each command imports what it needs when it runs, so `--help` is instant."""
+"""The `brats-lab` command. Each command imports what it needs when it runs, so `--help` is instant
+(only modules that cost nothing to import, standard library underneath, are imported here)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import sys
 from pathlib import Path
 
 from brats_lab import DataError, UserError, __version__, run_files
+from brats_lab.config import load_config, pipeline_path
 from brats_lab.precision import PRECISIONS
+from brats_lab.serve import run_foreground
+from brats_lab.urls import safe_url
 
 DEFAULT_PHANTOM = Path("data/phantom")
 
@@ -449,8 +453,6 @@ def _baseline(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from brats_lab.config import load_config, pipeline_path
-
     profile = args.profile or _default_profile()
     overrides = list(args.overrides) + ([f"data.dataset={args.data}"] if args.data else [])
     cfg = load_config(pipeline_path(args.pipeline), profile, overrides)
@@ -530,9 +532,8 @@ def _default_profile() -> str:
 def _ablate(args: argparse.Namespace) -> int:
     from brats_lab.ablation.report import plan_text
     from brats_lab.ablation.storage import DEFAULT_STORAGE
-    from brats_lab.ablation.study import default_workers, make_plan, run_study
-
     from brats_lab.ablation.spec import load_ablation
+    from brats_lab.ablation.study import default_workers, make_plan, run_study
 
     profile = args.profile or _default_profile()
     ablation = load_ablation(args.ablation)
@@ -611,7 +612,6 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from brats_lab.evaluation.evaluate import evaluate_folder, format_summary
-
     from brats_lab.evaluation.lesionwise import RULE_NAMES
 
     if args.rules is not None and args.rules not in RULE_NAMES:
@@ -628,7 +628,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from brats_lab.tracking import serve_ui
+    from brats_lab.mlflow_ui import serve_ui
 
     _port_option(args.port)
     return serve_ui(host=args.host, port=args.port)
@@ -648,11 +648,7 @@ def _dashboard(args: argparse.Namespace) -> int:
         env["MLFLOW_TRACKING_URI"] = tracking_uri()
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    from brats_lab.urls import safe_url
-
     print(f"dashboard on http://{args.host}:{args.port}/  (store: {safe_url(env['MLFLOW_TRACKING_URI'])}; Ctrl-C stops it)", flush=True)
-    from brats_lab.serve import run_foreground
-
     # In the caller's folder: runs record their dataset as given, often relative to the project.
     return run_foreground(cmd, env, cwd=Path.cwd())
 

@@ -4,31 +4,29 @@
       + experiments/profiles/cpu.toml    an optional profile layered over it (`cpu`, `paper`)
       + --set optim.lr=3e-4 ...          command-line overrides, dotted keys
 
-Every layer is checked against the dataclasses before it is merged: an unknown section or key is
-rejected with a message naming the key, the file it came from, the allowed keys and the closest
-one; a value of the wrong type is rejected with the expected type. The result is one frozen
-`ExperimentConfig`; `to_dict`/`from_dict`, `flatten` (MLflow params) and `config_hash` (the
-identity of a piece of work, with the fold) are defined on it.
+Every layer is checked against the dataclasses before it is merged (`brats_lab/dataclass_toml.py`,
+the loader, which knows no schema): an unknown section or key is rejected with a message naming
+the key, the file it came from, the allowed keys and the closest one; a value of the wrong type is
+rejected with the expected type. This module is the schema: the dataclasses and their checks, the
+model registry, where the TOML files are, and the one frozen `ExperimentConfig` they load into;
+`to_dict`/`from_dict`, `flatten`/`unflatten` (MLflow params) and `config_hash` (the identity of a
+piece of work, with the fold) are defined on it.
 
-Standard library only (and the package's `UserError`): this module sits at the bottom of the
-import graph.
+Standard library only (and the package's `UserError`, and the loader): this module sits at the
+bottom of the import graph.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
 import hashlib
 import json
-import math
-import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from brats_lab import UserError
+from brats_lab.dataclass_toml import FieldError, Loader, format_value, merge
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 PIPELINES: tuple[str, ...] = ("A", "B")
@@ -58,13 +56,9 @@ class ConfigError(UserError, ValueError):
     what was expected."""
 
 
-class _FieldError(ConfigError):
-    """Raised by a dataclass's own checks; `_build` prefixes the section and names the source."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"{name}: {message}")
-        self.name = name
-        self.message = message
+class _FieldError(FieldError, ConfigError):
+    """Raised by a dataclass's own checks; the loader prefixes the section and names the source
+    (and a dataclass built directly raises it as a ConfigError)."""
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -271,6 +265,9 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+_LOADER = Loader(ExperimentConfig, ConfigError)
+
+
 # --- loading -------------------------------------------------------------------------------
 
 
@@ -303,7 +300,7 @@ def load_config(
     type or invalid value, naming the key and the layer it came from.
     """
     path = Path(path)
-    layers: list[tuple[str, dict]] = [(str(path), _read_toml(path))]
+    layers: list[tuple[str, dict]] = [(str(path), _LOADER.read(path))]
     if profile is not None:
         ppath = profile_path(profile, path.parent)
         if not ppath.is_file():
@@ -314,15 +311,15 @@ def load_config(
             )
         # A profile's [slurm] table says where `ablate --slurm` runs the workers (ablation/slurm.py
         # reads it), not how a run trains: it is no part of the config or its hash.
-        layers.append((str(ppath), {k: v for k, v in _read_toml(ppath).items() if k != "slurm"}))
+        layers.append((str(ppath), {k: v for k, v in _LOADER.read(ppath).items() if k != "slurm"}))
     for item in overrides:
         layers.append((f"--set {item}", _parse_override(item)))
-    return _from_layers(layers)
+    return _LOADER.build(layers)
 
 
 def from_dict(data: dict, source: str = "<dict>") -> ExperimentConfig:
     """The inverse of `to_dict`; the same checks as `load_config` (missing keys take defaults)."""
-    return _from_layers([(source, data)])
+    return _LOADER.build([(source, data)])
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -350,7 +347,7 @@ def flatten(cfg: ExperimentConfig) -> dict[str, str]:
             for k, v in value.items():
                 walk(v, f"{prefix}{k}.")
         else:
-            out[prefix[:-1]] = _format(value)
+            out[prefix[:-1]] = format_value(value)
 
     walk(to_dict(cfg), "")
     return out
@@ -360,8 +357,8 @@ def unflatten(flat: dict[str, str], source: str = "<flat params>") -> Experiment
     """The inverse of `flatten` (e.g. a run's MLflow params back to its config)."""
     layer: dict = {}
     for key, text in flat.items():
-        _merge(layer, _override_layer(key, text, f"{source} {key}"))
-    return _from_layers([(source, layer)])
+        merge(layer, _LOADER.layer(key, text, f"{source} {key}"))
+    return _LOADER.build([(source, layer)])
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
@@ -371,185 +368,9 @@ def config_hash(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# --- implementation --------------------------------------------------------------------------
-
-
-def _read_toml(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
-
-
-def _from_layers(layers: list[tuple[str, dict]]) -> ExperimentConfig:
-    merged: dict = {}
-    origins: dict[str, str] = {}  # dotted key -> the layer that set it last
-    for source, layer in layers:
-        _check_keys(layer, ExperimentConfig, "", source, origins)
-        _merge(merged, layer)
-    return _build(ExperimentConfig, merged, "", origins)
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _check_keys(layer: dict, cls: type, prefix: str, source: str, origins: dict[str, str]) -> None:
-    """Unknown keys, and sections given as values or values as sections; records origins."""
-    hints = _hints(cls)
-    for key, value in layer.items():
-        dotted = prefix + key
-        if key not in hints:
-            raise ConfigError(_unknown_key(dotted, source, prefix, list(hints)))
-        if dataclasses.is_dataclass(hints[key]):
-            if not isinstance(value, dict):
-                raise ConfigError(
-                    f"{dotted} in {source} is a section ([{dotted}]), not a value; set its keys "
-                    f"instead ({', '.join(f'{dotted}.{k}' for k in _hints(hints[key]))})"
-                )
-            _check_keys(value, hints[key], dotted + ".", source, origins)
-        else:
-            if isinstance(value, dict):
-                raise ConfigError(f"{dotted} in {source} is a value, not a section; expected {_describe(hints[key])}")
-            origins[dotted] = source
-
-
-def _unknown_key(dotted: str, source: str, prefix: str, allowed: list[str]) -> str:
-    where = f"[{prefix[:-1]}]" if prefix else "the top level"
-    msg = f"unknown key {dotted!r} in {source}"
-    close = difflib.get_close_matches(dotted.rsplit(".", 1)[-1], allowed, n=1)
-    if close:
-        msg += f"; did you mean {prefix + close[0]!r}?"
-    return msg + f" Allowed keys in {where}: {', '.join(allowed)}"
-
-
-def _merge(into: dict, layer: dict) -> None:
-    for key, value in layer.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = dict(value) if isinstance(value, dict) else value
-
-
-def _build(cls: type, data: dict, prefix: str, origins: dict[str, str]) -> Any:
-    kwargs = {}
-    for name, hint in _hints(cls).items():
-        if name not in data:
-            continue
-        dotted = prefix + name
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, data[name], dotted + ".", origins)  # type: ignore[arg-type]
-        else:
-            kwargs[name] = _convert(data[name], hint, dotted, origins.get(dotted, "<dict>"))
-    try:
-        return cls(**kwargs)
-    except _FieldError as e:
-        dotted = prefix + e.name
-        source = origins.get(dotted, "the defaults")
-        raise ConfigError(f"{dotted} (from {source}): {e.message}") from None
-
-
-def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Check `value` against a field's type; ints are accepted (and converted) for floats."""
-    origin = typing.get_origin(hint)
-    ok = True
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices or isinstance(value, bool):
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint_text = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"{key} in {source}: expected one of {', '.join(map(repr, choices))}, got {value!r}{hint_text}"
-            )
-        return value
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):  # tuple[str, ...]
-            return tuple(_convert(v, args[0], key, source) for v in value)
-        if isinstance(value, (list, tuple)) and len(value) == len(args):
-            return tuple(_convert(v, a, key, source) for v, a in zip(value, args))
-        ok = False
-    elif hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-        if ok and not math.isfinite(value):  # TOML has nan and inf; no setting here means either
-            raise ConfigError(f"{key} in {source}: expected a finite number, got {value!r}")
-    elif hint is str:
-        ok = isinstance(value, str)
-    else:  # pragma: no cover - a field type this module does not handle yet
-        raise TypeError(f"unsupported config field type {hint!r} for {key}")
-    if not ok:
-        raise ConfigError(f"{key} in {source}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0], _describe(args[0]))
-        return f"a list of {len(args)} " + {int: "integers", float: "numbers"}.get(args[0], _describe(args[0]))
-    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
-
-
 def _parse_override(item: str) -> dict:
+    """`--set key=value` -> the layer it sets (`dataclass_toml.Loader.layer`)."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=3e-4")
-    return _override_layer(key.strip(), text.strip(), f"--set {item}")
-
-
-def _override_layer(key: str, text: str, source: str) -> dict:
-    """`a.b.c`, text -> {"a": {"b": {"c": value}}}, the value parsed for the field's type."""
-    parts = key.split(".")
-    cls: Any = ExperimentConfig
-    for i, part in enumerate(parts):
-        hints = _hints(cls) if dataclasses.is_dataclass(cls) else {}  # type: ignore[arg-type]
-        prefix = ".".join(parts[:i]) + "." if i else ""
-        if not hints:
-            raise ConfigError(f"{source}: {prefix[:-1]!r} is a value, it has no key {part!r}")
-        if part not in hints:
-            raise ConfigError(_unknown_key(key, source, prefix, list(hints)))
-        cls = hints[part]
-    if dataclasses.is_dataclass(cls):
-        raise ConfigError(
-            f"{source}: {key!r} is a section; set one of its keys ({', '.join(f'{key}.{k}' for k in _hints(cls))})"  # type: ignore[arg-type]
-        )
-    value = _parse_value(text, cls)
-    for part in reversed(parts):
-        value = {part: value}
-    return value
-
-
-def _parse_value(text: str, hint: Any) -> Any:
-    stringly = hint is str or (typing.get_origin(hint) is Literal and all(isinstance(c, str) for c in typing.get_args(hint)))
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # not a TOML literal: a bare string such as att_equiunet or data/x
-    # A string field takes the text as written (`data.dataset=1` is the folder "1"), unless the
-    # text was a quoted TOML string.
-    if stringly and not isinstance(value, str):
-        return text
-    return value
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):  # inside a list, strings are quoted: TOML, so unflatten reads them back
-        return "[" + ", ".join(json.dumps(v) if isinstance(v, str) else _format(v) for v in value) + "]"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
+    return _LOADER.layer(key.strip(), text.strip(), f"--set {item}")

@@ -15,16 +15,15 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
-from brats_lab import run_files
+from brats_lab import DataError, run_files, tracking
+from brats_lab.data.cases import discover
 from brats_lab.evaluation.metrics import lower_is_better, ranking_metrics  # ranking_metrics: for the dashboard
-from brats_lab.labels import REGIONS, LabelConvention
-
-if TYPE_CHECKING:
-    import pandas as pd
+from brats_lab.io import read_image
+from brats_lab.labels import BRATS_2020, REGIONS, LabelConvention
 
 _HASH = "tags.config_hash"
 _FOLD = "tags.fold"
@@ -32,16 +31,12 @@ _FOLD = "tags.fold"
 
 def store_exists(root: Path | str | None = None) -> bool:
     """False when the default SQLite store has not been made yet (opening it would create it)."""
-    from brats_lab import tracking
-
     artifacts = tracking.artifact_root(root)
     return artifacts is None or (artifacts.parent / tracking.DB_NAME).is_file()
 
 
 def _col(runs: pd.DataFrame, name: str) -> pd.Series:
     """A column of the run table, or all-missing when no run has that tag or param."""
-    import pandas as pd
-
     return runs[name] if name in runs.columns else pd.Series(None, index=runs.index, dtype=object)
 
 
@@ -53,8 +48,6 @@ def fold_runs(runs: pd.DataFrame, study_id: str) -> pd.DataFrame:
     study's experiment (an ablation reuses finished folds of the same configuration, whichever
     arm run they hang under), else the newest unfinished one. `runs` is newest first.
     """
-    import pandas as pd
-
     cols = ["arm", "arm_run_id", "fold", "seed", "run_id", "status"]
     study = runs[runs["run_id"] == study_id]
     if study.empty:
@@ -85,8 +78,6 @@ def studies(runs: pd.DataFrame, now: pd.Timestamp | None = None) -> pd.DataFrame
     (arm, fold) cells), folds_planned (arms x folds for an ablation, when its params say; else
     missing), started, wall_time (end - start, or so far for a run still going).
     """
-    import pandas as pd
-
     cols = ["run_id", "type", "experiment", "name", "state", "folds_done", "folds_planned", "started", "wall_time"]
     if runs.empty:
         return pd.DataFrame(columns=cols)
@@ -135,8 +126,6 @@ def run_table(per_case: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
 def fold_table(per_case: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     """Table 3 layout: one row per arm, one column per region, "mean (std)" over the runs' means
     (every fold and seed; std is blank with a single run), plus the number of folds and seeds."""
-    import pandas as pd
-
     table = per_case if "seed" in per_case.columns else per_case.assign(seed=0)
     cols = [f"{metric}_{r}" for r in REGIONS if f"{metric}_{r}" in table.columns]
     by_run = table.groupby(["arm", "fold", "seed"])[cols].mean()
@@ -170,10 +159,6 @@ DOWNLOADS = Path(tempfile.gettempdir()) / "brats-lab-dashboard"  # remote stores
 
 def read_artifact_table(run_id: str, name: str, root: Path | str | None = None) -> pd.DataFrame | None:
     """A CSV artifact of a run as a DataFrame; None when the run has no such artifact."""
-    import pandas as pd
-
-    from brats_lab import tracking
-
     path = tracking.get_run(run_id, root).artifact(name, DOWNLOADS)
     return None if path is None else pd.read_csv(path)
 
@@ -181,8 +166,6 @@ def read_artifact_table(run_id: str, name: str, root: Path | str | None = None) 
 def load_per_case(cells: pd.DataFrame, root: Path | str | None = None) -> tuple[pd.DataFrame, list[str]]:
     """The per-case metrics of the finished fold runs in `cells` (from `fold_runs`), with columns
     arm, fold, seed, run_id added; and a note for each cell that has none to show."""
-    import pandas as pd
-
     frames, notes = [], []
     for cell in cells.itertuples():
         if cell.status != "FINISHED":
@@ -210,10 +193,6 @@ def curve_keys(runs: pd.DataFrame, run_ids: list[str]) -> list[str]:
 
 def fold_curves(cells: pd.DataFrame, key: str, root: Path | str | None = None) -> pd.DataFrame:
     """The per-epoch history of metric `key` of each fold run in `cells`: arm, fold, run_id, epoch, value."""
-    import pandas as pd
-
-    from brats_lab import tracking
-
     rows = []
     for cell in cells.itertuples():
         for step, value in tracking.get_run(cell.run_id, root).metric_history(key):
@@ -255,11 +234,6 @@ def case_volumes(dataset: str | None, case: str, fold_run_ids: dict[str, str],
     """The images and ground truth of `case` from the training's dataset folder, and the prediction
     each arm's fold run logged (`predictions/<case>.nii.gz`). Only files that case discovery finds
     in `dataset`, and artifacts of the given runs, are read: nothing is taken from a typed path."""
-    from brats_lab import DataError
-    from brats_lab.data.cases import discover
-    from brats_lab.io import read_image
-    from brats_lab.labels import BRATS_2020
-
     notes: list[str] = []
     images = reference = None
     convention = BRATS_2020
@@ -296,6 +270,4 @@ def case_volumes(dataset: str | None, case: str, fold_run_ids: dict[str, str],
 
 def prediction_path(run_id: str, case: str, root: Path | str | None = None) -> Path | None:
     """A local copy of the fold run's `predictions/<case>.nii.gz`, or None when it has none."""
-    from brats_lab import tracking
-
     return tracking.get_run(run_id, root).artifact(run_files.prediction(case), DOWNLOADS)

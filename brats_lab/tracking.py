@@ -19,6 +19,8 @@ carries the arm's hash and its `fold`, so a retried piece of work finds what was
 Every call goes through `MlflowClient` with an explicit run id, never the fluent
 `mlflow.start_run` and its global "active run": several runs can be open in one process, and
 worker processes stay independent.
+
+The MLflow UI on this store (`brats-lab ui`) is `brats_lab/mlflow_ui.py`.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import getpass
 import json
 import logging
 import os
 import re
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkabl
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
-from brats_lab.urls import safe_url
+from brats_lab.files import file_lock, write_error
 
 if TYPE_CHECKING:  # annotations only: mlflow and pandas are imported when a function needs them
     import pandas as pd
@@ -223,7 +225,7 @@ class Run:
         created if missing; None for remote stores (`mlflow-artifacts:`, `s3:`, ...).
 
         Files written here are the run's artifacts, with no copy: the trainer writes checkpoints
-        straight into it (atomically, with `brats_lab.io.atomic_path`).
+        straight into it (atomically, with `brats_lab.files.atomic_path`).
         """
         path = _local_path(self.info.artifact_uri)
         if path is not None:
@@ -481,80 +483,7 @@ def read_runs(experiment: str | None = None, *, root: Path | str | None = None) 
     return pd.DataFrame(rows, columns=None if rows else base)
 
 
-# --- the UI ----------------------------------------------------------------------------------
-
-
-def ui_command(host: str = "127.0.0.1", port: int = 5000, root: Path | str | None = None) -> list[str]:
-    """The `mlflow ui` command line for the project's store.
-
-    Runs logged here keep local artifact URIs (`mlruns/artifacts/...`), which the server reads
-    directly from disk for its UI (`get-artifact`, `artifacts/list`), so PNGs and CSVs show; the
-    default artifact root only applies to experiments created from the UI itself.
-    """
-    uri = tracking_uri(root)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
-    artifacts = artifact_root(root)
-    if artifacts is not None:
-        cmd += ["--default-artifact-root", str(artifacts)]
-    # One server process is plenty for one person browsing, and light on a 2-core machine.
-    return cmd + ["--host", host, "--port", str(port), "--workers", "1"]
-
-
-# MLflow 3.x opens an experiment on its GenAI pages (traces) unless told otherwise; this query
-# opens the runs table of the "Model training" view, where brats-lab's runs are.
-RUNS_VIEW = "runs?workflowType=machine_learning"
-
-
-def ui_links(base_url: str, root: Path | str | None = None) -> list[tuple[str, str]]:
-    """(experiment name, URL of its runs in the UI's model-training view) for every experiment of
-    the store but MLflow's empty `Default`, by name: `<base_url>/#/experiments/<id>/runs?workflowType=machine_learning`."""
-    experiments = client(root).search_experiments()
-    base = base_url.rstrip("/")
-    return sorted(
-        (e.name, f"{base}/#/experiments/{e.experiment_id}/{RUNS_VIEW}") for e in experiments if e.name != "Default"
-    )
-
-
-def serve_ui(host: str = "127.0.0.1", port: int = 5000, root: Path | str | None = None) -> int:
-    """Run the MLflow UI in the foreground until Ctrl-C (or SIGTERM); returns its exit status.
-
-    With `MLFLOW_TRACKING_URI` pointing at a tracking server there is nothing to start: that
-    server is the UI, and its address is printed.
-    """
-    uri = tracking_uri(root)
-    if urlparse(uri).scheme in ("http", "https"):
-        print(f"runs are on the tracking server {safe_url(uri)}; open it in a browser")
-        _print_links(ui_links(uri, root))
-        return 0
-    cmd = ui_command(host, port, root)
-    db = _sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    # The server's job runner (GenAI evaluation jobs) starts ~8 worker processes we never use.
-    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    # MLflow's own use of a deprecated Starlette module warns on every start; nothing to act on.
-    quiet = "ignore:starlette.middleware.wsgi is deprecated"
-    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), quiet]))
-    print(f"MLflow UI on http://{host}:{port}/  (store: {safe_url(uri)}; Ctrl-C stops it)", flush=True)
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard bind is no address to open
-    _print_links(ui_links(f"http://{shown}:{port}", root))
-    from brats_lab.serve import run_foreground
-
-    return run_foreground(cmd, env)
-
-
 # --- implementation --------------------------------------------------------------------------
-
-
-def _print_links(links: list[tuple[str, str]]) -> None:
-    if not links:
-        print("no experiments yet: train or ablate first", flush=True)
-        return
-    print("the runs of each experiment (the model-training view):", flush=True)
-    width = max(len(name) for name, _ in links)
-    for name, url in links:
-        print(f"  {name:<{width}}  {url}", flush=True)
 
 
 def _import_mlflow() -> Any:
@@ -607,8 +536,6 @@ def _prepare_sqlite(uri: str) -> None:
     db = _sqlite_path(uri)
     assert db is not None
     db.parent.mkdir(parents=True, exist_ok=True)
-    from brats_lab.io import file_lock  # here: io imports SimpleITK, which reading runs never needs
-
     with file_lock(db.with_name(db.name + ".lock")):
         if not db.exists():
             _create_sqlite(db)
@@ -624,8 +551,6 @@ def _create_sqlite(db: Path) -> None:
     leaves nothing: a half-migrated `mlflow.db` would break every later command until deleted by
     hand (issue 27). Raises OSError naming the file and why ("disk full")."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    from brats_lab.io import write_error
 
     tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
     parts = [tmp, *(tmp.with_name(tmp.name + end) for end in ("-wal", "-shm", "-journal"))]
@@ -760,9 +685,7 @@ def _standard_tags() -> dict[str, str]:
     """Git commit and dirtiness of the code's checkout, and the user. Computed once per process:
     the code that runs is the code imported at start, whatever is committed later."""
     tags: dict[str, str] = {}
-    with contextlib.suppress(Exception):
-        import getpass
-
+    with contextlib.suppress(Exception):  # no user name in some containers (getuser raises)
         tags["mlflow.user"] = getpass.getuser()
     commit, dirty = _git_state(_CODE_ROOT)
     if commit:

@@ -7,7 +7,7 @@ ROW (default 0): which study of the Studies table to open, 0 being the newest.
 Drives Debian's chromium (`/usr/bin/chromium`, or $BRATS_LAB_CHROMIUM) through Playwright's Python
 package, which downloads no browser of its own. The browser test uses `capture` too, and made the
 README's pictures. A page fails when Streamlit shows an exception element or the page's own
-content does not appear.
+content does not appear. Playwright (a dev dependency) is imported when `capture` runs.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ declare -A TESTS=(
   [brats_lab/inference/tta.py]="tests/inference/test_tta.py"
   [brats_lab/inference/predict.py]="tests/inference/test_predict_fast.py"
   [brats_lab/evaluation/metrics.py]="tests/evaluation/test_metrics.py"
-  [brats_lab/evaluation/stats.py]="tests/evaluation/test_stats.py tests/evaluation/test_bootstrap_interval.py"
+  [brats_lab/evaluation/stats.py]="tests/evaluation/test_stats.py"
+  [brats_lab/evaluation/case_stats.py]="tests/evaluation/test_case_stats.py tests/evaluation/test_bootstrap_interval.py"
   [brats_lab/training/optim.py]="tests/training/test_optim.py"
   [brats_lab/training/trainer.py]="tests/training/test_final_weights.py::test_snapshots_win_over_best_and_last_and_their_mean_is_loaded tests/training/test_final_weights.py::test_without_snapshots_keep_best_loads_the_best_weights_and_names_their_epoch tests/training/test_final_weights.py::test_otherwise_the_last_weights_stay"
   [brats_lab/training/scoring.py]="tests/training/test_scoring.py"
@@ -44,7 +45,7 @@ declare -A PARTS=(
 )
 
 if [[ "${1:-}" == "--list" || $# -eq 0 ]]; then
-  for module in "${!TESTS[@]}"; do printf '%-34s %s%s\n' "$module" "${TESTS[$module]}" "${PARTS[$module]:+ (only ${PARTS[$module]})}"; done | sort
+  for module in "${!TESTS[@]}"; do printf '%-36s %s%s\n' "$module" "${TESTS[$module]}" "${PARTS[$module]:+ (only ${PARTS[$module]})}"; done | sort
   [[ $# -eq 0 ]] && { echo "usage: scripts/mutation.sh MODULE [TEST...]" >&2; exit 2; }
   exit 0
 fi

@@ -99,7 +99,7 @@ def error_message(stderr: str) -> str:
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Temporary files `brats_lab.io.atomic_path` would leave behind after a failed write."""
+    """Temporary files `brats_lab.files.atomic_path` would leave behind after a failed write."""
     return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name)
 
 

@@ -93,7 +93,7 @@ def test_the_quick_check_reads_little_but_refuses_a_cut_file(tmp_path, monkeypat
 
 def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
     # mkstemp creates 0600; a shared store needs files others (the dashboard's user) can read.
-    from brats_lab.io import write_text
+    from brats_lab.files import write_text
 
     old = os.umask(0o022)
     try:

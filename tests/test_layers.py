@@ -20,8 +20,16 @@ def imports(path: Path) -> list[tuple[str, list[str]]]:
     return found
 
 
+def test_the_generic_modules_import_nothing_of_the_package():
+    # The TOML loader knows no schema (config gives it its dataclasses), and the file helpers no
+    # image library: both sit under everything else.
+    for name in ("dataclass_toml.py", "files.py"):
+        for module, _ in imports(PACKAGE / name):
+            assert not module.startswith("brats_lab"), f"{name} imports {module}"
+
+
 def test_data_imports_nothing_above_it():
-    allowed = ("brats_lab.data", "brats_lab.config", "brats_lab.labels", "brats_lab.io")
+    allowed = ("brats_lab.data", "brats_lab.config", "brats_lab.dataclass_toml", "brats_lab.labels", "brats_lab.io", "brats_lab.files")
     for path in sorted((PACKAGE / "data").glob("*.py")):
         for module, names in imports(path):
             if module == "brats_lab":

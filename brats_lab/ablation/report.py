@@ -8,15 +8,20 @@ it is paid for, at the noise floor a finished study measured.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
-from brats_lab import DataError, run_files
+from brats_lab import DataError, run_files, tracking
 from brats_lab.config import config_hash
+from brats_lab.data.cache import prepare
+from brats_lab.evaluation.case_stats import compare_arms
 from brats_lab.evaluation.metrics import ranking_metrics
+from brats_lab.evaluation.stats import compare_runs, format_runs, minimum_detectable_effect, noise_floor, run_means
 from brats_lab.labels import REGIONS
 
 if TYPE_CHECKING:
@@ -45,8 +50,6 @@ class Report:
     per_case_comparison: pd.DataFrame | None = None  # a description of the cases, not the test
 
     def text(self) -> str:
-        from brats_lab.evaluation.stats import format_runs
-
         folds, seeds = len(self.plan.folds), len(self.plan.seeds)
         lines = [f"Ablation {self.plan.ablation.name!r}: {self.plan.ablation.description}",
                  f"{folds} folds x {seeds} seed{'s' if seeds > 1 else ''} = {folds * seeds} training runs per arm, profile {self.plan.profile}; "
@@ -110,8 +113,6 @@ class Report:
 
 def gather(plan: Plan, arms: list[str]) -> pd.DataFrame:
     """Out-of-fold per-case metrics of these arms' finished runs (columns arm, fold, seed, case, ...)."""
-    from brats_lab import tracking
-
     frames = []
     for arm in arms:
         data = data_hash(plan.config(arm, plan.seeds[0]))  # the data as it is now: never runs of other data
@@ -129,8 +130,6 @@ def data_hash(cfg: "ExperimentConfig") -> str:
     """The manifest hash of the data `cfg` trains on, preprocessed as it asks (the cache is brought
     up to date first): a run is reused only for the same cases, content, preprocessing and its
     version, and so the same splits (made from this hash and `data.folds`, `data.seed`)."""
-    from brats_lab.data.cache import prepare
-
     return prepare(Path(cfg.data.dataset), cfg.data.normalization, progress=False).manifest_hash
 
 
@@ -144,8 +143,6 @@ def summarise(plan: Plan, per_case: pd.DataFrame) -> Report:
     """The report of these out-of-fold per-case metrics (columns arm, fold, seed, case, metrics, as
     `gather` returns them): Table 3, the seed spread, the run-level verdict and the per-case
     description. Separate from `gather` so that a per-case table made by hand can be reported."""
-    from brats_lab.evaluation.stats import run_means
-
     families = ranking_metrics(per_case)
     regions = [r for r in REGIONS if f"{families[0]}_{r}" in per_case.columns]
     metrics = [f"{m}_{r}" for m in families for r in regions]
@@ -173,10 +170,6 @@ def summarise(plan: Plan, per_case: pd.DataFrame) -> Report:
 def _seed_sd(runs, digits: int) -> str:
     """The noise floor of one arm's runs (fold, seed), or "undefined" where a lesion-wise run had no
     defined case (its mean is NaN; the verdict's row for that region says which run)."""
-    import numpy as np
-
-    from brats_lab.evaluation.stats import noise_floor
-
     return "undefined" if np.isnan(runs).any() else f"{noise_floor(runs):.{digits}f}"
 
 
@@ -190,8 +183,6 @@ def describe_cases(per_case: pd.DataFrame, baseline: str, families: tuple[str, .
     were left out of this row's pairs, and `mean_diff_all_cases`, the difference of the two arms'
     means over every case each arm has a value for (the penalties counted, as the run means count
     them); where `left_out` is 0 it equals `mean_diff`."""
-    from brats_lab.evaluation.stats import compare_arms
-
     metrics = [f"{m}_{r}" for m in families for r in regions]
     cases = per_case.groupby(["arm", "case"], sort=False)[metrics].mean().reset_index()
     described = []
@@ -220,8 +211,6 @@ def _compare_runs(per_case: pd.DataFrame, baseline: str, columns: list[str], les
     data), a region with a run of no defined case not tested (its rows say why), and `n` the
     cases the arm has a value for in that column. The other arm's value on a case undefined in one
     arm is kept: a false-positive lesion there scores Dice 0 / HD95 373, the penalty is the point."""
-    from brats_lab.evaluation.stats import compare_runs
-
     return compare_runs(per_case, baseline, columns, undefined=lesionwise)
 
 
@@ -236,8 +225,6 @@ def _markdown(df: pd.DataFrame) -> str:
 
 def _phantom_truth(plan: Plan) -> str:
     """For phantoms: which removed cases really had corrupted labels (phantom.json knows)."""
-    import json
-
     manifest = Path(plan.dataset) / "phantom.json"
     if not manifest.is_file():
         return ""
@@ -254,10 +241,6 @@ def measured_noise(experiment: str, profile: str) -> tuple[dict[str, float], str
     """The noise floor per metric column (dice_WT, ...) measured by the newest finished study of
     `experiment` and `profile` with two or more seeds, pooled over its arms, and which study that
     was; ({}, "") when there is none."""
-    import numpy as np
-
-    from brats_lab import tracking
-
     for run in tracking.find_runs(experiment, {"kind": "study", "profile": profile}, statuses=("FINISHED",)):
         if int(run.params.get("seeds", "1")) < 2:
             continue
@@ -278,8 +261,6 @@ def design_table(noise: float, arms: int, folds: list[int], seeds: tuple[int, ..
     """Minimum detectable effect at 80% power as the verdict tests (alpha 0.05 over the three
     regions: Holm's first step) and the training runs the study costs (arms x folds x seeds), for
     each folds x seeds design, at this noise floor."""
-    from brats_lab.evaluation.stats import minimum_detectable_effect
-
     table = pd.DataFrame(index=pd.Index(folds, name="folds"))
     for s in seeds:
         table[f"{s} seed{'s' if s > 1 else ''}"] = [

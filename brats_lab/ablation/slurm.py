@@ -32,6 +32,9 @@ before SLURM starts killing the task.
 
 Each task records its job id and log file on every trial it takes (user attributes `slurm_job`,
 `slurm_log`) and on the fold run (tags of the same names): where to look when a fold failed.
+
+submitit and torch are imported where a job is submitted or run: reading an ablation file checks
+its `[slurm]` table with this module, and needs neither.
 """
 
 from __future__ import annotations
@@ -43,12 +46,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from brats_lab import DataError
+from brats_lab.config import EXPERIMENTS_DIR, profile_path
 
 KEYS = ("partition", "account", "workers", "gpus_per_worker", "cpus_per_worker", "mem", "time", "signal_delay", "sbatch")
 # sbatch options brats-lab sets itself, or that a key above sets: refused in [slurm.sbatch].
@@ -273,7 +278,7 @@ class ArrayTask:
 
         signal.signal(PREEMPT_SIGNAL, stop)
         signal.signal(signal.SIGTERM, stop)
-        from brats_lab.ablation.study import work
+        from brats_lab.ablation.study import work  # here: study imports spec, which imports this module
 
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         print(f"worker: SLURM task {job_id} (restart {restarts}) on {os.uname().nodename}, study {self.study}", file=sys.stderr, flush=True)
@@ -308,8 +313,6 @@ def overrides_layer(items: list[str]) -> dict[str, Any]:
 
 def profile_table(profile: str) -> dict[str, Any]:
     """The `[slurm]` table of a profile (a name in experiments/profiles/, or a TOML path), or {}."""
-    from brats_lab.config import EXPERIMENTS_DIR, profile_path
-
     path = profile_path(profile, EXPERIMENTS_DIR)
     if not path.is_file():
         return {}
@@ -339,9 +342,7 @@ def run_on_slurm(plan, s: SlurmSettings, detach: bool = False, say=print):
     early (cancelled, failed, killed) while trials wait. Then (unless `detach`) wait for the trials
     and return the report (None when detached). Stale trials of dead tasks go back in the queue
     after their grace period, as anywhere."""
-    import time
-
-    from brats_lab.ablation import study as study_module
+    from brats_lab.ablation import study as study_module  # here: study imports spec, which imports this module
 
     if plan.ablation.removal is not None or plan.ablation.search is not None:
         raise DataError(f"--slurm does not run ablations with a [removal] or [search] table yet ({plan.ablation.source}); "

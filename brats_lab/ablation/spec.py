@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from brats_lab import DataError
+from brats_lab.ablation.slurm import check_table
 from brats_lab.config import EXPERIMENTS_DIR, SEED_LIMIT, ConfigError, ExperimentConfig, config_hash, load_config, pipeline_path
 from brats_lab.evaluation.metrics import METRIC_REGIONS, metric_direction
 
@@ -156,8 +157,6 @@ def parse_ablation(text: str, path: Path | str) -> Ablation:
             raise ConfigError(f"{path}: a [search] needs trials >= 1 and at least one entry in [search.params]")
         search = Search(trials=int(data["search"]["trials"]), params=params, seed=int(data["search"].get("seed", 0)))
     if "slurm" in data:  # not part of any run's config: where the workers run
-        from brats_lab.ablation.slurm import check_table
-
         try:
             check_table(data["slurm"], str(path))
         except DataError as e:

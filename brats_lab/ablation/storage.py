@@ -10,10 +10,12 @@ message or an MLflow tag: `safe_url` replaces it with `***`, and a connection er
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from urllib.parse import unquote
 
 from brats_lab import DataError
+from brats_lab.files import file_lock
 from brats_lab.urls import _QUERY_PASSWORD, _split_credentials, safe_url, url_password  # noqa: F401 (re-exported)
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
@@ -24,9 +26,7 @@ def open_storage(url: str, heartbeat_seconds: int, grace_seconds: int, create: b
     silent for `grace_seconds` stale; with `create` false (a worker), refuse a SQLite file or an
     empty database instead of creating it: a worker given a wrong URL must leave nothing behind.
     Any failure is one DataError line, the URL and the driver's words without the password."""
-    import warnings
-
-    import optuna
+    import optuna  # here, not at the top: a second of imports that only opening a study needs
     from sqlalchemy.exc import SQLAlchemyError
 
     given = url
@@ -39,8 +39,6 @@ def open_storage(url: str, heartbeat_seconds: int, grace_seconds: int, create: b
         file.parent.mkdir(parents=True, exist_ok=True)
         # Launchers started at once would each create Optuna's tables, and all but one fail half-way
         # (UNIQUE constraint failed: alembic_version): one at a time, the others find them made.
-        from brats_lab.io import file_lock
-
         lock = file_lock(file.with_name(file.name + ".lock"))  # type: ignore[assignment]
     url = _quote_at(url)  # a raw '@' in the password would end it early for SQLAlchemy
     # The driver we depend on is psycopg 3; SQLAlchemy before 2.1 reads a plain postgresql:// as

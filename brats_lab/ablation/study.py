@@ -29,24 +29,30 @@ and reused, so running the same command twice does no work twice.
 
 The storage URL (and its password masking) is `ablation/storage.py`; gathering the finished runs
 into Table 3, the verdict and the files of the study run is `ablation/report.py`.
+
+Optuna (with SQLAlchemy), torch and the trainer are imported inside the functions that use them:
+a plan, `--plan` or a report imports none of them (a few seconds of imports, DESIGN.md's lazy
+heavy imports).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
-from brats_lab import DataError, run_files
+from brats_lab import DataError, run_files, tracking
 from brats_lab.ablation.report import Report, data_hash, gather, report, run_per_case
 from brats_lab.ablation.spec import Ablation, load_ablation, parse_ablation, refuse_shared_runs
 from brats_lab.ablation.storage import DEFAULT_STORAGE, open_storage, safe_url  # noqa: F401 (DEFAULT_STORAGE: callers import it from here)
@@ -77,8 +83,6 @@ class Plan:
         # two datasets - and the same command finds its own again.
         hashes = ",".join(f"{a}:{config_hash(self._base_config(a))[:12]}" for a in self.ablation.arms)
         data = ",".join(sorted({data_hash(self._base_config(a))[:12] for a in self.ablation.arms}))
-        import hashlib
-
         seeds = f"|seeds={len(self.seeds)}" if self.seeds != (0,) else ""  # one seed: the name it had before seeds
         digest = hashlib.sha256(f"{hashes}|{self.folds}{seeds}|data={data}".encode()).hexdigest()[:10]
         return f"{self.ablation.name}-{self.profile}-{digest}"
@@ -137,8 +141,6 @@ def launch(plan: Plan):
     """Create (or find) the study, its MLflow runs and the waiting trials; return the study run."""
     import optuna
 
-    from brats_lab import tracking
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Both stores open before any run changes state: a relaunch with a storage that cannot be
     # opened must leave finished runs FINISHED.
@@ -190,8 +192,6 @@ def _live_states():
 
 def _arm_run(plan: Plan, study_run, arm: str, seed: int):
     """The arm run of (arm, seed) under the study run, tagged with both (fold runs copy `seed`)."""
-    from brats_lab import tracking
-
     cfg = plan.config(arm, seed)
     name = arm if seed == 0 else f"{arm} seed {seed}"
     run = tracking.arm_run(plan.experiment, config_hash(cfg), name, flatten(cfg), parent=study_run)
@@ -222,8 +222,6 @@ def work(study_name: str, storage: str, progress: bool = True, release: bool = F
     attrs = study.user_attrs
     plan = Plan(parse_ablation(attrs["ablation_toml"], attrs["ablation"]), attrs["profile"], tuple(attrs["folds"]), attrs["dataset"], storage,
                 tuple(attrs.get("excluded", ())), tuple(attrs.get("seeds", (0,))))
-    from brats_lab import tracking
-
     parent = tracking.get_run(attrs["mlflow_study_run"])
     done = 0
     while True:
@@ -266,8 +264,6 @@ def _work_until_done(study_name: str, storage: str, progress: bool) -> None:
 
 
 def _fail_stale(study) -> None:
-    import warnings
-
     import optuna
 
     with warnings.catch_warnings():  # "experimental" since Optuna 2.9, and what we need
@@ -307,7 +303,6 @@ def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True, 
     """The per-case metrics of (arm, fold, seed): reused if a finished run exists, resumed if an
     unfinished one has a checkpoint this machine can read, trained afresh otherwise (`tags` on
     the fold run)."""
-    from brats_lab import tracking
     from brats_lab.training.checkpoint import checkpoint_path
     from brats_lab.training.trainer import train_fold
 
@@ -357,8 +352,6 @@ def run_study(plan: Plan, workers: int = 1, progress: bool = True) -> "Report":
 def _close_runs(plan: Plan, study_run, status: str) -> None:
     import optuna
     from optuna.trial import TrialState
-
-    from brats_lab import tracking
 
     try:
         study = optuna.load_study(study_name=plan.study_name, storage=_storage(plan.storage, create=False))
@@ -418,8 +411,6 @@ def conclude(plan: Plan, study_run, progress: bool = True) -> "Report":
     if plan.ablation.search is not None:
         result.search = search(plan, study_run, progress)
     result.log(study_run)
-    from brats_lab import tracking
-
     for arm_run in tracking.find_runs(plan.experiment, {"kind": "arm", "mlflow.parentRunId": study_run.id}):
         arm_run.finish("FINISHED")
     study_run.finish("FINISHED")
@@ -429,8 +420,6 @@ def conclude(plan: Plan, study_run, progress: bool = True) -> "Report":
 def report_when_done(plan: Plan) -> "Report":
     """`brats-lab ablate NAME --report`: the report of a study whose runs are all done (concluded
     now if no launcher has yet), or a DataError saying how far it is."""
-    from brats_lab import tracking
-
     counts, attrs = progress_of(plan)
     total = sum(counts.values())
     if counts["done"] < total:
@@ -481,8 +470,6 @@ def search(plan: Plan, study_run, progress: bool = True) -> pd.DataFrame:
     arm; each trial trains the folds of one sampled configuration (reused by config hash). Returns
     one row per trial, best first."""
     import optuna
-
-    from brats_lab import tracking
 
     spec = plan.ablation.search
     assert spec is not None

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from brats_lab import DataError
 from brats_lab.data.cases import Case, discover
@@ -53,7 +54,8 @@ from brats_lab.data.preprocess import (
     bbox_to_list,
     preprocess_case,
 )
-from brats_lab.io import Geometry, atomic_path, file_lock, why_not_a_file, write_error, write_text
+from brats_lab.files import atomic_path, file_lock, why_not_a_file, write_error, write_text
+from brats_lab.io import Geometry
 from brats_lab.labels import CONVENTIONS, LabelConvention
 
 FORMAT_VERSION = 1
@@ -231,8 +233,6 @@ def _prepare_locked(
     method, settings_hash = config["method"], _sha256_json(config)
     old = _read_manifest(cache_dir)
     old_cases = old["cases"] if old and old.get("settings") == config else {}
-
-    from tqdm import tqdm  # lazy: the cache module is imported by training, which may not need it
 
     report = PrepareReport()
     records: dict[str, dict] = {}

@@ -13,7 +13,8 @@ from functools import cached_property
 from pathlib import Path
 
 from brats_lab import DataError
-from brats_lab.io import Geometry, read_header, why_not_a_file
+from brats_lab.files import why_not_a_file
+from brats_lab.io import Geometry, read_header
 from brats_lab.labels import BRATS_2020, BRATS_2023, LabelConvention
 
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")  # channel order of every image tensor

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from brats_lab import DataError
 from brats_lab.data.cases import MODALITIES, Case, discover
 from brats_lab.data.preprocess import flat_channel
-from brats_lab.io import Geometry, nonfinite, read_image, why_not_a_file
+from brats_lab.files import why_not_a_file
+from brats_lab.io import Geometry, nonfinite, read_image
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,6 @@ def check_dataset(root: Path, progress: bool = True, workers: int = 2) -> tuple[
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda c: check_case(c, expect_seg), cases)
         if progress:
-            from tqdm import tqdm
-
             results = tqdm(results, total=len(cases), desc="checking", unit="case", leave=False)
         problems = [p for case_problems in results for p in case_problems]
     return cases, problems

@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+from tqdm import tqdm
 
 from brats_lab import DataError
 from brats_lab.data.cases import LAYOUTS, MODALITIES
-from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, write_image, write_text
+from brats_lab.files import write_text
+from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, write_image
 from brats_lab.labels import BRATS_2020, BRATS_2023
 
 FIELD_MM = (240.0, 240.0, 155.0)  # physical field of view (x, y, z), whatever the voxel shape
@@ -168,8 +170,6 @@ def _write_cases(out: Path, cases: int, seed: int, shape: tuple[int, int, int], 
     case_layout, prefix = _LAYOUTS[layout]
     geometry = phantom_geometry(shape)
     corrupted = _corrupted_cases(seed, cases, corrupt_fraction)
-
-    from tqdm import tqdm
 
     folders, records = [], []
     for k in tqdm(range(cases), desc="phantom cases", unit="case", file=sys.stderr, disable=not progress):

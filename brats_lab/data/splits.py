@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from brats_lab import DataError
-from brats_lab.io import write_text
+from brats_lab.files import write_text
 
 FORMAT_VERSION = 1
 Split = dict[str, list[str]]  # {"train": [...], "val": [...]}, each sorted

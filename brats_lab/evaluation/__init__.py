@@ -1,6 +1,7 @@
 """BraTS evaluation: Dice, sensitivity, specificity and HD95 per case and region with the 2020
 challenge's rules, lesion-wise Dice and HD95 with the 2023+ rules, and per-case tables over a
-folder of predictions."""
+folder of predictions. The statistics of an ablation are imported from their modules: `stats`
+(the run-level verdict) and `case_stats` (the per-case description)."""
 
 from brats_lab.evaluation.evaluate import EvaluationResult, evaluate_folder, format_summary, metric_columns
 from brats_lab.evaluation.lesionwise import (

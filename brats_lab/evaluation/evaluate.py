@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from brats_lab import DataError
 from brats_lab.data.cases import IMAGE_EXTENSIONS, Case, discover
@@ -29,7 +30,8 @@ from brats_lab.evaluation.lesionwise import (
     rules_for,
 )
 from brats_lab.evaluation.metrics import EMPTY_HD95, METRICS, RegionMetrics, case_metrics
-from brats_lab.io import Geometry, atomic_path, read_header, read_volume
+from brats_lab.files import atomic_path
+from brats_lab.io import Geometry, read_header, read_volume
 from brats_lab.labels import REGIONS, LabelConvention, foreign_convention
 
 STATUSES: tuple[str, ...] = ("ok", "missing", "unreadable", "geometry", "labels")
@@ -131,8 +133,6 @@ def evaluate_folder(pred_dir: Path, gt_dir: Path, progress: bool = True, rules: 
 
     iterator = scored
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(scored, desc="evaluating", unit="case", file=sys.stderr, leave=False)
     rows = []
     for case in iterator:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from tqdm import tqdm
 
 from brats_lab import DataError
 from brats_lab.data.cases import MODALITIES, Case
@@ -69,8 +70,6 @@ def predict_folder(
     written, failures = [], []
     iterator = cases
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(cases, desc="baseline", unit="case")
     for case in iterator:
         try:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brats_lab import DataError
+from brats_lab.io import read_volume, write_image
 from brats_lab.labels import REGIONS, LabelConvention
 
 
@@ -117,9 +119,6 @@ def merge_folders(a_dir: Path, b_dir: Path, out_dir: Path, convention: LabelConv
     Returns (written, problems): a case missing from B, unreadable, or in another geometry is
     named in `problems` and not written; the others go on.
     """
-    from brats_lab import DataError
-    from brats_lab.io import read_volume, write_image
-
     a_dir, b_dir = Path(a_dir), Path(b_dir)
     listed = {}
     for folder in (a_dir, b_dir):

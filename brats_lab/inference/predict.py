@@ -16,13 +16,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from brats_lab import DataError, run_files
+from brats_lab import DataError, run_files, tracking
 from brats_lab.config import ExperimentConfig, from_dict
 from brats_lab.data.cases import Case
 from brats_lab.data.preprocess import label_map, pad_to_multiple, paste_back, preprocess_case, unpad
 from brats_lab.evaluation.metrics import METRICS, lower_is_better
-from brats_lab.io import write_image, write_text
+from brats_lab.files import write_text
+from brats_lab.inference.merge import small_et_to_ncr
+from brats_lab.inference.tta import predict_tta
+from brats_lab.io import write_image
 from brats_lab.labels import REGIONS
 from brats_lab.models import build_model
 from brats_lab.precision import autocast_dtype
@@ -57,8 +61,6 @@ def select_top(run_ids: list[str], top: int, by: str = "dice", root: Path | None
     (before any run is read), when a fold has fewer than `top` distinct candidates, or when the
     candidates of a fold were validated on different cases (another dataset, split or seed).
     """
-    from brats_lab import tracking
-
     if top < 1:
         raise DataError(f"--top must be >= 1, got {top}")
     lower = lower_is_better(by)  # and an unknown `by` is refused here, before any run is read
@@ -188,8 +190,6 @@ class Member:
 
 def resolve_runs(run_ids: list[str], root: Path | None = None) -> list[str]:
     """Fold run ids; an arm run id stands for all its finished folds (the newest run of each)."""
-    from brats_lab import tracking
-
     folds: list[str] = []
     for run_id in run_ids:
         try:
@@ -215,8 +215,6 @@ def resolve_runs(run_ids: list[str], root: Path | None = None) -> list[str]:
 
 def load_members(run_ids: list[str], device: torch.device, root: Path | None = None) -> list[Member]:
     """The final models of these fold runs (or arms), in eval mode on `device`."""
-    from brats_lab import tracking
-
     members = []
     for run_id in resolve_runs(run_ids, root):
         run = tracking.get_run(run_id, root=root)
@@ -242,8 +240,6 @@ def predict_probabilities(
 ) -> np.ndarray:
     """Mean sigmoid probabilities (3, z, y, x) of all members for one padded volume (4, z, y, x),
     the networks run under autocast to `precision` (see `autocast_dtype`)."""
-    from brats_lab.inference.tta import predict_tta
-
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)  # (1, 4, Z, Y, X)
     total = torch.zeros((1, 3, *x.shape[2:]), dtype=torch.float32, device=device)
     dtype = autocast_dtype(precision, device)  # probabilities are averaged in float32 all the same
@@ -276,8 +272,6 @@ def predict_case(
     path = Path(out_dir) / f"{case.id}.nii.gz"
     labels = label_map(probs > 0.5, pads, case.convention, pre.bbox, pre.geometry.shape)
     if small_et:
-        from brats_lab.inference.merge import small_et_to_ncr
-
         labels = small_et_to_ncr(labels, case.convention, small_et)
     write_image(labels, pre.geometry, path)
     if probabilities:
@@ -300,8 +294,6 @@ def predict_folder(
 ) -> tuple[list[Path], list[str], list[str]]:
     """Segment every case: (written, skipped because done, failures by name). A case that fails is
     reported and the others go on; a rerun skips cases already written unless `overwrite`."""
-    from tqdm import tqdm
-
     written, skipped, failures = [], [], []
     for case in tqdm(cases, desc="predicting", unit="case", disable=not progress):
         if not overwrite and (Path(out_dir) / f"{case.id}.nii.gz").is_file():

@@ -9,7 +9,7 @@ Two files per fold run, in the run's artifact folder when the store is local:
 
 Both carry the resolved config (`config`, as `config.to_dict`) and its `config_hash`, so a model
 file alone rebuilds its network (nanoGPT's checkpoints do the same). `inference/predict.py` and
-`ablation/` read this module, never the trainer. Needs torch, `brats_lab.config`, `brats_lab.io`
+`ablation/` read this module, never the trainer. Needs torch, `brats_lab.config`, `brats_lab.files`
 and `brats_lab.run_files` only (`tracking` and `training.optim` for its annotations).
 
 What a training carries from epoch to epoch is one `TrainState` (model, optimizer, loss scaler,
@@ -31,7 +31,7 @@ import torch
 
 from brats_lab import DataError
 from brats_lab.config import ExperimentConfig, config_hash, to_dict
-from brats_lab.io import atomic_path, write_error
+from brats_lab.files import atomic_path, write_error
 from brats_lab.run_files import CHECKPOINT
 
 if TYPE_CHECKING:

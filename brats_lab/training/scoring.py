@@ -18,14 +18,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from brats_lab.data.cases import discover
 from brats_lab.data.dataset import WholeVolumes
 from brats_lab.data.preprocess import label_map, paste_back
 from brats_lab.evaluation.lesionwise import case_scores
 from brats_lab.evaluation.metrics import dice_from_counts
-from brats_lab.io import atomic_path, read_image, write_image
-from brats_lab import run_files
+from brats_lab.files import atomic_path
+from brats_lab.io import read_image, write_image
+from brats_lab import run_files, viz  # viz.render_case through the module: a test replaces it
 from brats_lab.labels import REGIONS
 from brats_lab.training.losses import LossFn
 from brats_lab.training.step import Compute
@@ -59,10 +61,6 @@ def score_cases(
     in `dataset` with the rules of the data (`lesionwise.case_scores`: one row per case with the
     BraTS 2020 columns dice_ET, ..., hd95_WT, plus the lesion-wise ones on 2023+ labels); draw
     the best and worst cases to `workdir/overlays/`."""
-    from tqdm import tqdm
-
-    from brats_lab.viz import render_case
-
     model.eval()
     cache = volumes.cache
     segs = {c.id: c.seg for c in discover(dataset)}
@@ -87,7 +85,7 @@ def score_cases(
             labels, reference = predictions[case_id]
             dice = ", ".join(f"{r} {table.loc[index, f'dice_{r}']:.2f}" for r in REGIONS)
             with atomic_path(workdir / run_files.overlay(tag, case_id), suffix=".png") as tmp:
-                render_case(images, entry.convention, tmp, reference=reference, prediction=labels,
+                viz.render_case(images, entry.convention, tmp, reference=reference, prediction=labels,
                             title=f"{tag}: {case_id}, Dice {dice}; {{slice}}")
     return table
 

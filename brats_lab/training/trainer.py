@@ -36,20 +36,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from brats_lab import DataError, UserError, precision, run_files
+from brats_lab import DataError, UserError, precision, run_files, tracking
 from brats_lab.config import ExperimentConfig, config_hash, flatten, to_dict
 from brats_lab.data.cache import Cache, prepare
 from brats_lab.data.dataset import EpochSampler, TrainPatches, WholeVolumes
 from brats_lab.data.splits import kept_splits, training_cases
 from brats_lab.labels import REGIONS
 from brats_lab.models import build_model, count_parameters
+from brats_lab.tracking import Run, RunLog
 from brats_lab.training import checkpoint, distributed
 from brats_lab.training.checkpoint import CHECKPOINT_KEYS, Best, TrainState
 from brats_lab.training.losses import make_loss
@@ -65,9 +67,6 @@ from brats_lab.training.optim import (
 )
 from brats_lab.training.scoring import score_cases, validate
 from brats_lab.training.step import Compute, Step, train_step
-
-if TYPE_CHECKING:
-    from brats_lab.tracking import Run, RunLog
 
 EXPERIMENT = "brats-lab"  # the MLflow experiment of trainings outside an ablation
 
@@ -231,8 +230,6 @@ def _fold_data(cfg: ExperimentConfig, fold: int, processes: int, is_main: bool, 
 def _arm_run(cfg: ExperimentConfig, experiment: str, parent: Run | None, project_root: Path | None) -> Run:
     """`parent` (an ablation's arm run) if given, else this configuration's arm run in
     `experiment`, found or created, and running while a fold of it trains."""
-    from brats_lab import tracking
-
     if parent is not None:
         return parent
     arm = tracking.arm_run(experiment, config_hash(cfg), name=f"pipeline {cfg.pipeline}", params=flatten(cfg), root=project_root)
@@ -243,8 +240,6 @@ def _arm_run(cfg: ExperimentConfig, experiment: str, parent: Run | None, project
 
 def _new_run(arm: Run, cfg: ExperimentConfig, fold: int, data: FoldData) -> RunLog:
     """A new fold run under `arm`, with the config (params and file) and what the fold trains on."""
-    from brats_lab import tracking
-
     run = tracking.fold_run(arm, fold, name=f"pipeline {cfg.pipeline} fold {fold}")
     run.log_params(flatten(cfg))
     run.log_dict(to_dict(cfg), run_files.CONFIG)
@@ -257,8 +252,6 @@ def _new_run(arm: Run, cfg: ExperimentConfig, fold: int, data: FoldData) -> RunL
 def _unfinished_run(cfg: ExperimentConfig, fold: int, experiment: str, project_root: Path | None) -> tuple[RunLog, dict[str, Any]]:
     """(the newest unfinished fold run of this configuration, reopened; its checkpoint). The
     checkpoint is read first: one that does not load leaves the run as it was."""
-    from brats_lab import tracking
-
     chash = config_hash(cfg)
     run = tracking.latest_fold_run(experiment, chash, fold, statuses=("RUNNING", "FAILED", "KILLED"), root=project_root)
     if run is None:
@@ -383,6 +376,4 @@ def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _progress(enabled: bool, **kwargs):
-    from tqdm import tqdm
-
     return tqdm(disable=not enabled, dynamic_ncols=True, **kwargs)

@@ -8,7 +8,7 @@ from math import comb
 
 import pytest
 
-from brats_lab.evaluation.stats import paired_bootstrap_ci
+from brats_lab.evaluation.case_stats import paired_bootstrap_ci
 
 # Three paired cases whose differences are 0, 0 and 1. A resample of 3 cases has k ones with
 # probability C(3, k) (1/3)^k (2/3)^(3-k), so its mean is 0, 1/3, 2/3 or 1 with probabilities

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +303,39 @@ def assert_same_state():
     """The function `assert_same_state(a, b, where)`: nested checkpoint content equal, tensors bit
     for bit (and dtype), the rest by ==; a failure names the key path under `where`."""
     return _assert_same_state
+
+
+# The valid inputs of `valid_inputs`: folder -> (layout, its two case ids).
+VALID_INPUTS = {"data": ("brats2020", ("BraTS20_Training_001", "BraTS20_Training_002")),
+                "data2023": ("brats2023", ("BraTS-GLI-00001-000", "BraTS-GLI-00002-000"))}
+
+
+@pytest.fixture(scope="session")
+def valid_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Valid inputs, built once (treat as read-only: copy what a test breaks): two 2020 cases
+    (data/: BraTS20_Training_001 and _002), two 2023 cases (data2023/: BraTS-GLI-00001-000 and
+    -00002-000), each `write_case`'s 32x32x24, and their segmentations as perfect predictions
+    (pred-data/, pred-data2023/)."""
+    home = tmp_path_factory.mktemp("valid")
+    for base, (layout, ids) in VALID_INPUTS.items():
+        pred = home / f"pred-{base}"
+        pred.mkdir()
+        sep = "_" if layout == "brats2020" else "-"
+        for seed, case in enumerate(ids, start=1):
+            _write_case(home / base, case, size=(32, 32, 24), seed=seed, layout=layout)
+            shutil.copy(home / base / case / f"{case}{sep}seg.nii.gz", pred / f"{case}.nii.gz")
+    return home
+
+
+def _run_cli(argv: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "brats_lab.cli", *argv], cwd=cwd, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """The function `run_cli(argv, cwd, **subprocess_options)`: the real `brats-lab` command with
+    `argv`, in a subprocess on one thread, run in `cwd`; its CompletedProcess (text output)."""
+    return _run_cli

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ TINY_NETWORK = ("model.width=4", "data.patch_size=[32, 32, 32]", "data.folds=2",
 TINY_TRAINING = (*TINY_NETWORK, "train.epochs=2", "train.swa.enabled=false", "train.val_every=1")
 
 
-class ConstantLogits(torch.nn.Module):
+class _ConstantLogits(torch.nn.Module):
     """A network whose every voxel gets the same three logits (ET, TC, WT): known probabilities
     (logit 0 is probability 0.5 exactly)."""
 
@@ -77,7 +79,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def free_port() -> int:
+def _free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,7 +102,7 @@ seeds = {seeds}
 """
 
 
-def tiny_ablation(name: str = "tiny-attention", *extra: str, seeds: int = 1) -> str:
+def _tiny_ablation(name: str = "tiny-attention", *extra: str, seeds: int = 1) -> str:
     """The TOML of a two-fold ablation of tiny networks, equiunet against att_equiunet, each
     trained with `seeds` seeds; `extra` overrides go to both arms after the tiny ones (e.g.
     "train.epochs=6")."""
@@ -109,7 +111,7 @@ def tiny_ablation(name: str = "tiny-attention", *extra: str, seeds: int = 1) -> 
                           {"equiunet": ("model.name=equiunet", *tiny), "att_equiunet": ("model.name=att_equiunet", *tiny)})
 
 
-def reseeded_ablation(name: str = "tiny-reseeded", seeds: int = 2) -> str:
+def _reseeded_ablation(name: str = "tiny-reseeded", seeds: int = 2) -> str:
     """The ablation of issue 27 (item 4), with tiny networks: the baseline against itself at
     train.seed = the baseline's + 1 (pipeline A's 16111990), each trained with `seeds` seeds."""
     return _ablation_toml(name, "tiny equiunet against itself one training seed later", seeds,
@@ -117,7 +119,7 @@ def reseeded_ablation(name: str = "tiny-reseeded", seeds: int = 2) -> str:
                            "reseeded": ("model.name=equiunet", *TINY_TRAINING, "train.seed=16111991")})
 
 
-def write_case(
+def _write_case(
     root: Path,
     case_id: str = "BraTS20_Training_001",
     size: tuple[int, int, int] = (32, 32, 24),
@@ -148,12 +150,28 @@ def write_case(
     return folder
 
 
+def _assert_same_state(a, b, where: str) -> None:
+    """Nested checkpoint content equal: tensors bit for bit (and dtype), the rest by ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
 @pytest.fixture
 def simple_dataset(tmp_path: Path) -> Path:
     """Three valid BraTS 2020 cases in tmp_path/data."""
     root = tmp_path / "data"
     for i in range(1, 4):
-        write_case(root, f"BraTS20_Training_{i:03d}", seed=i)
+        _write_case(root, f"BraTS20_Training_{i:03d}", seed=i)
     return root
 
 
@@ -198,7 +216,126 @@ def phantom_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def case_writer():
-    """The `write_case` function, for tests that need cases of their own."""
-    return write_case
+    """The function `write_case(root, case_id, size, seed, layout, with_seg)`: a simple, valid case
+    on disk (an ellipsoid 'brain' and a nested tumour), for tests that need cases of their own."""
+    return _write_case
+
+
+@pytest.fixture(scope="session")
+def copy_phantoms(phantom_dataset: Path):
+    """The function `copy_phantoms(folder)`: a fresh copy of the shared phantoms at `folder`,
+    returned. The cache is written inside the dataset folder, so a test that prepares, trains or
+    predicts works on a copy; this form serves module-scoped fixtures and copies under another name."""
+
+    def copy(folder: Path) -> Path:
+        shutil.copytree(phantom_dataset, folder)
+        return folder
+
+    return copy
+
+
+@pytest.fixture
+def phantom_copy(copy_phantoms, tmp_path: Path) -> Path:
+    """A fresh copy of the phantoms, at tmp_path/phantom."""
+    return copy_phantoms(tmp_path / "phantom")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_tracking_uri():
+    """MLFLOW_TRACKING_URI unset for the whole run (subprocesses included): every store is then
+    mlruns/ in the working folder, whatever the shell running the tests exports. A test that needs a
+    URI sets it with monkeypatch."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """The function `free_port()`: a TCP port on 127.0.0.1 that nothing listens on now."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def tiny_ablation():
+    """The function `tiny_ablation(name, *extra, seeds=1)`: the TOML of a two-fold ablation of tiny
+    networks, equiunet against att_equiunet, each trained with `seeds` seeds; `extra` overrides go
+    to both arms after the tiny ones (e.g. "train.epochs=6")."""
+    return _tiny_ablation
+
+
+@pytest.fixture(scope="session")
+def reseeded_ablation():
+    """The function `reseeded_ablation(name, seeds)`: the TOML of the baseline against itself one
+    training seed later (issue 27, item 4), with tiny networks."""
+    return _reseeded_ablation
+
+
+@pytest.fixture(scope="session")
+def constant_logits():
+    """The class `ConstantLogits(logits)`: a network whose every voxel gets the same three logits
+    (ET, TC, WT), so known probabilities (logit 0 is probability 0.5 exactly)."""
+    return _ConstantLogits
+
+
+@pytest.fixture(scope="session")
+def tiny_shape() -> tuple[int, int, int]:
+    """(x, y, z) of the phantoms of `phantom_dataset`."""
+    return TINY_SHAPE
+
+
+@pytest.fixture(scope="session")
+def tiny_network() -> tuple[str, ...]:
+    """Overrides for a network and patch small enough for a fold in seconds on two cores."""
+    return TINY_NETWORK
+
+
+@pytest.fixture(scope="session")
+def tiny_training() -> tuple[str, ...]:
+    """`tiny_network` and a short schedule (2 epochs, validated each) without weight averaging."""
+    return TINY_TRAINING
+
+
+@pytest.fixture(scope="session")
+def assert_same_state():
+    """The function `assert_same_state(a, b, where)`: nested checkpoint content equal, tensors bit
+    for bit (and dtype), the rest by ==; a failure names the key path under `where`."""
+    return _assert_same_state
+
+
+# The valid inputs of `valid_inputs`: folder -> (layout, its two case ids).
+VALID_INPUTS = {"data": ("brats2020", ("BraTS20_Training_001", "BraTS20_Training_002")),
+                "data2023": ("brats2023", ("BraTS-GLI-00001-000", "BraTS-GLI-00002-000"))}
+
+
+@pytest.fixture(scope="session")
+def valid_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Valid inputs, built once (treat as read-only: copy what a test breaks): two 2020 cases
+    (data/: BraTS20_Training_001 and _002), two 2023 cases (data2023/: BraTS-GLI-00001-000 and
+    -00002-000), each `write_case`'s 32x32x24, and their segmentations as perfect predictions
+    (pred-data/, pred-data2023/)."""
+    home = tmp_path_factory.mktemp("valid")
+    for base, (layout, ids) in VALID_INPUTS.items():
+        pred = home / f"pred-{base}"
+        pred.mkdir()
+        sep = "_" if layout == "brats2020" else "-"
+        for seed, case in enumerate(ids, start=1):
+            _write_case(home / base, case, size=(32, 32, 24), seed=seed, layout=layout)
+            shutil.copy(home / base / case / f"{case}{sep}seg.nii.gz", pred / f"{case}.nii.gz")
+    return home
+
+
+def _run_cli(argv: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "brats_lab.cli", *argv], cwd=cwd, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """The function `run_cli(argv, cwd, **subprocess_options)`: the real `brats-lab` command with
+    `argv`, in a subprocess on one thread, run in `cwd`; its CompletedProcess (text output)."""
+    return _run_cli

@@ -30,63 +30,60 @@ def _per_case(offset: float, fold: int) -> pd.DataFrame:
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project root whose mlruns/ holds one finished ablation, one half-done and one training."""
     root = tmp_path_factory.mktemp("project")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        study = tracking.start_run("ablation-attention", "attention", "study", {"study": "attention-abc"}, root=root)
-        study.log_params({"arms": "baseline,attention", "folds": "2", "baseline": "baseline"})
-        for arm_name, chash, offset in (("baseline", "h0", 0.0), ("attention", "h1", 0.05)):
-            arm = tracking.arm_run("ablation-attention", chash, arm_name, {"model": arm_name}, parent=study)
+    study = tracking.start_run("ablation-attention", "attention", "study", {"study": "attention-abc"}, root=root)
+    study.log_params({"arms": "baseline,attention", "folds": "2", "baseline": "baseline"})
+    for arm_name, chash, offset in (("baseline", "h0", 0.0), ("attention", "h1", 0.05)):
+        arm = tracking.arm_run("ablation-attention", chash, arm_name, {"model": arm_name}, parent=study)
+        for fold in range(2):
+            with tracking.fold_run(arm, fold, f"{arm_name} fold {fold}") as run:
+                run.log_table(_per_case(offset, fold), run_files.PER_CASE)
+        arm.finish()
+    study.log_table(pd.DataFrame({  # as compare_arms writes it
+        "arm": ["attention"], "metric": ["dice_ET"], "n": [6], "mean_baseline": [0.6], "mean_arm": [0.55],
+        "mean_diff": [-0.05], "ci_low": [-0.06], "ci_high": [-0.04], "p_value": [0.03], "p_holm": [0.03],
+        "verdict": ["worse (p=0.03)"]}),
+                    run_files.COMPARISON)
+    study.finish()
+
+    # A second study still going: one fold finished, one running.
+    half = tracking.start_run("ablation-norm", "norm", "study", {"study": "norm-def"}, root=root)
+    half.log_params({"arms": "baseline,instance", "folds": "1"})
+    arm = tracking.arm_run("ablation-norm", "n0", "baseline", {}, parent=half)
+    with tracking.fold_run(arm, 0, "baseline fold 0") as run:
+        run.log_table(_per_case(0.1, 0), run_files.PER_CASE)
+    arm2 = tracking.arm_run("ablation-norm", "n1", "instance", {}, parent=half)
+    tracking.fold_run(arm2, 0, "instance fold 0")  # left RUNNING, no metrics
+
+    # An A/A study with seeds, as the ablation makes it: one arm run per (arm, seed), tagged.
+    from brats_lab.evaluation.stats import compare_runs
+
+    aa = tracking.start_run("ablation-seeds", "seeds", "study", {"study": "seeds-xyz"}, root=root)
+    aa.log_params({"arms": "equiunet,reseeded", "folds": "2", "seeds": "2", "baseline": "equiunet"})
+    frames = []
+    for k, arm_name in enumerate(("equiunet", "reseeded")):
+        for seed in range(2):
+            arm = tracking.arm_run("ablation-seeds", f"s{k}{seed}", arm_name if seed == 0 else f"{arm_name} seed {seed}",
+                                   {}, parent=aa)
+            arm.set_tags({"arm": arm_name, "seed": seed})
             for fold in range(2):
-                with tracking.fold_run(arm, fold, f"{arm_name} fold {fold}") as run:
-                    run.log_table(_per_case(offset, fold), run_files.PER_CASE)
+                table = _per_case(0.01 * seed + 0.004 * k * fold, fold)
+                with tracking.fold_run(arm, fold, f"{arm_name} seed {seed} fold {fold}") as run:
+                    run.log_table(table, run_files.PER_CASE)
+                frames.append(table.assign(arm=arm_name, fold=fold, seed=seed))
             arm.finish()
-        study.log_table(pd.DataFrame({  # as compare_arms writes it
-            "arm": ["attention"], "metric": ["dice_ET"], "n": [6], "mean_baseline": [0.6], "mean_arm": [0.55],
-            "mean_diff": [-0.05], "ci_low": [-0.06], "ci_high": [-0.04], "p_value": [0.03], "p_holm": [0.03],
-            "verdict": ["worse (p=0.03)"]}),
-                        run_files.COMPARISON)
-        study.finish()
+    aa.log_table(compare_runs(pd.concat(frames), "equiunet", ["dice_ET", "dice_TC", "dice_WT"]), run_files.COMPARISON)
+    aa.finish()
 
-        # A second study still going: one fold finished, one running.
-        half = tracking.start_run("ablation-norm", "norm", "study", {"study": "norm-def"}, root=root)
-        half.log_params({"arms": "baseline,instance", "folds": "1"})
-        arm = tracking.arm_run("ablation-norm", "n0", "baseline", {}, parent=half)
-        with tracking.fold_run(arm, 0, "baseline fold 0") as run:
-            run.log_table(_per_case(0.1, 0), run_files.PER_CASE)
-        arm2 = tracking.arm_run("ablation-norm", "n1", "instance", {}, parent=half)
-        tracking.fold_run(arm2, 0, "instance fold 0")  # left RUNNING, no metrics
-
-        # An A/A study with seeds, as the ablation makes it: one arm run per (arm, seed), tagged.
-        from brats_lab.evaluation.stats import compare_runs
-
-        aa = tracking.start_run("ablation-seeds", "seeds", "study", {"study": "seeds-xyz"}, root=root)
-        aa.log_params({"arms": "equiunet,reseeded", "folds": "2", "seeds": "2", "baseline": "equiunet"})
-        frames = []
-        for k, arm_name in enumerate(("equiunet", "reseeded")):
-            for seed in range(2):
-                arm = tracking.arm_run("ablation-seeds", f"s{k}{seed}", arm_name if seed == 0 else f"{arm_name} seed {seed}",
-                                       {}, parent=aa)
-                arm.set_tags({"arm": arm_name, "seed": seed})
-                for fold in range(2):
-                    table = _per_case(0.01 * seed + 0.004 * k * fold, fold)
-                    with tracking.fold_run(arm, fold, f"{arm_name} seed {seed} fold {fold}") as run:
-                        run.log_table(table, run_files.PER_CASE)
-                    frames.append(table.assign(arm=arm_name, fold=fold, seed=seed))
-                arm.finish()
-        aa.log_table(compare_runs(pd.concat(frames), "equiunet", ["dice_ET", "dice_TC", "dice_WT"]), run_files.COMPARISON)
-        aa.finish()
-
-        training = tracking.arm_run("brats-lab", "t0", "pipeline A", {"pipeline": "A"}, root=root)
-        with tracking.fold_run(training, 0, "pipeline A fold 0") as run:
-            run.log_table(_per_case(0.2, 0), run_files.PER_CASE)
-        training.finish()
+    training = tracking.arm_run("brats-lab", "t0", "pipeline A", {"pipeline": "A"}, root=root)
+    with tracking.fold_run(training, 0, "pipeline A fold 0") as run:
+        run.log_table(_per_case(0.2, 0), run_files.PER_CASE)
+    training.finish()
     return root
 
 
 @pytest.fixture
 def in_store(store: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run with the store's project root as the current folder, as `brats-lab dashboard` does."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(store)
     return store
 
@@ -208,7 +205,6 @@ def test_app_pages_run_on_the_store(in_store):
 def test_app_on_an_empty_project_says_so(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     at = AppTest.from_file(str(APP), default_timeout=30).run()
     assert not at.exception
@@ -249,7 +245,7 @@ def test_dashboard_command_serves_the_app_on_localhost(in_store):
     assert os.path.isfile(in_store / "mlruns" / "mlflow.db")
 
 
-def test_a_password_in_the_tracking_uri_is_never_shown(tmp_path, monkeypatch):
+def test_a_password_in_the_tracking_uri_is_never_shown(tmp_path, monkeypatch, free_port):
     # A database URI (which MLflow accepts) with a password: the page, `ui` and `dashboard` mask it.
     import subprocess
     import sys
@@ -273,7 +269,6 @@ def test_a_password_in_the_tracking_uri_is_never_shown(tmp_path, monkeypatch):
         assert any(masked in text for text in shown), shown
         assert not any("s3cret" in text for text in shown), shown
         # `brats-lab ui` prints the store before it starts the server: read that line, then stop it.
-        from conftest import free_port
 
         # A real port: 0 is refused up front, as the address printed would not be the server's.
         proc = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", "ui", "--port", str(free_port())], stdout=subprocess.PIPE,

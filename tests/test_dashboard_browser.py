@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan, run_study
-from conftest import free_port, tiny_ablation
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning"),
@@ -36,13 +34,12 @@ def _load_screenshots():
 
 
 @pytest.fixture(scope="module")
-def project(phantom_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def project(copy_phantoms, tmp_path_factory: pytest.TempPathFactory, tiny_ablation) -> Path:
     """A project folder after a real two-arm, two-fold ablation on four phantom cases."""
     root = tmp_path_factory.mktemp("dashboard-project")
-    shutil.copytree(phantom_dataset, root / "phantom")
+    copy_phantoms(root / "phantom")
     (root / "tiny.toml").write_text(tiny_ablation())
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.chdir(root)
         run_study(make_plan("tiny.toml", "cpu", None, str(root / "phantom"), DEFAULT_STORAGE), progress=False)
     return root
@@ -50,7 +47,6 @@ def project(phantom_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture
 def in_project(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(project)
     return project
 
@@ -105,7 +101,7 @@ def _wait_until_up(url: str, server: subprocess.Popen, seconds: float = 90) -> N
             time.sleep(0.3)
 
 
-def test_every_page_in_a_real_browser(in_project, tmp_path):
+def test_every_page_in_a_real_browser(in_project, tmp_path, free_port):
     screenshots = _load_screenshots()
     if screenshots.find_chromium() is None:
         if os.environ.get("BRATS_LAB_REQUIRE_BROWSER"):
@@ -127,7 +123,7 @@ def test_every_page_in_a_real_browser(in_project, tmp_path):
     assert "Traceback" not in out, out[-3000:]
 
 
-def test_cases_page_reads_predictions_from_a_remote_mlflow_server(project, tmp_path, monkeypatch):
+def test_cases_page_reads_predictions_from_a_remote_mlflow_server(project, tmp_path, monkeypatch, free_port):
     """The same app on a tracking server (served artifacts): predictions are downloaded over HTTP."""
     import numpy as np
     import pandas as pd

@@ -32,31 +32,38 @@ from brats_lab.run_files import CHECKPOINT, FINAL_MODEL
 from brats_lab.training.checkpoint import CHECKPOINT_KEYS
 from brats_lab.training.checkpoint import save as _save
 from brats_lab.training.trainer import EXPERIMENT
-from conftest import TINY_NETWORK
 
 EPOCHS = 6  # enough that a signal sent after the first checkpoint finds the training still going
-TINY = [*TINY_NETWORK, "train.val_every=1"]
+VALIDATED = "train.val_every=1"  # after `tiny_network`'s settings: validation every epoch
 
 
 @pytest.fixture
-def dataset(phantom_dataset: Path, tmp_path: Path, monkeypatch) -> Path:
+def dataset(phantom_copy: Path, tmp_path: Path, monkeypatch) -> Path:
     # The cache is written inside the dataset folder: work on a copy of the shared phantoms.
     monkeypatch.chdir(tmp_path)  # the MLflow store is mlruns/ here, for this process and its children
-    copy = tmp_path / "phantom"
-    shutil.copytree(phantom_dataset, copy)
-    return copy
+    return phantom_copy
 
 
-def train_argv(dataset: Path, epochs: int = EPOCHS) -> list[str]:
-    argv = ["train", "--pipeline", "B", "--fold", "0", "--profile", "cpu", "--data", str(dataset)]
-    for item in [*TINY, f"train.epochs={epochs}"]:
-        argv += ["--set", item]
-    return argv
+@pytest.fixture
+def train_argv(tiny_network):
+    """The function `train_argv(dataset, epochs=EPOCHS)`: the arguments of `brats-lab train` for
+    fold 0 of pipeline B with tiny networks validated every epoch."""
+
+    def make(dataset: Path, epochs: int = EPOCHS) -> list[str]:
+        argv = ["train", "--pipeline", "B", "--fold", "0", "--profile", "cpu", "--data", str(dataset)]
+        for item in [*tiny_network, VALIDATED, f"train.epochs={epochs}"]:
+            argv += ["--set", item]
+        return argv
+
+    return make
 
 
-def train_config(dataset: Path, epochs: int = EPOCHS):
-    """The configuration `brats-lab train train_argv(dataset, epochs)` resolves."""
-    return load_config(pipeline_path("B"), "cpu", [*TINY, f"train.epochs={epochs}", f"data.dataset={dataset}"])
+@pytest.fixture
+def train_config(tiny_network):
+    """The function `train_config(dataset, epochs=EPOCHS)`: the configuration that
+    `brats-lab train train_argv(dataset, epochs)` resolves."""
+    return lambda dataset, epochs=EPOCHS: load_config(
+        pipeline_path("B"), "cpu", [*tiny_network, VALIDATED, f"train.epochs={epochs}", f"data.dataset={dataset}"])
 
 
 def start(argv: list[str], cwd: Path, file_size_limit: int | None = None, **kwargs) -> subprocess.Popen:
@@ -103,10 +110,11 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name)
 
 
-def killed_training(dataset: Path, root: Path, how: str) -> tuple[subprocess.Popen, str, Path]:
-    """A `brats-lab train` stopped by `how` (SIGTERM, or Ctrl-C as a terminal sends it: SIGINT to
-    the whole process group) once its first checkpoint is on disk: (process, stderr, checkpoint)."""
-    proc = start(train_argv(dataset), root, start_new_session=True)
+def killed_training(argv: list[str], root: Path, how: str) -> tuple[subprocess.Popen, str, Path]:
+    """`brats-lab` with `argv` (a `train_argv`) stopped by `how` (SIGTERM, or Ctrl-C as a terminal
+    sends it: SIGINT to the whole process group) once its first checkpoint is on disk: (process,
+    stderr, checkpoint)."""
+    proc = start(argv, root, start_new_session=True)
     checkpoint = wait_for_checkpoint(root, proc)
     if how == "SIGTERM":
         proc.send_signal(signal.SIGTERM)
@@ -120,8 +128,8 @@ def killed_training(dataset: Path, root: Path, how: str) -> tuple[subprocess.Pop
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
-def test_a_stopped_training_is_marked_killed_keeps_a_whole_checkpoint_and_resumes(how, dataset, tmp_path, capsys):
-    proc, stderr, checkpoint = killed_training(dataset, tmp_path, how)
+def test_a_stopped_training_is_marked_killed_keeps_a_whole_checkpoint_and_resumes(how, dataset, tmp_path, capsys, train_argv, train_config):
+    proc, stderr, checkpoint = killed_training(train_argv(dataset), tmp_path, how)
 
     assert proc.returncode == (143 if how == "SIGTERM" else 130), stderr[-3000:]
     assert "Traceback" not in stderr
@@ -145,19 +153,25 @@ def test_a_stopped_training_is_marked_killed_keeps_a_whole_checkpoint_and_resume
     assert torch.load(checkpoint, weights_only=True)["epoch"] == EPOCHS - 1
 
 
-def tiny_ablation(tmp_path: Path, epochs: int) -> Path:
-    """Two arms of tiny networks: one trial per arm at --folds 1."""
-    arms = ", ".join(f'"{s}"' for s in [*TINY, f"train.epochs={epochs}", "train.swa.enabled=false"])
-    (tmp_path / "tiny.toml").write_text(
-        f'name = "tiny"\npipeline = "A"\nbaseline = "equiunet"\nfolds = 2\n\n[arms]\n'
-        f'equiunet = ["model.name=equiunet", {arms}]\natt_equiunet = ["model.name=att_equiunet", {arms}]\n')
-    return tmp_path / "tiny.toml"
+@pytest.fixture
+def tiny_ablation_file(tiny_network):
+    """The function `tiny_ablation_file(folder, epochs)`: folder/tiny.toml, two arms of tiny
+    networks (one trial per arm at --folds 1), written."""
+
+    def write(tmp_path: Path, epochs: int) -> Path:
+        arms = ", ".join(f'"{s}"' for s in [*tiny_network, VALIDATED, f"train.epochs={epochs}", "train.swa.enabled=false"])
+        (tmp_path / "tiny.toml").write_text(
+            f'name = "tiny"\npipeline = "A"\nbaseline = "equiunet"\nfolds = 2\n\n[arms]\n'
+            f'equiunet = ["model.name=equiunet", {arms}]\natt_equiunet = ["model.name=att_equiunet", {arms}]\n')
+        return tmp_path / "tiny.toml"
+
+    return write
 
 
-def test_a_terminated_worker_fails_its_trial_and_marks_its_fold_run_killed(dataset, tmp_path):
+def test_a_terminated_worker_fails_its_trial_and_marks_its_fold_run_killed(dataset, tmp_path, tiny_ablation_file):
     from brats_lab.ablation.study import DEFAULT_STORAGE, launch, make_plan
 
-    plan = make_plan(str(tiny_ablation(tmp_path, epochs=8)), "cpu", 1, str(dataset), DEFAULT_STORAGE)
+    plan = make_plan(str(tiny_ablation_file(tmp_path, epochs=8)), "cpu", 1, str(dataset), DEFAULT_STORAGE)
     launch(plan)
     worker = start(["worker", "--study", plan.study_name, "--storage", DEFAULT_STORAGE, "--quiet"], tmp_path)
     wait_for_checkpoint(tmp_path, worker)
@@ -175,14 +189,14 @@ def test_a_terminated_worker_fails_its_trial_and_marks_its_fold_run_killed(datas
     assert sorted(t.state.name for t in study.trials) == ["FAIL", "WAITING", "WAITING"]
 
 
-def test_a_relaunch_whose_storage_cannot_be_opened_leaves_finished_runs_finished(dataset, tmp_path):
+def test_a_relaunch_whose_storage_cannot_be_opened_leaves_finished_runs_finished(dataset, tmp_path, tiny_ablation_file):
     """Relaunching a finished study with a storage URL that cannot be opened (a wrong password,
     a server down) is refused by name, masked, and changes no run's state: both stores are
     opened before any run is reopened."""
     from brats_lab import DataError
     from brats_lab.ablation.study import DEFAULT_STORAGE, launch, make_plan
 
-    toml = str(tiny_ablation(tmp_path, epochs=1))
+    toml = str(tiny_ablation_file(tmp_path, epochs=1))
     study_run = launch(make_plan(toml, "cpu", 1, str(dataset), DEFAULT_STORAGE))
     runs = [study_run, *tracking.find_runs("ablation-tiny", {"kind": "arm"})]
     assert len(runs) == 3
@@ -195,10 +209,10 @@ def test_a_relaunch_whose_storage_cannot_be_opened_leaves_finished_runs_finished
     assert [tracking.get_run(r.id).status for r in runs] == ["FINISHED"] * 3
 
 
-def test_a_terminated_ablation_stops_its_helper_workers_too(dataset, tmp_path):
+def test_a_terminated_ablation_stops_its_helper_workers_too(dataset, tmp_path, tiny_ablation_file):
     from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan
 
-    toml = tiny_ablation(tmp_path, epochs=40)  # stopped long before: time for both to be training
+    toml = tiny_ablation_file(tmp_path, epochs=40)  # stopped long before: time for both to be training
     launcher = start(["ablate", str(toml), "--workers", "2", "--folds", "1", "--data", str(dataset)], tmp_path)
     deadline = time.monotonic() + 180
     while len(list((tmp_path / "mlruns" / "artifacts").rglob(CHECKPOINT))) < 2:  # both processes training
@@ -232,13 +246,13 @@ def test_a_terminated_ablation_stops_its_helper_workers_too(dataset, tmp_path):
 LAUNCHERS = 3
 
 
-def test_launchers_started_at_once_share_one_study_run_one_set_of_arm_runs_and_train_each_fold_once(dataset, tmp_path):
+def test_launchers_started_at_once_share_one_study_run_one_set_of_arm_runs_and_train_each_fold_once(dataset, tmp_path, tiny_ablation_file):
     """Several `brats-lab ablate` of one study started together (issue 27 item 8: two study runs,
     two sets of arm runs, the dashboard listing the study twice): every launcher finishes with the
     report, and the store holds one study run, one arm run per arm and one fold run per trial."""
     from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan
 
-    toml = tiny_ablation(tmp_path, epochs=1)
+    toml = tiny_ablation_file(tmp_path, epochs=1)
     argv = ["ablate", str(toml), "--folds", "1", "--data", str(dataset)]
     launchers = [start(argv, tmp_path) for _ in range(LAUNCHERS)]
     outputs = [proc.communicate(timeout=600) for proc in launchers]
@@ -261,7 +275,7 @@ def test_launchers_started_at_once_share_one_study_run_one_set_of_arm_runs_and_t
 # --- a write that fails half-way (the disk fills up) -------------------------------------------
 
 
-def test_a_checkpoint_write_that_fails_half_way_keeps_the_previous_checkpoint(dataset, tmp_path):
+def test_a_checkpoint_write_that_fails_half_way_keeps_the_previous_checkpoint(dataset, tmp_path, train_argv, train_config):
     _, _, checkpoint = killed_training(dataset, tmp_path, "SIGTERM")
     before = checkpoint.read_bytes()
 
@@ -298,7 +312,7 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(point)], check=False)
 
 
-def test_a_full_disk_while_the_mlflow_store_is_first_created_leaves_no_half_migrated_store(dataset, small_disk):
+def test_a_full_disk_while_the_mlflow_store_is_first_created_leaves_no_half_migrated_store(dataset, small_disk, train_argv):
     """The store's schema migrations run out of room half-way (issue 27 item 7: a SQLAlchemy
     traceback, and a half-migrated mlflow.db that broke every later command until deleted by
     hand): one line naming the file and saying disk full, nothing left in mlruns/, and once space
@@ -342,10 +356,9 @@ def test_a_full_disk_in_data_prepare_names_the_file_and_says_disk_full(dataset, 
     assert (out / "manifest.json").is_file()
 
 
-def fold_run_with_model(dataset: Path, model_file: bytes | None = None):
-    """A finished fold run whose final model is an untrained tiny network of `train_config`
-    (enough to predict with) or, given `model_file`, those bytes."""
-    cfg = train_config(dataset)
+def fold_run_with_model(cfg, model_file: bytes | None = None):
+    """A finished fold run whose final model is an untrained tiny network of `cfg` (the
+    `train_config` of the dataset: enough to predict with) or, given `model_file`, those bytes."""
     arm = tracking.arm_run(EXPERIMENT, config_hash(cfg), "pipeline B", flatten(cfg))
     run = tracking.fold_run(arm, 0, "pipeline B fold 0")
     path = run.artifact_dir() / FINAL_MODEL
@@ -357,10 +370,10 @@ def fold_run_with_model(dataset: Path, model_file: bytes | None = None):
     return run, path
 
 
-def test_a_prediction_write_that_fails_half_way_keeps_the_previous_prediction(dataset, tmp_path, capsys):
+def test_a_prediction_write_that_fails_half_way_keeps_the_previous_prediction(dataset, tmp_path, capsys, train_config):
     one_case = tmp_path / "one"
     shutil.copytree(dataset / "BraTS20_Training_001", one_case / "BraTS20_Training_001")
-    run, _ = fold_run_with_model(dataset)
+    run, _ = fold_run_with_model(train_config(dataset))
     argv = ["predict", "--run", run.id, "--input", str(one_case), "--output", str(tmp_path / "out")]
     assert main(argv) == 0, capsys.readouterr().err
     prediction = tmp_path / "out" / "BraTS20_Training_001.nii.gz"
@@ -389,9 +402,10 @@ class _RunsCode:
         return (open, (str(self.marker), "w"))
 
 
-def bad_checkpoint(kind: str, tmp_path: Path, marker: Path) -> bytes:
+def bad_checkpoint(kind: str, tmp_path: Path, marker: Path, cfg) -> bytes:
+    """A bad model file of `kind`; "truncated" cuts a model of `cfg` (a `train_config`) in half."""
     good = tmp_path / "good.pt"
-    torch.save({"epoch": 0, "model": build_model(train_config(tmp_path).model).state_dict()}, good)
+    torch.save({"epoch": 0, "model": build_model(cfg.model).state_dict()}, good)
     if kind == "truncated":
         return good.read_bytes()[: good.stat().st_size // 2]
     if kind == "random bytes":
@@ -409,7 +423,7 @@ def bad_checkpoint(kind: str, tmp_path: Path, marker: Path) -> bytes:
 KINDS = ["truncated", "random bytes", "text", "runs code when unpickled"]
 
 
-def test_train_resume_refuses_a_bad_checkpoint_by_name_without_running_it(dataset, tmp_path, capsys):
+def test_train_resume_refuses_a_bad_checkpoint_by_name_without_running_it(dataset, tmp_path, capsys, train_argv, train_config):
     cfg = train_config(dataset)
     arm = tracking.arm_run(EXPERIMENT, config_hash(cfg), "pipeline B", flatten(cfg))
     for kind in KINDS:
@@ -417,7 +431,7 @@ def test_train_resume_refuses_a_bad_checkpoint_by_name_without_running_it(datase
         run = tracking.fold_run(arm, 0, "pipeline B fold 0")
         checkpoint = run.artifact_dir() / CHECKPOINT
         checkpoint.parent.mkdir(parents=True)
-        checkpoint.write_bytes(bad_checkpoint(kind, tmp_path, marker))
+        checkpoint.write_bytes(bad_checkpoint(kind, tmp_path, marker, train_config(tmp_path)))
         run.finish("KILLED")
 
         assert main([*train_argv(dataset), "--resume"]) == 1, kind
@@ -428,10 +442,10 @@ def test_train_resume_refuses_a_bad_checkpoint_by_name_without_running_it(datase
         assert run.status == "KILLED", kind  # left as it was, not reopened and stuck RUNNING
 
 
-def test_predict_refuses_a_bad_model_file_by_name_without_running_it(dataset, tmp_path, capsys):
+def test_predict_refuses_a_bad_model_file_by_name_without_running_it(dataset, tmp_path, capsys, train_config):
     for kind in KINDS:
         marker = tmp_path / "marker"
-        run, path = fold_run_with_model(dataset, bad_checkpoint(kind, tmp_path, marker))
+        run, path = fold_run_with_model(train_config(dataset), bad_checkpoint(kind, tmp_path, marker, train_config(tmp_path)))
 
         assert main(["predict", "--run", run.id, "--input", str(dataset), "--output", str(tmp_path / "out")]) == 1, kind
         err = capsys.readouterr().err
@@ -444,7 +458,7 @@ def test_predict_refuses_a_bad_model_file_by_name_without_running_it(dataset, tm
 # --- the data cache ----------------------------------------------------------------------------
 
 
-def test_train_rebuilds_a_corrupt_cache_entry_and_refuses_a_dataset_changed_under_its_folds(dataset, capsys):
+def test_train_rebuilds_a_corrupt_cache_entry_and_refuses_a_dataset_changed_under_its_folds(dataset, capsys, train_argv):
     from brats_lab.data.cache import open_cache
 
     assert main(train_argv(dataset, epochs=1)) == 0

@@ -20,7 +20,6 @@ import pytest
 from brats_lab import tracking
 from brats_lab.config import ExperimentConfig, config_hash, flatten
 from brats_lab.tracking import TrackingError
-from conftest import free_port
 
 # MLflow's own SQLAlchemy models trigger a deprecation warning on import; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
@@ -35,16 +34,9 @@ PNG_1X1 = bytes.fromhex(
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project root whose mlruns/ store is shared by this module's tests."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        path = tmp_path_factory.mktemp("project")
-        tracking.client(path)  # create the store once
-        yield path
-
-
-@pytest.fixture(autouse=True)
-def _no_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = tmp_path_factory.mktemp("project")
+    tracking.client(path)  # create the store once
+    return path
 
 
 def _later() -> None:
@@ -266,7 +258,7 @@ def _get(url: str, data: bytes | None = None) -> tuple[int, bytes, str]:
         return r.status, r.read(), r.headers.get("Content-Type", "")
 
 
-def test_ui_serves_our_runs_and_their_artifacts(root, tmp_path):
+def test_ui_serves_our_runs_and_their_artifacts(root, tmp_path, free_port):
     run = tracking.start_run("ui", "overlay run", "fold", root=root)
     src = tmp_path / "best_case.png"
     src.write_bytes(PNG_1X1)

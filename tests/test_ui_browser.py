@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from brats_lab import tracking
-from conftest import free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
@@ -32,7 +31,7 @@ def _chromium() -> str:
     return found
 
 
-def test_ui_links_open_the_runs_in_the_model_training_view(tmp_path: Path) -> None:
+def test_ui_links_open_the_runs_in_the_model_training_view(tmp_path: Path, free_port) -> None:
     chromium = _chromium()
     from playwright.sync_api import sync_playwright
 

@@ -20,8 +20,6 @@ from brats_lab.data.cases import discover
 from brats_lab.evaluation.evaluate import evaluate_folder
 from brats_lab.io import read_image
 
-from conftest import TINY_SHAPE, tiny_ablation
-
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
@@ -57,12 +55,11 @@ def test_worst_cases_rank_lesion_wise_with_undefined_cases_last():
     assert list(db.worst_cases(per_case, "a", "ET"))[:4] == ["fold", "case", "lesion_dice_ET", "lesion_hd95_ET"]
 
 
-def test_an_ablation_on_2023_phantoms_reports_lesion_wise_table3_verdicts_and_dashboard(tmp_path, monkeypatch):
+def test_an_ablation_on_2023_phantoms_reports_lesion_wise_table3_verdicts_and_dashboard(tmp_path, monkeypatch, tiny_ablation, tiny_shape):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     data = tmp_path / "phantom23"
     assert main(["data", "synth", "--out", str(data), "--cases", "4", "--seed", "0", "--layout", "2023",
-                 "--shape", *map(str, TINY_SHAPE), "--no-et-fraction", "0.4"]) == 0
+                 "--shape", *map(str, tiny_shape), "--no-et-fraction", "0.4"]) == 0
     (tmp_path / "tiny.toml").write_text(tiny_ablation())
     plan = make_plan(str(tmp_path / "tiny.toml"), "cpu", None, str(data), DEFAULT_STORAGE)
     result = run_study(plan, progress=False)

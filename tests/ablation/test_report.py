@@ -32,8 +32,6 @@ from brats_lab.ablation.study import DEFAULT_STORAGE, Plan
 from brats_lab.config import config_hash
 from brats_lab.evaluation.stats import format_runs
 
-from conftest import TINY_SHAPE, TINY_TRAINING, tiny_ablation
-
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
 BASE, ARM = "equiunet", "att_equiunet"
@@ -140,7 +138,7 @@ def expected_verdict() -> dict[str, dict[str, object]]:
 
 
 @pytest.fixture
-def plan(tmp_path: Path) -> Plan:
+def plan(tmp_path: Path, tiny_ablation) -> Plan:
     """A plan of the two-arm tiny ablation with three folds and two seeds (nothing trained)."""
     toml = tmp_path / "tiny.toml"
     toml.write_text(tiny_ablation("tiny-report", "data.folds=3", seeds=2))
@@ -272,7 +270,7 @@ def test_with_two_folds_the_text_warns_of_one_degree_of_freedom(plan):
     assert note not in summarise(plan, table).text()  # three folds: no such note
 
 
-def test_the_text_lists_the_search_and_the_removed_cases_with_the_phantoms_truth(tmp_path):
+def test_the_text_lists_the_search_and_the_removed_cases_with_the_phantoms_truth(tmp_path, tiny_ablation):
     # A removal ablation: its arm trained without two cases, one of which the phantom corrupted.
     toml = tmp_path / "removal.toml"
     toml.write_text(tiny_ablation("tiny-removal", "data.folds=3", seeds=2)
@@ -321,7 +319,6 @@ def test_plan_reads_the_newest_finished_multi_seed_study_of_the_profile(plan, tm
 
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(DataError, match=r"no noise floor measured for 'tiny-report' with profile cpu in this store"):
         plan_text(plan)
 
@@ -365,13 +362,12 @@ def markdown_rows(block: str) -> list[list[str]]:
     return [line[2:-2].split(" | ") for line in lines]
 
 
-def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_both_tables(plan, tmp_path, monkeypatch):
+def test_gather_reads_every_arm_fold_and_seed_from_mlflow_and_report_md_pins_both_tables(plan, tmp_path, monkeypatch, tiny_shape):
     # A real store holding the finished fold runs a study would leave, each with its
     # per_case_metrics.csv; report() must gather them by config hash, fold and seed.
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # The data the runs were trained on: a run counts only for the data's current manifest hash.
-    synthesize(Path(plan.dataset), cases=2, seed=0, shape=TINY_SHAPE, progress=False)
+    synthesize(Path(plan.dataset), cases=2, seed=0, shape=tiny_shape, progress=False)
 
     with pytest.raises(DataError, match=r"^\(equiunet, fold 0, seed 0\) has no finished run; rerun the ablation to finish it$"):
         report(plan)  # an empty store: the first cell is named
@@ -561,12 +557,12 @@ def test_a_lesion_wise_run_on_fewer_cases_than_its_pair_is_refused_either_way(pl
             summarise(plan, table[~gone].reset_index(drop=True))
 
 
-def test_the_verdict_lists_the_arms_in_the_per_case_tables_order_lesion_wise_too(tmp_path):
+def test_the_verdict_lists_the_arms_in_the_per_case_tables_order_lesion_wise_too(tmp_path, tiny_ablation, tiny_training):
     # A third arm, "unet", whose rows come between the baseline's and att_equiunet's: not the
     # alphabetical order. Both scoring rules list the arms as the per-case table has them.
     toml = tmp_path / "three.toml"
     toml.write_text(tiny_ablation("tiny-three", "data.folds=3", seeds=2)
-                    + 'unet = ["model.name=unet", ' + ", ".join(f'"{o}"' for o in TINY_TRAINING) + "]\n")
+                    + 'unet = ["model.name=unet", ' + ", ".join(f'"{o}"' for o in tiny_training) + "]\n")
     plan = Plan(load_ablation(toml), "cpu", FOLDS, str(tmp_path / "data"), DEFAULT_STORAGE, seeds=SEEDS)
     table = hand_table()
     third = table[table["arm"] == ARM].assign(arm="unet")

@@ -11,7 +11,6 @@ Set BRATS_LAB_SKIP_POSTGRES=1 to skip these tests on a machine without PostgreSQ
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,12 +27,10 @@ import pytest
 from brats_lab import tracking
 from brats_lab.ablation import study as study_module
 from brats_lab.ablation.study import launch, make_plan, run_study
-from conftest import free_port, tiny_ablation
 
 PG = "127.0.0.1:5432"
 PASSWORD = "s3cret-pw"  # trust auth accepts any password, so URLs carrying it work for real
 EPOCHS = 6
-ABLATION = tiny_ablation("tiny-scale-out", f"train.epochs={EPOCHS}", "train.amp=off", seeds=2)
 
 
 @pytest.fixture
@@ -93,7 +90,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def mlflow_server(databases, tmp_path: Path):
+def mlflow_server(databases, tmp_path: Path, free_port):
     """An MLflow tracking server on 127.0.0.1, its metadata in a fresh PostgreSQL database (the
     URL carrying a password), artifacts served from a local folder. Yields its http:// URL."""
     port = free_port()
@@ -121,12 +118,11 @@ def _read(path: Path) -> str:
 
 
 def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite_killed_workers(
-    databases, mlflow_server, phantom_dataset, tmp_path, monkeypatch
+    databases, mlflow_server, phantom_copy, tiny_ablation, tmp_path, monkeypatch
 ):
-    data = tmp_path / "phantom"
-    shutil.copytree(phantom_dataset, data)
+    data = phantom_copy
     toml = tmp_path / "tiny.toml"
-    toml.write_text(ABLATION)
+    toml.write_text(tiny_ablation("tiny-scale-out", f"train.epochs={EPOCHS}", "train.amp=off", seeds=2))
     optuna_db = databases()
     storage = f"postgresql://root:{PASSWORD}@{PG}/{optuna_db}"  # plain postgresql://, as users write it
     psycopg_url = f"postgresql+psycopg://root@{PG}/{optuna_db}"  # the test's own reads
@@ -276,7 +272,7 @@ def test_an_unreachable_storage_is_one_clear_line_without_the_password(databases
     assert PASSWORD not in proc.stdout + proc.stderr
 
 
-def test_the_mlflow_ui_listens_on_loopback_only_by_default(tmp_path):
+def test_the_mlflow_ui_listens_on_loopback_only_by_default(tmp_path, free_port):
     """`brats-lab ui` with no --host: the server's listening sockets are all on 127.0.0.1."""
     port = free_port()
     log = tmp_path / "ui.log"

@@ -31,7 +31,6 @@ import pytest
 from brats_lab import tracking
 from brats_lab.ablation.study import make_plan
 from brats_lab.cli import main
-from conftest import free_port, tiny_ablation
 from test_scale_out import PG, _read, _stop, databases, mlflow_server  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.xdist_group("slurm")  # one cluster at a time, in one test worker
@@ -44,16 +43,21 @@ cpus_per_worker = 1
 mem = "400M"
 time = "20:00"
 """
-ABLATION = tiny_ablation("tiny-slurm", f"train.epochs={EPOCHS}", "train.amp=off", seeds=2) + SLURM_TABLE
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
 
-def _slurm_conf(root: Path, host: str, cpus: int) -> str:
+@pytest.fixture(scope="module")
+def ablation(tiny_ablation) -> str:
+    """A two-seed ablation of tiny networks, run on SLURM."""
+    return tiny_ablation("tiny-slurm", f"train.epochs={EPOCHS}", "train.amp=off", seeds=2) + SLURM_TABLE
+
+
+def _slurm_conf(root: Path, host: str, cpus: int, ports: tuple[int, int]) -> str:
     return f"""\
 ClusterName=bratslab
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={ports[0]}
+SlurmdPort={ports[1]}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -96,7 +100,7 @@ def _until(check, seconds: float, what: str, interval: float = 0.2):
 
 
 @pytest.fixture
-def slurm_cluster(monkeypatch):
+def slurm_cluster(monkeypatch, free_port):
     """A one-node SLURM cluster on this machine: munged with a fresh key, slurmctld and slurmd
     from a generated slurm.conf (SLURM_CONF is set for the test and the processes it starts).
     Yields the folder holding the conf, the state and the daemons' logs; at the end every job is
@@ -116,7 +120,7 @@ def slurm_cluster(monkeypatch):
     key.chmod(0o600)
     host = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
-    conf.write_text(_slurm_conf(root, host, max(2, os.cpu_count() or 1)))
+    conf.write_text(_slurm_conf(root, host, max(2, os.cpu_count() or 1), (free_port(), free_port())))
     monkeypatch.setenv("SLURM_CONF", str(conf))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     procs: list[subprocess.Popen] = []
@@ -182,12 +186,12 @@ def _squeue_state(task: str) -> str:
 
 
 def test_a_study_on_slurm_survives_a_cancelled_and_a_preempted_task_and_reports_as_one_machine(
-    slurm_cluster, databases, mlflow_server, phantom_dataset, tmp_path, monkeypatch, capsys  # noqa: F811
+    slurm_cluster, databases, mlflow_server, copy_phantoms, ablation, tmp_path, monkeypatch, capsys  # noqa: F811
 ):
     cluster, alone, logs = tmp_path / "cluster", tmp_path / "one-machine", tmp_path / "logs"
     for folder in (cluster, alone):
-        shutil.copytree(phantom_dataset, folder / "phantom")
-        (folder / "tiny.toml").write_text(ABLATION)
+        copy_phantoms(folder / "phantom")
+        (folder / "tiny.toml").write_text(ablation)
     logs.mkdir(exist_ok=True)  # the MLflow server logs there too
     storage = f"postgresql://root@{PG}/{databases()}"
     base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -314,11 +318,10 @@ def test_a_study_on_slurm_survives_a_cancelled_and_a_preempted_task_and_reports_
     assert re.search(r"worker: ran \d+ trials of .*; none left", log_second)
 
 
-def test_unknown_slurm_settings_are_refused_before_anything_is_submitted(slurm_cluster, tmp_path, phantom_dataset):
+def test_unknown_slurm_settings_are_refused_before_anything_is_submitted(slurm_cluster, tmp_path, phantom_copy, ablation):
     """A misspelt key, a sbatch option the installed sbatch does not know, and one brats-lab sets
     itself: each one line naming it, exit 1, no job and no study."""
-    shutil.copytree(phantom_dataset, tmp_path / "phantom")
-    (tmp_path / "tiny.toml").write_text(ABLATION)
+    (tmp_path / "tiny.toml").write_text(ablation)
     command = [sys.executable, "-m", "brats_lab.cli", "ablate", "tiny.toml", "--profile", "cpu", "--data", "phantom", "--slurm", "--detach"]
     cases = {
         "partiton=debug": "brats-lab: error: --slurm-set: unknown key 'slurm.partiton'; did you mean 'slurm.partition'?",
@@ -330,7 +333,7 @@ def test_unknown_slurm_settings_are_refused_before_anything_is_submitted(slurm_c
         proc = subprocess.run([*command, "--slurm-set", setting], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1, proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
-    bad_toml = ABLATION.replace("cpus_per_worker = 1", "cpus_per_worker = 1\ngpus = 2")
+    bad_toml = ablation.replace("cpus_per_worker = 1", "cpus_per_worker = 1\ngpus = 2")
     (tmp_path / "bad.toml").write_text(bad_toml)
     proc = subprocess.run([*command[:4], "bad.toml", *command[5:]], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "unknown key 'slurm.gpus'" in proc.stderr, proc.stderr

@@ -12,7 +12,6 @@ import pytest
 from brats_lab.ablation.spec import available, load_ablation
 from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan
 from brats_lab.config import EXPERIMENTS_DIR, ConfigError, TrainConfig, load_config, pipeline_path, to_dict
-from conftest import TINY_TRAINING, reseeded_ablation, tiny_ablation
 
 
 def _values(overrides: list[str]) -> dict[str, str]:
@@ -42,7 +41,7 @@ def test_the_positive_control_handicaps_one_arm_by_half_the_demo_epochs():
     assert to_dict(dataclasses.replace(handicapped, train=dataclasses.replace(handicapped.train, epochs=base.train.epochs))) == to_dict(base)
 
 
-def test_an_ablation_without_a_cpu_table_takes_no_demo_schedule_and_a_cpu_set_adds_to_it(tmp_path):
+def test_an_ablation_without_a_cpu_table_takes_no_demo_schedule_and_a_cpu_set_adds_to_it(tmp_path, tiny_ablation, tiny_training):
     plain = tmp_path / "plain.toml"
     plain.write_text(tiny_ablation())
     assert load_ablation(str(plain)).cpu_set == ()
@@ -53,10 +52,10 @@ def test_an_ablation_without_a_cpu_table_takes_no_demo_schedule_and_a_cpu_set_ad
     assert ablation.cpu_set == (*shared, "train.swa.cycles=3")
     cfg = ablation.arm_config("equiunet", "cpu")
     assert cfg.train.swa.cycles == 3  # its own set after the shared one: its own wins
-    assert cfg.train.epochs == int(_values(list(TINY_TRAINING))["train.epochs"])  # and the arm's overrides after both
+    assert cfg.train.epochs == int(_values(list(tiny_training))["train.epochs"])  # and the arm's overrides after both
 
 
-def test_a_removal_metric_that_is_not_a_per_case_column_is_refused_when_the_ablation_loads(tmp_path):
+def test_a_removal_metric_that_is_not_a_per_case_column_is_refused_when_the_ablation_loads(tmp_path, tiny_ablation):
     """Before anything trains, not as a KeyError after the baseline's whole pass."""
     toml = tmp_path / "removal.toml"
 
@@ -76,7 +75,7 @@ def test_a_removal_metric_that_is_not_a_per_case_column_is_refused_when_the_abla
             removal(whole)
 
 
-def test_every_arm_and_seed_is_checked_in_every_fold_and_a_shared_run_names_both(tmp_path, monkeypatch):
+def test_every_arm_and_seed_is_checked_in_every_fold_and_a_shared_run_names_both(tmp_path, monkeypatch, reseeded_ablation):
     # Issue 27's collision, were seed k still train.seed + k in every fold: the baseline's seed 1
     # is the reseeded arm's seed 0. Such a pair is refused before anything trains, naming both.
     monkeypatch.setattr(TrainConfig, "run_seed", lambda train, fold: train.seed + train.seed_index)
@@ -92,7 +91,7 @@ def test_every_arm_and_seed_is_checked_in_every_fold_and_a_shared_run_names_both
         make_plan(str(toml), "cpu", None, str(tmp_path), DEFAULT_STORAGE, seeds=2)
 
 
-def test_an_arm_may_not_set_the_seed_index_the_seeds_set(tmp_path):
+def test_an_arm_may_not_set_the_seed_index_the_seeds_set(tmp_path, tiny_ablation):
     toml = tmp_path / "indexed.toml"
     toml.write_text(tiny_ablation().replace('"model.name=att_equiunet", ', '"model.name=att_equiunet", "train.seed_index=1", '))
     with pytest.raises(ConfigError, match=r"arm 'att_equiunet' sets train.seed_index=1 .*the ablation's seeds set it"):

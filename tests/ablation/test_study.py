@@ -18,16 +18,12 @@ from brats_lab.ablation import study as study_module
 from brats_lab.ablation.spec import load_ablation, parse_ablation
 from brats_lab.ablation.study import DEFAULT_STORAGE, Plan, default_workers, launch, make_plan, run_study
 from brats_lab.config import ConfigError, config_hash, to_dict
-from conftest import TINY_TRAINING, reseeded_ablation, tiny_ablation
-
-ABLATION = tiny_ablation()
 
 
 @pytest.fixture
-def project(phantom_dataset: Path, tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+def project(phantom_copy: Path, tmp_path: Path, monkeypatch, tiny_ablation) -> tuple[Path, Path]:
     monkeypatch.chdir(tmp_path)
-    shutil.copytree(phantom_dataset, tmp_path / "phantom")
-    (tmp_path / "tiny.toml").write_text(ABLATION)
+    (tmp_path / "tiny.toml").write_text(tiny_ablation())
     return tmp_path / "tiny.toml", tmp_path / "phantom"
 
 
@@ -35,7 +31,7 @@ def fold_runs(experiment: str) -> list:
     return tracking.find_runs(experiment, {"kind": "fold"})
 
 
-def test_a_study_trains_every_arm_fold_and_seed_once_reports_and_reuses(project):
+def test_a_study_trains_every_arm_fold_and_seed_once_reports_and_reuses(project, tiny_ablation):
     toml, data = project
     toml.write_text(tiny_ablation(seeds=2))
     plan = make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE)
@@ -119,7 +115,7 @@ def _old_hash(cfg) -> str:
     return hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
 
 
-def test_each_fold_and_seed_trains_with_its_own_seed_and_both_arms_of_a_pair_with_the_same(tmp_path):
+def test_each_fold_and_seed_trains_with_its_own_seed_and_both_arms_of_a_pair_with_the_same(tmp_path, tiny_ablation):
     toml = tmp_path / "tiny.toml"
     toml.write_text(tiny_ablation("tiny-seeds", "data.folds=3", seeds=3))
     plan = make_plan(str(toml), "cpu", 3, str(tmp_path), DEFAULT_STORAGE)
@@ -137,7 +133,7 @@ def test_each_fold_and_seed_trains_with_its_own_seed_and_both_arms_of_a_pair_wit
     assert len(hashes) == 6 and len(old) == 6 and not hashes & old
 
 
-def test_an_arm_at_the_baselines_seed_plus_one_shares_no_run_with_it(project):
+def test_an_arm_at_the_baselines_seed_plus_one_shares_no_run_with_it(project, reseeded_ablation):
     # Issue 27 (item 4): with seed k at train.seed + k, the baseline's seed 1 and this arm's seed 0
     # were one run: 3 runs trained for 4, "2 training runs per arm" reported, the shared run
     # tagged with one arm. Now each (arm, seed) trains its own run, with its own seed.
@@ -173,20 +169,20 @@ def test_two_worker_processes_share_the_grid_without_duplicates(project, tmp_pat
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
 
-def test_shipped_ablations_load_and_bad_ones_are_named(tmp_path):
+def test_shipped_ablations_load_and_bad_ones_are_named(tmp_path, tiny_ablation):
     for name in ("attention", "norm"):
         ablation = load_ablation(name)
         assert ablation.baseline in ablation.arms and ablation.fold_count("cpu") == 5  # the demo: 5 folds x 1 seed (issue 21)
     with pytest.raises(ConfigError, match="did you mean 'attention'"):
         load_ablation("atention")
     bad = tmp_path / "bad.toml"
-    bad.write_text('foldz = 3\n' + ABLATION)
+    bad.write_text('foldz = 3\n' + tiny_ablation())
     with pytest.raises(ConfigError, match="unknown key 'foldz'.*did you mean 'folds'"):
         load_ablation(str(bad))
-    bad.write_text(ABLATION + 'broken = 3\n')  # lands in [arms]
+    bad.write_text(tiny_ablation() + 'broken = 3\n')  # lands in [arms]
     with pytest.raises(ConfigError, match="arm 'broken'.*list"):
         load_ablation(str(bad))
-    bad.write_text(ABLATION.replace("seeds = 1", "seeds = 0"))
+    bad.write_text(tiny_ablation().replace("seeds = 1", "seeds = 0"))
     with pytest.raises(ConfigError, match="seeds must be >= 1, got 0"):
         load_ablation(str(bad))
 
@@ -224,6 +220,7 @@ def test_plan_prints_the_design_table_without_training_and_says_when_it_lacks_a_
     assert not (tmp_path / "data").exists()  # no phantoms written, nothing trained
 
 
+# {tiny}: `tiny_training`'s settings (the `removal` fixture).
 REMOVAL = """
 name = "tiny-removal"
 pipeline = "A"
@@ -238,12 +235,18 @@ without-worst = [{tiny}]
 arm = "without-worst"
 metric = "dice_WT"
 fraction = 0.25
-""".replace("{tiny}", ", ".join(f'"{s}"' for s in TINY_TRAINING))
+"""
 
 
-def test_patient_removal_retrains_without_the_worst_cases_and_names_them(project):
+@pytest.fixture(scope="module")
+def removal(tiny_training) -> str:
+    """The REMOVAL ablation's TOML, its arms of tiny networks."""
+    return REMOVAL.replace("{tiny}", ", ".join(f'"{s}"' for s in tiny_training))
+
+
+def test_patient_removal_retrains_without_the_worst_cases_and_names_them(project, removal):
     toml, data = project
-    toml.write_text(REMOVAL)
+    toml.write_text(removal)
     plan = make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE)
     result = run_study(plan, progress=False)
 
@@ -262,9 +265,15 @@ def test_patient_removal_retrains_without_the_worst_cases_and_names_them(project
     assert result.per_case.groupby("arm")["case"].nunique().tolist() == [4, 4]
 
 
-def _removal_plan(metric: str, fraction: float) -> Plan:
-    """A plan of the REMOVAL ablation with its metric and fraction replaced, two folds, two seeds."""
-    text = REMOVAL.replace('metric = "dice_WT"', f'metric = "{metric}"').replace("fraction = 0.25", f"fraction = {fraction}")
+@pytest.fixture
+def removal_plan(removal):
+    """The function `removal_plan(metric, fraction)`: a plan of the `removal` ablation with its
+    metric and fraction replaced, two folds, two seeds."""
+    return lambda metric, fraction: _removal_plan(removal, metric, fraction)
+
+
+def _removal_plan(removal: str, metric: str, fraction: float) -> Plan:
+    text = removal.replace('metric = "dice_WT"', f'metric = "{metric}"').replace("fraction = 0.25", f"fraction = {fraction}")
     return Plan(parse_ablation(text, "removal.toml"), "cpu", (0, 1), "phantom", DEFAULT_STORAGE, seeds=(0, 1))
 
 
@@ -279,7 +288,7 @@ def _baseline_table(scores: dict[str, dict[str, float]]) -> pd.DataFrame:
     ])
 
 
-def test_patient_removal_removes_the_worst_cases_in_the_metrics_direction_ties_by_case_id(monkeypatch):
+def test_patient_removal_removes_the_worst_cases_in_the_metrics_direction_ties_by_case_id(monkeypatch, removal_plan):
     """Per-case scores made by hand (tiny networks score every case alike): Dice removes the lowest,
     HD95 the highest, each with a tie at the cut broken by case id, never an undefined case."""
     nan = float("nan")
@@ -290,19 +299,19 @@ def test_patient_removal_removes_the_worst_cases_in_the_metrics_direction_ties_b
     }
     monkeypatch.setattr(study_module, "gather", lambda plan, arms: _baseline_table(scores))
     # 25% of 8 cases = 2. Dice: c4 (0.30), then c2 and c5 tie at 0.50: c2, the smaller id.
-    assert study_module.choose_removed(_removal_plan("dice_WT", 0.25)) == ("c2", "c4")
+    assert study_module.choose_removed(removal_plan("dice_WT", 0.25)) == ("c2", "c4")
     # HD95: c1 (60), then c3 and c8 tie at 30: c3. The lowest HD95s (c7, c6) are the best cases.
-    assert study_module.choose_removed(_removal_plan("hd95_WT", 0.25)) == ("c1", "c3")
-    assert study_module.choose_removed(_removal_plan("hd95_WT", 0.1)) == ("c1",)  # round(0.8) = 1
+    assert study_module.choose_removed(removal_plan("hd95_WT", 0.25)) == ("c1", "c3")
+    assert study_module.choose_removed(removal_plan("hd95_WT", 0.1)) == ("c1",)  # round(0.8) = 1
     # Lesion-wise HD95, lower is better too; c1 is undefined (NaN) and never removed.
-    assert study_module.choose_removed(_removal_plan("lesion_hd95_WT", 0.25)) == ("c3", "c8")
-    assert "c1" not in study_module.choose_removed(_removal_plan("lesion_hd95_WT", 0.9))
+    assert study_module.choose_removed(removal_plan("lesion_hd95_WT", 0.25)) == ("c3", "c8")
+    assert "c1" not in study_module.choose_removed(removal_plan("lesion_hd95_WT", 0.9))
     # A known metric the data was not scored with is named, not a KeyError.
     with pytest.raises(DataError, match="removal.metric 'lesion_dice_WT': the baseline's per-case tables have no such column"):
-        study_module.choose_removed(_removal_plan("lesion_dice_WT", 0.25))
+        study_module.choose_removed(removal_plan("lesion_dice_WT", 0.25))
 
 
-def test_a_killed_worker_is_detected_and_its_fold_resumes_not_restarts(project, tmp_path, monkeypatch):
+def test_a_killed_worker_is_detected_and_its_fold_resumes_not_restarts(project, tmp_path, monkeypatch, tiny_ablation):
     import signal
     import time
 
@@ -349,9 +358,9 @@ def test_a_killed_worker_is_detected_and_its_fold_resumes_not_restarts(project, 
     assert states == ["COMPLETE"] * 4 + ["FAIL"]  # the dead worker's trial failed, then retried
 
 
-def test_an_ablation_can_ask_optuna_to_search_hyperparameters(project):
+def test_an_ablation_can_ask_optuna_to_search_hyperparameters(project, tiny_ablation):
     toml, data = project
-    toml.write_text(ABLATION + """
+    toml.write_text(tiny_ablation() + """
 [search]
 trials = 2
 seed = 1
@@ -396,12 +405,11 @@ def test_cpu_studies_default_to_one_single_threaded_worker_per_core(project, mon
     assert default_workers(dataclasses.replace(plan, profile="paper")) == 1
 
 
-def test_a_finished_run_is_reused_only_on_the_same_data(project):
+def test_a_finished_run_is_reused_only_on_the_same_data(project, tiny_shape):
     # Issue 27: `ablate t.toml --data d`, then d replaced by other phantoms under the same name
     # (`rm -rf d; data synth --out d --layout 2023 --seed 5`), then `ablate t.toml --data d` again:
     # the old runs (of BraTS20_* cases that no longer exist) must not be reported for the new data.
     from brats_lab.data.phantom import synthesize
-    from conftest import TINY_SHAPE
 
     toml, data = project
     plan = make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE)
@@ -409,7 +417,7 @@ def test_a_finished_run_is_reused_only_on_the_same_data(project):
     old = {r.id for r in fold_runs(plan.experiment)}
     assert len(old) == 4
     shutil.rmtree(data)
-    synthesize(data, cases=4, seed=5, shape=TINY_SHAPE, progress=False, layout="brats2023")
+    synthesize(data, cases=4, seed=5, shape=tiny_shape, progress=False, layout="brats2023")
     again = make_plan(str(toml), "cpu", None, str(data), DEFAULT_STORAGE)
     assert again.study_name != plan.study_name  # another dataset, another study
     second = run_study(again, progress=False)

@@ -383,3 +383,26 @@ def test_inputs_are_read_again_only_when_their_stat_cannot_be_trusted(dataset: P
     hashed.clear()
     assert prepare(dataset, "minmax", progress=False).report.reused == IDS
     assert hashed == []
+
+
+# --- `brats-lab data prepare` on valid extremes (the cases of conftest's `valid_inputs`) ----------
+
+CASE = "BraTS20_Training_001"
+
+
+@pytest.mark.parametrize("pipeline, method", [("A", "minmax"), ("B", "zscore")])
+def test_huge_and_tiny_intensities_are_normalised_not_zeroed(pipeline, method, valid_inputs, run_cli, tmp_path):
+    """float64 modalities near the limits of float64 (1e300: the variance overflows; 1e-310:
+    subnormal) are valid images: `data prepare` caches every channel finite and non-constant,
+    where it used to cache an all-zero channel and exit 0."""
+    data = tmp_path / "data"
+    shutil.copytree(valid_inputs / "data", data)
+    for modality, scale in (("t1", 1e297), ("t2", 1e-313)):
+        path = data / CASE / f"{CASE}_{modality}.nii.gz"
+        array, geometry = read_image(path)
+        write_image(array.astype(np.float64) * scale, geometry, path)
+    result = run_cli(["data", "prepare", str(data), "--pipeline", pipeline], tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    images, _ = open_cache(data, method).load(CASE)
+    for channel in images:
+        assert np.isfinite(channel).all() and channel.min() < channel.max()

@@ -23,7 +23,6 @@ from brats_lab.viz import render_overview
 ET = BRATS_2020.regions["ET"][0]
 NCR = 1
 ED = 2
-TINY_SHAPE = (48, 48, 32)  # the shape of the `phantom_dataset` fixture (conftest.TINY_SHAPE)
 
 
 def _manifest(root: Path) -> dict:
@@ -53,7 +52,7 @@ def _check_geometry(case_dir: Path, shape: tuple[int, int, int]) -> None:
         assert pixel == ("8-bit unsigned integer" if name == "seg" else "16-bit signed integer"), name
 
 
-def test_layout_is_discovered_with_every_file(phantom_dataset: Path) -> None:
+def test_layout_is_discovered_with_every_file(phantom_dataset: Path, tiny_shape) -> None:
     cases = discover(phantom_dataset)
     assert [c.id for c in cases] == [f"BraTS20_Training_{i:03d}" for i in range(1, 5)]
     for case in cases:
@@ -62,13 +61,13 @@ def test_layout_is_discovered_with_every_file(phantom_dataset: Path) -> None:
         assert case.seg is not None and case.seg.is_file()
         assert case.notes == ()
     manifest = _manifest(phantom_dataset)
-    assert manifest["seed"] == 0 and manifest["shape"] == list(TINY_SHAPE)
+    assert manifest["seed"] == 0 and manifest["shape"] == list(tiny_shape)
     assert [c["id"] for c in manifest["cases"]] == [c.id for c in cases]
 
 
-def test_geometry_of_tiny_and_custom_shapes(phantom_dataset: Path, tmp_path: Path) -> None:
+def test_geometry_of_tiny_and_custom_shapes(phantom_dataset: Path, tmp_path: Path, tiny_shape) -> None:
     for case_dir in sorted(phantom_dataset.glob("BraTS20_*")):
-        _check_geometry(case_dir, TINY_SHAPE)
+        _check_geometry(case_dir, tiny_shape)
     shape = (40, 36, 24)
     (folder,) = synthesize(tmp_path, cases=1, seed=5, shape=shape, progress=False)
     _check_geometry(folder, shape)
@@ -131,8 +130,8 @@ def test_tissue_contrasts_hold_on_the_written_files(phantom_dataset: Path) -> No
             assert images["t2"][seg == NCR].mean() > mean["t2"]["wm"], name
 
 
-def test_lower_grade_cases_have_a_core_but_no_enhancing_tumour(tmp_path: Path) -> None:
-    folders = synthesize(tmp_path, cases=2, seed=1, shape=TINY_SHAPE, no_et_fraction=1.0, progress=False)
+def test_lower_grade_cases_have_a_core_but_no_enhancing_tumour(tmp_path: Path, tiny_shape) -> None:
+    folders = synthesize(tmp_path, cases=2, seed=1, shape=tiny_shape, no_et_fraction=1.0, progress=False)
     manifest = _manifest(tmp_path)
     for folder, record in zip(folders, manifest["cases"]):
         seg = _seg(folder)
@@ -162,16 +161,16 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
     assert all(a[k] != c[k] for k in a)
 
 
-def test_case_k_does_not_depend_on_how_many_cases(phantom_dataset: Path, tmp_path: Path) -> None:
-    synthesize(tmp_path, cases=2, seed=0, shape=TINY_SHAPE, progress=False)
+def test_case_k_does_not_depend_on_how_many_cases(phantom_dataset: Path, tmp_path: Path, tiny_shape) -> None:
+    synthesize(tmp_path, cases=2, seed=0, shape=tiny_shape, progress=False)
     for k in (1, 2):
         case = f"BraTS20_Training_{k:03d}"
         assert _files(tmp_path / case) == _files(phantom_dataset / case)
     assert _manifest(tmp_path)["cases"] == _manifest(phantom_dataset)["cases"][:2]
 
 
-def test_corrupted_labels_are_recorded_and_differ_from_clean_ones(phantom_dataset: Path, tmp_path: Path) -> None:
-    synthesize(tmp_path, cases=4, seed=0, shape=TINY_SHAPE, corrupt_fraction=0.5, progress=False)
+def test_corrupted_labels_are_recorded_and_differ_from_clean_ones(phantom_dataset: Path, tmp_path: Path, tiny_shape) -> None:
+    synthesize(tmp_path, cases=4, seed=0, shape=tiny_shape, corrupt_fraction=0.5, progress=False)
     manifest = _manifest(tmp_path)
     assert manifest["corrupt_fraction"] == 0.5
     corrupted = [c for c in manifest["cases"] if c["corrupted"] is not None]
@@ -196,10 +195,10 @@ def test_a_small_fraction_still_corrupts_one_case(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["shift", "swap", "erase"])
-def test_every_corruption_changes_the_labels_and_keeps_them_valid(phantom_dataset: Path, kind: str) -> None:
+def test_every_corruption_changes_the_labels_and_keeps_them_valid(phantom_dataset: Path, kind: str, tiny_shape) -> None:
     case_dir = phantom_dataset / "BraTS20_Training_001"
     seg = _seg(case_dir)
-    out, info = phantom._apply_corruption(seg, kind, np.random.default_rng(0), phantom_geometry(TINY_SHAPE))
+    out, info = phantom._apply_corruption(seg, kind, np.random.default_rng(0), phantom_geometry(tiny_shape))
     assert info["kind"] == kind
     assert out.dtype == np.uint8 and out.shape == seg.shape
     assert set(np.unique(out)) <= BRATS_2020.allowed
@@ -217,13 +216,13 @@ def test_render_overview_writes_a_png(phantom_dataset: Path, tmp_path: Path) -> 
     assert other.stat().st_size > 0
 
 
-def test_bad_arguments_are_rejected(tmp_path: Path) -> None:
+def test_bad_arguments_are_rejected(tmp_path: Path, tiny_shape) -> None:
     with pytest.raises(ValueError, match="shape"):
         synthesize(tmp_path, cases=1, shape=(4, 4, 4), progress=False)
     with pytest.raises(ValueError, match="corrupt_fraction"):
-        synthesize(tmp_path, cases=1, shape=TINY_SHAPE, corrupt_fraction=1.5, progress=False)
+        synthesize(tmp_path, cases=1, shape=tiny_shape, corrupt_fraction=1.5, progress=False)
     with pytest.raises(ValueError, match="no_et_fraction"):
-        synthesize(tmp_path, cases=1, shape=TINY_SHAPE, no_et_fraction=-0.1, progress=False)
+        synthesize(tmp_path, cases=1, shape=tiny_shape, no_et_fraction=-0.1, progress=False)
 
 
 @pytest.mark.slow

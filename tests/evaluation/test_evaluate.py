@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -173,3 +174,43 @@ def test_bad_folders(simple_dataset: Path, tmp_path: Path, case_writer) -> None:
     (tmp_path / "pred").mkdir()
     with pytest.raises(DataError, match="no case has a segmentation"):
         evaluate_folder(tmp_path / "pred", no_seg, progress=False)
+
+
+# --- `brats-lab evaluate` on 2023 references (the cases of conftest's `valid_inputs`) ------------
+
+CASE_2023, OTHER_2023 = "BraTS-GLI-00001-000", "BraTS-GLI-00002-000"
+
+
+def test_a_2023_prediction_that_writes_et_as_4_is_refused_not_scored_as_resection_cavity(valid_inputs, run_cli, tmp_path):
+    """A perfect 2023 map with ET written as 4 (the 2020 label), scored against 2023 references
+    without resection cavity: refused by name (it used to score ET Dice 0 and exit 0); the other
+    case, written in 2023 labels, is scored as it should be (perfect)."""
+    pred = tmp_path / "pred"
+    shutil.copytree(valid_inputs / "pred-data2023", pred)
+    name = pred / f"{CASE_2023}.nii.gz"
+    array, geometry = read_image(name)
+    write_image(np.where(array == 3, 4, array).astype(np.uint8), geometry, name)
+    out = tmp_path / "out" / "metrics.csv"
+    result = run_cli(["evaluate", "--pred", str(pred), "--gt", str(valid_inputs / "data2023"), "--out", str(out)], tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("brats-lab: error:")]
+    assert errors and CASE_2023 in errors[-1], output[-3000:]
+    assert any(str(name) in line and "follow the brats2020 convention (ET = 4), not the reference's brats2023 (ET = 3; 4 = RC" in line
+               for line in output.splitlines()), output[-3000:]
+    table = pd.read_csv(out).set_index("case")
+    assert table.loc[CASE_2023, "status"] == "labels" and table.loc[CASE_2023, "dice_WT"] == 0.0  # worst-case, not scored
+    assert table.loc[OTHER_2023, "status"] == "ok" and table.loc[OTHER_2023, ["dice_ET", "lesion_dice_ET"]].tolist() == [1.0, 1.0]
+
+
+def test_lesion_wise_rules_fit_2023_data_and_a_2020_map_scored_with_2020_rules_is_not_refused(valid_inputs, run_cli, tmp_path):
+    """The controls of the refusal above and of `--rules gli` on 2020 data (tests/test_bad_input.py):
+    2023 rules on 2023 data, and a 2020 prediction holding ET = 4 against a 2020 reference, go
+    through with perfect scores."""
+    for data, rules in (("data2023", "brats2023-gli"), ("data", None)):
+        out = tmp_path / data / "metrics.csv"
+        argv = ["evaluate", "--pred", str(valid_inputs / f"pred-{data}"), "--gt", str(valid_inputs / data), "--out", str(out)]
+        result = run_cli(argv + (["--rules", rules] if rules else []), tmp_path)
+        assert result.returncode == 0 and "brats-lab: error" not in result.stderr, result.stderr[-3000:]
+        table = pd.read_csv(out)
+        assert (table["status"] == "ok").all() and (table["dice_ET"] == 1.0).all()

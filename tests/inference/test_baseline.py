@@ -1,5 +1,3 @@
-import shutil
-
 import numpy as np
 
 from brats_lab.cli import main
@@ -25,9 +23,8 @@ def test_baseline_writes_label_maps_in_each_cases_geometry(phantom_dataset, tmp_
     assert np.mean(dice) > 0.5, dice
 
 
-def test_a_failing_case_is_named_and_the_others_go_on(phantom_dataset, tmp_path, capsys):
-    data = tmp_path / "data"
-    shutil.copytree(phantom_dataset, data)
+def test_a_failing_case_is_named_and_the_others_go_on(copy_phantoms, tmp_path, capsys):
+    data = copy_phantoms(tmp_path / "data")
     bad = sorted(p for p in data.iterdir() if p.is_dir())[1]
     (bad / f"{bad.name}_flair.nii.gz").write_bytes(b"broken")
     assert main(["baseline", "--input", str(data), "--output", str(tmp_path / "pred")]) == 1

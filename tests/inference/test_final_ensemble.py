@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ from brats_lab.cli import main
 from brats_lab.data.cases import discover
 from brats_lab.inference.predict import ENSEMBLE_RECORD, load_members, predict_folder, select_top
 from brats_lab.io import read_image
-from conftest import TINY_TRAINING, ConstantLogits
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
@@ -92,14 +90,13 @@ def _arm_of(output: str) -> str:
 
 
 @pytest.mark.slow
-def test_the_papers_final_ensemble_end_to_end(phantom_dataset: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_the_papers_final_ensemble_end_to_end(phantom_copy: Path, tiny_training, tmp_path: Path, monkeypatch, capsys) -> None:
     """README, "The paper's final ensemble": three pipeline-A configurations and pipeline B, two
     folds each; predict A with the two best per fold, B with its folds, merge."""
-    data = tmp_path / "phantom"
-    shutil.copytree(phantom_dataset, data)
+    data = phantom_copy
     monkeypatch.chdir(tmp_path)  # the default store: ./mlruns
     cases = discover(data)
-    tiny = [x for s in (*TINY_TRAINING, "train.epochs=1") for x in ("--set", s)]
+    tiny = [x for s in (*tiny_training, "train.epochs=1") for x in ("--set", s)]
     configs = {
         "attention": ("A", ["--set", "model.name=att_equiunet"]),
         "full": ("A", []),
@@ -153,7 +150,7 @@ def _logit(p: float) -> float:
     return float(np.log(p / (1 - p)))
 
 
-def test_ensemble_averages_probabilities_thresholds_at_half_and_rebuilds_labels(tmp_path: Path, case_writer) -> None:
+def test_ensemble_averages_probabilities_thresholds_at_half_and_rebuilds_labels(tmp_path: Path, case_writer, constant_logits) -> None:
     """Two models: ET 0.3 and 0.6 (mean 0.45: off), TC 0.4 and 0.7 (0.55: on), WT 0.9 and 0.9.
     A model alone would say ET; the mean of probabilities says NCR/NET (TC and not ET) in the
     whole padded brain crop, and background outside it."""
@@ -164,8 +161,8 @@ def test_ensemble_averages_probabilities_thresholds_at_half_and_rebuilds_labels(
     case = discover(case_writer(tmp_path / "data").parent)[0]
     cpu = torch.device("cpu")
     members = [
-        Member("a", ExperimentConfig(), ConstantLogits((_logit(0.3), _logit(0.4), _logit(0.9)))),
-        Member("b", ExperimentConfig(), ConstantLogits((_logit(0.6), _logit(0.7), _logit(0.9)))),
+        Member("a", ExperimentConfig(), constant_logits((_logit(0.3), _logit(0.4), _logit(0.9)))),
+        Member("b", ExperimentConfig(), constant_logits((_logit(0.6), _logit(0.7), _logit(0.9)))),
     ]
     labels = read_image(predict_case(case, members, tmp_path / "out", cpu, precision="fp32"))[0]
     box = preprocess_case(case, "minmax").bbox

@@ -17,19 +17,17 @@ from brats_lab.data.cases import discover
 from brats_lab.inference.predict import load_members, predict_folder, resolve_runs
 from brats_lab.io import read_header, read_image
 from brats_lab.training.trainer import train_fold
-from conftest import TINY_NETWORK
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def trained(phantom_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+def trained(copy_phantoms, tiny_network, tmp_path_factory: pytest.TempPathFactory):
     """A project folder with one trained tiny fold of pipeline A: (project, dataset, fold run)."""
     project = tmp_path_factory.mktemp("project")
-    dataset = project / "phantom"
-    shutil.copytree(phantom_dataset, dataset)
+    dataset = copy_phantoms(project / "phantom")
     cfg = load_config(pipeline_path("A"), "cpu", [
-        *TINY_NETWORK, "train.epochs=2", "train.swa.enabled=false", f"data.dataset={dataset}",
+        *tiny_network, "train.epochs=2", "train.swa.enabled=false", f"data.dataset={dataset}",
     ])
     cwd = Path.cwd()
     os.chdir(project)  # the default store is ./mlruns

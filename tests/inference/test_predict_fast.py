@@ -36,7 +36,6 @@ from brats_lab.models import build_model
 from brats_lab.precision import autocast_dtype
 from brats_lab.run_files import FINAL_MODEL
 from brats_lab.training.checkpoint import model_state, save
-from conftest import TINY_NETWORK, ConstantLogits
 
 CPU = torch.device("cpu")
 REGIONS = ("ET", "TC", "WT")
@@ -282,9 +281,16 @@ def test_an_arm_stands_for_its_newest_finished_fold_runs(store: Path) -> None:
 # --- load_members: tiny untrained models saved as fold runs ---------------------------------------
 
 
-def _saved_model(store: Path, pipeline: str, name: str, fold: int = 0, legacy: bool | None = None) -> tuple[str, torch.nn.Module]:
+@pytest.fixture
+def saved_model(tiny_network):
+    """The function `_saved_model` below, with `tiny_network`'s settings."""
+    return lambda *args, **kwargs: _saved_model(tiny_network, *args, **kwargs)
+
+
+def _saved_model(tiny_network: tuple[str, ...], store: Path, pipeline: str, name: str, fold: int = 0,
+                 legacy: bool | None = None) -> tuple[str, torch.nn.Module]:
     """A fold run whose final model is a tiny untrained network of `pipeline` (seeded by fold)."""
-    config = load_config(pipeline_path(pipeline), "cpu", [*TINY_NETWORK, "model.name=att_equiunet_tiny"])
+    config = load_config(pipeline_path(pipeline), "cpu", [*tiny_network, "model.name=att_equiunet_tiny"])
     torch.manual_seed(fold + 10 * len(name))
     model = build_model(config.model)
     state = model_state(model, config, fold)
@@ -297,9 +303,9 @@ def _saved_model(store: Path, pipeline: str, name: str, fold: int = 0, legacy: b
     return run.id, model
 
 
-def test_members_are_the_saved_models_in_eval_mode(store: Path) -> None:
-    run_a, model_a = _saved_model(store, "A", "a")
-    run_b, model_b = _saved_model(store, "A", "b", fold=1, legacy=False)
+def test_members_are_the_saved_models_in_eval_mode(store: Path, saved_model) -> None:
+    run_a, model_a = saved_model(store, "A", "a")
+    run_b, model_b = saved_model(store, "A", "b", fold=1, legacy=False)
     members = load_members([run_a, run_b], CPU, root=store)
     assert [m.run_id for m in members] == [run_a, run_b]
     assert [m.config.model.name for m in members] == ["att_equiunet_tiny", "att_equiunet_woo_tiny"]  # b: the old gate
@@ -311,9 +317,9 @@ def test_members_are_the_saved_models_in_eval_mode(store: Path) -> None:
         assert member.config.data.normalization == "minmax"
 
 
-def test_members_must_preprocess_alike_and_have_a_final_model(store: Path) -> None:
-    run_a, _ = _saved_model(store, "A", "a")
-    run_b, _ = _saved_model(store, "B", "b")
+def test_members_must_preprocess_alike_and_have_a_final_model(store: Path, saved_model) -> None:
+    run_a, _ = saved_model(store, "A", "a")
+    run_b, _ = saved_model(store, "B", "b")
     message = ("the runs preprocess differently (minmax, zscore): predict each pipeline on its own "
                "and combine the label maps with `brats-lab merge`")
     with pytest.raises(DataError, match=re.escape(message) + "$"):
@@ -382,10 +388,10 @@ def test_a_case_is_the_mean_probability_thresholded_and_pasted_back(tmp_path: Pa
     assert not np.array_equal(alone, labels)
 
 
-def test_a_probability_of_exactly_one_half_is_not_in_the_region(tmp_path: Path, case_writer) -> None:
+def test_a_probability_of_exactly_one_half_is_not_in_the_region(tmp_path: Path, case_writer, constant_logits) -> None:
     """Logit 0 is probability 0.5 exactly: "above 0.5" leaves ET and TC out; WT (0.5 + a little) is in."""
     case = discover(case_writer(tmp_path / "data").parent)[0]
-    members = [Member("a", ExperimentConfig(), ConstantLogits((0.0, 0.0, 1e-6)))]
+    members = [Member("a", ExperimentConfig(), constant_logits((0.0, 0.0, 1e-6)))]
     labels = read_image(predict_case(case, members, tmp_path / "out", CPU))[0]
     box = preprocess_case(case, "minmax").bbox
     expected = np.zeros(case.geometry.shape, np.uint8)
@@ -394,10 +400,10 @@ def test_a_probability_of_exactly_one_half_is_not_in_the_region(tmp_path: Path, 
     assert not (tmp_path / "out" / "probabilities").exists()
 
 
-def test_small_et_relabels_a_small_et_as_ncr(tmp_path: Path, case_writer) -> None:
+def test_small_et_relabels_a_small_et_as_ncr(tmp_path: Path, case_writer, constant_logits) -> None:
     """ET everywhere in the brain box (N voxels): kept with `small_et=N`, NCR/NET with N + 1."""
     case = discover(case_writer(tmp_path / "data").parent)[0]
-    members = [Member("a", ExperimentConfig(), ConstantLogits((3.0, 3.0, 3.0)))]
+    members = [Member("a", ExperimentConfig(), constant_logits((3.0, 3.0, 3.0)))]
     box = preprocess_case(case, "minmax").bbox
     n = int(np.prod([s.stop - s.start for s in box]))
     kept = read_image(predict_case(case, members, tmp_path / "kept", CPU, small_et=n))[0]

@@ -4,7 +4,6 @@ probabilities, and `--small-et` turns a small ET into NCR/NET. Real trained fold
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ import SimpleITK as sitk
 from brats_lab import tracking
 from brats_lab.cli import main
 from brats_lab.training.trainer import EXPERIMENT
-from conftest import TINY_NETWORK
 
 pytestmark = pytest.mark.xdist_group("predict-outputs")  # one worker trains the two folds once
 
@@ -25,21 +23,20 @@ NCR, ED, ET = 1, 2, 4  # BraTS 2020's labels (the phantoms' layout)
 # Pipeline B learns enough in 12 steps at a high learning rate to predict all three regions; the
 # folds start from different seeds, so that their probabilities differ. (Pipeline A's tiny folds,
 # in a few epochs, stay at the heads' "no tumour" prior: 0.02 everywhere, nothing to threshold.)
-TRAINING = [*TINY_NETWORK, "train.epochs=12", "train.amp=off", "optim.lr=3e-2", "train.val_every=12", "train.keep=last"]
+# After `tiny_network`'s settings.
+TRAINING = ["train.epochs=12", "train.amp=off", "optim.lr=3e-2", "train.val_every=12", "train.keep=last"]
 
 
 @pytest.fixture(scope="module")
-def folds(phantom_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+def folds(copy_phantoms, tiny_network, tmp_path_factory: pytest.TempPathFactory):
     """Two tiny trained folds of pipeline B: (project folder, dataset, [fold 0 run id, fold 1 run id])."""
     project = tmp_path_factory.mktemp("project")
-    dataset = project / "phantom"
-    shutil.copytree(phantom_dataset, dataset)
+    dataset = copy_phantoms(project / "phantom")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(project)  # the store is ./mlruns
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         for fold in (0, 1):
             argv = ["train", "--pipeline", "B", "--fold", str(fold), "--profile", "cpu", "--data", str(dataset)]
-            for item in [*TRAINING, f"train.seed={fold + 1}"]:
+            for item in [*tiny_network, *TRAINING, f"train.seed={fold + 1}"]:
                 argv += ["--set", item]
             assert main(argv) == 0
     runs = {r.tags["fold"]: r.id for r in tracking.find_runs(EXPERIMENT, {"kind": "fold"}, root=project)}
@@ -51,7 +48,6 @@ def predict(folds, monkeypatch, tmp_path):
     """`brats-lab predict` with these runs and options into a new folder; returns the folder."""
     project, dataset, _ = folds
     monkeypatch.chdir(project)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     made = iter(range(100))
 
     def run(runs: list[str], *options: str) -> Path:

@@ -4,7 +4,6 @@ trains: the same samples in the same global batches, the same losses, the same f
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,6 @@ from brats_lab.data.dataset import EpochSampler
 from brats_lab.training.distributed import RankBatches, check_batches
 from brats_lab.run_files import CHECKPOINT, FINAL_MODEL
 from brats_lab.training.trainer import EXPERIMENT
-from conftest import TINY_NETWORK, free_port
 
 # One xdist worker runs them all: the one-process reference is trained once, and each two-process
 # training already keeps both cores busy.
@@ -38,8 +36,9 @@ ROOT = Path(__file__).parents[2]  # the repository, for `import brats_lab` from 
 # voxels above it on these phantoms. Whether 12 steps get there depends on the run's seed: with
 # train.seed 0, fold 0 (run seed TrainConfig.run_seed) reaches Dice 0.35 to 0.57; pipeline B's own
 # 16111990 learnt nothing above the threshold (measured for train.seed 0 to 5: 2 of 6 nothing).
+# After `tiny_network`'s settings:
 SETTINGS = [
-    *TINY_NETWORK, "train.seed=0",
+    "train.seed=0",
     "train.val_every=4", "data.pad_multiple=16",
     "train.amp=off", "optim.name=ranger", "optim.lr=3e-2", "optim.lookahead_k=2", "train.epochs=4",
     "train.swa.enabled=true", "train.swa.cycles=1", "train.swa.cycle_epochs=8", "train.swa.anneal_epochs=8",
@@ -66,24 +65,29 @@ DICE_TOLERANCE = 1e-9  # absolute, per case and region: the same voxels
 
 
 @pytest.fixture(scope="module")
-def dataset(phantom_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    copy = tmp_path_factory.mktemp("ddp") / "phantom"  # the cache is written inside the dataset folder
-    shutil.copytree(phantom_dataset, copy)
-    return copy
+def dataset(copy_phantoms, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_phantoms(tmp_path_factory.mktemp("ddp") / "phantom")
 
 
 @pytest.fixture(scope="module")
-def one_process(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def train(tiny_network, free_port):
+    """The function `train(folder, dataset, *extra, processes=1, resume=False, fault="")`: a
+    `brats-lab train` of fold 0 with `tiny_network`'s settings, SETTINGS and `extra`, started."""
+
+    def start(folder: Path, dataset: Path, *extra: str, processes: int = 1, resume: bool = False, fault: str = "") -> _Training:
+        port = free_port() if processes > 1 else None
+        return _Training(folder, dataset, (*tiny_network, *SETTINGS, *extra), processes, resume, fault, port)
+
+    return start
+
+
+@pytest.fixture(scope="module")
+def one_process(dataset: Path, train, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder of the reference: the same training in one process, with the same global batch."""
     folder = tmp_path_factory.mktemp("one")
-    with _train(folder, dataset) as single:
+    with train(folder, dataset) as single:
         assert single.wait(timeout=300) == 0, single.stderr_tail()
     return folder
-
-
-@pytest.fixture(autouse=True)
-def local_store(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # each run's store is mlruns/ in its folder
 
 
 def test_each_process_takes_its_share_of_every_global_batch():
@@ -107,9 +111,9 @@ def test_a_batch_the_processes_cannot_share_is_refused():
     check_batches(8, 2, 2)
 
 
-def test_two_processes_train_the_same_fold_as_one(dataset, one_process, tmp_path):
+def test_two_processes_train_the_same_fold_as_one(dataset, one_process, tmp_path, train):
     two = tmp_path / "two"
-    with _train(two, dataset, processes=2) as ddp:
+    with train(two, dataset, processes=2) as ddp:
         assert ddp.wait(timeout=300) == 0, ddp.stderr_tail()
 
     # Only rank 0 logged: one arm, one fold run, the process count on it, one report.
@@ -122,9 +126,9 @@ def test_two_processes_train_the_same_fold_as_one(dataset, one_process, tmp_path
     _assert_same_training(reference, run)
 
 
-def test_two_processes_killed_mid_training_resume_from_the_checkpoint(dataset, one_process, tmp_path):
+def test_two_processes_killed_mid_training_resume_from_the_checkpoint(dataset, one_process, tmp_path, train):
     two = tmp_path / "two"
-    with _train(two, dataset, processes=2) as ddp:
+    with train(two, dataset, processes=2) as ddp:
         # torchrun and its two workers SIGKILLed (no clean-up anywhere) once a checkpoint is written.
         deadline = time.monotonic() + 180
         while not list((two / "mlruns").rglob(CHECKPOINT)):
@@ -137,7 +141,7 @@ def test_two_processes_killed_mid_training_resume_from_the_checkpoint(dataset, o
     saved_epoch = torch.load(killed.artifact_dir() / CHECKPOINT, weights_only=True)["epoch"]
     assert saved_epoch < EPOCHS - 1
 
-    with _train(two, dataset, processes=2, resume=True) as resumed:
+    with train(two, dataset, processes=2, resume=True) as resumed:
         assert resumed.wait(timeout=300) == 0, resumed.stderr_tail()
     (run,) = tracking.find_runs(EXPERIMENT, {"kind": "fold"}, root=two)
     assert run.id == killed.id and run.status == "FINISHED"
@@ -146,20 +150,20 @@ def test_two_processes_killed_mid_training_resume_from_the_checkpoint(dataset, o
     _assert_same_training(reference, run)
 
 
-def test_torchrun_with_a_batch_it_cannot_share_gives_one_clear_error(dataset, tmp_path):
-    with _train(tmp_path / "two", dataset, "train.batch_size=3", processes=2) as ddp:
+def test_torchrun_with_a_batch_it_cannot_share_gives_one_clear_error(dataset, tmp_path, train):
+    with train(tmp_path / "two", dataset, "train.batch_size=3", processes=2) as ddp:
         assert ddp.wait(timeout=300) != 0
     assert "brats-lab: error: train.batch_size=3 cannot be shared by 2 processes" in ddp.stderr()
     assert not (tmp_path / "two" / "mlruns").exists()  # refused before any run was opened
 
 
 @pytest.mark.parametrize("fault", ["not_shared", "summed", "dice_not_shared"])
-def test_a_wrong_gradient_sharing_is_caught(dataset, one_process, tmp_path, fault):
+def test_a_wrong_gradient_sharing_is_caught(dataset, one_process, tmp_path, fault, train):
     """The equivalence check is not vacuous: the same two-process training with the sharing broken
     on purpose (float64_cli.py: gradients not all-reduced, summed instead of averaged, or each
     process's loss the Dice of its own case) lies far outside every tolerance."""
     two = tmp_path / "two"
-    with _train(two, dataset, processes=2, fault=fault) as ddp:
+    with train(two, dataset, processes=2, fault=fault) as ddp:
         assert ddp.wait(timeout=300) == 0, ddp.stderr_tail()
     (run,) = tracking.find_runs(EXPERIMENT, {"kind": "fold"}, root=two)
     (reference,) = tracking.find_runs(EXPERIMENT, {"kind": "fold"}, root=one_process)
@@ -211,16 +215,17 @@ def _per_case(run):
 class _Training:
     """A `brats-lab train` subprocess (under torchrun for several processes), output to files."""
 
-    def __init__(self, folder: Path, dataset: Path, extra: tuple[str, ...], processes: int, resume: bool, fault: str) -> None:
+    def __init__(self, folder: Path, dataset: Path, settings: tuple[str, ...], processes: int, resume: bool, fault: str,
+                 port: int | None) -> None:
         folder.mkdir(exist_ok=True)
         argv = ["train", "--pipeline", "B", "--fold", "0", "--profile", "cpu", "--data", str(dataset)]
-        for item in [*SETTINGS, *extra]:
+        for item in settings:
             argv += ["--set", item]
         argv += ["--resume"] if resume else []
         launcher = [str(FLOAT64_CLI)]  # `brats-lab` in float64 (module docstring of float64_cli.py)
         if processes > 1:
             launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *launcher]
+                        "--master_addr", "127.0.0.1", "--master_port", str(port), *launcher]
         # One thread per process: two processes on the cores of a small machine.
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the store: mlruns/ in `folder`
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", BRATS_LAB_TEST_FAULT=fault)
@@ -258,10 +263,6 @@ class _Training:
 
     def __exit__(self, *exc) -> None:
         self.kill()  # after a failed assert, leave no training behind; after success, nothing is left
-
-
-def _train(folder: Path, dataset: Path, *extra: str, processes: int = 1, resume: bool = False, fault: str = "") -> _Training:
-    return _Training(folder, dataset, extra, processes, resume, fault)
 
 
 def _descendants(pid: int) -> list[int]:

@@ -14,7 +14,6 @@ Only the command line and what it writes (MLflow runs, the final model's file) a
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,33 +27,26 @@ from brats_lab.training.checkpoint import Best
 from brats_lab.training.optim import WeightAverage
 from brats_lab.run_files import CHECKPOINT, FINAL_MODEL
 from brats_lab.training.trainer import EXPERIMENT, load_final_weights
-from conftest import TINY_NETWORK
 
 pytestmark = pytest.mark.xdist_group("final-weights")  # one worker copies the phantoms once
 
 FLOAT64_CLI = Path(__file__).with_name("float64_cli.py")
 ROOT = Path(__file__).parents[2]
 
-# Pipeline A with one main epoch, then one SWA cycle of `cycle_epochs` (the lr annealing over 4).
-SWA = [*TINY_NETWORK, "train.epochs=1", "train.amp=off", "train.val_every=100", "train.swa.enabled=true",
+# After `tiny_network`'s settings: pipeline A with one main epoch, then one SWA cycle of
+# `cycle_epochs` (the lr annealing over 4).
+SWA = ["train.epochs=1", "train.amp=off", "train.val_every=100", "train.swa.enabled=true",
        "train.swa.cycles=1", "train.swa.anneal_epochs=4", "train.swa.lr=1e-2"]
 # Pipeline B (keep = best, validation every epoch) at a constant learning rate, so the weights keep
-# moving; its validation losses are set: lowest at epoch 3 of 6, then up again.
-BEST = [*TINY_NETWORK, "train.amp=off", "train.schedule=constant", "optim.lr=3e-2", "train.val_every=1"]
+# moving; its validation losses are set: lowest at epoch 3 of 6, then up again. After `tiny_network`'s too.
+BEST = ["train.amp=off", "train.schedule=constant", "optim.lr=3e-2", "train.val_every=1"]
 VAL_LOSSES = (0.9, 0.8, 0.75, 0.5, 0.6, 0.7)
 BEST_EPOCHS = len(VAL_LOSSES)
 
 
 @pytest.fixture(scope="module")
-def dataset(phantom_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    copy = tmp_path_factory.mktemp("final") / "phantom"  # the cache is written inside the dataset folder
-    shutil.copytree(phantom_dataset, copy)
-    return copy
-
-
-@pytest.fixture(autouse=True)
-def local_store(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # each training's store: mlruns/ in its folder
+def dataset(copy_phantoms, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_phantoms(tmp_path_factory.mktemp("final") / "phantom")
 
 
 def _train(folder: Path, dataset: Path, pipeline: str, settings: list[str], val_losses: tuple[float, ...] = ()):
@@ -85,14 +77,14 @@ def _largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     return max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
 
 
-def test_the_swa_model_is_the_mean_of_the_weights_at_the_snapshot_epochs(dataset, tmp_path):
+def test_the_swa_model_is_the_mean_of_the_weights_at_the_snapshot_epochs(dataset, tmp_path, tiny_network):
     # A 4-epoch cycle with a snapshot every 2 epochs averages the weights after SWA epochs 1 and 3.
     averaged = _train(tmp_path / "average", dataset, "A",
-                      [*SWA, "train.swa.cycle_epochs=4", "train.swa.snapshot_every=2"])
+                      [*tiny_network, *SWA, "train.swa.cycle_epochs=4", "train.swa.snapshot_every=2"])
     # The same training with one snapshot at the end of a 2-epoch and of a 4-epoch cycle: its final
     # model is the weights after SWA epoch 1, resp. 3 (an average of one).
-    one = _train(tmp_path / "one", dataset, "A", [*SWA, "train.swa.cycle_epochs=2", "train.swa.snapshot_every=2"])
-    three = _train(tmp_path / "three", dataset, "A", [*SWA, "train.swa.cycle_epochs=4", "train.swa.snapshot_every=4"])
+    one = _train(tmp_path / "one", dataset, "A", [*tiny_network, *SWA, "train.swa.cycle_epochs=2", "train.swa.snapshot_every=2"])
+    three = _train(tmp_path / "three", dataset, "A", [*tiny_network, *SWA, "train.swa.cycle_epochs=4", "train.swa.snapshot_every=4"])
     after_1, after_3 = _weights(one), _weights(three)
     # Their one snapshot is the last epoch's weights (the checkpoint's): this pins the snapshot
     # epochs themselves, which a shift common to all three trainings would not show above.
@@ -109,19 +101,19 @@ def test_the_swa_model_is_the_mean_of_the_weights_at_the_snapshot_epochs(dataset
     assert _largest_difference(final, expected) <= 1e-12
 
 
-def test_pipeline_b_keeps_the_weights_of_the_lowest_validation_loss(dataset, tmp_path):
-    kept = _train(tmp_path / "best", dataset, "B", [*BEST, f"train.epochs={BEST_EPOCHS}"], VAL_LOSSES)
+def test_pipeline_b_keeps_the_weights_of_the_lowest_validation_loss(dataset, tmp_path, tiny_network):
+    kept = _train(tmp_path / "best", dataset, "B", [*tiny_network, *BEST, f"train.epochs={BEST_EPOCHS}"], VAL_LOSSES)
     losses = dict(kept.metric_history("val_loss"))
     assert [losses[e] for e in sorted(losses)] == list(VAL_LOSSES)  # logged as the trainer saw them
     best = VAL_LOSSES.index(min(VAL_LOSSES))
     assert kept.tags["final_model"] == f"best validation loss (epoch {best})"
     # The same training stopped after the best epoch, keeping its last weights.
-    last = _train(tmp_path / "last", dataset, "B", [*BEST, f"train.epochs={best + 1}", "train.keep=last"])
+    last = _train(tmp_path / "last", dataset, "B", [*tiny_network, *BEST, f"train.epochs={best + 1}", "train.keep=last"])
     assert last.tags["final_model"] == "last epoch"
     kept_weights, last_weights = _weights(kept), _weights(last)
     assert _largest_difference(kept_weights, last_weights) <= 1e-12
     # ...and the last epochs moved the weights: keeping the last ones instead would show.
-    longer = _train(tmp_path / "longer", dataset, "B", [*BEST, f"train.epochs={BEST_EPOCHS}", "train.keep=last"])
+    longer = _train(tmp_path / "longer", dataset, "B", [*tiny_network, *BEST, f"train.epochs={BEST_EPOCHS}", "train.keep=last"])
     assert _largest_difference(_weights(longer), last_weights) > 1e-3
 
 

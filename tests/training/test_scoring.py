@@ -9,7 +9,6 @@ segmentation files, counted by hand."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,6 @@ from brats_lab.training.losses import make_loss
 from brats_lab.training.scoring import predict_logits, score_cases, validate
 from brats_lab.training.step import Compute
 from brats_lab.viz import render_case
-
-from conftest import ConstantLogits
 
 CPU = torch.device("cpu")
 NCR, ED, ET = 1, 2, 4  # BraTS 2020's labels (the phantoms' layout)
@@ -47,10 +44,9 @@ class ShiftedIntensities(torch.nn.Conv3d):
 
 
 @pytest.fixture(scope="module")
-def data(phantom_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+def data(copy_phantoms, tmp_path_factory: pytest.TempPathFactory):
     """(dataset folder, cache, the whole padded volumes of all four cases)."""
-    dataset = tmp_path_factory.mktemp("scoring") / "phantom"  # the cache is written inside it
-    shutil.copytree(phantom_dataset, dataset)
+    dataset = copy_phantoms(tmp_path_factory.mktemp("scoring") / "phantom")
     cache = prepare(dataset, "minmax", progress=False)
     return dataset, cache, WholeVolumes(cache, list(cache.case_ids), pad_multiple=16)
 
@@ -86,11 +82,11 @@ def test_validation_is_the_mean_over_cases_of_the_loss_and_of_each_regions_dice(
 
 
 @pytest.mark.parametrize("logit", [0.0, -10.0])
-def test_validation_of_a_model_that_predicts_nothing(data, logit):
+def test_validation_of_a_model_that_predicts_nothing(data, logit, constant_logits):
     """Logits 0 (probability exactly 0.5) or below: no voxel in any region, so Dice 0 where the
     reference has the region (all four phantoms have all three)."""
     _, _, volumes = data
-    got = validate(ConstantLogits((logit,) * 3), volumes, make_loss("dice", 1.0), Compute(CPU, None))
+    got = validate(constant_logits((logit,) * 3), volumes, make_loss("dice", 1.0), Compute(CPU, None))
     assert got["val_dice_ET"] == got["val_dice_TC"] == got["val_dice_WT"] == 0.0
     assert 0.5 < got["val_loss"] <= 1.0
 
@@ -128,9 +124,9 @@ def test_final_scores_in_the_precision_asked(data, tmp_path):
     assert not full.equals(bf16)  # bfloat16's rounding moves voxels at the thresholds
 
 
-def test_a_logit_of_zero_is_outside_every_region_in_the_written_label_maps(data, tmp_path):
+def test_a_logit_of_zero_is_outside_every_region_in_the_written_label_maps(data, tmp_path, constant_logits):
     dataset, _, volumes = data
-    table = score_cases(ConstantLogits((0.0, 0.0, 0.0)), volumes, dataset, tmp_path, Compute(CPU, None))
+    table = score_cases(constant_logits((0.0, 0.0, 0.0)), volumes, dataset, tmp_path, Compute(CPU, None))
     for case in table["case"]:
         assert not _read(tmp_path / "predictions" / f"{case}.nii.gz").any(), case
     assert (table[[f"dice_{r}" for r in REGIONS]] == 0).all().all()

@@ -18,30 +18,33 @@ from brats_lab.config import config_hash, load_config, pipeline_path
 from brats_lab.labels import REGIONS
 from brats_lab.run_files import CHECKPOINT, FINAL_MODEL
 from brats_lab.training.trainer import train_fold
-from conftest import TINY_NETWORK
 
-TINY = [*TINY_NETWORK, "train.val_every=1"]
-
-
-def tiny_config(pipeline: str, dataset: Path, *extra: str):
-    overrides = [*TINY, f"data.dataset={dataset}"]
-    if pipeline == "A":
-        overrides += ["train.epochs=2", "train.swa.cycles=1", "train.swa.cycle_epochs=2", "train.swa.anneal_epochs=2", "train.swa.snapshot_every=1"]
-    else:
-        overrides += ["train.epochs=3"]
-    return load_config(pipeline_path(pipeline), "cpu", [*overrides, *extra])
+VALIDATED = "train.val_every=1"  # after `tiny_network`'s settings: validation every epoch
 
 
 @pytest.fixture
-def dataset(phantom_dataset: Path, tmp_path: Path) -> Path:
-    # The cache is written inside the dataset folder: work on a copy of the shared phantoms.
-    copy = tmp_path / "phantom"
-    shutil.copytree(phantom_dataset, copy)
-    return copy
+def tiny_config(tiny_network):
+    """The function `tiny_config(pipeline, dataset, *extra)`: the pipeline's cpu config with
+    `tiny_network`'s settings, validated every epoch, a short schedule, then `extra`."""
+
+    def config(pipeline: str, dataset: Path, *extra: str):
+        overrides = [*tiny_network, VALIDATED, f"data.dataset={dataset}"]
+        if pipeline == "A":
+            overrides += ["train.epochs=2", "train.swa.cycles=1", "train.swa.cycle_epochs=2", "train.swa.anneal_epochs=2", "train.swa.snapshot_every=1"]
+        else:
+            overrides += ["train.epochs=3"]
+        return load_config(pipeline_path(pipeline), "cpu", [*overrides, *extra])
+
+    return config
+
+
+@pytest.fixture
+def dataset(phantom_copy: Path) -> Path:
+    return phantom_copy  # the cache is written inside the dataset folder: a copy of the shared phantoms
 
 
 @pytest.mark.parametrize("pipeline", ["A", "B"])
-def test_a_fold_trains_validates_and_logs_everything(pipeline, dataset, tmp_path, monkeypatch):
+def test_a_fold_trains_validates_and_logs_everything(pipeline, dataset, tmp_path, monkeypatch, tiny_config):
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(pipeline, dataset)
     seeded = []  # torch's global seed: the initial weights
@@ -85,7 +88,7 @@ def _all_artifacts(run) -> list[str]:
     return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
 
 
-def test_a_run_killed_mid_training_resumes_to_the_same_weights(dataset, tmp_path, monkeypatch):
+def test_a_run_killed_mid_training_resumes_to_the_same_weights(dataset, tmp_path, monkeypatch, tiny_config, tiny_network):
     monkeypatch.chdir(tmp_path)
     # float32: the cpu profile's auto precision is bf16 on a CPU with AMX, not bitwise deterministic run to run
     extra = ["train.epochs=3", "train.swa.cycles=1", "train.swa.cycle_epochs=3", "train.amp=off"]
@@ -94,18 +97,18 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(dataset, tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _train_killed_and_resumed(cfg, dataset, tmp_path, extra)
+        _train_killed_and_resumed(cfg, dataset, tmp_path, [*tiny_network, VALIDATED], extra)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_killed_and_resumed(cfg, dataset, tmp_path, extra):
+def _train_killed_and_resumed(cfg, dataset, tmp_path, tiny, extra):
     straight = train_fold(cfg, 1, progress=False)
 
     # The same training in another process, killed (SIGKILL: no clean-up at all) once it has
     # written a checkpoint and is into a later epoch.
     argv = ["train", "--pipeline", "A", "--fold", "1", "--profile", "cpu", "--data", str(dataset)]
-    for item in TINY + ["train.swa.anneal_epochs=2", "train.swa.snapshot_every=1", *extra]:
+    for item in tiny + ["train.swa.anneal_epochs=2", "train.swa.snapshot_every=1", *extra]:
         argv += ["--set", item]
     proc = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", *argv], cwd=tmp_path,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -143,7 +146,8 @@ def tracking_run(run_id: str):
     return tracking.get_run(run_id)
 
 
-def test_a_training_killed_after_any_epoch_resumes_to_the_same_state(dataset, tmp_path, monkeypatch, empty_mlflow_store):
+def test_a_training_killed_after_any_epoch_resumes_to_the_same_state(dataset, tmp_path, monkeypatch, empty_mlflow_store, tiny_config,
+                                                                      assert_same_state):
     """Pipeline A, 2 main epochs and one averaging cycle of 2, runs straight; the same training is
     killed after every epoch's checkpoint in turn and resumed each time: in the main phase, at
     its end (resumed into the cycle's fresh Adam), after the first averaging epoch (epoch ==
@@ -189,64 +193,17 @@ def test_a_training_killed_after_any_epoch_resumes_to_the_same_state(dataset, tm
 
     assert sorted(saved["straight"]) == list(range(epochs))
     for epoch in range(epochs):
-        _assert_same(saved["resumed"][epoch], saved["straight"][epoch], f"checkpoint of epoch {epoch}")
+        assert_same_state(saved["resumed"][epoch], saved["straight"][epoch], f"checkpoint of epoch {epoch}")
     assert saved["straight"][epochs - 1]["average"]["count"] == 2  # the averaging phase ran
     a = torch.load(tracking_run(straight.run_id).artifact_dir() / FINAL_MODEL, weights_only=True)["model"]
     b = torch.load(tracking_run(resumed.run_id).artifact_dir() / FINAL_MODEL, weights_only=True)["model"]
-    _assert_same(b, a, "final model")
+    assert_same_state(b, a, "final model")
     assert resumed.per_case.equals(straight.per_case)
     losses = [dict(tracking_run(r.run_id).metric_history("train_loss")) for r in (straight, resumed)]
     assert losses[0] == losses[1] and sorted(losses[0]) == list(range(epochs))
 
 
-def _assert_same(a, b, where: str) -> None:
-    """Nested checkpoint content equal: tensors bit for bit (and dtype), the rest by ==."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def test_a_checkpoint_in_the_format_written_before_the_train_state_restores_and_is_written_again_alike():
-    """The checkpoint format did not change with `checkpoint.TrainState`: a checkpoint spelled as
-    the trainer wrote it before (plain keys, `best` as {"loss", "epoch", "state"}) restores into a
-    state, and that state's checkpoint is the same dict, tensor for tensor."""
-    from brats_lab.training.checkpoint import TrainState, restore, training_state
-    from brats_lab.training.optim import WeightAverage
-
-    def fresh() -> TrainState:
-        model = torch.nn.Linear(3, 2)
-        return TrainState(model, torch.optim.Adam(model.parameters(), lr=1e-3), torch.amp.GradScaler("cpu", enabled=False),
-                          WeightAverage())
-
-    torch.manual_seed(3)
-    trained = fresh()
-    for _ in range(2):  # an optimizer with moments, an average with two snapshots
-        trained.model(torch.randn(4, 3)).square().mean().backward()
-        trained.optimizer.step()
-        trained.average.update(trained.model.state_dict())
-    best = {k: v.clone() + 1 for k, v in trained.model.state_dict().items()}
-    old = {
-        "epoch": 6, "model": trained.model.state_dict(), "optimizer": trained.optimizer.state_dict(),
-        "scaler": trained.scaler.state_dict(), "average": trained.average.state_dict(),
-        "best": {"loss": 0.25, "epoch": 4, "state": best},
-        "rng": {"torch": torch.get_rng_state(), "cuda": None}, "config": {"pipeline": "A"}, "config_hash": "abc",
-    }
-    state = fresh()
-    restore(state, old, torch.device("cpu"))
-    assert state.epoch == 6 and state.best.loss == 0.25 and state.best.epoch == 4 and state.average.count == 2
-    _assert_same(training_state(state, {"config": {"pipeline": "A"}, "config_hash": "abc"}, torch.device("cpu")), old, "checkpoint")
-
-
-def test_resume_without_an_unfinished_run_is_a_clear_error(dataset, tmp_path, monkeypatch):
+def test_resume_without_an_unfinished_run_is_a_clear_error(dataset, tmp_path, monkeypatch, tiny_config):
     from brats_lab import DataError
 
     monkeypatch.chdir(tmp_path)
@@ -254,7 +211,7 @@ def test_resume_without_an_unfinished_run_is_a_clear_error(dataset, tmp_path, mo
         train_fold(tiny_config("B", dataset), 0, resume=True, progress=False)
 
 
-def test_a_non_finite_loss_stops_the_run_as_failed_naming_epoch_and_step(dataset, tmp_path, monkeypatch):
+def test_a_non_finite_loss_stops_the_run_as_failed_naming_epoch_and_step(dataset, tmp_path, monkeypatch, tiny_config):
     import dataclasses
 
     from brats_lab.training.trainer import TrainingDiverged
@@ -275,12 +232,12 @@ def test_a_non_finite_loss_stops_the_run_as_failed_naming_epoch_and_step(dataset
     assert not (run.artifact_dir() / FINAL_MODEL).exists()
 
 
-def test_cli_with_an_infinite_learning_rate_does_not_finish(dataset, tmp_path, monkeypatch, capsys):
+def test_cli_with_an_infinite_learning_rate_does_not_finish(dataset, tmp_path, monkeypatch, capsys, tiny_network):
     from brats_lab.cli import main
 
     monkeypatch.chdir(tmp_path)
     argv = ["train", "--pipeline", "B", "--fold", "0", "--profile", "cpu", "--data", str(dataset)]
-    for item in [*TINY, "train.epochs=3", "optim.lr=inf"]:
+    for item in [*tiny_network, VALIDATED, "train.epochs=3", "optim.lr=inf"]:
         argv += ["--set", item]
     assert main(argv) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("brats-lab: error:")]
@@ -288,7 +245,7 @@ def test_cli_with_an_infinite_learning_rate_does_not_finish(dataset, tmp_path, m
     assert tracking.find_runs(tracking_experiment(), {"kind": "fold"}, statuses=("FINISHED", "RUNNING")) == []
 
 
-def test_epochs_log_their_time_split_and_both_run_kinds_share_the_run_protocol(dataset, tmp_path, monkeypatch):
+def test_epochs_log_their_time_split_and_both_run_kinds_share_the_run_protocol(dataset, tmp_path, monkeypatch, tiny_config):
     from brats_lab.training.distributed import NoRun
 
     monkeypatch.chdir(tmp_path)

@@ -12,10 +12,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from brats_lab import run_files, tracking
 from brats_lab.data.cases import LAYOUTS
+from brats_lab.evaluation.stats import compare_runs
 from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, write_image
 
 TINY_SHAPE = (48, 48, 32)  # (x, y, z) of the phantoms the tests use
@@ -339,3 +342,85 @@ def run_cli():
     """The function `run_cli(argv, cwd, **subprocess_options)`: the real `brats-lab` command with
     `argv`, in a subprocess on one thread, run in `cwd`; its CompletedProcess (text output)."""
     return _run_cli
+
+
+# --- the review dashboard's store (tests/test_review.py, tests/test_dashboard.py) ----------------
+
+
+def _review_per_case(offset: float, fold: int) -> pd.DataFrame:
+    cases = [f"BraTS20_Training_{fold * 3 + i:03d}" for i in range(1, 4)]
+    return pd.DataFrame({
+        "case": cases,
+        **{f"dice_{r}": [0.9 - offset - 0.3 * i - 0.01 * k for i in range(3)] for k, r in enumerate(("ET", "TC", "WT"))},
+        **{f"hd95_{r}": [2.0 + 5 * i for i in range(3)] for r in ("ET", "TC", "WT")},
+    })
+
+
+@pytest.fixture(scope="session")
+def review_per_case():
+    """The function `review_per_case(offset, fold)`: the per-case table of `review_store`'s fold
+    runs (three cases, Dice falling by 0.3 from case to case, `offset` lower)."""
+    return _review_per_case
+
+
+@pytest.fixture(scope="session")
+def review_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project root whose mlruns/ holds what the review dashboard shows, made with `tracking` as
+    the trainer and the ablation make it (no training: small per-case tables logged directly): one
+    finished ablation of two arms x two folds, one half-done, an A/A study with seeds and a plain
+    training. Read-only."""
+    root = tmp_path_factory.mktemp("project")
+    study = tracking.start_run("ablation-attention", "attention", "study", {"study": "attention-abc"}, root=root)
+    study.log_params({"arms": "baseline,attention", "folds": "2", "baseline": "baseline"})
+    for arm_name, chash, offset in (("baseline", "h0", 0.0), ("attention", "h1", 0.05)):
+        arm = tracking.arm_run("ablation-attention", chash, arm_name, {"model": arm_name}, parent=study)
+        for fold in range(2):
+            with tracking.fold_run(arm, fold, f"{arm_name} fold {fold}") as run:
+                run.log_table(_review_per_case(offset, fold), run_files.PER_CASE)
+        arm.finish()
+    study.log_table(pd.DataFrame({  # as compare_arms writes it
+        "arm": ["attention"], "metric": ["dice_ET"], "n": [6], "mean_baseline": [0.6], "mean_arm": [0.55],
+        "mean_diff": [-0.05], "ci_low": [-0.06], "ci_high": [-0.04], "p_value": [0.03], "p_holm": [0.03],
+        "verdict": ["worse (p=0.03)"]}),
+                    run_files.COMPARISON)
+    study.finish()
+
+    # A second study still going: one fold finished, one running.
+    half = tracking.start_run("ablation-norm", "norm", "study", {"study": "norm-def"}, root=root)
+    half.log_params({"arms": "baseline,instance", "folds": "1"})
+    arm = tracking.arm_run("ablation-norm", "n0", "baseline", {}, parent=half)
+    with tracking.fold_run(arm, 0, "baseline fold 0") as run:
+        run.log_table(_review_per_case(0.1, 0), run_files.PER_CASE)
+    arm2 = tracking.arm_run("ablation-norm", "n1", "instance", {}, parent=half)
+    tracking.fold_run(arm2, 0, "instance fold 0")  # left RUNNING, no metrics
+
+    # An A/A study with seeds, as the ablation makes it: one arm run per (arm, seed), tagged.
+    aa = tracking.start_run("ablation-seeds", "seeds", "study", {"study": "seeds-xyz"}, root=root)
+    aa.log_params({"arms": "equiunet,reseeded", "folds": "2", "seeds": "2", "baseline": "equiunet"})
+    frames = []
+    for k, arm_name in enumerate(("equiunet", "reseeded")):
+        for seed in range(2):
+            arm = tracking.arm_run("ablation-seeds", f"s{k}{seed}", arm_name if seed == 0 else f"{arm_name} seed {seed}",
+                                   {}, parent=aa)
+            arm.set_tags({"arm": arm_name, "seed": seed})
+            for fold in range(2):
+                table = _review_per_case(0.01 * seed + 0.004 * k * fold, fold)
+                with tracking.fold_run(arm, fold, f"{arm_name} seed {seed} fold {fold}") as run:
+                    run.log_table(table, run_files.PER_CASE)
+                frames.append(table.assign(arm=arm_name, fold=fold, seed=seed))
+            arm.finish()
+    aa.log_table(compare_runs(pd.concat(frames), "equiunet", ["dice_ET", "dice_TC", "dice_WT"]), run_files.COMPARISON)
+    aa.finish()
+
+    training = tracking.arm_run("brats-lab", "t0", "pipeline A", {"pipeline": "A"}, root=root)
+    with tracking.fold_run(training, 0, "pipeline A fold 0") as run:
+        run.log_table(_review_per_case(0.2, 0), run_files.PER_CASE)
+    training.finish()
+    return root
+
+
+@pytest.fixture
+def in_review_store(review_store: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run with the store's project root as the current folder, as `brats-lab dashboard` does."""
+    monkeypatch.chdir(review_store)
+    return review_store

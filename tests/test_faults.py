@@ -276,7 +276,7 @@ def test_launchers_started_at_once_share_one_study_run_one_set_of_arm_runs_and_t
 
 
 def test_a_checkpoint_write_that_fails_half_way_keeps_the_previous_checkpoint(dataset, tmp_path, train_argv, train_config):
-    _, _, checkpoint = killed_training(dataset, tmp_path, "SIGTERM")
+    _, _, checkpoint = killed_training(train_argv(dataset), tmp_path, "SIGTERM")
     before = checkpoint.read_bytes()
 
     # Resume where a file may grow to half a checkpoint only: the next checkpoint write fails.

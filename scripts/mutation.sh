@@ -36,6 +36,7 @@ declare -A TESTS=(
   [brats_lab/data/splits.py]="tests/data/test_splits.py"
   [brats_lab/training/checkpoint.py]="tests/training/test_checkpoint.py"
   [brats_lab/ablation/spec.py]="tests/ablation/test_spec.py"
+  [brats_lab/data/check.py]="tests/data/test_check.py"
 )
 
 # Parts of a module: the trainer's final weights (the rest of train_fold costs a training per

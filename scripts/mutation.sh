@@ -34,6 +34,10 @@ declare -A TESTS=(
   [brats_lab/training/scoring.py]="tests/training/test_scoring.py"
   [brats_lab/ablation/study.py]="tests/ablation/test_study.py"
   [brats_lab/ablation/report.py]="tests/ablation/test_report.py"
+  [brats_lab/data/splits.py]="tests/data/test_splits.py"
+  [brats_lab/training/checkpoint.py]="tests/training/test_checkpoint.py"
+  [brats_lab/ablation/spec.py]="tests/ablation/test_spec.py"
+  [brats_lab/data/check.py]="tests/data/test_check.py"
 )
 
 # Parts of a module: the trainer's final weights (the rest of train_fold costs a training per

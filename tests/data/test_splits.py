@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import json
 from collections import Counter
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from brats_lab import DataError
 from brats_lab.data.cache import PrepareReport
-from brats_lab.data.splits import SPLIT_METHODS, load_splits, make_splits, save_splits, training_cases
+from brats_lab.data.splits import SPLIT_METHODS, kept_splits, load_splits, make_splits, save_splits, splits_path, training_cases
 
 IDS = [f"BraTS20_Training_{i:03d}" for i in range(1, 24)]  # 23: folds of 5 and 4 cases
 HASH = "a" * 64
@@ -215,3 +216,118 @@ def test_kept_splits_are_made_once_per_method_and_read_back_checked(tmp_path):
         kept_splits(tmp_path, ids, "hash-b", 5, 7, "brats-lab", "d")
     with pytest.raises(DataError, match="d: 3 cases cannot make 5 folds"):
         kept_splits(tmp_path / "other", ids[:3], "hash-a", 5, 7, "brats-lab", "d")
+
+
+# --------------------------------------------------------------------------------------------
+# What a user reads: the defaults, the file, and every refusal's whole message
+
+
+def whole(message: str) -> str:
+    """A `match` pattern for exactly this message."""
+    return f"^{re.escape(message)}$"
+
+
+def test_the_default_folds_are_five_of_the_authors_seed() -> None:
+    assert make_splits(IDS) == make_splits(IDS, 5, 16111990, "brats-lab")
+
+
+def test_duplicate_ids_are_named_each_once() -> None:
+    ids = IDS + ["BraTS20_Training_003", "BraTS20_Training_001", "BraTS20_Training_003"]
+    with pytest.raises(ValueError, match=whole("duplicate case ids: ['BraTS20_Training_001', 'BraTS20_Training_003']")):
+        make_splits(ids)
+
+
+def test_the_refusals_of_training_cases_name_the_cases() -> None:
+    splits = make_splits(IDS[:8], folds=2, seed=1)  # 4 training cases a fold
+    with pytest.raises(DataError, match=whole("data.exclude names cases that are not in d: x1, x2")):
+        training_cases(splits, 0, ["x2", IDS[0], "x1"], "d")
+    train = splits[1]["train"]
+    with pytest.raises(DataError, match=whole(
+            f"data.exclude leaves no case to train on in fold 1 of d: it lists all 4 of the fold's training cases "
+            f"({train[0]}, {train[1]}, {train[2]}, ...); exclude fewer cases")):
+        training_cases(splits, 1, train, "d")
+    splits = make_splits(IDS[:6], folds=2, seed=1)  # 3: all named, no "..."
+    train = splits[0]["train"]
+    with pytest.raises(DataError, match=whole(
+            f"data.exclude leaves no case to train on in fold 0 of d: it lists all 3 of the fold's training cases "
+            f"({train[0]}, {train[1]}, {train[2]}); exclude fewer cases")):
+        training_cases(splits, 0, train, "d")
+
+
+def test_the_file_records_the_fold_count_and_seed_of_kept_splits(tmp_path: Path) -> None:
+    path = tmp_path / "splits.json"
+    save_splits(path, make_splits(IDS, folds=4, seed=3), HASH)
+    assert json.loads(path.read_text())["folds"] == 4
+    kept_splits(tmp_path, IDS, HASH, 3, 7, "authors", "d")
+    record = json.loads(splits_path(tmp_path, "authors", 3, 7).read_text())
+    assert (record["folds"], record["seed"]) == (3, 7)
+
+
+def test_a_file_of_another_format_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "splits.json"
+    save_splits(path, make_splits(IDS, folds=5, seed=3), HASH)
+    record = json.loads(path.read_text())
+    for bad in ({**record, "format_version": 2}, {k: v for k, v in record.items() if k != "splits"}, [record]):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=whole(f"{path}: not a splits file of format version 1")):
+            load_splits(path, HASH)
+
+
+def test_the_refusal_of_other_data_shows_twelve_characters_of_each_hash(tmp_path: Path) -> None:
+    path = tmp_path / "splits.json"
+    save_splits(path, make_splits(IDS, folds=5, seed=3), "0123456789abcdef")
+    with pytest.raises(DataError, match=whole(
+            f"{path}: splits were made for data with manifest hash 0123456789ab, but the data now has fedcba987654 "
+            "(cases or preprocessing changed); delete the file to make new splits, knowing that results on old "
+            "and new folds do not compare")):
+        load_splits(path, "fedcba9876543210")
+
+
+@pytest.mark.parametrize("gone, new, listed", [
+    (6, 6, "['BraTS20_Training_001', 'BraTS20_Training_002', 'BraTS20_Training_003', 'BraTS20_Training_004', "
+           "'BraTS20_Training_005']..., 6 cases gone from the data ['n0', 'n1', 'n2', 'n3', 'n4']..."),
+    (5, 5, "['BraTS20_Training_001', 'BraTS20_Training_002', 'BraTS20_Training_003', 'BraTS20_Training_004', "
+           "'BraTS20_Training_005'], 5 cases gone from the data ['n0', 'n1', 'n2', 'n3', 'n4']"),
+])
+def test_splits_that_no_longer_match_the_cases_name_five_of_each(tmp_path: Path, gone: int, new: int, listed: str) -> None:
+    """The cases of the data that are in no fold, and the cases of the folds gone from the data:
+    five of each, and "..." when there are more."""
+    new_ids = [f"n{i}" for i in range(new)]
+    path = tmp_path / "splits.json"
+    save_splits(path, make_splits(IDS[gone:] + new_ids, folds=2, seed=3), HASH)
+    with pytest.raises(DataError, match=whole(f"{path}: the splits no longer match the cases: {gone} cases in no fold {listed}")):
+        load_splits(path, HASH, case_ids=IDS)
+    # kept_splits checks the cases of a kept file too
+    kept_splits(tmp_path, IDS[:10], HASH, 2, 3, "brats-lab", "d")
+    with pytest.raises(DataError, match="no longer match the cases: 1 cases in no fold"):
+        kept_splits(tmp_path, IDS[:11], HASH, 2, 3, "brats-lab", "d")
+
+
+def test_inconsistent_folds_are_refused_with_the_file_and_the_cases_named(tmp_path: Path) -> None:
+    """On saving (where: the path written) and on loading (where: the path read)."""
+    path = tmp_path / "splits.json"
+    one = make_splits(IDS, folds=5, seed=3)[:1]
+    with pytest.raises(DataError, match=whole(f"{path}: need at least 2 folds, got 1")):
+        save_splits(path, one, HASH)
+    with pytest.raises(DataError, match=whole(f"{path}: fold 1 must have exactly 'train' and 'val', got ['test', 'train', 'val']")):
+        save_splits(path, [{"train": ["b"], "val": ["a"]}, {"train": ["a"], "val": ["b"], "test": []}], HASH)
+    ids = [f"c{i:02d}" for i in range(14)]
+    splits = make_splits(ids, folds=2, seed=3)
+    missing = {**splits[0], "train": splits[0]["train"][1:]}
+    with pytest.raises(DataError, match=whole(
+            f"{path}: fold 0's training cases are not exactly the other folds' validation cases (differ in {splits[0]['train'][:1]})")):
+        save_splits(path, [missing, splits[1]], HASH)
+    short = {"train": splits[0]["val"][:1], "val": splits[1]["val"]}  # 6 missing: five named
+    with pytest.raises(DataError, match=whole(
+            f"{path}: fold 1's training cases are not exactly the other folds' validation cases (differ in {splits[0]['val'][1:6]}...)")):
+        save_splits(path, [splits[0], short], HASH)
+    twice = {**splits[1], "train": splits[1]["train"] + splits[1]["train"][:1]}  # the right cases, one listed twice
+    with pytest.raises(DataError, match="fold 1's training cases are not exactly"):
+        save_splits(path, [splits[0], twice], HASH)
+    save_splits(path, splits, HASH)
+    record = json.loads(path.read_text())
+    record["splits"][0]["train"] = record["splits"][0]["train"][:2]  # 5 missing: all named
+    path.write_text(json.dumps(record))
+    with pytest.raises(DataError, match=whole(
+            f"{path}: fold 0's training cases are not exactly the other folds' validation cases (differ in {splits[0]['train'][2:]})")):
+        load_splits(path, HASH)

@@ -62,11 +62,11 @@ class Average:
         self.count = saved["count"]
 
 
-def _state(average_count: int = 3, **kwargs) -> TrainState:
-    """A training state of a tiny model with an SGD optimizer with momentum."""
+def _state(average_count: int = 3, scale: float = 2.0**10, **kwargs) -> TrainState:
+    """A training state of a tiny model with an SGD optimizer with momentum and a loss scaler."""
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return TrainState(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), Average(average_count), **kwargs)
+    return TrainState(model, optimizer, torch.amp.GradScaler("cpu", init_scale=scale), Average(average_count), **kwargs)
 
 
 def test_a_resumable_state_and_a_model_file_hold_what_they_are_read_for(tmp_path: Path) -> None:
@@ -91,10 +91,10 @@ def test_a_resumable_state_and_a_model_file_hold_what_they_are_read_for(tmp_path
     loaded = checkpoint.load(path, CHECKPOINT_KEYS)
     assert loaded["epoch"] == 4 and loaded["config_hash"] == config_hash(cfg)
     torch.manual_seed(0)
-    resumed = _state(average_count=0)
+    resumed = _state(average_count=0, scale=2.0)
     checkpoint.restore(resumed, loaded, CPU)
     assert torch.equal(torch.rand(5), expected)
-    assert resumed.epoch == 4 and resumed.average.count == 3
+    assert resumed.epoch == 4 and resumed.average.count == 3 and resumed.scaler.state_dict() == train.scaler.state_dict()
     assert (resumed.best.loss, resumed.best.epoch) == (0.5, 2) and torch.equal(resumed.best.weights["w"], best.weights["w"])
     assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in train.model.state_dict().items())
     assert torch.equal(resumed.optimizer.state_dict()["state"][0]["momentum_buffer"], train.optimizer.state_dict()["state"][0]["momentum_buffer"])

@@ -28,89 +28,7 @@ from brats_lab import tracking
 from brats_lab.ablation import study as study_module
 from brats_lab.ablation.study import launch, make_plan, run_study
 
-PG = "127.0.0.1:5432"
-PASSWORD = "s3cret-pw"  # trust auth accepts any password, so URLs carrying it work for real
 EPOCHS = 6
-
-
-@pytest.fixture
-def databases():
-    """A function that creates a fresh, uniquely named PostgreSQL database and returns its name;
-    every database made is dropped at the end, even if the test failed."""
-    if os.environ.get("BRATS_LAB_SKIP_POSTGRES") == "1":
-        pytest.skip("BRATS_LAB_SKIP_POSTGRES=1")
-    import psycopg
-
-    try:
-        admin = psycopg.connect(f"postgresql://root@{PG}/postgres", autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as e:
-        pytest.fail(f"PostgreSQL does not answer at {PG} as user root ({e}); start it, or set BRATS_LAB_SKIP_POSTGRES=1")
-    made: list[str] = []
-
-    def create() -> str:
-        name = f"brats_lab_test_{uuid.uuid4().hex[:12]}"
-        admin.execute(f'CREATE DATABASE "{name}"')
-        made.append(name)
-        return name
-
-    try:
-        yield create
-    finally:
-        for name in made:  # FORCE: connections a killed worker or this process left open
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
-def _wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        assert proc.poll() is None, f"the server exited: {log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"{url} did not answer within {seconds:.0f} s: {log.read_text()[-3000:]}"
-        time.sleep(0.25)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """End a process started in its own session, and everything it started."""
-    if proc.poll() is None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=15)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-
-
-@pytest.fixture
-def mlflow_server(databases, tmp_path: Path, free_port):
-    """An MLflow tracking server on 127.0.0.1, its metadata in a fresh PostgreSQL database (the
-    URL carrying a password), artifacts served from a local folder. Yields its http:// URL."""
-    port = free_port()
-    log = tmp_path / "logs" / "mlflow-server.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    backend = f"postgresql+psycopg://root:{PASSWORD}@{PG}/{databases()}"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-             "--artifacts-destination", str(tmp_path / "artifact-store"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_for(url + "/health", proc, log)
-        yield url
-    finally:
-        _stop(proc)
 
 
 def _read(path: Path) -> str:
@@ -118,14 +36,14 @@ def _read(path: Path) -> str:
 
 
 def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite_killed_workers(
-    databases, mlflow_server, phantom_copy, tiny_ablation, tmp_path, monkeypatch
+    databases, mlflow_server, postgres, stop_process, phantom_copy, tiny_ablation, tmp_path, monkeypatch
 ):
     data = phantom_copy
     toml = tmp_path / "tiny.toml"
     toml.write_text(tiny_ablation("tiny-scale-out", f"train.epochs={EPOCHS}", "train.amp=off", seeds=2))
     optuna_db = databases()
-    storage = f"postgresql://root:{PASSWORD}@{PG}/{optuna_db}"  # plain postgresql://, as users write it
-    psycopg_url = f"postgresql+psycopg://root@{PG}/{optuna_db}"  # the test's own reads
+    storage = f"postgresql://root:{postgres.password}@{postgres.address}/{optuna_db}"  # plain postgresql://, as users write it
+    psycopg_url = f"postgresql+psycopg://root@{postgres.address}/{optuna_db}"  # the test's own reads
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     launcher = tmp_path / "launcher"
     launcher.mkdir()
@@ -212,7 +130,7 @@ def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite
         assert "att_equiunet" in _read(logs / "ablate.out") and "runs as the unit" in _read(logs / "ablate.out")
     finally:
         for proc in procs:
-            _stop(proc)
+            stop_process(proc)
 
     # Every (arm, fold, seed) has exactly one FINISHED fold run; nothing is left RUNNING.
     arm_of = {r.tags["config_hash"]: r.tags["arm"] for r in tracking.find_runs(plan.experiment, {"kind": "arm"})}
@@ -249,30 +167,30 @@ def test_a_launcher_and_workers_on_several_machines_finish_the_grid_once_despite
     # The password is nowhere: not in any run's params or tags, the study's attributes, any
     # process's output (the MLflow server's included), or any file written.
     (study_run,) = tracking.find_runs(plan.experiment, {"kind": "study"})
-    assert study_run.tags["storage"] == f"postgresql://root:***@{PG}/{optuna_db}"
+    assert study_run.tags["storage"] == f"postgresql://root:***@{postgres.address}/{optuna_db}"
     runs = tracking.read_runs()
     assert len(runs) == 14  # what the scan below reads: the study, 2 arms x 2 seeds, 9 fold runs (b's twice)
     texts = [str(v) for v in runs.filter(regex=r"^(params|tags)\.").to_numpy().ravel()]
     texts += [repr(study.user_attrs)] + [repr(t.user_attrs) + repr(t.system_attrs) for t in study.trials]
-    assert not [t for t in texts if PASSWORD in t]
+    assert not [t for t in texts if postgres.password in t]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "mlflow-server.log" for p in files) and any(p.suffix == ".pt" for p in files)
-    assert [p for p in files if PASSWORD.encode() in p.read_bytes()] == []
+    assert [p for p in files if postgres.password.encode() in p.read_bytes()] == []
 
 
-def test_an_unreachable_storage_is_one_clear_line_without_the_password(databases, tmp_path):
+def test_an_unreachable_storage_is_one_clear_line_without_the_password(databases, postgres, tmp_path):
     missing = f"brats_lab_test_missing_{uuid.uuid4().hex[:12]}"  # never created
-    url = f"postgresql://root:{PASSWORD}@{PG}/{missing}"
+    url = f"postgresql://root:{postgres.password}@{postgres.address}/{missing}"
     proc = subprocess.run([sys.executable, "-m", "brats_lab.cli", "worker", "--study", "x", "--storage", url],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     (line,) = proc.stderr.strip().splitlines()  # one line, no traceback
-    assert line.startswith(f"brats-lab: error: cannot open the Optuna storage postgresql://root:***@{PG}/{missing}: ")
+    assert line.startswith(f"brats-lab: error: cannot open the Optuna storage postgresql://root:***@{postgres.address}/{missing}: ")
     assert f'database "{missing}" does not exist' in line
-    assert PASSWORD not in proc.stdout + proc.stderr
+    assert postgres.password not in proc.stdout + proc.stderr
 
 
-def test_the_mlflow_ui_listens_on_loopback_only_by_default(tmp_path, free_port):
+def test_the_mlflow_ui_listens_on_loopback_only_by_default(tmp_path, free_port, wait_for_url, stop_process):
     """`brats-lab ui` with no --host: the server's listening sockets are all on 127.0.0.1."""
     port = free_port()
     log = tmp_path / "ui.log"
@@ -281,11 +199,11 @@ def test_the_mlflow_ui_listens_on_loopback_only_by_default(tmp_path, free_port):
         proc = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", "ui", "--port", str(port)], cwd=tmp_path, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for(f"http://127.0.0.1:{port}/health", proc, log)
+        wait_for_url(f"http://127.0.0.1:{port}/health", proc, log)
         listening = _listening(port)
         assert listening and set(listening) == {"127.0.0.1"}, listening
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def _listening(port: int) -> list[str]:

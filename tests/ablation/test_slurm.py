@@ -6,8 +6,8 @@ cancelled (scancel) and the other preempted (scancel --signal=USR2) half-way thr
 study still ends with one finished run per (arm, fold, seed), the interrupted folds resumed from
 their checkpoints, and the same report as on one machine.
 
-Needs slurmctld, slurmd and munged on PATH (`.ci/run` installs them) and PostgreSQL as
-tests/ablation/test_scale_out.py does. BRATS_LAB_SKIP_SLURM=1 skips the cluster tests on a machine
+Needs slurmctld, slurmd and munged on PATH (`.ci/run` installs them) and PostgreSQL
+(tests/ablation/conftest.py's fixtures, shared with test_scale_out.py). BRATS_LAB_SKIP_SLURM=1 skips the cluster tests on a machine
 without them (CI's strict skips refuse that).
 """
 
@@ -31,7 +31,6 @@ import pytest
 from brats_lab import tracking
 from brats_lab.ablation.study import make_plan
 from brats_lab.cli import main
-from test_scale_out import PG, _read, _stop, databases, mlflow_server  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.xdist_group("slurm")  # one cluster at a time, in one test worker
 
@@ -100,7 +99,7 @@ def _until(check, seconds: float, what: str, interval: float = 0.2):
 
 
 @pytest.fixture
-def slurm_cluster(monkeypatch, free_port):
+def slurm_cluster(monkeypatch, free_port, stop_process):
     """A one-node SLURM cluster on this machine: munged with a fresh key, slurmctld and slurmd
     from a generated slurm.conf (SLURM_CONF is set for the test and the processes it starts).
     Yields the folder holding the conf, the state and the daemons' logs; at the end every job is
@@ -159,8 +158,12 @@ def slurm_cluster(monkeypatch, free_port):
                    60, "the jobs gone")
         finally:
             for proc in reversed(procs):
-                _stop(proc)
+                stop_process(proc)
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.is_file() else ""
 
 
 def _cli(args: list[str], cwd: Path, env: dict, log: Path, timeout: float) -> str:
@@ -186,14 +189,14 @@ def _squeue_state(task: str) -> str:
 
 
 def test_a_study_on_slurm_survives_a_cancelled_and_a_preempted_task_and_reports_as_one_machine(
-    slurm_cluster, databases, mlflow_server, copy_phantoms, ablation, tmp_path, monkeypatch, capsys  # noqa: F811
+    slurm_cluster, databases, mlflow_server, postgres, stop_process, copy_phantoms, ablation, tmp_path, monkeypatch, capsys
 ):
     cluster, alone, logs = tmp_path / "cluster", tmp_path / "one-machine", tmp_path / "logs"
     for folder in (cluster, alone):
         copy_phantoms(folder / "phantom")
         (folder / "tiny.toml").write_text(ablation)
     logs.mkdir(exist_ok=True)  # the MLflow server logs there too
-    storage = f"postgresql://root@{PG}/{databases()}"
+    storage = f"postgresql://root@{postgres.address}/{databases()}"
     base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     base.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), base.get("PYTHONPATH", "")])})
     # The workers inherit the launcher's environment (sbatch exports it): the MLflow server, one
@@ -259,7 +262,7 @@ def test_a_study_on_slurm_survives_a_cancelled_and_a_preempted_task_and_reports_
         reported = capsys.readouterr().out
         assert reference.wait(timeout=400) == 0, _read(logs / "alone.err")[-3000:]
     finally:
-        _stop(reference)
+        stop_process(reference)
 
     # The report equals the one-machine report, to the last digit.
     expected = _report(_read(logs / "alone.out"))

@@ -32,12 +32,15 @@ declare -A TESTS=(
   [brats_lab/training/optim.py]="tests/training/test_optim.py"
   [brats_lab/training/trainer.py]="tests/training/test_final_weights.py::test_snapshots_win_over_best_and_last_and_their_mean_is_loaded tests/training/test_final_weights.py::test_without_snapshots_keep_best_loads_the_best_weights_and_names_their_epoch tests/training/test_final_weights.py::test_otherwise_the_last_weights_stay"
   [brats_lab/training/scoring.py]="tests/training/test_scoring.py"
-  [brats_lab/ablation/study.py]="tests/ablation/test_study.py"
+  # The plan, the seeds, reuse by hash and choose_removed (PARTS), with the tests that train nothing.
+  [brats_lab/ablation/study.py]="tests/ablation/test_study_cells.py tests/ablation/test_study.py::test_each_fold_and_seed_trains_with_its_own_seed_and_both_arms_of_a_pair_with_the_same tests/ablation/test_study.py::test_patient_removal_removes_the_worst_cases_in_the_metrics_direction_ties_by_case_id"
   [brats_lab/ablation/report.py]="tests/ablation/test_report.py"
   [brats_lab/data/splits.py]="tests/data/test_splits.py"
   [brats_lab/training/checkpoint.py]="tests/training/test_checkpoint.py"
   [brats_lab/ablation/spec.py]="tests/ablation/test_spec.py"
   [brats_lab/data/check.py]="tests/data/test_check.py"
+  # test_cache.py without the phantom round trip (a phantom set per mutant) and the concurrent prepares (subprocesses)
+  [brats_lab/data/cache.py]="tests/data/test_cache.py::test_prepare_then_load_matches_preprocess_case tests/data/test_cache.py::test_second_prepare_reuses_everything tests/data/test_cache.py::test_touched_but_unchanged_input_is_reused tests/data/test_cache.py::test_changed_input_rebuilds_exactly_that_case tests/data/test_cache.py::test_damaged_array_is_detected_and_rebuilt tests/data/test_cache.py::test_verify_hashes_catches_damage_that_kept_the_stat tests/data/test_cache.py::test_method_changes_the_manifest_hash_and_folder tests/data/test_cache.py::test_removed_and_added_cases tests/data/test_cache.py::test_bad_case_raises_and_keeps_the_previous_manifest tests/data/test_cache.py::test_crash_before_the_manifest_leaves_it_valid tests/data/test_cache.py::test_case_without_seg tests/data/test_cache.py::test_progress_bar_goes_to_stderr tests/data/test_cache.py::test_a_preprocessing_version_bump_rebuilds_every_case tests/data/test_cache.py::test_an_entry_is_rebuilt_exactly_when_its_inputs_or_settings_change tests/data/test_cache.py::test_inputs_are_read_again_only_when_their_stat_cannot_be_trusted tests/data/test_cache.py::test_the_recorded_settings_are_the_ones_every_version_compares tests/data/test_cache.py::test_a_case_without_segmentation_among_cases_with_one_is_refused"
 )
 
 # Parts of a module: the trainer's final weights (the rest of train_fold costs a training per
@@ -46,6 +49,9 @@ declare -A TESTS=(
 # only its in-process tests are selected.
 declare -A PARTS=(
   [brats_lab/training/trainer.py]="brats_lab.training.trainer.*load_final_weights*"
+  [brats_lab/ablation/study.py]="brats_lab.ablation.study.xǁPlanǁ* brats_lab.ablation.study.x_make_plan__* brats_lab.ablation.study.x_run_cell__* brats_lab.ablation.study.x__arm_run__* brats_lab.ablation.study.x_choose_removed__*"
+  # The cache's keys and fingerprints: what decides that an entry is reused or rebuilt.
+  [brats_lab/data/cache.py]="brats_lab.data.cache.x_settings__* brats_lab.data.cache.x__prepare_locked__* brats_lab.data.cache.x__why__* brats_lab.data.cache.x__known_inputs__* brats_lab.data.cache.x__hash_inputs__* brats_lab.data.cache.x__content_hash__* brats_lab.data.cache.x__sha256_file__* brats_lab.data.cache.x__sha256_json__*"
 )
 
 if [[ "${1:-}" == "--list" || $# -eq 0 ]]; then

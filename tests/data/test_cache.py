@@ -385,6 +385,28 @@ def test_inputs_are_read_again_only_when_their_stat_cannot_be_trusted(dataset: P
     assert hashed == []
 
 
+def test_the_recorded_settings_are_the_ones_every_version_compares(dataset: Path) -> None:
+    """The manifest's settings are compared, key by key, by the next brats-lab that opens the cache:
+    a key renamed or a value written another way would rebuild every user's cache."""
+    from brats_lab.data.cache import settings
+    from brats_lab.data.preprocess import BBOX_MARGIN, PERCENTILES, PREPROCESS_VERSION
+
+    cache = prepare(dataset, "minmax", progress=False)
+    assert json.loads((cache.dir / MANIFEST).read_text())["settings"] == {
+        "format_version": 1, "preprocess_version": PREPROCESS_VERSION, "method": "minmax", "percentiles": list(PERCENTILES),
+        "bbox_margin": BBOX_MARGIN, "images_dtype": "<f4", "labels_dtype": "|u1"}
+    assert settings("zscore")["percentiles"] is None  # z-scores clip nothing
+    with pytest.raises(ValueError, match=r"^unknown normalisation 'minmaxx'; expected one of \('minmax', 'zscore'\)$"):
+        settings("minmaxx")
+
+
+def test_a_case_without_segmentation_among_cases_with_one_is_refused(dataset: Path) -> None:
+    (dataset / IDS[1] / f"{IDS[1]}_seg.nii.gz").unlink()
+    with pytest.raises(DataError, match=f"^1 of 3 cases failed, cache manifest not updated:\n{IDS[1]}: {dataset / IDS[1]}: "
+                                        r"no segmentation file \(other cases of this dataset have one\)$"):
+        prepare(dataset, "minmax", progress=False)
+
+
 # --- `brats-lab data prepare` on valid extremes (the cases of conftest's `valid_inputs`) ----------
 
 CASE = "BraTS20_Training_001"

@@ -246,7 +246,10 @@ def test_ctrl_c_while_writing_leaves_no_partial_dataset(tmp_path: Path) -> None:
     # folder asked for must not exist (a later run would take 2 cases for the dataset), nor any part.
     out = tmp_path / "phantom"
     argv = [sys.executable, "-m", "brats_lab.cli", "data", "synth", "--out", str(out), "--cases", "30", "--shape", "40", "40", "32"]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches a terminal's foreground job with SIGINT at its default; a test run started in the
+    # background (`bash .ci/run &`) ignores SIGINT, and the child would inherit that and finish.
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".phantom.partial-*/BraTS20_Training_002")):
         assert process.poll() is None and time.monotonic() < deadline, "the synth ended or stalled before its second case"

@@ -23,6 +23,7 @@ import torch
 from brats_lab.config import load_config, pipeline_path
 from brats_lab.inference.tta import predict_tta
 from brats_lab.models import build_model
+from brats_lab.training.step import Compute
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
 
     def case(batch_views: int | None) -> float:
         tic = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with Compute(device, dtype).autocast():
             total = sum(predict_tta(m, x, batch_views=batch_views) for m in models)
         (total / len(models)).sum().item()  # synchronises
         return time.perf_counter() - tic

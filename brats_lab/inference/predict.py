@@ -31,6 +31,7 @@ from brats_lab.labels import REGIONS
 from brats_lab.models import build_model
 from brats_lab.precision import autocast_dtype
 from brats_lab.training.checkpoint import MODEL_KEYS, load
+from brats_lab.training.step import Compute
 
 
 ENSEMBLE_RECORD = "ensemble.json"
@@ -242,8 +243,8 @@ def predict_probabilities(
     the networks run under autocast to `precision` (see `autocast_dtype`)."""
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)  # (1, 4, Z, Y, X)
     total = torch.zeros((1, 3, *x.shape[2:]), dtype=torch.float32, device=device)
-    dtype = autocast_dtype(precision, device)  # probabilities are averaged in float32 all the same
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    compute = Compute(device, autocast_dtype(precision, device))  # probabilities are averaged in float32 all the same
+    with torch.no_grad(), compute.autocast():
         for member in members:
             if tta:
                 total += predict_tta(member.model, x)

@@ -15,11 +15,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import tqdm
 
 from brats_lab import run_files, tracking
 from brats_lab.data.cases import LAYOUTS
 from brats_lab.evaluation.stats import compare_runs
 from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, write_image
+
+# No tqdm monitor thread: a runner that forks the test process (mutmut) would fork it while the
+# thread may hold tqdm's lock, and the child would hang in the first bar it draws.
+tqdm.tqdm.monitor_interval = 0
 
 TINY_SHAPE = (48, 48, 32)  # (x, y, z) of the phantoms the tests use
 # A network and patch small enough for a fold in seconds on two cores; TINY_TRAINING adds a short

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -101,7 +102,7 @@ class Plan:
         if removal is not None and arm == removal.arm:
             if not self.excluded:
                 raise DataError(f"arm {arm!r} has no configuration before the baseline's pass decides what to remove")
-            extra.append(f"data.exclude={list(self.excluded)}".replace("'", '"'))
+            extra.append(f"data.exclude={json.dumps(list(self.excluded))}")  # a TOML array of strings
         cfg = self.ablation.arm_config(arm, self.profile, extra)
         return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed_index=seed))
 
@@ -298,7 +299,7 @@ class _Heartbeat:
         self._thread.join()
 
 
-def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool = True, seed: int = 0,
+def run_cell(plan: Plan, study_run, arm: str, fold: int, progress: bool, seed: int,
              tags: dict[str, str] | None = None) -> pd.DataFrame:
     """The per-case metrics of (arm, fold, seed): reused if a finished run exists, resumed if an
     unfinished one has a checkpoint this machine can read, trained afresh otherwise (`tags` on

@@ -297,7 +297,11 @@ def test_patient_removal_removes_the_worst_cases_in_the_metrics_direction_ties_b
         "hd95_WT": {"c1": 60.0, "c2": 4.0, "c3": 30.0, "c4": 8.0, "c5": 6.0, "c6": 2.0, "c7": 1.0, "c8": 30.0},
         "lesion_hd95_WT": {"c1": nan, "c2": 4.0, "c3": 30.0, "c4": 8.0, "c5": 6.0, "c6": 2.0, "c7": 1.0, "c8": 300.0},
     }
-    monkeypatch.setattr(study_module, "gather", lambda plan, arms: _baseline_table(scores))
+    def gather(plan, arms):
+        assert arms == [plan.ablation.baseline]  # the baseline's runs only
+        return _baseline_table(scores)
+
+    monkeypatch.setattr(study_module, "gather", gather)
     # 25% of 8 cases = 2. Dice: c4 (0.30), then c2 and c5 tie at 0.50: c2, the smaller id.
     assert study_module.choose_removed(removal_plan("dice_WT", 0.25)) == ("c2", "c4")
     # HD95: c1 (60), then c3 and c8 tie at 30: c3. The lowest HD95s (c7, c6) are the best cases.
@@ -307,7 +311,8 @@ def test_patient_removal_removes_the_worst_cases_in_the_metrics_direction_ties_b
     assert study_module.choose_removed(removal_plan("lesion_hd95_WT", 0.25)) == ("c3", "c8")
     assert "c1" not in study_module.choose_removed(removal_plan("lesion_hd95_WT", 0.9))
     # A known metric the data was not scored with is named, not a KeyError.
-    with pytest.raises(DataError, match="removal.metric 'lesion_dice_WT': the baseline's per-case tables have no such column"):
+    with pytest.raises(DataError, match=r"^removal.metric 'lesion_dice_WT': the baseline's per-case tables have no such column "
+                                        r"\(they have dice_WT, hd95_WT, lesion_hd95_WT\)$"):
         study_module.choose_removed(removal_plan("lesion_dice_WT", 0.25))
 
 

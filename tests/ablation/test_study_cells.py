@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from brats_lab import DataError, run_files, tracking
+from brats_lab.config import ConfigError
 from brats_lab.ablation import study as study_module
 from brats_lab.ablation.report import data_hash
 from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan, run_cell
@@ -42,6 +43,7 @@ def test_the_plan_lists_every_arm_fold_and_seed_and_names_its_study(project: Pat
             cfg = plan.config(arm, seed)
             assert cfg.train.seed_index == seed and cfg.data.dataset == "phantom"
             assert cfg.model.name == arm and cfg.train == dataclasses.replace(plan.ablation.arm_config(arm, "cpu").train, seed_index=seed)
+    assert plan.config("equiunet") == plan.config("equiunet", 0)  # without a seed: the first
     assert plan.attrs() == {"ablation": "tiny.toml", "ablation_toml": tiny_ablation(seeds=2), "profile": "cpu", "folds": [0, 1],
                             "dataset": "phantom", "excluded": [], "seeds": [0, 1]}
     # The study's name: the ablation, the profile and a digest of the arms' configs, folds, seed count and data.
@@ -67,6 +69,47 @@ def test_the_counts_of_a_plan_are_checked(project: Path) -> None:
     with pytest.raises(DataError, match=r"^--seeds must be at least 1, got 0$"):
         make_plan("tiny.toml", "cpu", None, "phantom", DEFAULT_STORAGE, seeds=0)
     assert make_plan("tiny.toml", "cpu", 2, "phantom", DEFAULT_STORAGE, seeds=3).seeds == (0, 1, 2)
+
+
+PROFILED = """
+name = "profiled"
+description = "what the profile decides"
+pipeline = "A"
+baseline = "equiunet"
+folds = 2
+seeds = 2
+
+[arms]
+equiunet = ["model.name=equiunet"]
+slower = ["model.name=equiunet", "optim.lr=0.002"]
+
+[cpu]
+folds = 1
+seeds = 1
+"""
+
+
+def test_the_profile_decides_the_counts_the_fold_limit_the_shared_runs_and_the_study(project: Path) -> None:
+    """The profile a study runs with (cpu, paper or a TOML file of one's own) is the one its counts,
+    its checks and its name are made with, not the defaults."""
+    (project / "profiled.toml").write_text(PROFILED)
+    cpu, paper = (make_plan("profiled.toml", p, None, "phantom", DEFAULT_STORAGE) for p in ("cpu", "paper"))
+    assert (cpu.folds, cpu.seeds, paper.folds, paper.seeds) == ((0,), (0,), (0, 1), (0, 1))  # the [cpu] table's counts
+    assert cpu.config("slower").model.width == 8 and paper.config("slower").model.width == 48
+    # A profile that splits the data in 3 folds: --folds 3 is the most it allows.
+    (project / "three-folds.toml").write_text("[data]\nfolds = 3\n")
+    assert make_plan("profiled.toml", "three-folds.toml", 3, "phantom", DEFAULT_STORAGE).folds == (0, 1, 2)
+    with pytest.raises(DataError, match=r"^--folds must be between 1 and 3 \(the data is split in 3 folds\), got 4$"):
+        make_plan("profiled.toml", "three-folds.toml", 4, "phantom", DEFAULT_STORAGE)
+    # A profile under which the two arms are the same configuration is refused.
+    (project / "lr.toml").write_text("[optim]\nlr = 0.002\n")
+    with pytest.raises(ConfigError, match=r"arms 'equiunet' and 'slower' resolve to the same configuration \(profile lr.toml\)"):
+        make_plan("profiled.toml", "lr.toml", None, "phantom", DEFAULT_STORAGE)
+    # The study's digest covers the configurations the profile makes (same folds, seeds and data).
+    (project / "lr3.toml").write_text("[optim]\nlr = 0.003\n")
+    digests = {make_plan("profiled.toml", p, None, "phantom", DEFAULT_STORAGE).study_name.rsplit("-", 1)[1]
+               for p in ("three-folds.toml", "lr3.toml")}
+    assert len(digests) == 2
 
 
 def test_a_removal_arm_waits_for_the_cases_the_baselines_pass_removes(project: Path) -> None:
@@ -132,6 +175,16 @@ def test_a_cell_is_reused_resumed_or_trained_by_its_config_hash_fold_and_data(pr
     cell()
     assert [a["resume"] for a in asked] == [True]
     checkpoint_path(killed).unlink()
+    # ... and so is a failed one, or a running one (its worker died after its last checkpoint)
+    for status in ("FAILED", "RUNNING"):
+        stopped = _fold_run(plan, "att_equiunet", 1, 1, status, data)
+        checkpoint_path(stopped).parent.mkdir(parents=True, exist_ok=True)
+        checkpoint_path(stopped).write_bytes(b"a checkpoint")
+        cell()
+        assert [a["resume"] for a in asked] == [True] and stopped.status == status, status
+        checkpoint_path(stopped).unlink()
+        if status == "RUNNING":
+            stopped.finish("KILLED")
     # ... one of another fold, another seed or other data is not the cell's
     for fold, seed, manifest in ((0, 1, data), (1, 0, data), (1, 1, "other data")):
         other = _fold_run(plan, "att_equiunet", seed, fold, "KILLED", manifest)
@@ -156,3 +209,16 @@ def test_a_cell_is_reused_resumed_or_trained_by_its_config_hash_fold_and_data(pr
     assert cell()["case"].tolist() == ["trained"]
     _fold_run(plan, "att_equiunet", 1, 1, "FINISHED", data, dice=0.7)
     assert cell()["dice_WT"].tolist() == [0.7, 0.7] and asked == []
+
+
+def test_an_arm_run_found_with_other_tags_is_tagged_again(project: Path) -> None:
+    """The arm run of (arm, seed) is found by its config hash; its `arm` and `seed` tags (which its
+    fold runs are read by) are set again when they say otherwise (set by hand, or an older brats-lab)."""
+    plan = make_plan("tiny.toml", "cpu", None, "phantom", DEFAULT_STORAGE)
+    study_run, _ = tracking.study_run(plan.experiment, plan.study_name, plan.ablation.name, {})
+    run = study_module._arm_run(plan, study_run, "att_equiunet", 1)
+    assert (run.tags["arm"], run.tags["seed"]) == ("att_equiunet", "1")
+    for arm, seed in (("att_equiunet", "0"), ("equiunet", "1")):  # one tag wrong, then the other
+        run.set_tags({"arm": arm, "seed": seed})
+        again = study_module._arm_run(plan, study_run, "att_equiunet", 1)
+        assert again.id == run.id and (again.tags["arm"], again.tags["seed"]) == ("att_equiunet", "1"), (arm, seed)

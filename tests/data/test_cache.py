@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -398,6 +399,80 @@ def test_the_recorded_settings_are_the_ones_every_version_compares(dataset: Path
     assert settings("zscore")["percentiles"] is None  # z-scores clip nothing
     with pytest.raises(ValueError, match=r"^unknown normalisation 'minmaxx'; expected one of \('minmax', 'zscore'\)$"):
         settings("minmaxx")
+
+
+def _sha256_json(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def test_the_records_on_disk_are_recomputed_from_the_files_alone(dataset: Path, monkeypatch) -> None:
+    """The manifest's and each entry's names and hashes, recomputed here from the input files with
+    hashlib: the next brats-lab reads these records, so a name written another way or a hash
+    taken over other fields rebuilds (or wrongly reuses) every user's cache, which a test that
+    builds and reuses with the same code cannot see."""
+    from brats_lab.data import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_RACY_NS", 0)  # files written long ago: `racy` is False
+    cache = prepare(dataset, "minmax", progress=False)
+    manifest = json.loads((cache.dir / MANIFEST).read_text())
+    assert set(manifest) == {"format_version", "settings", "settings_hash", "manifest_hash", "root", "cases"}
+    settings_hash = _sha256_json(manifest["settings"])
+    assert manifest["format_version"] == 1 and manifest["settings_hash"] == settings_hash
+    assert manifest["root"] == str(dataset.resolve())
+    assert list(manifest["cases"]) == IDS
+    content_hashes = {}
+    for case in discover(dataset):
+        record, files = manifest["cases"][case.id], case.files()
+        sha = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
+        for name, path in files.items():
+            stat = path.stat()
+            assert record["inputs"][name] == {
+                "path": str(path.relative_to(dataset)), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino, "sha256": sha[name], "racy": False}, name
+        assert set(record["inputs"]) == set(files) == {"t1", "t1ce", "t2", "flair", "seg"}
+        content_hashes[case.id] = record["content_hash"]
+        assert record["content_hash"] == _sha256_json(sha)
+        key = _sha256_json({"settings": settings_hash, "content": record["content_hash"]})[:16]
+        assert record["key"] == key and record["dir"] == f"cases/{case.id}/{key}"
+        meta = json.loads((cache.dir / record["dir"] / "meta.json").read_text())
+        assert meta == record  # the entry's own record: what a crash before the manifest leaves
+    assert manifest["manifest_hash"] == _sha256_json({"settings": manifest["settings"], "cases": content_hashes})
+    assert cache.manifest_hash == manifest["manifest_hash"]
+
+
+def test_an_entry_finished_before_a_crash_spares_reading_its_inputs_again(dataset: Path, monkeypatch) -> None:
+    """A first prepare that crashed before its manifest: the entries it finished still record their
+    inputs' stat, so the next prepare reuses them without reading those files again."""
+    from brats_lab.data import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_RACY_NS", 0)
+    real_build, real_hash = cache_module._build, cache_module._sha256_file
+    built: list[str] = []
+
+    def crash_on_second(case, *args, **kwargs):
+        built.append(case.id)
+        if len(built) == 2:
+            raise KeyboardInterrupt
+        return real_build(case, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "_build", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(dataset, "minmax", progress=False)
+    assert not (dataset / CACHE_DIRNAME / "minmax" / MANIFEST).exists()
+    monkeypatch.setattr(cache_module, "_build", real_build)
+    hashed: list[Path] = []
+    monkeypatch.setattr(cache_module, "_sha256_file", lambda path: hashed.append(path) or real_hash(path))
+    again = prepare(dataset, "minmax", progress=False)
+    assert again.report.reused == [IDS[0]] and again.report.built == {IDS[1]: "new", IDS[2]: "new"}
+    read = {path.parent.name for path in hashed if ".nii" in path.name}
+    assert read == {IDS[1], IDS[2]}  # IDS[0]'s five files were known from its entry
+
+
+def test_a_deleted_entry_folder_is_rebuilt_and_said_missing(dataset: Path) -> None:
+    first = prepare(dataset, "minmax", progress=False)
+    shutil.rmtree(first.entry(IDS[1]).dir)
+    again = prepare(dataset, "minmax", progress=False)
+    assert again.report.built == {IDS[1]: "corrupt: entry missing"} and again.report.reused == [IDS[0], IDS[2]]
 
 
 def test_a_case_without_segmentation_among_cases_with_one_is_refused(dataset: Path) -> None:

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,10 @@ from brats_lab.data.cases import LAYOUTS
 from brats_lab.evaluation.stats import compare_runs
 from brats_lab.io import BRATS_ORIGIN, IDENTITY, Geometry, write_image
 
-# No tqdm monitor thread: a runner that forks the test process (mutmut) would fork it while the
-# thread may hold tqdm's lock, and the child would hang in the first bar it draws.
+# tqdm's default lock holds a multiprocessing semaphore, shared with forked children: a runner that
+# forks the test process (mutmut) and stops a child while it holds it hangs every later child in
+# its first bar. The tests need no lock across processes, nor tqdm's monitor thread.
+tqdm.tqdm.set_lock(threading.RLock())
 tqdm.tqdm.monitor_interval = 0
 
 TINY_SHAPE = (48, 48, 32)  # (x, y, z) of the phantoms the tests use

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,8 +93,13 @@ def test_changed_input_rebuilds_exactly_that_case(dataset: Path, case_writer) ->
     assert len(list((second.dir / "cases" / IDS[1]).iterdir())) == 1
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "flip a byte", "wrong dtype"])
-def test_damaged_array_is_detected_and_rebuilt(dataset: Path, damage: str) -> None:
+@pytest.mark.parametrize("damage, why", [
+    ("truncate", r"images\.npy truncated or padded \(\d+ bytes, expected \d+\)"),
+    ("delete", r"images\.npy missing"),
+    ("flip a byte", r"images\.npy changed \(sha256 differs\)"),
+    ("wrong dtype", r"images\.npy of shape \[4, \d+, \d+, \d+\] <f8, expected \[4, \d+, \d+, \d+\] <f4"),
+])
+def test_damaged_array_is_detected_and_rebuilt(dataset: Path, damage: str, why: str) -> None:
     cache = prepare(dataset, "minmax", progress=False)
     path = images_path(cache, IDS[2])
     good = np.load(path)
@@ -113,7 +119,7 @@ def test_damaged_array_is_detected_and_rebuilt(dataset: Path, damage: str) -> No
         with pytest.raises(DataError, match=IDS[2]):
             cache.load(IDS[2])
     again = prepare(dataset, "minmax", progress=False)
-    assert list(again.report.built) == [IDS[2]] and again.report.built[IDS[2]].startswith("corrupt")
+    assert list(again.report.built) == [IDS[2]] and re.fullmatch(f"corrupt: {why}", again.report.built[IDS[2]])
     np.testing.assert_array_equal(again.load(IDS[2])[0], good)
     open_cache(dataset, "minmax")
 
@@ -384,6 +390,8 @@ def test_inputs_are_read_again_only_when_their_stat_cannot_be_trusted(dataset: P
     hashed.clear()
     assert prepare(dataset, "minmax", progress=False).report.reused == IDS
     assert hashed == []
+    prepare(dataset, "minmax", progress=False, verify_hashes=True)  # trusts no stat: reads every file
+    assert len([name for name in hashed if ".nii" in name]) == 15
 
 
 def test_the_recorded_settings_are_the_ones_every_version_compares(dataset: Path) -> None:
@@ -442,7 +450,8 @@ def test_the_records_on_disk_are_recomputed_from_the_files_alone(dataset: Path, 
 
 def test_an_entry_finished_before_a_crash_spares_reading_its_inputs_again(dataset: Path, monkeypatch) -> None:
     """A first prepare that crashed before its manifest: the entries it finished still record their
-    inputs' stat, so the next prepare reuses them without reading those files again."""
+    inputs' stat, so the next prepare reuses them without reading those files again (an unreadable
+    entry folder of the same case beside it is passed over)."""
     from brats_lab.data import cache as cache_module
 
     monkeypatch.setattr(cache_module, "_RACY_NS", 0)
@@ -460,6 +469,9 @@ def test_an_entry_finished_before_a_crash_spares_reading_its_inputs_again(datase
         prepare(dataset, "minmax", progress=False)
     assert not (dataset / CACHE_DIRNAME / "minmax" / MANIFEST).exists()
     monkeypatch.setattr(cache_module, "_build", real_build)
+    unreadable = dataset / CACHE_DIRNAME / "minmax" / "cases" / IDS[0] / ("0" * 16) / "meta.json"  # sorts first
+    unreadable.parent.mkdir()
+    unreadable.write_text("{")
     hashed: list[Path] = []
     monkeypatch.setattr(cache_module, "_sha256_file", lambda path: hashed.append(path) or real_hash(path))
     again = prepare(dataset, "minmax", progress=False)

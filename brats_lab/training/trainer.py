@@ -87,7 +87,7 @@ class FoldResult:
 
 
 def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experiment: str = EXPERIMENT,
-               parent: Run | None = None, project_root: Path | None = None, progress: bool = True,
+               parent: Run | None = None, progress: bool = True,
                device: str | None = None, tags: dict[str, str] | None = None) -> FoldResult | None:
     """Train fold `fold` of `cfg`, validate it on its held-out cases, log everything to MLflow.
 
@@ -110,9 +110,9 @@ def train_fold(cfg: ExperimentConfig, fold: int, *, resume: bool = False, experi
     run: RunLog = distributed.NoRun()
     saved: dict[str, Any] | None = None  # the checkpoint to resume from
     if is_main:
-        arm = _arm_run(cfg, experiment, parent, project_root)
-        run, saved = _unfinished_run(cfg, fold, experiment, project_root) if resume else (_new_run(arm, cfg, fold, data), None)
-        workdir = checkpoint.workdir(run, project_root)
+        arm = _arm_run(cfg, experiment, parent)
+        run, saved = _unfinished_run(cfg, fold, experiment) if resume else (_new_run(arm, cfg, fold, data), None)
+        workdir = checkpoint.workdir(run)
 
     # --- model, optimizer, loss, precision ------------------------------------------------------
     seed = cfg.train.run_seed(fold)  # this fold's own: weights, patch order, crops, augmentation
@@ -227,12 +227,12 @@ def _fold_data(cfg: ExperimentConfig, fold: int, processes: int, is_main: bool, 
     return FoldData(cache, train_ids, splits[fold]["val"])
 
 
-def _arm_run(cfg: ExperimentConfig, experiment: str, parent: Run | None, project_root: Path | None) -> Run:
+def _arm_run(cfg: ExperimentConfig, experiment: str, parent: Run | None) -> Run:
     """`parent` (an ablation's arm run) if given, else this configuration's arm run in
     `experiment`, found or created, and running while a fold of it trains."""
     if parent is not None:
         return parent
-    arm = tracking.arm_run(experiment, config_hash(cfg), name=f"pipeline {cfg.pipeline}", params=flatten(cfg), root=project_root)
+    arm = tracking.arm_run(experiment, config_hash(cfg), name=f"pipeline {cfg.pipeline}", params=flatten(cfg))
     if arm.status != "RUNNING":
         arm.reopen()
     return arm
@@ -249,14 +249,14 @@ def _new_run(arm: Run, cfg: ExperimentConfig, fold: int, data: FoldData) -> RunL
     return run
 
 
-def _unfinished_run(cfg: ExperimentConfig, fold: int, experiment: str, project_root: Path | None) -> tuple[RunLog, dict[str, Any]]:
+def _unfinished_run(cfg: ExperimentConfig, fold: int, experiment: str) -> tuple[RunLog, dict[str, Any]]:
     """(the newest unfinished fold run of this configuration, reopened; its checkpoint). The
     checkpoint is read first: one that does not load leaves the run as it was."""
     chash = config_hash(cfg)
-    run = tracking.latest_fold_run(experiment, chash, fold, statuses=("RUNNING", "FAILED", "KILLED"), root=project_root)
+    run = tracking.latest_fold_run(experiment, chash, fold, statuses=("RUNNING", "FAILED", "KILLED"))
     if run is None:
         raise DataError(f"nothing to resume: no unfinished run of fold {fold} for this configuration (hash {chash[:12]})")
-    path = checkpoint.checkpoint_path(run, project_root)
+    path = checkpoint.checkpoint_path(run)
     if not path.is_file():
         raise DataError(f"nothing to resume: run {run.id} stopped before its first checkpoint; train afresh")
     saved = checkpoint.load(path, CHECKPOINT_KEYS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from brats_lab import tracking
+from brats_lab import DataError, tracking
 from brats_lab.config import config_hash, load_config, pipeline_path
 from brats_lab.labels import REGIONS
 from brats_lab.run_files import CHECKPOINT, FINAL_MODEL
@@ -186,8 +187,18 @@ def test_a_training_killed_after_any_epoch_resumes_to_the_same_state(dataset, tm
             with pytest.raises(KeyboardInterrupt):
                 train_fold(cfg, 1, resume=kill_after > 0, progress=False)
             assert sorted(saved["resumed"]) == list(range(kill_after + 1))
+            stopped = tracking.latest_fold_run(tracking_experiment(), config_hash(cfg), 1)
+            if kill_after == 0:  # a failed run resumes too,
+                stopped.finish("FAILED")
+            elif kill_after == 1:  # and a running one, as a worker killed outright leaves it
+                stopped.reopen()
+            assert stopped.status == {0: "FAILED", 1: "RUNNING"}.get(kill_after, "KILLED")
         kill_after = None
         resumed = train_fold(cfg, 1, resume=True, progress=False)
+        # Finished, and newer than every stopped run: nothing is left to resume.
+        with pytest.raises(DataError, match=f"^nothing to resume: no unfinished run of fold 1 for this configuration "
+                                            rf"\(hash {config_hash(cfg)[:12]}\)$"):
+            train_fold(cfg, 1, resume=True, progress=False)
     finally:
         torch.set_num_threads(threads)
 
@@ -204,11 +215,39 @@ def test_a_training_killed_after_any_epoch_resumes_to_the_same_state(dataset, tm
 
 
 def test_resume_without_an_unfinished_run_is_a_clear_error(dataset, tmp_path, monkeypatch, tiny_config):
-    from brats_lab import DataError
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config("B", dataset)
+    with pytest.raises(DataError, match=rf"^nothing to resume: no unfinished run of fold 0 for this configuration \(hash {config_hash(cfg)[:12]}\)$"):
+        train_fold(cfg, 0, resume=True, progress=False)
+    arm = tracking.arm_run(tracking_experiment(), config_hash(cfg), "pipeline B", {})
+    early = tracking.fold_run(arm, 0, "pipeline B fold 0")
+    early.finish("KILLED")  # stopped before it wrote a checkpoint
+    with pytest.raises(DataError, match=f"^nothing to resume: run {early.id} stopped before its first checkpoint; train afresh$"):
+        train_fold(cfg, 0, resume=True, progress=False)
+    assert early.status == "KILLED"  # left as it was
+
+
+def test_a_fold_run_is_tagged_with_what_trains_it_once_and_with_its_worker_at_every_start(tmp_path, monkeypatch, empty_mlflow_store):
+    """What the network and precision were (`parameters`, `device`, `amp`) is tagged when the run
+    starts; which machine and process train it (`host`, `pid`, and `processes` with several) at
+    every start, a resume on another worker included."""
+    from brats_lab.config import ModelConfig
+    from brats_lab.models import build_model, count_parameters
+    from brats_lab.training import trainer
+    from brats_lab.training.step import Compute
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match="nothing to resume"):
-        train_fold(tiny_config("B", dataset), 0, resume=True, progress=False)
+    shutil.copytree(empty_mlflow_store, tmp_path / "mlruns")
+    run = tracking.fold_run(tracking.arm_run("tags", "0" * 64, "arm", {}), 0, "fold 0")
+    model = build_model(ModelConfig(width=4))
+    trainer._tag_run(run, False, model, Compute(torch.device("cpu"), torch.bfloat16), 1)
+    first = {"parameters": str(count_parameters(model)), "device": "cpu", "amp": "bfloat16"}
+    assert {k: run.tags.get(k) for k in (*first, "host", "pid", "processes")} == {
+        **first, "host": socket.gethostname(), "pid": str(os.getpid()), "processes": None}
+    run.set_tags({"host": "elsewhere", "pid": "1"})
+    trainer._tag_run(run, True, build_model(ModelConfig(width=8)), Compute(torch.device("cpu"), None), 2)  # resumed, two processes
+    assert {k: run.tags.get(k) for k in (*first, "host", "pid", "processes")} == {
+        **first, "host": socket.gethostname(), "pid": str(os.getpid()), "processes": "2"}
 
 
 def test_a_non_finite_loss_stops_the_run_as_failed_naming_epoch_and_step(dataset, tmp_path, monkeypatch, tiny_config):

@@ -52,6 +52,10 @@ declare -A TESTS=(
 declare -A PARTS=(
   [brats_lab/training/trainer.py]="brats_lab.training.trainer.*load_final_weights* brats_lab.training.trainer.x__unfinished_run__* brats_lab.training.trainer.x__restore__* brats_lab.training.trainer.x__tag_run__*"
   [brats_lab/ablation/study.py]="brats_lab.ablation.study.xǁPlanǁ* brats_lab.ablation.study.x_make_plan__* brats_lab.ablation.study.x_run_cell__* brats_lab.ablation.study.x__arm_run__* brats_lab.ablation.study.x_choose_removed__*"
+  # Every function but the two that build the rule table: they run once, at import, before mutmut
+  # switches a mutant on, so no test can see their mutants (the table is checked against its
+  # sources by test_each_rule_set_has_the_regions_and_labels_of_its_source).
+  [brats_lab/evaluation/lesionwise.py]="brats_lab.evaluation.lesionwise.x_rules_for__* brats_lab.evaluation.lesionwise.x__label_text__* brats_lab.evaluation.lesionwise.x_lesion_metrics__* brats_lab.evaluation.lesionwise.x_lesion_columns__* brats_lab.evaluation.lesionwise.x_case_scores__* brats_lab.evaluation.lesionwise.x__bipartite__* brats_lab.evaluation.lesionwise.x__volume_metrics__* brats_lab.evaluation.lesionwise.x__dilation__* brats_lab.evaluation.lesionwise.x__overlaps__* brats_lab.evaluation.lesionwise.x__pieces__* brats_lab.evaluation.lesionwise.xǁ_Lesionsǁ* brats_lab.evaluation.lesionwise.xǁLesionMetricsǁ* brats_lab.evaluation.lesionwise.x__unknown_labels__* brats_lab.evaluation.lesionwise.x__grow__* brats_lab.evaluation.lesionwise.x__union_box__* brats_lab.evaluation.lesionwise.x__hd95_in_box__*"
   # The cache's keys and fingerprints: what decides that an entry is reused or rebuilt.
   [brats_lab/data/cache.py]="brats_lab.data.cache.x_settings__* brats_lab.data.cache.x__prepare_locked__* brats_lab.data.cache.x__why__* brats_lab.data.cache.x__known_inputs__* brats_lab.data.cache.x__hash_inputs__* brats_lab.data.cache.x__content_hash__* brats_lab.data.cache.x__sha256_file__* brats_lab.data.cache.x__sha256_json__*"
 )

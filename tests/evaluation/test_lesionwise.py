@@ -3,9 +3,11 @@ the 2023 scorer's rules on cases whose answers follow from them by hand."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
+import re
 import warnings
 
 import numpy as np
@@ -291,12 +293,20 @@ def test_2023_empty_prediction_and_empty_reference() -> None:
 # Rules chosen from the data, and the flat per-case dict
 
 
-def test_rules_follow_the_label_convention() -> None:
+def test_rules_follow_the_label_convention(monkeypatch) -> None:
     assert rules_for(BRATS_2020) == "brats2020"
     assert rules_for(BRATS_2023) == "gli"
     assert rules_for(BRATS_2023, "brats2023-gli") == "brats2023-gli"
-    with pytest.raises(ValueError, match="unknown rules 'gly'"):
+    with pytest.raises(ValueError, match=re.escape(f"unknown rules 'gly' (expected one of: {', '.join(RULE_NAMES)})")):
         rules_for(BRATS_2023, "gly")
+    with pytest.raises(ValueError, match=re.escape("rules 'gli' are written for brats2023 labels and the data's labels are brats2020 "
+                                                   "(1 NCR/NET, 2 ED, 4 ET); rules that fit: brats2020") + "$"):
+        rules_for(BRATS_2020, "gli")
+    two = dataclasses.replace(RULES["gli"], conventions=("brats2023", "brats2024"))
+    monkeypatch.setitem(RULES, "gli", two)  # rules written for two conventions name both
+    with pytest.raises(ValueError, match="^rules 'gli' are written for brats2023 or brats2024 labels and"):
+        rules_for(BRATS_2020, "gli")
+    monkeypatch.undo()
     # Lesion-wise rules read 2023+ labels (ET = 3): on 2020 labels they would score ET from label 3.
     assert rules_for(BRATS_2020, "brats2020") == "brats2020"
     for name in RULE_NAMES[1:]:
@@ -322,8 +332,24 @@ def test_unknown_prediction_label_is_named() -> None:
     pred, ref, spacing = CASES["several lesions, shifted and shrunk"]
     bad = pred.copy()
     bad[0, 0, 0] = 7
-    with pytest.raises(ValueError, match=r"labels \[7\] unknown to the gli rules"):
+    with pytest.raises(ValueError, match=r"^prediction holds labels \[7\] unknown to the gli rules \(expected \[0, 1, 2, 3, 4\]\)$"):
         lesion_metrics(bad, ref, spacing, "gli")
+    with pytest.raises(ValueError, match=r"^prediction holds labels \[2\] unknown to the men-rt rules \(expected \[0, 1\]\)$"):
+        lesion_metrics(pred.clip(0, 2), ref.clip(0, 1), spacing, "men-rt")
+    with pytest.raises(ValueError, match=re.escape(f"unknown lesion-wise rules 'gly' (expected one of: {', '.join(RULES)})") + "$"):
+        lesion_metrics(pred, ref, spacing, "gly")
+    with pytest.raises(ValueError, match=r"^lesion-wise metrics need 3-d label maps, got shape \(4, 20, 24, 28\)$"):
+        lesion_metrics(np.stack([pred] * 4), np.stack([ref] * 4), (1.0,) * 4)
+
+
+def test_the_default_rules_are_gli_and_case_scores_use_the_rules_asked_for() -> None:
+    pred, ref, spacing = CASES["several lesions, shifted and shrunk"]
+    assert lesion_metrics(pred, ref, spacing) == lesion_metrics(pred, ref, spacing, "gli")
+    scores = case_scores(pred, ref, spacing, BRATS_2023, "brats2023-gli")
+    expected = lesion_metrics(pred, ref, spacing, "brats2023-gli")
+    assert {k: v for k, v in scores.items() if k.startswith("lesion_")} == {
+        f"{m}_{r}": getattr(expected[r], m) for m in LESION_METRICS for r in expected if m.startswith("lesion_")}
+    assert scores["lesion_hd95_ET"] != case_scores(pred, ref, spacing, BRATS_2023)["lesion_hd95_ET"]  # not gli's
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,3 +617,45 @@ def test_lesions_merged_only_by_the_2023_dilation_along_a_diagonal() -> None:
         else:
             assert (m.lesion_tp, m.lesion_fp, m.lesion_fn, m.lesion_dice, m.lesion_hd95) == (1, 0, 1, 0.5, 187.0), f"draw {draw}"
     assert outcomes == {True, False}
+
+
+def _config_groups(config: str) -> dict[str, tuple[int, ...]]:
+    """The label groups of one brats-evaluation config file, read as plain YAML (its tags ignored)."""
+    import brats_evaluation
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def untagged(loader, suffix, node):
+        if isinstance(node, yaml.MappingNode):
+            return loader.construct_mapping(node, deep=True)
+        if isinstance(node, yaml.SequenceNode):
+            return loader.construct_sequence(node, deep=True)
+        return loader.construct_scalar(node)
+
+    Loader.add_multi_constructor("!", untagged)
+    groups = yaml.load(brats_evaluation.config_path(config).read_text(), Loader=Loader)["segmentation_class_groups"]["groups"]
+    return {name.upper(): tuple(group["value_labels"]) for name, group in groups.items()}
+
+
+def test_each_rule_set_has_the_regions_and_labels_of_its_source() -> None:
+    """The brats-evaluation rule sets against the config file each names (its ranked groups, and
+    every label its groups hold); the 2023 scorer's against its settings per task (the challenge's
+    scorer: lesions dilated by 3 voxels, 1 for MEN and MET; lesions of 50 voxels or fewer ignored,
+    2 for MET; an infinite HD95 written 374)."""
+    scorer = {"brats2023-gli": (3, 50.0), "brats2023-ssa": (3, 50.0), "brats2023-men": (1, 50.0), "brats2023-ped": (3, 50.0),
+              "brats2023-met": (1, 2.0)}
+    assert RULE_NAMES == ("brats2020", "gli", "mets", "men-pre", "goat", "men-rt", "ped", *scorer)
+    for name, rules in RULES.items():
+        assert rules.name == name and rules.conventions == ("brats2023",)
+        if name in scorer:
+            assert (rules.source, rules.matching, (rules.dilation, rules.min_volume_mm3), rules.penalty_hd95) == (
+                f"BraTS 2023 challenge scorer (BraTS-{name.removeprefix('brats2023-').upper()})", "dilation", scorer[name], 374.0)
+            assert rules.regions == {"ET": (3,), "TC": (1, 3), "WT": (1, 2, 3)} and rules.labels == (1, 2, 3, 4)
+            continue
+        config = re.fullmatch(r"brats-evaluation 0\.0\.10, config_(\w+)\.yaml", rules.source).group(1)
+        groups = _config_groups(config)
+        assert rules.matching == "bipartite" and rules.penalty_hd95 == 373.0, name
+        assert {region: tuple(sorted(groups[region])) for region in rules.regions} == rules.regions, name
+        assert rules.labels == tuple(sorted({label for labels in groups.values() for label in labels})), name

@@ -232,6 +232,8 @@ def test_2023_false_positive_island_counts_dice_0_and_hd95_374() -> None:
     (51, (1.0, 1.0, 1.0), True),
     (26, (2.0, 1.0, 1.0), True),  # 52 mm^3: the limit is a volume, not a voxel count
     (25, (2.0, 1.0, 1.0), False),
+    (51, (1.0, 2.0, 0.5), True),  # (z, y, x) spacings all different: 51 mm^3
+    (50, (1.0, 2.0, 0.5), False),
 ])
 def test_2023_missed_lesions_at_the_size_limit(voxels: int, spacing, counted: bool) -> None:
     big = ((2, 2, 2), (8, 8, 8), SNFH)
@@ -265,6 +267,29 @@ def test_2023_reference_lesions_merge_when_their_dilations_touch(gap: int, merge
     else:
         assert (m.lesion_tp, m.lesion_fp, m.lesion_fn) == (1, 0, 1)
         assert (m.lesion_dice, m.lesion_hd95) == (0.5, 187.0)
+
+
+def test_2023_each_lesion_is_scored_against_its_own_predicted_components() -> None:
+    """Two reference lesions far apart (their dilations do not touch) and a false positive made of
+    two cubes touching at a corner (one component, 26-connected), at spacings that differ per
+    axis. By hand: lesion A predicted one voxel off along x has Dice 5/6 and HD95 the x spacing;
+    lesion B predicted with one extra layer along z has Dice 2 x 216 / (216 + 252) and the HD95
+    medpy gives for those two masks; the false positive scores 0 and 374."""
+    from medpy.metric import binary as medpy_binary
+
+    spacing = (1.0, 1.5, 2.0)  # (z, y, x)
+    shape = (30, 30, 40)
+    a, b = ((2, 2, 2), (8, 8, 8), SNFH), ((18, 18, 28), (24, 24, 34), SNFH)
+    ref = volume(a, b, shape=shape)
+    pred = volume(((2, 2, 3), (8, 8, 9), SNFH), ((18, 18, 28), (25, 24, 34), SNFH),
+                  ((10, 10, 18), (12, 12, 20), SNFH), ((12, 12, 20), (14, 14, 22), SNFH), shape=shape)
+    b_ref, b_pred = volume(b, shape=shape) > 0, volume(((18, 18, 28), (25, 24, 34), SNFH), shape=shape) > 0
+    hd95_b = float(medpy_binary.hd95(b_pred, b_ref, voxelspacing=spacing))
+    assert hd95_b > 0
+    m = wt(pred, ref, spacing)["WT"]
+    assert (m.lesion_tp, m.lesion_fp, m.lesion_fn) == (2, 1, 0)
+    assert m.lesion_dice == pytest.approx((5 / 6 + 432 / 468 + 0.0) / 3, rel=1e-12, abs=0)
+    assert m.lesion_hd95 == pytest.approx((2.0 + hd95_b + 374.0) / 3, rel=1e-12, abs=0)
 
 
 def test_2023_prediction_near_a_lesion_is_a_true_positive_with_dice_0() -> None:

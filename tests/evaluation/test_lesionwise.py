@@ -272,24 +272,37 @@ def test_2023_reference_lesions_merge_when_their_dilations_touch(gap: int, merge
 def test_2023_each_lesion_is_scored_against_its_own_predicted_components() -> None:
     """Two reference lesions far apart (their dilations do not touch) and a false positive made of
     two cubes touching at a corner (one component, 26-connected), at spacings that differ per
-    axis. By hand: lesion A predicted one voxel off along x has Dice 5/6 and HD95 the x spacing;
-    lesion B predicted with one extra layer along z has Dice 2 x 216 / (216 + 252) and the HD95
-    medpy gives for those two masks; the false positive scores 0 and 374."""
+    axis. Lesion A (6^3 voxels) is predicted without its two lowest x layers (Dice 2 x 144 / 360);
+    lesion B with one extra layer along z and a 2 x 2 x 13 bar reaching out of its dilation
+    along -x (Dice 2 x 216 / (216 + 216 + 36 + 52)); each HD95 is medpy's on the lesion and its
+    component. The false positive scores 0 and 374. The whole-volume Dice and HD95 are medpy's."""
     from medpy.metric import binary as medpy_binary
+
+    def hd95(pred_mask, ref_mask):
+        return float(medpy_binary.hd95(pred_mask > 0, ref_mask > 0, voxelspacing=spacing))
 
     spacing = (1.0, 1.5, 2.0)  # (z, y, x)
     shape = (30, 30, 40)
-    a, b = ((2, 2, 2), (8, 8, 8), SNFH), ((18, 18, 28), (24, 24, 34), SNFH)
-    ref = volume(a, b, shape=shape)
-    pred = volume(((2, 2, 3), (8, 8, 9), SNFH), ((18, 18, 28), (25, 24, 34), SNFH),
-                  ((10, 10, 18), (12, 12, 20), SNFH), ((12, 12, 20), (14, 14, 22), SNFH), shape=shape)
-    b_ref, b_pred = volume(b, shape=shape) > 0, volume(((18, 18, 28), (25, 24, 34), SNFH), shape=shape) > 0
-    hd95_b = float(medpy_binary.hd95(b_pred, b_ref, voxelspacing=spacing))
-    assert hd95_b > 0
+    a, b = [((2, 2, 2), (8, 8, 8), SNFH)], [((18, 18, 28), (24, 24, 34), SNFH)]
+    a_pred = [((2, 2, 4), (8, 8, 8), SNFH)]
+    b_pred = [((18, 18, 28), (25, 24, 34), SNFH), ((20, 20, 15), (22, 22, 28), SNFH)]
+    false_positive = [((10, 10, 18), (12, 12, 20), SNFH), ((12, 12, 20), (14, 14, 22), SNFH)]
+    ref = volume(*a, *b, shape=shape)
+    pred = volume(*a_pred, *b_pred, *false_positive, shape=shape)
+    hd95_a = hd95(volume(*a_pred, shape=shape), volume(*a, shape=shape))
+    hd95_b = hd95(volume(*b_pred, shape=shape), volume(*b, shape=shape))
+    assert hd95_a > 0 and hd95_b > 0
     m = wt(pred, ref, spacing)["WT"]
     assert (m.lesion_tp, m.lesion_fp, m.lesion_fn) == (2, 1, 0)
-    assert m.lesion_dice == pytest.approx((5 / 6 + 432 / 468 + 0.0) / 3, rel=1e-12, abs=0)
-    assert m.lesion_hd95 == pytest.approx((2.0 + hd95_b + 374.0) / 3, rel=1e-12, abs=0)
+    assert m.lesion_dice == pytest.approx((288 / 360 + 432 / 520 + 0.0) / 3, rel=1e-12, abs=0)
+    assert m.lesion_hd95 == pytest.approx((hd95_a + hd95_b + 374.0) / 3, rel=1e-12, abs=0)
+    # The whole-volume Dice and HD95 (with the spacing, unlike the package's): medpy's on the two masks,
+    # for these maps, a prediction inside the reference (B missed), one of as many voxels (all shifted)
+    # and the reference itself.
+    assert m.volume_dice == pytest.approx(float(medpy_binary.dc(pred > 0, ref > 0)), rel=1e-12, abs=0)
+    for other in (pred, volume(*a, shape=shape), np.roll(ref, 1, axis=2)):
+        assert wt(other, ref, spacing)["WT"].volume_hd95 == pytest.approx(hd95(other, ref), rel=1e-12, abs=0)
+    assert (wt(ref, ref, spacing)["WT"].volume_dice, wt(ref, ref, spacing)["WT"].volume_hd95) == (1.0, 0.0)
 
 
 def test_2023_prediction_near_a_lesion_is_a_true_positive_with_dice_0() -> None:

@@ -325,6 +325,9 @@ def test_2023_empty_prediction_and_empty_reference() -> None:
     assert (missed.volume_dice, missed.volume_hd95) == (0.0, 374.0)
     invented = wt(ref, empty)["WT"]
     assert (invented.lesion_fp, invented.lesion_dice, invented.lesion_hd95) == (1, 0.0, 374.0)
+    # Both empty: nothing to score, which the scorer writes as a perfect score.
+    assert wt(empty, empty)["WT"].as_dict() == {"lesion_dice": 1.0, "lesion_hd95": 0.0, "volume_dice": 1.0, "volume_hd95": 0.0,
+                                                "lesion_tp": 0, "lesion_fp": 0, "lesion_fn": 0}
 
 
 # --------------------------------------------------------------------------------------------

@@ -468,7 +468,6 @@ class _Lesions:
     the numbers, `where[k]` is (piece, local label) of lesion k, `area[k]` its voxel count."""
 
     def __init__(self, mask: np.ndarray, pieces: list[tuple[slice, ...]]) -> None:
-        self.pieces = pieces
         self.labels: list[np.ndarray] = []
         keys, owners = [], []
         self._boxes: dict[int, list] = {}

@@ -106,6 +106,13 @@ CASES = {
         volume(((4, 4, 4), (7, 7, 7), ET), ((7, 7, 4), (10, 10, 7), ET)),
         (1.0, 1.0, 1.0),
     ),
+    # Matching R1-P1 (Dice 0.76) leaves R2 and P2, which do not overlap; matching R1-P2 (0.15)
+    # and R2-P1 (0.10) pairs everything up at a lower total Dice. The package keeps the good match.
+    "one good match rather than two poor ones": (
+        volume(((4, 4, 7), (8, 8, 18), ET), ((4, 4, 3), (8, 8, 6), ET)),
+        volume(((4, 4, 5), (8, 8, 15), ET), ((4, 4, 17), (8, 8, 27), ET)),
+        (1.0, 1.0, 1.0),
+    ),
     "anisotropic spacing, lesions on the image border": (
         volume(*tumour(0, 0, 0, 7), *tumour(14, 17, 22, 6), ((9, 10, 10), (11, 14, 12), SNFH)),
         volume(*tumour(0, 1, 0, 7), *tumour(13, 18, 21, 7)),
@@ -186,6 +193,9 @@ def test_the_hard_cases_are_hard() -> None:
     assert all(math.isnan(getattr(nowhere, m)) for m in ("lesion_dice", "lesion_hd95", "volume_dice", "volume_hd95"))
     apart = results["masks that do not overlap at all"]["ET"]
     assert apart.volume_hd95 == 373.0  # official: no voxel in common is "no true positive", not a distance
+    good = results["one good match rather than two poor ones"]["ET"]
+    assert (good.lesion_tp, good.lesion_fp, good.lesion_fn) == (1, 1, 1)
+    assert good.lesion_dice == pytest.approx(2 * 8 / 21 / 2)  # R1-P1's Dice 16/21, times tp / (tp + (fp + fn) / 2)
     for name in ("ET cubes touching only at a corner, the prediction's apart",
                  "ET cubes touching only along an edge, the prediction's apart"):
         et = results[name]["ET"]  # one reference lesion; the prediction's second cube is a false positive

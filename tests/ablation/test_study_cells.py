@@ -13,11 +13,10 @@ import pandas as pd
 import pytest
 
 from brats_lab import DataError, run_files, tracking
-from brats_lab.config import ConfigError
 from brats_lab.ablation import study as study_module
 from brats_lab.ablation.report import data_hash
 from brats_lab.ablation.study import DEFAULT_STORAGE, make_plan, run_cell
-from brats_lab.config import config_hash, flatten
+from brats_lab.config import ConfigError, config_hash, flatten
 from brats_lab.training import trainer
 from brats_lab.training.checkpoint import checkpoint_path
 

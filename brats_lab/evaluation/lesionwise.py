@@ -142,7 +142,7 @@ RULES: dict[str, LesionRules] = {
         _panoptica("gli", "gli", _GLI_REGIONS, (1, 2, 3, 4)),
         _panoptica("mets", "mets", _GLI_REGIONS, (1, 2, 3, 4)),
         _panoptica("men-pre", "MenPre", _GLI_REGIONS, (1, 2, 3)),  # no label 4: brats-evaluation refuses it
-        _panoptica("goat", "GoAT", _GLI_REGIONS, (1, 2, 3)),  # nor here
+        _panoptica("goat", "GoAT", _GLI_REGIONS, (1, 2, 3)),  # nor does its GoAT config
         _panoptica("men-rt", "MenRT", {"GTV": (1,)}, (1,)),
         # Pediatric 2024+: 1 ET, 2 NET, 3 CC, 4 ED.
         _panoptica("ped", "ped", {"ET": (1,), "TC": (1, 2, 3), "WT": (1, 2, 3, 4)}, (1, 2, 3, 4)),

@@ -112,12 +112,19 @@ def trainer(cfg, store: Path) -> tuple[float, int]:
     from brats_lab import tracking
     from brats_lab.training.trainer import train_fold
 
-    result = train_fold(cfg, 0, project_root=store, progress=False)
-    run = tracking.get_run(result.run_id, root=store)
-    step = dict(run.metric_history("epoch_step_seconds"))
-    data = dict(run.metric_history("epoch_data_seconds"))
+    store.mkdir(parents=True, exist_ok=True)
+    here = Path.cwd()
+    os.chdir(store)  # the MLflow store and the checkpoints go under the current folder
+    try:
+        result = train_fold(cfg, 0, progress=False)
+        run = tracking.get_run(result.run_id)
+        step = dict(run.metric_history("epoch_step_seconds"))
+        data = dict(run.metric_history("epoch_data_seconds"))
+    finally:
+        os.chdir(here)
     epochs = sorted(step)[1:]  # the first epoch warms up the allocator and caches
-    steps_per_epoch = -(-_train_cases(cfg) // cfg.train.batch_size)
+    cases = _train_cases(cfg)
+    steps_per_epoch = -(-min(cfg.train.epoch_cases or cases, cases) // cfg.train.batch_size)
     return float(np.mean([step[e] + data[e] for e in epochs])) / steps_per_epoch, steps_per_epoch
 
 

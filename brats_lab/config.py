@@ -200,6 +200,9 @@ class TrainConfig:
     """The training loop: length, batch, precision, loss, augmentation, schedule, model selection."""
 
     epochs: int = 200
+    # Patches per epoch, at most the training cases: the first of each epoch's shuffled order, so that
+    # the schedule (in epochs) keeps its length on a larger dataset; 0: every case once (the paper).
+    epoch_cases: int = 0
     batch_size: int = 1
     seed: int = 16111990  # weights, crops and augmentations, through `run_seed`
     # Which training seed of an ablation this is (seed k, the MLflow tag `seed`). With `seed` and
@@ -232,6 +235,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "val_every", "checkpoint_every"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _require(self.epoch_cases >= 0, "epoch_cases", f"must be >= 0 (0: every training case once), got {self.epoch_cases}")
         _require(0 <= self.seed < SEED_LIMIT, "seed", f"must be between 0 and 2**32 - 1, got {self.seed}")
         _require(0 <= self.seed_index < SEED_LIMIT, "seed_index", f"must be between 0 and 2**32 - 1, got {self.seed_index}")
         _require(0.0 <= self.decay_start <= 1.0, "decay_start", f"must be in [0, 1], got {self.decay_start}")

@@ -39,7 +39,7 @@ def open_storage(url: str, heartbeat_seconds: int, grace_seconds: int, create: b
         file.parent.mkdir(parents=True, exist_ok=True)
         # Launchers started at once would each create Optuna's tables, and all but one fail half-way
         # (UNIQUE constraint failed: alembic_version): one at a time, the others find them made.
-        lock = file_lock(file.with_name(file.name + ".lock"))  # type: ignore[assignment]
+        lock = claim_lock(url)  # type: ignore[assignment]
     url = _quote_at(url)  # a raw '@' in the password would end it early for SQLAlchemy
     # The driver we depend on is psycopg 3; SQLAlchemy before 2.1 reads a plain postgresql:// as
     # psycopg2, and never accepts postgres://.
@@ -69,6 +69,18 @@ def open_storage(url: str, heartbeat_seconds: int, grace_seconds: int, create: b
             for form in {password, unquote(password)} - {""}:  # drivers may echo it decoded
                 reason = reason.replace(form, "***")
             raise DataError(f"cannot open the Optuna storage {safe_url(given)}: {reason}") from None
+
+
+def claim_lock(url: str) -> contextlib.AbstractContextManager:
+    """A lock for a read-then-write on the storage at `url` that must be atomic across workers.
+
+    PostgreSQL needs none (Optuna reads the trial row FOR UPDATE); SQLite ignores FOR UPDATE and
+    Python's sqlite3 begins the transaction at the write, after the read: two workers would both
+    read a trial WAITING and both claim it. A file lock beside the database makes it one at a time."""
+    if not url.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    file = Path(url.removeprefix("sqlite:///").partition("?")[0])
+    return file_lock(file.with_name(file.name + ".lock"))
 
 
 def _quote_at(url: str) -> str:

@@ -56,7 +56,7 @@ import pandas as pd
 from brats_lab import DataError, run_files, tracking
 from brats_lab.ablation.report import Report, data_hash, gather, report, run_per_case
 from brats_lab.ablation.spec import Ablation, load_ablation, parse_ablation, refuse_shared_runs
-from brats_lab.ablation.storage import DEFAULT_STORAGE, open_storage, safe_url  # noqa: F401 (DEFAULT_STORAGE: callers import it from here)
+from brats_lab.ablation.storage import DEFAULT_STORAGE, claim_lock, open_storage, safe_url  # noqa: F401 (DEFAULT_STORAGE: callers import it from here)
 from brats_lab.config import config_hash, flatten
 from brats_lab.evaluation.metrics import lower_is_better
 
@@ -227,7 +227,7 @@ def work(study_name: str, storage: str, progress: bool = True, release: bool = F
     done = 0
     while True:
         _fail_stale(study)
-        trial = _claim(study, store)
+        trial = _claim(study, store, storage)
         if trial is None:
             return done
         if _duplicate(study, trial):
@@ -246,7 +246,14 @@ def work(study_name: str, storage: str, progress: bool = True, release: bool = F
                 study.enqueue_trial({}, user_attrs={"arm": arm, "fold": fold, "seed": seed})
             raise
         beat.stop()
-        store.set_trial_state_values(trial._trial_id, state=TrialState.COMPLETE, values=[float(table["dice_WT"].mean())])
+        try:
+            store.set_trial_state_values(trial._trial_id, state=TrialState.COMPLETE, values=[float(table["dice_WT"].mean())])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Failed as stale while this worker was silent (a machine too loaded to send its
+            # heartbeat) and queued again: the fold run is in MLflow, where the retry finds it.
+            print(f"brats-lab: trial {trial.number} ({arm}, fold {fold}, seed {seed}) was marked failed while it ran; "
+                  "its fold run stays in MLflow for the retry to find", file=sys.stderr)
+            continue
         done += 1
 
 
@@ -272,14 +279,16 @@ def _fail_stale(study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def _claim(study, store):
+def _claim(study, store, storage: str):
     """A waiting trial, now RUNNING and ours, or None. Optuna refuses the WAITING -> RUNNING
-    transition to all but one of several workers asking for the same trial."""
+    transition to all but one of several workers asking for the same trial, on SQLite only under
+    `claim_lock` (without it, two launchers started at once both trained trial 0)."""
     from optuna.trial import TrialState
 
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if store.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
-            return trial
+    with claim_lock(storage):
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            if store.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                return trial
     return None
 
 

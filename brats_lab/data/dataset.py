@@ -143,27 +143,31 @@ class WholeVolumes(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """A seeded random order of `n` items per epoch (or 0..n-1 with `shuffle=False`).
+    """A seeded random order of `n` items per epoch (or 0..n-1 with `shuffle=False`); with
+    `length` (1 to n), only its first `length` items, a different share each epoch.
 
     The order of epoch e depends only on (seed, e), so a resumed run visits the cases in the same
     order; call `set_epoch` with the dataset's.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, length: int | None = None) -> None:
+        if length is not None and not 1 <= length <= n:
+            raise ValueError(f"length must be between 1 and the {n} items, got {length}")
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.length = n if length is None else length
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
         if not self.shuffle:
-            return iter(range(self.n))
+            return iter(range(self.length))
         rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_ORDER_STREAM, self.epoch)))
         order = rng.permutation(self.n)
-        return iter(order.tolist())
+        return iter(order[: self.length].tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return self.length
 
 
 def _tensor(array: np.ndarray, dtype: type) -> torch.Tensor:

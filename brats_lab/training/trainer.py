@@ -302,7 +302,7 @@ def _loader(cfg: ExperimentConfig, seed: int, data: FoldData, rank: int, process
     """The training patches, their per-epoch order and the loader of this process's batches, all
     drawn from the run's `seed`."""
     patches = TrainPatches(data.cache, data.train_ids, cfg.data.patch_size, augment=cfg.train.augment, seed=seed)
-    sampler = EpochSampler(len(patches), seed=seed)
+    sampler = EpochSampler(len(patches), seed=seed, length=min(cfg.train.epoch_cases, len(patches)) or None)
     if processes == 1:
         loader = DataLoader(patches, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers, drop_last=False)
     else:  # this process's share of each batch

@@ -363,6 +363,44 @@ def test_a_killed_worker_is_detected_and_its_fold_resumes_not_restarts(project, 
     assert states == ["COMPLETE"] * 4 + ["FAIL"]  # the dead worker's trial failed, then retried
 
 
+def test_a_worker_whose_trial_was_failed_as_stale_while_it_ran_drops_that_result_and_goes_on(project, tmp_path, monkeypatch):
+    """A worker suspended past the grace period (SIGSTOP; a machine too loaded to send heartbeats
+    does the same) finds, when it resumes, its trial failed and queued again: it says so, does not
+    crash, and takes the retry, which finds the fold run it finished."""
+    import signal
+    import time
+
+    toml, data = project
+    plan = make_plan(str(toml), "cpu", 1, str(data), DEFAULT_STORAGE)
+    launch(plan)
+    env = {**os.environ, "BRATS_LAB_HEARTBEAT_SECONDS": "1", "BRATS_LAB_GRACE_SECONDS": "3"}
+    worker = subprocess.Popen([sys.executable, "-m", "brats_lab.cli", "worker", "--study", plan.study_name,
+                               "--storage", DEFAULT_STORAGE, "--quiet"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not tracking.find_runs(plan.experiment, {"kind": "fold"}, statuses=("RUNNING",)):
+        assert worker.poll() is None, worker.stderr.read()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGSTOP)
+    time.sleep(4)  # past the grace period
+    monkeypatch.setattr(study_module, "GRACE_SECONDS", 3)
+    monkeypatch.setattr(study_module, "HEARTBEAT_SECONDS", 1)
+    study = optuna.load_study(study_name=plan.study_name, storage=study_module._storage(DEFAULT_STORAGE))
+    study_module._fail_stale(study)  # what any other worker or launcher does on its next claim
+    (stale,) = [t for t in study.get_trials() if t.state.name == "FAIL"]
+    worker.send_signal(signal.SIGCONT)
+    _, stderr = worker.communicate(timeout=300)
+    assert worker.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    arm, fold = stale.user_attrs["arm"], stale.user_attrs["fold"]
+    assert (f"brats-lab: trial {stale.number} ({arm}, fold {fold}, seed 0) was marked failed while it ran; "
+            "its fold run stays in MLflow for the retry to find") in stderr
+    runs = fold_runs(plan.experiment)
+    assert len(runs) == 2 and {r.status for r in runs} == {"FINISHED"}  # the retry trained nothing again
+    states = sorted(t.state.name for t in optuna.load_study(study_name=plan.study_name, storage=DEFAULT_STORAGE).trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+
+
 def test_an_ablation_can_ask_optuna_to_search_hyperparameters(project, tiny_ablation):
     toml, data = project
     toml.write_text(tiny_ablation() + """

@@ -113,6 +113,23 @@ def test_epoch_sampler() -> None:
     assert list(EpochSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]
 
 
+def test_an_epoch_of_fewer_cases_takes_the_first_of_each_epochs_order_and_visits_them_all() -> None:
+    """`train.epoch_cases`: a larger dataset keeps the schedule's epochs the same length."""
+    full, short = EpochSampler(50, seed=3), EpochSampler(50, seed=3, length=8)
+    seen: set[int] = set()
+    for epoch in range(40):
+        full.set_epoch(epoch)
+        short.set_epoch(epoch)
+        order = list(short)
+        assert order == list(full)[:8] and len(short) == 8 and len(set(order)) == 8
+        seen.update(order)
+    assert seen == set(range(50))  # a different share each epoch
+    assert list(EpochSampler(5, shuffle=False, length=3)) == [0, 1, 2]
+    for length in (0, 51):
+        with pytest.raises(ValueError, match=f"length must be between 1 and the 50 items, got {length}"):
+            EpochSampler(50, length=length)
+
+
 def test_whole_volumes_padded_and_unpadded(cache: Cache) -> None:
     ds = WholeVolumes(cache, cache.case_ids, pad_multiple=16)
     loader = DataLoader(ds, batch_size=None)  # volumes differ in size: no batching

@@ -271,6 +271,22 @@ def test_a_non_finite_loss_stops_the_run_as_failed_naming_epoch_and_step(dataset
     assert not (run.artifact_dir() / FINAL_MODEL).exists()
 
 
+@pytest.mark.parametrize(("epoch_cases", "diverged"), [(0, "epoch 0, step 2 of 2"), (1, "epoch 1, step 1 of 1")])
+def test_epoch_cases_sets_the_steps_of_an_epoch(dataset, tmp_path, monkeypatch, tiny_config, epoch_cases, diverged):
+    """`train.epoch_cases`: patches per epoch. Seen through the divergence guard, which names the
+    step and the steps of the epoch: the 2 training cases in batches of 1 make 2 steps an epoch,
+    one with `epoch_cases = 1` (the step after the infinite update comes an epoch later)."""
+    import dataclasses
+
+    from brats_lab.training.trainer import TrainingDiverged
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config("B", dataset, "train.batch_size=1", f"train.epoch_cases={epoch_cases}")
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=float("inf")))
+    with pytest.raises(TrainingDiverged, match=diverged):
+        train_fold(cfg, 0, progress=False)
+
+
 def test_cli_with_an_infinite_learning_rate_does_not_finish(dataset, tmp_path, monkeypatch, capsys, tiny_network):
     from brats_lab.cli import main
 

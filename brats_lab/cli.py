@@ -562,12 +562,12 @@ def _ablate(args: argparse.Namespace) -> int:
     if not data.is_dir():
         if args.data is not None:
             raise DataError(f"{data}: no dataset there")
-        from brats_lab.data.phantom import DEMO_CASES, DEMO_SHAPE, synthesize
+        from brats_lab.data.phantom import DEMO_CASES, DEMO_NO_ET_FRACTION, DEMO_SHAPE, synthesize
 
         corrupt = ablation.phantom_corrupt_fraction
         print(f"no dataset at {data}: writing {DEMO_CASES} phantom cases ({' x '.join(map(str, DEMO_SHAPE))}) there first"
               + (f", {corrupt:.0%} of them with corrupted labels" if corrupt else ""))
-        synthesize(data, cases=DEMO_CASES, seed=0, shape=DEMO_SHAPE, corrupt_fraction=corrupt)
+        synthesize(data, cases=DEMO_CASES, seed=0, shape=DEMO_SHAPE, no_et_fraction=DEMO_NO_ET_FRACTION, corrupt_fraction=corrupt)
     plan = make_plan(args.ablation, profile, args.folds, str(data), args.storage or DEFAULT_STORAGE, args.seeds)
     print(f"study {plan.study_name}: {len(plan.ablation.arms)} arms x {len(plan.folds)} folds x {len(plan.seeds)} seed{'s' if len(plan.seeds) > 1 else ''} "
           f"(join from another machine: brats-lab worker --study {plan.study_name} --storage URL)")
